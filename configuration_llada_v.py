@@ -1,0 +1,1 @@
+src/llada_v/configuration_llada_v.py

@@ -1,0 +1,1 @@
+src/llada_v/modeling_llada_v.py

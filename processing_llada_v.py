@@ -1,0 +1,1 @@
+src/llada_v/processing_llada_v.py

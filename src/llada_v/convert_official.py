@@ -377,6 +377,7 @@ def convert(
         write_weights(shards, tmp, expected, dtype, _parse_size(max_shard_size), progress)
         write_code_and_configs(config, tmp, dtype)
         verify(tmp, shards, dtype)
+        _publishable_permissions(tmp)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(tmp, output_dir)
@@ -384,6 +385,15 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def _publishable_permissions(folder: Path) -> None:
+    # mkdtemp makes a private (0700) folder; the result should have ordinary umask-based permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}

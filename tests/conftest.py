@@ -1,0 +1,41 @@
+"""Shared test fixtures: where the golden fixtures live, tiny configs, the converted golden checkpoint."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LLADA_V_SHARED", REPO.parent / "shared"))
+GOLDEN = SHARED / "golden"
+
+torch.set_num_threads(2)  # the golden outputs were produced with 2 threads
+
+
+def require_golden() -> Path:
+    if not (GOLDEN / "cases.json").is_file():
+        pytest.skip(f"golden fixtures not found at {GOLDEN} (set LLADA_V_SHARED)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return require_golden()
+
+
+@pytest.fixture(scope="session")
+def golden_checkpoint(tmp_path_factory, golden_dir) -> Path:
+    """The official tiny checkpoint converted by our converter (float32, as the golden run computed)."""
+    from llada_v.convert_official import convert
+
+    out = tmp_path_factory.mktemp("golden_ck") / "ck"
+    src = golden_dir / "official_tiny"
+    return convert(src, out, src / "vision_config.json", dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="session")
+def golden_model(golden_checkpoint):
+    from llada_v import LladaVModel
+
+    return LladaVModel.from_pretrained(golden_checkpoint, dtype=torch.float32).eval()

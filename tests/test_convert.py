@@ -1,0 +1,122 @@
+"""The official-checkpoint converter: one key table, refusal of unknown/missing keys, atomic output."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO
+from llada_v.convert_official import KEY_TABLE, ConversionError, convert, map_key
+
+SCRIPT = REPO / "convert_checkpoints" / "convert_llada_v_official.py"
+
+
+def _official_copy(golden_dir, tmp_path, mutate=None, shards=1):
+    """A copy of the golden official checkpoint, optionally changed and split into shards with an index."""
+    src = golden_dir / "official_tiny"
+    dst = tmp_path / "official"
+    dst.mkdir()
+    for name in ("config.json", "vision_config.json"):
+        (dst / name).write_text((src / name).read_text())
+    tensors = load_file(src / "model.safetensors")
+    if mutate:
+        mutate(tensors)
+    if shards == 1:
+        save_file(tensors, dst / "model.safetensors")
+    else:
+        keys = sorted(tensors)
+        weight_map = {}
+        for i in range(shards):
+            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: tensors[k] for k in keys[i::shards]}
+            save_file(part, dst / name)
+            weight_map.update({k: name for k in part})
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def _run_cli(input_dir, output_dir):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--input-dir", str(input_dir), "--output-dir", str(output_dir),
+         "--vision-config", str(input_dir / "vision_config.json"), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_every_official_key_maps_and_dropped_keys_have_reasons(golden_dir):
+    keys = load_file(golden_dir / "official_tiny" / "model.safetensors").keys()
+    mapped = {map_key(k)[0] for k in keys}
+    assert None not in mapped  # the golden checkpoint has no dropped keys
+    assert "vision_tower.post_layernorm.weight" in mapped
+    for _, template, reason in KEY_TABLE:
+        assert template is not None or reason, "a dropped key needs a reason"
+    assert map_key("model.layers.3.self_attn.rotary_emb.inv_freq")[0] is None
+    with pytest.raises(ConversionError, match="unknown key"):
+        map_key("model.layers.0.self_attn.q_proj.bias")
+
+
+def test_converted_weights_equal_the_official_tensors(golden_dir, golden_checkpoint):
+    official = load_file(golden_dir / "official_tiny" / "model.safetensors")
+    index = json.loads((golden_checkpoint / "model.safetensors.index.json").read_text())
+    converted = {}
+    for shard in set(index["weight_map"].values()):
+        converted.update(load_file(golden_checkpoint / shard))
+    assert len(converted) == len(official) == 63
+    for key, tensor in official.items():
+        assert torch.equal(converted[map_key(key)[0]], tensor.float()), key
+    config = json.loads((golden_checkpoint / "config.json").read_text())
+    assert config["model_type"] == "llada_v"
+    assert config["auto_map"]["AutoModel"] == "modeling_llada_v.LladaVModel"
+    # Official [w, h] pinpoints became (h, w) in the same order.
+    assert config["image_grid_pinpoints"][1] == [768, 384]
+    assert config["bos_token_id"] == 126080  # not the official config's out-of-vocab 128000
+    for name in ("modeling_llada_v.py", "configuration_llada_v.py", "generation_utils.py",
+                 "image_layout_llada_v.py", "generation_config.json"):
+        path = golden_checkpoint / name
+        assert path.is_file() and not path.is_symlink(), name
+
+
+def test_sharded_input_and_output(golden_dir, tmp_path):
+    src = _official_copy(golden_dir, tmp_path, shards=3)
+    out = convert(src, tmp_path / "ck", src / "vision_config.json", dtype=torch.bfloat16,
+                  max_shard_size="4MB", progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(s.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
+    assert len(index["weight_map"]) == 63
+
+
+@pytest.mark.parametrize("change", ["extra", "missing"])
+def test_extra_or_missing_key_fails_and_leaves_no_output(golden_dir, tmp_path, change):
+    def mutate(tensors):
+        if change == "extra":
+            tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
+        else:
+            del tensors["model.layers.1.mlp.up_proj.weight"]
+
+    src = _official_copy(golden_dir, tmp_path, mutate)
+    out = tmp_path / "ck"
+    result = _run_cli(src, out)
+    assert result.returncode != 0
+    assert ("unknown key" if change == "extra" else "lacks 1 expected tensors") in result.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ck")]  # no temp folder left behind
+
+
+def test_refuses_unsupported_official_settings(golden_dir, tmp_path):
+    src = _official_copy(golden_dir, tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    config["mm_projector_type"] = "linear"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="mm_projector_type is 'linear'"):
+        convert(src, tmp_path / "ck", src / "vision_config.json", progress=False)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_existing_output_is_not_overwritten(golden_dir, tmp_path):
+    (tmp_path / "ck").mkdir()
+    with pytest.raises(ConversionError, match="already exists"):
+        convert(golden_dir / "official_tiny", tmp_path / "ck", progress=False)

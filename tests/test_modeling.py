@@ -279,3 +279,54 @@ def test_two_loads_give_identical_logits_and_rope_is_refilled(tmp_path):
         with torch.no_grad():
             outs.append(model(input_ids=ids).logits)
     assert torch.equal(outs[0], outs[1])
+
+
+# ---------------------------------------------------------------- diffusion cache
+
+
+def test_cache_window_equals_full_forward_when_nothing_changed():
+    from llada_v.modeling_llada_v import LladaVDiffusionCache
+
+    model = tiny_model()
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    cache = LladaVDiffusionCache(model.config.text_config.num_hidden_layers)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, cache=cache).logits
+        window = model(input_ids=ids[:, 6:9], attention_mask=mask, cache=cache, cache_start=6).logits
+    torch.testing.assert_close(window, full[:, 6:9], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_is_exact_for_a_one_layer_model_after_editing_the_window():
+    # With one layer the cached keys/values depend only on the unchanged tokens' embeddings, so a window
+    # recomputed after editing tokens inside it must equal a full forward on the edited sequence.
+    from llada_v.modeling_llada_v import LladaVDiffusionCache
+
+    model = tiny_model(text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4))
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 100, (1, 10))
+    edited = ids.clone()
+    edited[0, 5:7] = model.config.mask_token_id
+    cache = LladaVDiffusionCache(1)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache)
+        window = model(input_ids=edited[:, 4:8], cache=cache, cache_start=4).logits
+        full = model(input_ids=edited).logits
+    torch.testing.assert_close(window, full[:, 4:8], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_rejects_bad_windows():
+    from llada_v.modeling_llada_v import LladaVDiffusionCache
+
+    model = tiny_model()
+    ids = torch.randint(0, 100, (1, 8))
+    cache = LladaVDiffusionCache(model.config.text_config.num_hidden_layers)
+    with pytest.raises(ValueError, match="must start at 0"):
+        model(input_ids=ids[:, 2:4], cache=cache, cache_start=2)
+    model(input_ids=ids, cache=cache)
+    with pytest.raises(ValueError, match=r"window \[6, 10\)"):
+        model(input_ids=ids[:, :4], cache=cache, cache_start=6)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        model(input_ids=ids, labels=ids, cache=cache)

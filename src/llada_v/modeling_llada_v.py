@@ -101,6 +101,45 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return hidden_states[:, :, None].expand(b, n_kv, n_rep, t, hd).reshape(b, n_kv * n_rep, t, hd)
 
 
+class LladaVDiffusionCache:
+    """Per-layer keys and values of the whole canvas, for re-using them across denoising steps.
+
+    A masked-diffusion step changes only a few tokens, so the keys and values of the others barely move.
+    Fast-dLLM-style decoding refreshes the cache with one full forward (`cache_start=0` over the whole
+    sequence), then recomputes only a window `[cache_start, cache_start + T)` each step: its fresh keys and
+    values overwrite the window's slots and its queries attend over the full cached sequence. What stays
+    approximate is the cached part (prompt, and in "dual" mode the positions after the window), which was
+    computed from an older canvas. It lives for one `diffusion_generate` call; no global state.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the window's (B, nkv, T, hd) keys/values at `start`; return the full cached sequence."""
+        if self.keys[layer_idx] is None or (start == 0 and k.shape[2] >= self.keys[layer_idx].shape[2]):
+            if start != 0:
+                raise ValueError(f"the cache is empty: the first forward must start at 0, got cache_start={start}")
+            self.keys[layer_idx], self.values[layer_idx] = k, v
+            return k, v
+        end = start + k.shape[2]
+        if end > self.keys[layer_idx].shape[2]:
+            raise ValueError(f"window [{start}, {end}) exceeds the cached length {self.keys[layer_idx].shape[2]}")
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (rows that finished stop costing compute)."""
+        self.keys = [None if k is None else k[rows] for k in self.keys]
+        self.values = [None if v is None else v[rows] for v in self.values]
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -145,6 +184,8 @@ class LladaVAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
+        cache: LladaVDiffusionCache | None = None,
+        cache_start: int = 0,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -154,6 +195,8 @@ class LladaVAttention(nn.Module):
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, cache_start, k, v)  # (B, nkv, S, hd) over the whole canvas
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -214,12 +257,14 @@ def build_bidirectional_mask(
     query_length: int,
     dtype: torch.dtype,
     attn_implementation: str | None,
+    query_start: int = 0,
 ) -> torch.Tensor | None:
     """Turn a 2D padding mask and/or dialogue turn ids into what the attention function expects.
 
     Query i may attend key j iff key j is not padding and `conversation_ids[j] <= conversation_ids[i]`.
     Returns None when nothing is hidden (the fastest path), a boolean (B, 1, T, S) mask for sdpa, the 2D
-    mask for flash attention, and an additive float mask otherwise.
+    mask for flash attention, and an additive float mask otherwise. The queries are the positions
+    `[query_start, query_start + query_length)` of the key sequence (a cached window).
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask  # already prepared by the caller
@@ -238,7 +283,8 @@ def build_bidirectional_mask(
     if attention_mask is not None:
         allowed = attention_mask[:, None, None, :].bool()  # (B, 1, 1, S)
     if conversation_ids is not None:
-        conv = conversation_ids[:, None, -query_length:, None] >= conversation_ids[:, None, None, :]  # (B,1,T,S)
+        queries = conversation_ids[:, None, query_start : query_start + query_length, None]
+        conv = queries >= conversation_ids[:, None, None, :]  # (B, 1, T, S)
         allowed = conv if allowed is None else (allowed & conv)
     allowed = allowed.expand(allowed.shape[0], 1, query_length, allowed.shape[-1])
     if attn_implementation == "sdpa":
@@ -303,24 +349,49 @@ class LladaVTextModel(LladaVPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         conversation_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        cache: LladaVDiffusionCache | None = None,
+        cache_start: int = 0,
         **kwargs,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Run the decoder on embeddings (B, T, D); returns the final-normed states and, optionally, all states."""
+        """Run the decoder on embeddings (B, T, D); returns the final-normed states and, optionally, all states.
+
+        With `cache`, the T embeddings are the window `[cache_start, cache_start + T)` of a longer canvas
+        whose other keys/values are in the cache; `attention_mask` and `conversation_ids` then cover the
+        whole canvas.
+        """
         batch, length = inputs_embeds.shape[:2]
-        if length > self.config.max_position_embeddings:
+        total = length if cache is None or cache.length == 0 else cache.length
+        if cache is not None and cache.length == 0 and cache_start != 0:
+            raise ValueError(f"the cache is empty: the first forward must start at 0, got cache_start={cache_start}")
+        if cache_start < 0 or cache_start + length > total:
+            raise ValueError(f"window [{cache_start}, {cache_start + length}) is outside the canvas of length {total}")
+        if total > self.config.max_position_embeddings:
             raise ValueError(
-                f"sequence length {length} exceeds max_position_embeddings ({self.config.max_position_embeddings})"
+                f"sequence length {total} exceeds max_position_embeddings ({self.config.max_position_embeddings})"
             )
         if position_ids is None:
-            position_ids = default_position_ids(attention_mask, batch, length, inputs_embeds.device)
+            position_ids = default_position_ids(attention_mask, batch, total, inputs_embeds.device)
+            position_ids = position_ids[:, cache_start : cache_start + length]
         mask = build_bidirectional_mask(
-            attention_mask, conversation_ids, length, inputs_embeds.dtype, self.config._attn_implementation
+            attention_mask,
+            conversation_ids,
+            length,
+            inputs_embeds.dtype,
+            self.config._attn_implementation,
+            query_start=cache_start,
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         all_hidden = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings, **kwargs)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                cache_start=cache_start,
+                **kwargs,
+            )
             if output_hidden_states:
                 all_hidden += (hidden_states,)
         return self.norm(hidden_states), all_hidden
@@ -602,6 +673,8 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
         masking_t: torch.Tensor | None = None,
         masked_indices: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor | None = None,
+        cache: LladaVDiffusionCache | None = None,
+        cache_start: int = 0,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -626,6 +699,9 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
                 `input_ids` when not given.
             logits_to_keep: which logits to return: an int keeps the last n positions (0 = all), a 1-D tensor
                 keeps those positions. Default: all positions without labels, none with labels.
+            cache, cache_start: a `LladaVDiffusionCache` and the start of the window that `input_ids` /
+                `inputs_embeds` cover (see `LladaVDiffusionCache`); positions in `logits_to_keep` are then
+                relative to the window. The first call on an empty cache must cover the whole canvas.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
@@ -635,6 +711,8 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
 
         p_mask = None
+        if labels is not None and cache is not None:
+            raise ValueError("labels (training) cannot be combined with a diffusion cache (decoding)")
         if labels is not None:
             if labels.shape != (batch, length):
                 raise ValueError(f"labels shape {tuple(labels.shape)} must equal the input shape {(batch, length)}")
@@ -662,6 +740,8 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             position_ids=position_ids,
             conversation_ids=conversation_ids,
             output_hidden_states=bool(output_hidden_states),
+            cache=cache,
+            cache_start=cache_start,
             **kwargs,
         )
 
@@ -729,4 +809,4 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
         return torch.sum(token_loss / answer_lengths[masked_indices]) / batch
 
 
-__all__ = ["LladaVModel", "LladaVPreTrainedModel", "LladaVTextModel", "LladaVModelOutput"]
+__all__ = ["LladaVDiffusionCache", "LladaVModel", "LladaVPreTrainedModel", "LladaVTextModel", "LladaVModelOutput"]

@@ -120,3 +120,36 @@ def test_existing_output_is_not_overwritten(golden_dir, tmp_path):
     (tmp_path / "ck").mkdir()
     with pytest.raises(ConversionError, match="already exists"):
         convert(golden_dir / "official_tiny", tmp_path / "ck", progress=False)
+
+
+def test_convert_and_push_to_a_local_fake_hub(golden_dir, tmp_path):
+    import os
+
+    from fake_hub import FakeHub
+
+    out = tmp_path / "ck"
+    with FakeHub() as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN="hf_fake", HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_TELEMETRY="1")
+        env.pop("HF_HUB_OFFLINE", None)
+        src = golden_dir / "official_tiny"
+        result = subprocess.run(
+            [sys.executable, "-m", "llada_v.cli", "convert", "--input-dir", str(src), "--output-dir", str(out),
+             "--vision-config", str(src / "vision_config.json"), "--no-progress",
+             "--push-to-hub", "me/llada-v-tiny", "--private"],
+            capture_output=True, text=True, timeout=300, env=env,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        repo = hub.repos["me/llada-v-tiny"]
+        assert repo["private"] is True
+        local = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        assert set(repo["files"]) == set(local)
+        assert all(repo["files"][name] == data for name, data in local.items())
+
+
+def test_private_without_push_is_rejected(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "llada_v.cli", "convert", "--input-dir", str(tmp_path), "--output-dir",
+         str(tmp_path / "x"), "--private"], capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "--private only makes sense with --push-to-hub" in result.stderr

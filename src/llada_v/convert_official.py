@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,8 @@ from tqdm.auto import tqdm
 from .configuration_llada_v import SIGLIP_SO400M_VISION_DEFAULTS, LladaVConfig
 from .generation_utils import LladaVGenerationConfig
 from .modeling_llada_v import LladaVModel
+
+logger = logging.getLogger(__name__)
 
 _VISION = r"model\.vision_tower\.vision_tower\.vision_model\."
 
@@ -396,6 +399,26 @@ def _publishable_permissions(folder: Path) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
+def push_to_hub(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create `repo_id` (if needed) and upload every file of a converted folder in one commit.
+
+    Uses `huggingface_hub`'s standard endpoint settings (`HF_ENDPOINT`, `HF_TOKEN`); returns the commit URL.
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder} is not a converted checkpoint (no config.json)")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    logger.info("uploading %d files (%.1f MB) to %s", len(files), sum(p.stat().st_size for p in files) / 1e6, repo_id)
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message="Upload LLaDA-V converted with llada-v"
+    )
+    return str(info)
+
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -412,10 +435,17 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 200MB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO", default=None, help="after converting, upload the folder to this Hub repo"
+    )
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     return parser
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.private and not args.push_to_hub:
+        print("error: --private only makes sense with --push-to-hub REPO", file=sys.stderr)
+        return 2
     try:
         out = convert(
             args.input_dir,
@@ -430,6 +460,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"converted checkpoint written to {out}")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(out, args.push_to_hub, private=args.private)
+        except Exception as err:  # noqa: BLE001 - report any upload failure as one line; the folder stays
+            print(f"error: upload to {args.push_to_hub} failed ({type(err).__name__}: {err}); "
+                  f"the converted folder is kept at {out}", file=sys.stderr)
+            return 2
+        print(f"uploaded to {args.push_to_hub}: {url}")
     return 0
 
 

@@ -481,6 +481,9 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
 
     generation_config_class = LladaVGenerationConfig
     _tied_weights_keys = {}
+    # Kept out of bitsandbytes quantisation (transformers adds this list to every skip list; lm_head is
+    # skipped by default as the output embedding). Side effect: a float16 load keeps them in float32.
+    _keep_in_fp32_modules = ["vision_tower", "multi_modal_projector", "image_newline"]
     # Trainer: the loss is already normalised per sample and batch (SPEC section 6).
     accepts_loss_kwargs = False
 

@@ -153,3 +153,25 @@ def test_private_without_push_is_rejected(tmp_path):
          str(tmp_path / "x"), "--private"], capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2 and "--private only makes sense with --push-to-hub" in result.stderr
+
+
+def test_converter_writes_a_processor_when_a_tokenizer_is_given(golden_dir, tmp_path):
+    from llada_v.tokenizer_utils import write_standin_released_tokenizer
+
+    tokenizer_dir = write_standin_released_tokenizer(tmp_path / "released_tokenizer")
+    src = golden_dir / "official_tiny"
+    # verify() loads the processor with AutoProcessor in a fresh process and checks the <image> id.
+    out = convert(src, tmp_path / "ck", src / "vision_config.json", progress=False, tokenizer_dir=tokenizer_dir)
+    processor_config = json.loads((out / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_llada_v.LladaVProcessor"
+    for name in ("processing_llada_v.py", "image_processing_llada_v.py", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.convert_tokens_to_ids("<image>") == 126349
+    assert len(tokenizer) == 126350
+
+
+def test_converter_without_tokenizer_writes_model_only(golden_checkpoint):
+    assert not (golden_checkpoint / "processor_config.json").exists()

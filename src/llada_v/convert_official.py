@@ -256,6 +256,25 @@ def _recomputed_buffers(expected: dict) -> set[str]:
     return {k for k in expected if k.endswith("rotary_emb.inv_freq") or k.endswith("position_ids")}
 
 
+def find_tokenizer_dir(input_dir: Path, tokenizer_dir: Path | None) -> Path | None:
+    """The released tokenizer folder: `--tokenizer-dir`, else the input folder when it holds one."""
+    if tokenizer_dir is not None:
+        if not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+            raise ConversionError(f"--tokenizer-dir {tokenizer_dir} has no tokenizer_config.json")
+        return Path(tokenizer_dir)
+    if (input_dir / "tokenizer_config.json").is_file():
+        return input_dir
+    return None
+
+
+def write_processor(config: LladaVConfig, tokenizer_dir: Path, out_dir: Path) -> None:
+    """The released tokenizer plus `<image>` (id `config.image_token_id`), the chat template and the image
+    processor for `config`, saved with their remote code for `AutoProcessor`."""
+    from .tokenizer_utils import build_processor
+
+    build_processor(tokenizer_dir, config=config).save_pretrained(out_dir)
+
+
 def write_code_and_configs(config: LladaVConfig, out_dir: Path, dtype: torch.dtype) -> None:
     """config.json with auto_map, generation_config.json and the remote-code modules (real files)."""
     config.dtype = dtype
@@ -312,6 +331,15 @@ if tuple(logits.shape) != (1, 4, cfg.text_config.vocab_size) or not bool(torch.i
 patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
 if tuple(feats[0].shape) != (patches + 1, cfg.text_config.hidden_size):
     sys.exit(f"image features have shape {tuple(feats[0].shape)}")
+import os
+if os.path.isfile(f"{folder}/processor_config.json"):
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    if not type(processor).__module__.startswith("transformers_modules."):
+        sys.exit(f"the processor class came from {type(processor).__module__}")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    if image_id != cfg.image_token_id:
+        sys.exit(f"the processor's <image> id {image_id} differs from config.image_token_id {cfg.image_token_id}")
 print("verified")
 """
 
@@ -356,8 +384,14 @@ def convert(
     max_shard_size: str = "5GB",
     progress: bool = True,
     overwrite: bool = False,
+    tokenizer_dir: Path | None = None,
 ) -> Path:
-    """Convert `input_dir` into `output_dir` (created atomically). Returns the output path."""
+    """Convert `input_dir` into `output_dir` (created atomically). Returns the output path.
+
+    The processor (tokenizer + `<image>`, chat template, image processor) is written when a released
+    tokenizer is found (`tokenizer_dir`, else `input_dir`); otherwise only the model files are written and a
+    warning says so.
+    """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise ConversionError(f"input directory {input_dir} does not exist")
@@ -373,12 +407,19 @@ def convert(
     config = convert_config(official, vision)
     shards = official_shards(input_dir)
     expected = expected_keys(config)
+    tokenizer_dir = find_tokenizer_dir(input_dir, tokenizer_dir)
+    if tokenizer_dir is None:
+        logger.warning(
+            "no tokenizer in %s and no --tokenizer-dir: writing the model only (no processor files)", input_dir
+        )
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         write_weights(shards, tmp, expected, dtype, _parse_size(max_shard_size), progress)
         write_code_and_configs(config, tmp, dtype)
+        if tokenizer_dir is not None:
+            write_processor(config, tokenizer_dir, tmp)
         verify(tmp, shards, dtype)
         _publishable_permissions(tmp)
         if output_dir.exists():
@@ -431,6 +472,13 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser.add_argument(
         "--vision-config", type=Path, default=None, help="SigLIP vision config JSON (default: so400m-patch14-384)"
     )
+    parser.add_argument(
+        "--tokenizer-dir",
+        type=Path,
+        default=None,
+        help="released LLaDA tokenizer folder (default: the input folder if it has one); the processor is "
+        "written only when a tokenizer is found",
+    )
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="dtype of the written weights")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 200MB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -455,6 +503,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             args.max_shard_size,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            tokenizer_dir=args.tokenizer_dir,
         )
     except (ConversionError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

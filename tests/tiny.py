@@ -32,6 +32,7 @@ def tiny_config(**overrides) -> LladaVConfig:
         eos_token_id=122,
         pad_token_id=122,
         start_header_token_id=123,
+        end_header_token_id=124,
         eot_token_id=125,
         user_role_token_id=5,
         assistant_role_token_id=6,

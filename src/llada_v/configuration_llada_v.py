@@ -128,8 +128,10 @@ class LladaVConfig(PreTrainedConfig):
             tokenizer's 126349 entries, so the sampler can never emit it).
         mask_token_id (`int`, defaults to 126336): `<|mdm_mask|>`.
         bos_token_id / eos_token_id / pad_token_id / eot_token_id: 126080 / 126081 / 126081 / 126348.
-        start_header_token_id / user_role_token_id / assistant_role_token_id: 126346 / 882 / 598, the
-            `<|start_header_id|>`, `user` and `assistant` ids that delimit turns for the dialogue mask.
+        start_header_token_id / end_header_token_id: 126346 / 126347, `<|start_header_id|>` and
+            `<|end_header_id|>` (turn delimiters; never generated at mask positions).
+        user_role_token_id / assistant_role_token_id: 882 / 598, the `user` and `assistant` ids that delimit
+            turns for the dialogue mask.
         tokenizer_vocab_size (`int`, defaults to 126349): the released tokenizer's length; ids at or above
             it are never generated.
         diffusion_eps (`float`, defaults to 1e-3): the training masking rate is
@@ -157,6 +159,7 @@ class LladaVConfig(PreTrainedConfig):
     pad_token_id: int | None = 126081
     eot_token_id: int = 126348
     start_header_token_id: int = 126346
+    end_header_token_id: int = 126347
     user_role_token_id: int = 882
     assistant_role_token_id: int = 598
     tokenizer_vocab_size: int = 126349
@@ -235,6 +238,7 @@ class LladaVConfig(PreTrainedConfig):
             "eos_token_id",
             "pad_token_id",
             "start_header_token_id",
+            "end_header_token_id",
             "user_role_token_id",
             "assistant_role_token_id",
         ):

@@ -1,0 +1,523 @@
+"""Fine-tuning LLaDA-V with the Hugging Face `Trainer`: stages, per-module learning rates, LoRA, launch entry.
+
+Package-only code. Notable facts:
+- the model's forward returns the official masked-diffusion loss (SPEC section 6) when `labels` are given,
+  so a plain `transformers.Trainer` trains it; `LladaVDataset` + `LladaVDataCollator` make the batches;
+- parameters fall in three groups, as in the official optimizer: `vision` (`vision_tower.*`), `projector`
+  (`multi_modal_projector.*`) and `language` (everything else: the decoder, `lm_head` and `image_newline`);
+- `STAGE_PRESETS` are the paper's recipes (Table 1): stage 1 trains the projector only at 1e-3; stages 2 and
+  3 train everything with vision 2e-6, projector 1e-5, language 1e-5;
+- SigLIP's `post_layernorm` (stored, never used: the feature is taken before it) is always frozen, so data
+  parallel training does not need `find_unused_parameters`;
+- LoRA (PEFT) goes on the language model only: `LORA_TARGET_MODULES` is a regex that matches the
+  attention and MLP projections of `language_model.layers.N` and nothing in the vision tower (whose
+  attention also has `q_proj`/`k_proj`/`v_proj`);
+- `python -m llada_v.training --model_name_or_path ... --data_path ... --output_dir ...` is the training
+  entry; it runs unchanged under `accelerate launch` (data parallel) and with `--deepspeed
+  configs/deepspeed_zero3.json`. See `docs/training.md`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+
+from .configuration_llada_v import LladaVConfig
+from .data import LENGTH_POLICIES, ON_BAD_SAMPLE, PADDING_MODES, LladaVDataCollator, LladaVDataset
+from .image_processing_llada_v import LladaVImageProcessor
+from .modeling_llada_v import LladaVModel
+from .processing_llada_v import DEFAULT_SYSTEM_PROMPT, LladaVProcessor
+
+logger = logging.getLogger(__name__)
+
+MODULE_GROUPS = ("vision", "projector", "language")
+
+
+@dataclass(frozen=True)
+class StagePreset:
+    """Which module groups a training stage updates, and their learning rates."""
+
+    trainable: tuple[str, ...]
+    learning_rates: Mapping[str, float]
+
+
+# Paper Table 1 / the released training scripts (SPEC section 6). `image_newline` belongs to `language` (as in
+# the official optimizer grouping), so stage 1 leaves it at its initial value, as the official stage 1 did.
+STAGE_PRESETS: dict[str, StagePreset] = {
+    "1": StagePreset(trainable=("projector",), learning_rates={"projector": 1e-3}),
+    "2": StagePreset(
+        trainable=("vision", "projector", "language"),
+        learning_rates={"vision": 2e-6, "projector": 1e-5, "language": 1e-5},
+    ),
+    "3": StagePreset(
+        trainable=("vision", "projector", "language"),
+        learning_rates={"vision": 2e-6, "projector": 1e-5, "language": 1e-5},
+    ),
+}
+
+# LoRA targets: the seven projections of every language decoder layer, nothing else. PEFT full-matches a
+# string target against module names, so this cannot hit `vision_tower.encoder.layers.N.self_attn.q_proj`.
+LORA_TARGET_MODULES = r"language_model\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
+# LoRA needs a larger step than full fine-tuning; used for `language` when LoRA is on and no LR is given.
+LORA_DEFAULT_LEARNING_RATE = 2e-4
+
+_GROUP_PATTERNS = (
+    ("vision", re.compile(r"(?:^|\.)vision_tower\.")),
+    ("projector", re.compile(r"(?:^|\.)multi_modal_projector\.")),
+)
+
+
+def module_group(name: str) -> str:
+    """The optimizer group of a parameter name: `vision`, `projector` or `language` (works on PEFT names)."""
+    for group, pattern in _GROUP_PATTERNS:
+        if pattern.search(name):
+            return group
+    return "language"
+
+
+def stage_preset(stage: str | int) -> StagePreset:
+    """The preset of stage `1`, `2` or `3` (also accepts `"stage1"`...)."""
+    key = str(stage).lower().removeprefix("stage")
+    if key not in STAGE_PRESETS:
+        raise ValueError(f"unknown training stage {stage!r}; expected one of {sorted(STAGE_PRESETS)}")
+    return STAGE_PRESETS[key]
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The `LladaVModel` under PEFT / DDP wrappers."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def never_used_parameter_names(model: nn.Module) -> list[str]:
+    """Parameters no forward ever uses: SigLIP's `post_layernorm`, a pooling head, encoder layers past the
+    selected feature layer. Training them is a no-op (they never get a gradient) that breaks DDP without
+    `find_unused_parameters`, so they are always frozen."""
+    base = _base_model(model)
+    config = base.config
+    n_layers = config.vision_config.num_hidden_layers
+    layer = config.vision_feature_layer
+    used = n_layers + 1 + layer if layer < 0 else layer
+    head = re.compile(r"(?:^|\.)vision_tower\.(?:post_layernorm|head)\.")
+    encoder_layer = re.compile(r"(?:^|\.)vision_tower\.encoder\.layers\.(\d+)\.")
+
+    def never_used(name: str) -> bool:
+        match = encoder_layer.search(name)
+        return bool(head.search(name)) or (match is not None and int(match.group(1)) >= used)
+
+    return [name for name, _ in model.named_parameters() if never_used(name)]
+
+
+def set_trainable(model: nn.Module, groups: Iterable[str]) -> dict[str, int]:
+    """Make exactly the parameters of `groups` trainable (and never-used ones frozen).
+
+    Args:
+        model: a `LladaVModel` (not wrapped by PEFT: use `apply_lora` for adapters).
+        groups: names among `MODULE_GROUPS`.
+
+    Returns:
+        Trainable parameter counts per group.
+    """
+    groups = tuple(groups)
+    unknown = [g for g in groups if g not in MODULE_GROUPS]
+    if unknown:
+        raise ValueError(f"unknown module groups {unknown}; expected names among {MODULE_GROUPS}")
+    never_used = set(never_used_parameter_names(model))
+    counts = dict.fromkeys(MODULE_GROUPS, 0)
+    for name, param in model.named_parameters():
+        group = module_group(name)
+        trainable = group in groups and name not in never_used
+        param.requires_grad_(trainable)
+        if trainable:
+            counts[group] += param.numel()
+    logger.info("trainable parameters per group: %s", counts)
+    return counts
+
+
+def freeze_for_stage(model: nn.Module, stage: str | int) -> dict[str, int]:
+    """Apply the freezing of a stage preset: stage 1 trains the projector only, stages 2 and 3 everything."""
+    return set_trainable(model, stage_preset(stage).trainable)
+
+
+def trainable_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter counts per module group."""
+    counts = dict.fromkeys(MODULE_GROUPS, 0)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            counts[module_group(name)] += param.numel()
+    return counts
+
+
+def build_param_groups(
+    model: nn.Module, learning_rates: Mapping[str, float], weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups with one learning rate per module group.
+
+    Weight decay applies to weights with at least 2 dimensions (matrices, embeddings); biases, norms and the
+    image newline get none. Empty groups are left out; every group is tagged with `"name"` (e.g.
+    `"projector/decay"`).
+
+    Args:
+        model: the model (PEFT-wrapped or not); only parameters with `requires_grad` are included.
+        learning_rates: a learning rate for every module group that has trainable parameters.
+        weight_decay: decay of the decayed groups.
+    """
+    unknown = [g for g in learning_rates if g not in MODULE_GROUPS]
+    if unknown:
+        raise ValueError(f"learning_rates has unknown module groups {unknown}; expected names among {MODULE_GROUPS}")
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = module_group(name)
+        if group not in learning_rates:
+            raise ValueError(
+                f"parameter {name} (group {group!r}) is trainable but learning_rates has no {group!r} entry "
+                f"(given: {dict(learning_rates)})"
+            )
+        buckets.setdefault((group, param.dim() >= 2), []).append(param)
+    if not buckets:
+        raise ValueError("the model has no trainable parameters")
+    param_groups = []
+    for group in MODULE_GROUPS:
+        for decay in (True, False):
+            params = buckets.get((group, decay))
+            if params:
+                param_groups.append(
+                    {
+                        "params": params,
+                        "lr": float(learning_rates[group]),
+                        "weight_decay": weight_decay if decay else 0.0,
+                        "name": f"{group}/{'decay' if decay else 'no_decay'}",
+                    }
+                )
+    return param_groups
+
+
+class LladaVTrainer(Trainer):
+    """`Trainer` with one learning rate per module group (vision / projector / language) and, in data parallel
+    runs, different masking noise on every rank.
+
+    Args:
+        learning_rates: learning rate per module group (e.g. `stage_preset(2).learning_rates`); `None` keeps the
+            plain `Trainer` optimizer (one `args.learning_rate` for everything). The scheduler scales every
+            group's rate by the same factor, so the ratios hold for the whole run.
+        per_rank_noise: in runs with several processes, seed torch's RNG with `args.seed + process_index` after
+            the `Trainer` set it up. The diffusion loss draws `t` and the masked positions from torch's RNG;
+            the `Trainer` seeds every rank alike, so without this the ranks draw the same `t` (and, for equal
+            lengths, the same masks) at the same step, and the data-parallel batch has fewer independent noise
+            draws. The data order is unaffected (accelerate synchronises the sampler's own generator), and
+            checkpoints keep one RNG state per rank, so resuming stays exact.
+        All other arguments are `Trainer`'s.
+    """
+
+    def __init__(
+        self, *args, learning_rates: Mapping[str, float] | None = None, per_rank_noise: bool = True, **kwargs
+    ) -> None:
+        self.learning_rates = dict(learning_rates) if learning_rates is not None else None
+        super().__init__(*args, **kwargs)
+        if per_rank_noise and self.args.world_size > 1:
+            torch.manual_seed(self.args.seed + self.args.process_index)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.learning_rates is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        groups = build_param_groups(opt_model, self.learning_rates, self.args.weight_decay)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        for key in ("params", "model", "optimizer_dict"):
+            if key in optimizer_kwargs:
+                raise ValueError(
+                    f"optim={self.args.optim!r} builds its own parameter groups; per-module learning rates need an "
+                    "optimizer that takes parameter groups, e.g. adamw_torch"
+                )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        for group in groups:
+            logger.info("optimizer group %s: %d tensors, lr %g", group["name"], len(group["params"]), group["lr"])
+        return self.optimizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    target_modules: str = LORA_TARGET_MODULES,
+    modules_to_save: list[str] | None = None,
+) -> nn.Module:
+    """Wrap `model` in a PEFT LoRA model whose adapters sit on the language model only.
+
+    Every base parameter is frozen; the adapters (and `modules_to_save`, e.g. `["multi_modal_projector"]`,
+    trained in full) are trainable. `task_type` is left unset (PEFT's `CAUSAL_LM` wrapper expects an
+    autoregressive `generate`).
+
+    Args:
+        model: a `LladaVModel`.
+        r, alpha, dropout: LoRA rank, scaling numerator (`alpha / r`) and dropout.
+        target_modules: a regex full-matched against module names; must select modules of
+            `language_model.layers` only (checked).
+        modules_to_save: modules trained in full and saved with the adapter.
+
+    Returns:
+        The `peft.PeftModel`; `merge_lora` turns it back into a plain `LladaVModel`.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:  # pragma: no cover - peft is in the train and test extras
+        raise ImportError("LoRA needs peft: pip install 'llada-v[train]'") from err
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be positive, got {r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    targets = [name for name, _ in model.named_modules() if re.fullmatch(target_modules, name)]
+    if not targets:
+        raise ValueError(f"LoRA target_modules {target_modules!r} matches no module of the model")
+    outside = [name for name in targets if not name.startswith("language_model.layers.")]
+    if outside:
+        raise ValueError(
+            f"LoRA target_modules {target_modules!r} matches modules outside language_model.layers, e.g. {outside[:3]}"
+        )
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, modules_to_save=modules_to_save
+    )
+    peft_model = get_peft_model(model, config)
+    params = dict(peft_model.named_parameters())
+    for name in never_used_parameter_names(peft_model):
+        params[name].requires_grad_(False)
+    logger.info("LoRA on %d modules; trainable parameters per group: %s", len(targets), trainable_counts(peft_model))
+    return peft_model
+
+
+def merge_lora(peft_model: nn.Module) -> LladaVModel:
+    """Fold the LoRA adapters into the base weights and return the plain `LladaVModel`."""
+    if not hasattr(peft_model, "merge_and_unload"):
+        raise TypeError(f"expected a PEFT model with LoRA adapters, got {type(peft_model).__name__}")
+    return peft_model.merge_and_unload()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training entry
+
+
+@dataclass
+class ModelArguments:
+    """Which checkpoint to fine-tune."""
+
+    model_name_or_path: str = field(metadata={"help": "llada-v checkpoint folder or Hub id"})
+    processor_name_or_path: str | None = field(default=None, metadata={"help": "processor folder (default: the model's)"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 (use --bf16 for autocast) or bfloat16"})
+    attn_implementation: str | None = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+
+
+@dataclass
+class DataArguments:
+    """Training data (LLaVA format) and how it is batched."""
+
+    data_path: str = field(metadata={"help": "LLaVA-format .json (a list) or .jsonl"})
+    image_folder: str | None = field(default=None, metadata={"help": "base folder of relative image paths"})
+    video_folder: str | None = field(default=None, metadata={"help": "base folder of video frame folders"})
+    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system turn ('' for none)"})
+    max_length: int | None = field(default=None, metadata={"help": "longest sample in tokens after image expansion"})
+    length_policy: str = field(default="drop_turns", metadata={"help": f"over-long samples: one of {LENGTH_POLICIES}"})
+    on_bad_sample: str = field(default="skip", metadata={"help": f"bad samples: one of {ON_BAD_SAMPLE}"})
+    padding: str = field(default="official", metadata={"help": f"padding mode: one of {PADDING_MODES}"})
+    dummy_image: bool = field(
+        default=True, metadata={"help": "zero crop (masked, no loss) in batches without images; see docs/training.md"}
+    )
+
+
+@dataclass
+class LladaVTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the stage presets, per-module learning rates and LoRA settings."""
+
+    stage: str = field(default="2", metadata={"help": "1 (projector only), 2 or 3 (everything)"})
+    trainable: str | None = field(
+        default=None, metadata={"help": "comma-separated groups to train instead of the stage's: vision,projector,language"}
+    )
+    vision_lr: float | None = field(default=None, metadata={"help": "vision tower LR (default: the stage's)"})
+    projector_lr: float | None = field(default=None, metadata={"help": "projector LR (default: the stage's)"})
+    language_lr: float | None = field(default=None, metadata={"help": "language model LR (default: the stage's)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the language model (0: full fine-tuning)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default=LORA_TARGET_MODULES, metadata={"help": "regex of LoRA target modules"})
+    lora_modules_to_save: str | None = field(
+        default=None, metadata={"help": "comma-separated modules trained in full with LoRA, e.g. multi_modal_projector"}
+    )
+    merge_lora_at_end: bool = field(default=False, metadata={"help": "also save the merged model to OUTPUT_DIR/merged"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep pixel_values & co (must stay False)"})
+
+
+def resolve_learning_rates(args: LladaVTrainingArguments) -> dict[str, float]:
+    """The stage preset's learning rates with `--vision_lr/--projector_lr/--language_lr` overrides."""
+    rates = dict(stage_preset(args.stage).learning_rates)
+    if args.lora_r > 0:
+        rates["language"] = LORA_DEFAULT_LEARNING_RATE  # the adapters live in the language group
+    for group in MODULE_GROUPS:
+        value = getattr(args, f"{group}_lr")
+        if value is not None:
+            if not value >= 0 or math.isinf(value):
+                raise ValueError(f"--{group}_lr must be a finite non-negative number, got {value}")
+            rates[group] = value
+    return rates
+
+
+def _trainable_groups(args: LladaVTrainingArguments) -> tuple[str, ...]:
+    if args.trainable is None:
+        return stage_preset(args.stage).trainable
+    return tuple(g.strip() for g in args.trainable.split(",") if g.strip())
+
+
+def _resume_arg(value: str | None) -> str | bool | None:
+    if value is None or value == "":
+        return None
+    if value.lower() in ("true", "last", "latest"):
+        return True  # the last checkpoint in output_dir
+    return value
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextmanager
+def _saving_remote_code() -> Iterator[None]:
+    """Register the classes for the Auto factories while training, so every checkpoint the Trainer writes
+    carries the remote code and `auto_map` (loadable with `trust_remote_code=True`); restored afterwards."""
+    classes = ((LladaVConfig, "AutoConfig"), (LladaVModel, "AutoModel"),
+               (LladaVImageProcessor, "AutoImageProcessor"), (LladaVProcessor, "AutoProcessor"))
+    previous = [(cls, cls.__dict__.get("_auto_class", _UNSET)) for cls, _ in classes]
+    for cls, auto_class in classes:
+        cls.register_for_auto_class(auto_class)
+    try:
+        yield
+    finally:
+        for cls, value in previous:
+            if value is _UNSET:
+                del cls._auto_class
+            else:
+                cls._auto_class = value
+
+
+_UNSET = object()
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrainingArguments) -> Trainer:
+    """Fine-tune a checkpoint on LLaVA-format data; returns the finished trainer (model saved in output_dir)."""
+    if model_args.dtype not in _DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {model_args.dtype!r}")
+    if args.remove_unused_columns:
+        raise ValueError("--remove_unused_columns must stay False: the model needs pixel_values and image layouts")
+    with _saving_remote_code():
+        return _train(model_args, data_args, args)
+
+
+def _train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrainingArguments) -> Trainer:
+    set_seed(args.seed)
+    processor = LladaVProcessor.from_pretrained(model_args.processor_name_or_path or model_args.model_name_or_path)
+    model = LladaVModel.from_pretrained(
+        model_args.model_name_or_path, dtype=_DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation
+    )
+    groups = _trainable_groups(args)
+    set_trainable(model, groups)
+    learning_rates = resolve_learning_rates(args)
+    if args.lora_r > 0:
+        to_save = [m.strip() for m in args.lora_modules_to_save.split(",")] if args.lora_modules_to_save else None
+        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, to_save)
+
+    dataset = LladaVDataset(
+        data_args.data_path,
+        processor,
+        image_folder=data_args.image_folder,
+        video_folder=data_args.video_folder,
+        system_prompt=data_args.system_prompt,
+        max_length=data_args.max_length,
+        length_policy=data_args.length_policy,
+        on_bad_sample=data_args.on_bad_sample,
+    )
+    if data_args.dummy_image and args.ddp_find_unused_parameters is None:
+        # With the dummy crop every trainable parameter is used in every step.
+        args.ddp_find_unused_parameters = False
+    collator = LladaVDataCollator.from_processor(
+        processor, padding=data_args.padding, max_length=data_args.max_length, dummy_image=data_args.dummy_image
+    )
+    trainer = LladaVTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        learning_rates=learning_rates,
+    )
+    trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint))
+    trainer.save_model()
+    if args.lora_r > 0 and args.merge_lora_at_end and trainer.is_world_process_zero():
+        merged_dir = os.path.join(args.output_dir, "merged")
+        merge_lora(trainer.accelerator.unwrap_model(trainer.model)).save_pretrained(merged_dir)
+        processor.save_pretrained(merged_dir)
+    return trainer
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LladaVTrainingArguments]:
+    """Parse command-line flags, or one `.json`/`.yaml` file holding them all."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, LladaVTrainingArguments))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    """`python -m llada_v.training FLAGS` (also under `accelerate launch`); see `docs/training.md`."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return train(*parse_args(argv))
+
+
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "MODULE_GROUPS",
+    "STAGE_PRESETS",
+    "DataArguments",
+    "LladaVTrainer",
+    "LladaVTrainingArguments",
+    "ModelArguments",
+    "StagePreset",
+    "apply_lora",
+    "build_param_groups",
+    "freeze_for_stage",
+    "main",
+    "merge_lora",
+    "module_group",
+    "never_used_parameter_names",
+    "parse_args",
+    "resolve_learning_rates",
+    "set_trainable",
+    "stage_preset",
+    "train",
+    "trainable_counts",
+]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Trainer fine-tuning: stage freezing, per-module learning rates, LoRA, gradient checkpointing, bf16, resume,
+and a 2-process `accelerate launch` run (gloo on CPU) whose ranks agree on the loss and the weights."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer, TrainingArguments
+
+from llada_v import LladaVModel
+from llada_v.data import LladaVDataCollator, LladaVDataset
+from llada_v.processing_llada_v import LladaVProcessor
+from llada_v.training import (
+    LORA_TARGET_MODULES,
+    STAGE_PRESETS,
+    LladaVTrainer,
+    apply_lora,
+    build_param_groups,
+    freeze_for_stage,
+    main,
+    merge_lora,
+    module_group,
+    never_used_parameter_names,
+    set_trainable,
+    stage_preset,
+)
+from conftest import REPO
+from test_data import tiny_processor, write_training_folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    processor, config = tiny_processor()
+    torch.manual_seed(0)
+    LladaVModel(config).save_pretrained(root / "ck")
+    processor.save_pretrained(root / "ck")
+    data, images = write_training_folder(root / "data", n_records=8)
+    dataset = LladaVDataset(data, processor, image_folder=images)
+    return SimpleNamespace(root=root, ck=root / "ck", data=data, images=images, processor=processor, config=config,
+                           dataset=dataset, collator=LladaVDataCollator.from_processor(processor))
+
+
+def _model(setup) -> LladaVModel:
+    return LladaVModel.from_pretrained(setup.ck)
+
+
+def _args(tmp_path, **overrides) -> TrainingArguments:
+    kwargs = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], per_device_train_batch_size=2,
+                  max_steps=3, logging_steps=1, save_strategy="no", remove_unused_columns=False, disable_tqdm=True,
+                  seed=0, lr_scheduler_type="constant")
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def _snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _changed(before, model):
+    return {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+
+
+def test_module_groups_and_stage_presets(setup):
+    assert module_group("vision_tower.encoder.layers.0.self_attn.q_proj.weight") == "vision"
+    assert module_group("base_model.model.multi_modal_projector.linear_1.weight") == "projector"
+    assert module_group("language_model.layers.0.self_attn.q_proj.lora_A.default.weight") == "language"
+    assert module_group("image_newline") == module_group("lm_head.weight") == "language"
+    assert dict(STAGE_PRESETS["1"].learning_rates) == {"projector": 1e-3}
+    assert dict(stage_preset("stage2").learning_rates) == {"vision": 2e-6, "projector": 1e-5, "language": 1e-5}
+    assert stage_preset(3).trainable == ("vision", "projector", "language")
+    with pytest.raises(ValueError, match="unknown training stage '4'"):
+        stage_preset("4")
+
+    model = _model(setup)
+    freeze_for_stage(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("multi_modal_projector.")}
+    freeze_for_stage(model, 2)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    # SigLIP's post_layernorm is stored but never used: frozen so DDP needs no find_unused_parameters.
+    assert frozen == {"vision_tower.post_layernorm.weight", "vision_tower.post_layernorm.bias"}
+    with pytest.raises(ValueError, match="unknown module groups \\['text'\\]"):
+        set_trainable(model, ["text"])
+
+
+def test_never_used_parameters_include_layers_past_the_feature_layer():
+    processor, config = tiny_processor(vision_feature_layer=-2)
+    names = never_used_parameter_names(LladaVModel(config))
+    assert any(n.startswith("vision_tower.encoder.layers.1.") for n in names)
+    assert not any(n.startswith("vision_tower.encoder.layers.0.") for n in names)
+
+
+def test_param_groups_hold_each_trainable_parameter_once_with_its_module_lr(setup):
+    model = _model(setup)
+    freeze_for_stage(model, 2)
+    rates = dict(stage_preset(2).learning_rates)
+    groups = build_param_groups(model, rates, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    for group in groups:
+        for p in group["params"]:
+            assert group["lr"] == rates[module_group(names[id(p)])]
+            assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+    assert {g["name"] for g in groups} >= {"vision/decay", "projector/no_decay", "language/decay"}
+    with pytest.raises(ValueError, match="learning_rates has no 'vision' entry"):
+        build_param_groups(model, {"projector": 1e-3, "language": 1e-5})
+    with pytest.raises(ValueError, match="unknown module groups \\['llm'\\]"):
+        build_param_groups(model, {"llm": 1e-5})
+
+
+def test_stage1_trains_only_the_projector(setup, tmp_path):
+    model = _model(setup)
+    freeze_for_stage(model, 1)
+    before = _snapshot(model)
+    trainer = LladaVTrainer(model=model, args=_args(tmp_path), train_dataset=setup.dataset,
+                            data_collator=setup.collator, learning_rates=stage_preset(1).learning_rates)
+    trainer.train()
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 1e-3]
+    assert _changed(before, model) == {n for n in before if n.startswith("multi_modal_projector.")}
+
+
+def test_per_module_learning_rates_reach_the_optimizer(setup, tmp_path):
+    # LladaVTrainer: only the projector has a non-zero rate, so only it moves.
+    model = _model(setup)
+    freeze_for_stage(model, 2)
+    before = _snapshot(model)
+    trainer = LladaVTrainer(model=model, args=_args(tmp_path), train_dataset=setup.dataset, data_collator=setup.collator,
+                            learning_rates={"vision": 0.0, "projector": 1e-2, "language": 0.0})
+    trainer.train()
+    assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}["projector/decay"] == 1e-2
+    assert _changed(before, model) == {n for n in before if n.startswith("multi_modal_projector.")}
+    # A plain Trainer with the helper's groups: only the vision tower moves.
+    model = _model(setup)
+    freeze_for_stage(model, 2)
+    before = _snapshot(model)
+    optimizer = torch.optim.AdamW(build_param_groups(model, {"vision": 1e-2, "projector": 0.0, "language": 0.0}))
+    Trainer(model=model, args=_args(tmp_path), train_dataset=setup.dataset, data_collator=setup.collator,
+            optimizers=(optimizer, None)).train()
+    changed = _changed(before, model)
+    assert changed and all(n.startswith("vision_tower.") for n in changed)
+
+
+def test_lora_targets_only_the_language_model_trains_and_merges(setup, tmp_path):
+    model = _model(setup)
+    base = _snapshot(model)
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    lora_names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    assert lora_names and all(".language_model.layers." in n for n in lora_names)
+    assert len(lora_names) == 2 * 7 * setup.config.text_config.num_hidden_layers  # A and B on 7 projections
+    # The vision tower's q_proj/k_proj/v_proj are not adapted.
+    assert not any("vision_tower" in n and "lora" in n for n, _ in peft_model.named_modules())
+    assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == set(lora_names)
+    before = _snapshot(peft_model)
+    LladaVTrainer(model=peft_model, args=_args(tmp_path, max_steps=4), train_dataset=setup.dataset,
+                  data_collator=setup.collator, learning_rates={"language": 1e-2}).train()
+    changed = _changed(before, peft_model)
+    assert changed and changed <= set(lora_names) and any("lora_B" in n for n in changed)
+
+    peft_model.eval()
+    batch = setup.collator([setup.dataset[0], setup.dataset[3]])
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        adapted = peft_model(**batch).logits
+        merged = merge_lora(peft_model)
+        assert isinstance(merged, LladaVModel)
+        torch.testing.assert_close(merged(**batch).logits, adapted, rtol=1e-4, atol=1e-5)
+    assert {n for n, p in merged.named_parameters() if not torch.equal(p, base[n])} <= {
+        n for n in base if n.startswith("language_model.layers.")}
+    with pytest.raises(ValueError, match="outside language_model.layers"):
+        apply_lora(_model(setup), target_modules=r".*\.q_proj")
+    with pytest.raises(ValueError, match="matches no module"):
+        apply_lora(_model(setup), target_modules=r"nothing")
+    assert LORA_TARGET_MODULES.startswith(r"language_model\.layers")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(setup):
+    batch = setup.collator([setup.dataset[i] for i in range(4)])
+    t = torch.tensor([0.5, 0.6, 0.7, 0.8])
+    masked = (torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(0)) < 0.6) & (batch["labels"] != -100)
+    grads = []
+    for checkpointing in (False, True):
+        model = _model(setup).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(**batch, masking_t=t, masked_indices=masked).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_and_gradient_checkpointing_flags_train_on_cpu(setup, tmp_path):
+    model = _model(setup)
+    trainer = LladaVTrainer(model=model, args=_args(tmp_path, bf16=True, activation_checkpointing=True, max_steps=2),
+                            train_dataset=setup.dataset, data_collator=setup.collator,
+                            learning_rates=stage_preset(2).learning_rates)
+    result = trainer.train()
+    assert trainer.accelerator.mixed_precision == "bf16" and model.is_activation_checkpointing
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights, bf16 autocast
+
+
+def _entry_args(setup, out, *extra):
+    return ["--model_name_or_path", str(setup.ck), "--data_path", str(setup.data), "--image_folder", str(setup.images),
+            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--logging_steps", "1",
+            "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--seed", "0", *extra]
+
+
+def test_training_entry_resumes_exactly_and_writes_a_loadable_checkpoint(setup, tmp_path):
+    full = main(_entry_args(setup, tmp_path / "full", "--max_steps", "4", "--save_steps", "2"))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = main(_entry_args(setup, resumed_dir, "--max_steps", "4", "--save_steps", "2",
+                               "--resume_from_checkpoint", "last"))
+    losses = [h["loss"] for h in full.state.log_history if "loss" in h]
+    resumed_losses = [h["loss"] for h in resumed.state.log_history if "loss" in h]
+    # The resumed history = the checkpoint's first 2 steps + steps 3-4 recomputed, equal to the straight run.
+    assert len(losses) == 4 and resumed_losses == losses
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(resumed_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The output folder is a complete checkpoint: weights, processor and the remote code.
+    out = tmp_path / "full"
+    for name in ("modeling_llada_v.py", "configuration_llada_v.py", "processing_llada_v.py", "processor_config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_llada_v.LladaVModel"
+    assert "_auto_class" not in LladaVModel.__dict__  # the registration is undone after training
+    processor = LladaVProcessor.from_pretrained(out)
+    assert processor.image_token_id == setup.config.image_token_id
+    assert not torch.equal(LladaVModel.from_pretrained(out).lm_head.weight, _model(setup).lm_head.weight)
+
+
+def test_training_entry_lora_saves_adapter_and_merged_model(setup, tmp_path):
+    trainer = main(_entry_args(setup, tmp_path / "lora", "--max_steps", "2", "--save_strategy", "no",
+                               "--lora_r", "4", "--lora_modules_to_save", "multi_modal_projector",
+                               "--merge_lora_at_end", "true"))
+    assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {2e-4, 1e-5}  # LoRA default, projector preset
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    merged = LladaVModel.from_pretrained(tmp_path / "lora" / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+_RANK_SCRIPT = """
+import json, sys
+from llada_v.modeling_llada_v import LladaVModel
+from llada_v.training import main
+
+p_masks = []
+forward = LladaVModel.forward
+
+
+def recording_forward(self, *args, **kwargs):
+    out = forward(self, *args, **kwargs)
+    p_masks.append(out.p_mask.tolist())
+    return out
+
+
+LladaVModel.forward = recording_forward
+trainer = main(sys.argv[1:])
+model = trainer.accelerator.unwrap_model(trainer.model)
+summary = {
+    "world_size": trainer.args.world_size,
+    "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    "weights": {n: p.detach().double().sum().item() for n, p in model.named_parameters()},
+    "p_mask": p_masks,
+}
+with open(f"{trainer.args.output_dir}/rank{trainer.args.process_index}.json", "w") as f:
+    json.dump(summary, f)
+"""
+
+
+def test_accelerate_launch_two_cpu_processes_agree_on_loss_and_weights(setup, tmp_path):
+    # Mostly text-only samples, one per rank and step: ranks often hold batches without images, which only
+    # work in DDP (find_unused_parameters=False) thanks to the collator's dummy crop.
+    records = json.loads(setup.data.read_text())
+    text = [r for r in records if "image" not in r]
+    data = tmp_path / "mostly_text.json"
+    data.write_text(json.dumps([r for r in records if isinstance(r.get("image"), str)][:2] + text * 3))
+    script = tmp_path / "rank_summary.py"
+    script.write_text(_RANK_SCRIPT)
+    out = tmp_path / "ddp"
+    args = _entry_args(setup, out, "--max_steps", "4", "--save_strategy", "no", "--stage", "2")
+    args[args.index("--data_path") + 1] = str(data)
+    args[args.index("--per_device_train_batch_size") + 1] = "1"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+                "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    result = subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert len(ranks[0]["losses"]) == 4 and ranks[0]["losses"] == ranks[1]["losses"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    # Each rank draws its own masking noise (the Trainer alone would seed both ranks alike).
+    assert len(ranks[0]["p_mask"]) == 4 and ranks[0]["p_mask"][0] != ranks[1]["p_mask"][0]
+    initial = {n: p.detach().double().sum().item() for n, p in _model(setup).named_parameters()}
+    assert ranks[0]["weights"] != initial
+
+
+def test_deepspeed_zero3_config_leaves_optimizer_and_batch_sizes_to_the_trainer():
+    config = json.loads((REPO / "configs" / "deepspeed_zero3.json").read_text())
+    assert config["zero_optimization"]["stage"] == 3
+    # No optimizer/scheduler section: the Trainer builds them, so per-module learning rates apply.
+    assert "optimizer" not in config and "scheduler" not in config
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        assert config[key] == "auto", key

@@ -1,0 +1,197 @@
+"""The demo on the embedded model: ask questions about a rendered scene, watch the answer denoise, and
+measure held-out accuracy.
+
+- `llada-v demo [--image PATH] [--seed N] [--save-gif F | --save-png F]`
+- `llada-v eval-demo --seed N [--n 200]` (ends with a line `accuracy: 97.5%`)
+
+The shipped checkpoint (`llada_v/demo_checkpoint/`) is loaded like any Hub model:
+`AutoModel`/`AutoProcessor.from_pretrained(path, trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .demo_model import demo_model_dir
+from .demo_task import QUESTION_TYPES, SHAPES, ask, draw_scene, make_sample, normalise_answer
+
+HELD_OUT_PREFIX = "held-out"  # held-out scenes use string seeds, training scenes integer seeds >= 1e6
+
+
+def load_demo(path: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """The demo model and processor (eval mode) from `path` (default: the checkpoint shipped in the package)."""
+    from transformers import AutoModel, AutoProcessor
+
+    path = Path(path) if path is not None else demo_model_dir()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no demo checkpoint at {path}; train one with `python -m llada_v.train_demo --output-dir {path}`"
+        )
+    model = AutoModel.from_pretrained(str(path), trust_remote_code=True, dtype=dtype).eval()
+    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
+    return model, processor
+
+
+def _prompt(processor, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, system_prompt="")
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    frames: list[list[str]]  # the answer canvas after every step (tokens; masks shown as "_")
+
+
+@torch.no_grad()
+def answer_questions(model, processor, images: list[Image.Image], questions: list[str], trace: bool = False,
+                     **generation_kwargs) -> list[Answer]:
+    """Answer `questions[i]` about `images[i]` in one batch; optionally record the denoising."""
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images for {len(questions)} questions")
+    texts = [_prompt(processor, q) for q in questions]
+    inputs = processor(images=[[im] for im in images], text=texts, return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    tokenizer = processor.tokenizer
+    mask_id = model.generation_config.mask_token_id
+    frames: list[list[list[str]]] = [[] for _ in questions]
+
+    def record(step):
+        canvas = step.canvas[:, prompt_len:]
+        for row in range(canvas.shape[0]):
+            frames[row].append(
+                ["_" if t == mask_id else tokenizer.convert_ids_to_tokens(int(t)) for t in canvas[row].tolist()]
+            )
+
+    out = model.diffusion_generate(
+        **inputs, step_callback=record if trace else None, return_dict_in_generate=True, **generation_kwargs
+    )
+    answers = []
+    for row, question in enumerate(questions):
+        ids = out.sequences[row, prompt_len : prompt_len + int(out.answer_lengths[row])]
+        answers.append(Answer(question, tokenizer.decode(ids, skip_special_tokens=True).strip(), frames[row]))
+    return answers
+
+
+def held_out_sample(seed: int, index: int) -> dict:
+    return make_sample(f"{HELD_OUT_PREFIX}-{seed}-{index}")
+
+
+def evaluate(model, processor, seed: int, n: int = 200, batch_size: int = 32, **generation_kwargs) -> dict:
+    """Exact-match accuracy on `n` fresh held-out samples for `seed`, overall and per question type."""
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    correct, total = defaultdict(int), defaultdict(int)
+    samples = [held_out_sample(seed, i) for i in range(n)]
+    for start in range(0, n, batch_size):
+        batch = samples[start : start + batch_size]
+        answers = answer_questions(
+            model, processor, [s["image"] for s in batch], [s["qa"][0][0] for s in batch], **generation_kwargs
+        )
+        for sample, answer in zip(batch, answers):
+            kind = sample["types"][0]
+            total[kind] += 1
+            correct[kind] += normalise_answer(answer.text) == sample["qa"][0][1]
+    per_type = {kind: correct[kind] / total[kind] for kind in QUESTION_TYPES if total[kind]}
+    return {"accuracy": sum(correct.values()) / n, "per_type": per_type, "n": n, "counts": dict(total)}
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+
+
+def denoising_frames(image: Image.Image, answer: Answer, width: int = 360) -> list[Image.Image]:
+    """One picture per step: the scene, the question and the answer canvas (masks as grey boxes)."""
+    scale = min(1.0, 160 / max(image.size))
+    thumb = image.convert("RGB").resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+    frames = []
+    for step, tokens in enumerate(answer.frames):
+        canvas = Image.new("RGB", (width, thumb.height + 70), "white")
+        canvas.paste(thumb, (10, 10))
+        draw = ImageDraw.Draw(canvas)
+        draw.text((10, thumb.height + 15), f"Q: {answer.question}", fill="black")
+        x = 10
+        for token in tokens:
+            label = "   " if token == "_" else token
+            box = (x, thumb.height + 38, x + 8 * max(3, len(label)) + 8, thumb.height + 58)
+            draw.rectangle(box, fill=(200, 200, 200) if token == "_" else (200, 235, 200), outline="black")
+            draw.text((x + 4, thumb.height + 42), label, fill="black")
+            x = box[2] + 6
+        draw.text((width - 70, 10), f"step {step + 1}", fill="black")
+        frames.append(canvas)
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    model, processor = load_demo(args.model)
+    rng = random.Random(args.seed)
+    if args.image is not None:
+        image = Image.open(args.image)
+        questions = [f"What color is the {shape}?" for shape in SHAPES] + ["How many shapes are there?"]
+        truths = [None] * len(questions)
+        print(f"image: {args.image} ({image.width}x{image.height})")
+    else:
+        scene = draw_scene(rng)
+        image = scene.image
+        pairs = [ask(scene, kind, rng) for kind in QUESTION_TYPES]
+        questions, truths = [q for q, _ in pairs], [a for _, a in pairs]
+        described = ", ".join(f"a {o.color} {o.shape}" for o in scene.objects)
+        print(f"scene {image.width}x{image.height} px (seed {args.seed}): {described}")
+    answers = answer_questions(model, processor, [image] * len(questions), questions, trace=True)
+    for answer, truth in zip(answers, truths):
+        print(f"\nQ: {answer.question}")
+        for step, tokens in enumerate(answer.frames, 1):
+            print(f"   step {step}: {' '.join(tokens)}")
+        verdict = "" if truth is None else ("  (correct)" if normalise_answer(answer.text) == truth else f"  (expected {truth})")
+        print(f"A: {answer.text}{verdict}")
+    if args.save_gif or args.save_png:
+        frames = [f for answer in answers for f in denoising_frames(image, answer)]
+        if args.save_gif:
+            frames[0].save(args.save_gif, save_all=True, append_images=frames[1:], duration=600, loop=0)
+            print(f"\nwrote {args.save_gif} ({len(frames)} frames)")
+        if args.save_png:
+            sheet = Image.new("RGB", (frames[0].width, sum(f.height for f in frames)), "white")
+            y = 0
+            for frame in frames:
+                sheet.paste(frame, (0, y))
+                y += frame.height
+            sheet.save(args.save_png)
+            print(f"\nwrote {args.save_png}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    model, processor = load_demo(args.model)
+    result = evaluate(model, processor, args.seed, args.n)
+    for kind, acc in result["per_type"].items():
+        print(f"{kind:>9}: {100 * acc:5.1f}%  ({result['counts'][kind]} questions)")
+    print(f"accuracy: {100 * result['accuracy']:.1f}%")
+    return 0
+
+
+def add_demo_arguments(demo: argparse.ArgumentParser, evaluation: argparse.ArgumentParser) -> None:
+    demo.add_argument("--image", type=Path, default=None, help="ask about this image instead of a rendered scene")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the rendered scene")
+    demo.add_argument("--model", type=Path, default=None, help="demo checkpoint folder (default: the shipped one)")
+    demo.add_argument("--save-gif", type=Path, default=None, help="write an animation of the denoising")
+    demo.add_argument("--save-png", type=Path, default=None, help="write the denoising steps as one picture")
+    demo.set_defaults(func=run_demo)
+    evaluation.add_argument("--seed", type=int, required=True, help="seed of the held-out set")
+    evaluation.add_argument("--n", type=int, default=200, help="number of held-out questions")
+    evaluation.add_argument("--model", type=Path, default=None, help="demo checkpoint folder (default: the shipped one)")
+    evaluation.set_defaults(func=run_eval)
+
+
+if __name__ == "__main__":
+    sys.exit("use `llada-v demo` or `llada-v eval-demo`")

@@ -16,6 +16,17 @@ changes cost, never results (docs/generation.md, docs/performance.md):
 Quirks kept for parity (docs/parity.md): `<|eot_id|>` is not suppressed, the mask id itself is not
 suppressed, the stop-sequence search re-checks only the first criterion once a stop was found (golden
 quirk 15), the suffix is visible from step 0 and is returned after the stop (quirk 16).
+
+Fast decoding (opt-in, docs/performance.md; exact mode stays the default and is bit-identical):
+
+- `kv_cache="dual"` / `"prefix"`: one full forward per block stores every layer's keys and values
+  (`LladaVDiffusionCache`); the other steps of the block recompute only the current block ("dual") or the
+  block and everything after it ("prefix") and attend over the cached rest. Approximate;
+- `confidence_threshold`: a step also commits every candidate whose confidence exceeds the threshold
+  (Fast-dLLM parallel decoding); the fixed schedule stays the minimum, so 1.0 is exact mode. Approximate;
+- `early_exit` (on, as in the official loop): a row stops once its stop sequence is committed and everything
+  before it is decoded; later blocks are skipped. Exact;
+- `LladaVGenerationConfig.fast(...)`: the recommended combination.
 """
 
 from __future__ import annotations
@@ -33,6 +44,10 @@ from transformers.utils import ModelOutput, logging
 logger = logging.get_logger(__name__)
 
 REMASKING_STRATEGIES = ("low_confidence", "random")
+KV_CACHE_MODES = ("dual", "prefix")  # or None: no cache (exact)
+PROMPT_REFRESH_MODES = ("block", "once")
+# The recommended fast preset (`LladaVGenerationConfig.fast`): Fast-dLLM's dual cache and its 0.9 threshold.
+FAST_DECODING_PRESET: dict[str, Any] = {"kv_cache": "dual", "confidence_threshold": 0.9, "early_exit": True}
 
 # Released defaults (SPEC sections 1 and 7): the official demo settings and special ids.
 DEFAULT_MASK_TOKEN_ID = 126336
@@ -96,6 +111,45 @@ class LladaVGenerationConfig(GenerationConfig):
             every forward pass.
         return_dict_in_generate (`bool`, defaults to False): return a [`LladaVGenerateOutput`] instead of the
             sequences tensor.
+
+        Fast decoding (docs/performance.md). With the defaults below the sampler is the exact one above.
+
+        kv_cache (`str`, *optional*, defaults to None): reuse keys and values across the steps of a block
+            (Fast-dLLM's block-wise cache). The first pass of every block is a full forward that stores every
+            layer's keys/values of the whole canvas (the refresh; its logits are exact and decide that step);
+            the other passes of the block feed only a window to the decoder, whose queries attend over the
+            cached sequence with the window's keys/values refreshed:
+            - `"dual"`: the window is the current block; the prompt, the earlier blocks, the later blocks and
+              the suffix are cached;
+            - `"prefix"`: the window is the current block and everything after it (later blocks, suffix); only
+              the prompt and the earlier blocks are cached.
+            **Approximation**: the cached keys/values of positions outside the window were computed from the
+            canvas at the block's start, so they do not see the tokens committed since (in a bidirectional model
+            every position attends to them). With a one-layer decoder nothing is stale (keys/values depend only
+            on the positions' own tokens, which do not change inside a block) and the result is exact up to float
+            rounding. `None`: the full canvas at every step (exact).
+        kv_cache_prompt_refresh (`str`, defaults to `"block"`): with `kv_cache`, how often the prompt (image
+            included) goes through the decoder. `"block"`: at the start of every block (the full forward above,
+            Fast-dLLM). `"once"`: only in the first pass of the call; the first pass of each later block
+            recomputes the answer region and the suffix, attending over the cached prompt. **Approximation**
+            on top of `kv_cache`: the prompt's keys/values are those of the all-mask answer for the whole call
+            (dLLM-Cache's observation that prompt features barely move, taken to its limit). Saves
+            `num_blocks - 1` full forwards.
+        confidence_threshold (`float`, *optional*, defaults to None): parallel decoding (Fast-dLLM). Besides the
+            tokens the fixed schedule commits, a step also commits every candidate of the current block whose
+            confidence (the float64 softmax probability of its prediction) is strictly above this value, in
+            (0, 1]. The schedule (`steps`) stays the minimum, so a block takes at most `steps / num_blocks`
+            passes and `steps = max_new_tokens` gives Fast-dLLM's "at least one token per step" rule; 1.0 never
+            commits extra tokens and is exactly the default sampler. **Approximation**: tokens committed in the
+            same step are predicted independently of one another (the joint choice the schedule would have made
+            one by one can differ). Needs `remasking="low_confidence"`.
+        early_exit (`bool`, defaults to True): a row stops as soon as a stop sequence is committed and every
+            position before it is decoded; the rest of its block and the later blocks are skipped (the official
+            loop does this too). Exact: once a stop is found only the positions before it are candidates, so
+            the skipped passes would commit nothing. `False` runs every scheduled pass anyway (committing
+            nothing); it exists to measure what the exit saves.
+
+    The recommended fast combination is [`LladaVGenerationConfig.fast`].
     """
 
     # Fields of this class (not of GenerationConfig), popped before GenerationConfig sees the kwargs, so a
@@ -111,6 +165,10 @@ class LladaVGenerationConfig(GenerationConfig):
         "suffix_token_ids": None,
         "generation_suffix": None,
         "output_history": False,
+        "kv_cache": None,
+        "confidence_threshold": None,
+        "kv_cache_prompt_refresh": "block",
+        "early_exit": True,
     }
     # GenerationConfig fields whose default differs here.
     _inherited_defaults: dict[str, Any] = {
@@ -218,10 +276,52 @@ class LladaVGenerationConfig(GenerationConfig):
             isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings)
         ):
             raise ValueError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_MODES:
+            raise ValueError(f"kv_cache must be None or one of {KV_CACHE_MODES}, got {self.kv_cache!r}")
+        if self.kv_cache_prompt_refresh not in PROMPT_REFRESH_MODES:
+            raise ValueError(
+                f"kv_cache_prompt_refresh must be one of {PROMPT_REFRESH_MODES}, got {self.kv_cache_prompt_refresh!r}"
+            )
+        if self.kv_cache_prompt_refresh != "block" and self.kv_cache is None:
+            raise ValueError(
+                f"kv_cache_prompt_refresh={self.kv_cache_prompt_refresh!r} needs a kv_cache ('dual' or 'prefix'), "
+                "got kv_cache=None"
+            )
+        threshold = self.confidence_threshold
+        if threshold is not None:
+            if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
+                raise ValueError(f"confidence_threshold must be None or a number in (0, 1], got {threshold!r}")
+            if self.remasking != "low_confidence":
+                raise ValueError(
+                    f"confidence_threshold ({threshold}) compares softmax probabilities and needs "
+                    f"remasking='low_confidence', got remasking={self.remasking!r}"
+                )
+        if not isinstance(self.early_exit, bool):
+            raise ValueError(f"early_exit must be a bool, got {self.early_exit!r}")
         if not isinstance(self.output_history, bool):
             raise ValueError(f"output_history must be a bool, got {self.output_history!r}")
         if self.return_dict_in_generate is not None and not isinstance(self.return_dict_in_generate, bool):
             raise ValueError(f"return_dict_in_generate must be a bool, got {self.return_dict_in_generate!r}")
+
+    @classmethod
+    def fast(cls, base: GenerationConfig | None = None, **overrides) -> "LladaVGenerationConfig":
+        """The recommended fast decoding settings on top of `base` (default: the released defaults).
+
+        `kv_cache="dual"` + `confidence_threshold=0.9` (Fast-dLLM's settings) + `early_exit=True`; every other
+        field, including `steps`, comes from `base`, then `overrides` win. Use the model's own config as the
+        base so its special ids are kept:
+
+            config = LladaVGenerationConfig.fast(model.generation_config, block_length=32)
+            model.diffusion_generate(input_ids, generation_config=config)
+
+        The result approximates exact decoding (see `kv_cache` and `confidence_threshold`). With `steps` equal to
+        `max_new_tokens` (the demo default) a step commits at least one token; fewer steps raise that minimum.
+        """
+        config = cls() if base is None else copy.deepcopy(_as_diffusion_config(base))
+        unknown = config.update(**{**FAST_DECODING_PRESET, **overrides})
+        if unknown:
+            raise TypeError(f"unknown generation settings {sorted(unknown)}; they are the fields of {cls.__name__}")
+        return config
 
     @property
     def num_blocks(self) -> int:
@@ -230,6 +330,18 @@ class LladaVGenerationConfig(GenerationConfig):
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
+
+
+def _as_diffusion_config(base: GenerationConfig) -> LladaVGenerationConfig:
+    """`base` as a `LladaVGenerationConfig` (itself when it already is one)."""
+    if isinstance(base, LladaVGenerationConfig):
+        return base
+    if all(hasattr(base, name) for name in LladaVGenerationConfig._diffusion_defaults):
+        # The same class from the other copy of this module (package vs. remote code): no isinstance across
+        # copies, but every field is there.
+        return LladaVGenerationConfig.from_dict(base.to_dict())
+    # A plain GenerationConfig (or one saved before a field existed): what it sets, our defaults for the rest.
+    return LladaVGenerationConfig.from_dict(base.to_diff_dict())
 
 
 def _is_int(value: Any) -> bool:
@@ -365,6 +477,25 @@ def find_stop(
     return stop_index
 
 
+def _cache_for_rows(cache: Any, cache_rows: torch.Tensor, rows: torch.Tensor, cfg: bool, shared: Any = None) -> Any:
+    """The `LladaVDiffusionCache` restricted to `rows` (a sorted subset of the sorted `cache_rows`).
+
+    With CFG the cache holds the conditional rows, then the unconditional ones. A cache that is `shared` (kept
+    for later blocks) is copied before rows are dropped; otherwise rows are dropped in place.
+    """
+    if torch.equal(cache_rows, rows):
+        return cache
+    keep = torch.searchsorted(cache_rows, rows)  # (b,)
+    if not torch.equal(cache_rows[keep.clamp(max=cache_rows.shape[0] - 1)], rows):
+        raise RuntimeError(f"rows {rows.tolist()} are not all in the cache (rows {cache_rows.tolist()})")
+    if cfg:
+        keep = torch.cat((keep, keep + cache_rows.shape[0]))
+    if cache is shared:
+        cache = copy.copy(cache)  # select_rows replaces the per-layer lists: the shared cache keeps its rows
+    cache.select_rows(keep)
+    return cache
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Outputs
 
@@ -383,6 +514,9 @@ class LladaVGenerateOutput(ModelOutput):
             `max_new_tokens`), suffix excluded.
         num_forward_passes (`int`): model forward calls of this call (a CFG step is one call of a doubled batch).
         forward_passes_per_row (`torch.LongTensor` of shape `(batch,)`): forward calls each row took part in.
+        num_decoder_tokens (`int`): query positions run through the decoder, summed over passes and rows (CFG
+            copies included): `passes x rows x canvas length` without a cache, less with one. Divided by
+            `batch x canvas length` it is the cost in units of one full forward.
         history (`tuple[torch.LongTensor]`, *optional*): with `output_history`, the canvas `(batch, length)`
             after every forward pass (masks are `mask_token_id`; nothing is padded or moved).
     """
@@ -391,6 +525,7 @@ class LladaVGenerateOutput(ModelOutput):
     answer_lengths: torch.LongTensor | None = None
     num_forward_passes: int | None = None
     forward_passes_per_row: torch.LongTensor | None = None
+    num_decoder_tokens: int | None = None
     history: tuple[torch.LongTensor, ...] | None = None
 
 
@@ -408,6 +543,11 @@ class LladaVDiffusionStep:
         committed: `(b, K)` bool, which predictions were written to the canvas.
         canvas: `(B, length)` the whole canvas after this step (the live tensor: clone it to keep it).
         stop_indices: per row, the index in the answer region of the stop found so far, or None.
+        window: `(start, end)` canvas columns the decoder ran on: `(0, length)` for a full forward, the current
+            block (and with `kv_cache="prefix"` everything after it) for a cached step.
+        cache_refreshed: whether this pass refreshed the key/value cache (`kv_cache` set, first pass of a block):
+            a full forward, or with `kv_cache_prompt_refresh="once"` after the first block, the answer region and
+            suffix (see `window`).
     """
 
     step: int
@@ -420,6 +560,8 @@ class LladaVDiffusionStep:
     committed: torch.Tensor
     canvas: torch.Tensor
     stop_indices: list[int | None]
+    window: tuple[int, int] = (0, 0)
+    cache_refreshed: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -481,15 +623,7 @@ class LladaVGenerationMixin:
         base = generation_config if generation_config is not None else getattr(self, "generation_config", None)
         if base is None:
             base = LladaVGenerationConfig.from_model_config(self.config)
-        elif not isinstance(base, LladaVGenerationConfig):
-            if all(hasattr(base, name) for name in LladaVGenerationConfig._diffusion_defaults):
-                # The same class from the other copy of this module (package vs. remote code): no isinstance
-                # across copies, but every field is there.
-                base = LladaVGenerationConfig.from_dict(base.to_dict())
-            else:
-                # A plain GenerationConfig: what it sets, our defaults for the rest.
-                base = LladaVGenerationConfig.from_dict(base.to_diff_dict())
-        config = copy.deepcopy(base)
+        config = copy.deepcopy(_as_diffusion_config(base))
         unknown = config.update(**overrides)
         if unknown:
             raise TypeError(
@@ -581,18 +715,27 @@ class LladaVGenerationMixin:
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         passes_per_row = torch.zeros(batch, dtype=torch.long, device=device)
         history: list[torch.Tensor] = []
-        num_passes = 0
+        num_passes = decoder_tokens = 0
+        threshold = config.confidence_threshold
+        # Fast-dLLM cache: filled by the first pass of every block; `cache_rows` are the batch rows it holds.
+        # With kv_cache_prompt_refresh="once", `call_cache` is the first full pass's cache, kept for its prompt.
+        cache: Any = None
+        cache_rows: torch.Tensor | None = None
+        call_cache: Any = None
+        call_rows: torch.Tensor | None = None
+        num_layers = self.config.get_text_config().num_hidden_layers if config.kv_cache else 0
 
         for block in range(config.num_blocks):
             block_start = answer_start + block * config.block_length
             block_end = block_start + config.block_length
             for row in range(batch):
                 # A block that starts at or after a found stop is never decoded (quirk 15).
-                if stop_index[row] is not None and answer_start + stop_index[row] <= block_start:
+                if config.early_exit and stop_index[row] is not None and answer_start + stop_index[row] <= block_start:
                     done[row] = True
             if bool(done.all()):
                 break
             schedule = transfer_schedule((canvas[:, block_start:block_end] == mask_id).sum(-1), config.steps_per_block)
+            cache = None  # every block starts with a refresh (of the whole canvas or of the answer)
             for block_step in range(config.steps_per_block):
                 is_mask = canvas == mask_id  # (B, T)
                 # Candidate columns per row: masks in the answer before the block end, or before the stop.
@@ -601,7 +744,7 @@ class LladaVGenerationMixin:
                 )  # (B,)
                 candidate = is_mask & (columns >= answer_start) & (columns[None, :] < limit[:, None])  # (B, T)
                 for row in range(batch):
-                    if stop_index[row] is not None and not bool(candidate[row].any()):
+                    if config.early_exit and stop_index[row] is not None and not bool(candidate[row].any()):
                         done[row] = True  # everything before the stop is decoded: this row is finished
                 stepping = ~done & is_mask[:, block_start:block_end].any(-1)
                 if not bool(stepping.any()):
@@ -609,9 +752,32 @@ class LladaVGenerationMixin:
                 rows = stepping.nonzero().squeeze(1)  # (b,)
                 positions = candidate[rows].any(0).nonzero().squeeze(1)  # (K,)
 
+                # Decoder window [start, end): the whole canvas, or with a filled cache the current block
+                # ("dual") or the block and everything after it ("prefix").
+                window_start, window_end = 0, total_len
+                refreshed = False
+                if config.kv_cache is not None:
+                    refreshed = cache is None  # the first pass of the block
+                    if cache is None and (call_cache is None or config.kv_cache_prompt_refresh == "block"):
+                        cache, cache_rows = self._new_diffusion_cache(num_layers), rows  # full forward
+                        if config.kv_cache_prompt_refresh == "once":
+                            call_cache, call_rows = cache, rows
+                    elif cache is None:
+                        # Prompt keys/values from the call's first pass; the answer and suffix are recomputed.
+                        cache = _cache_for_rows(call_cache, call_rows, rows, config.cfg_scale > 0, shared=call_cache)
+                        cache_rows = rows
+                        window_start = answer_start
+                    else:
+                        window_start = block_start
+                        window_end = block_end if config.kv_cache == "dual" else total_len
+                        # Rows that finished or completed their block leave; their cache rows go with them.
+                        cache = _cache_for_rows(cache, cache_rows, rows, config.cfg_scale > 0, shared=call_cache)
+                        cache_rows = rows
+
                 logits = self._diffusion_logits(
                     canvas[rows], prompt_embeds[rows], None if full_mask is None else full_mask[rows],
                     positions, mask_embed, config.cfg_scale, prompt_len,
+                    cache=cache, window=(window_start, window_end),
                 )  # (b, K, V) float32
                 logits[..., suppress] = float("-inf")
                 if vocab_limit is not None and vocab_limit < logits.shape[-1]:
@@ -623,11 +789,14 @@ class LladaVGenerationMixin:
                 confidence = token_confidence(flat, tokens.view(-1), config.remasking, generator).view(b, k_cols)
                 confidence = confidence.masked_fill(~candidate[rows][:, positions], float("-inf"))
                 committed = select_top_k(confidence, schedule[rows, block_step])  # (b, K)
+                if threshold is not None:
+                    committed |= confidence > threshold  # parallel decoding: -inf (non-candidates) never passes
 
                 window = canvas[rows][:, positions]
                 canvas[rows[:, None], positions[None, :]] = torch.where(committed, tokens, window)
                 num_passes += 1
                 passes_per_row[rows] += 1
+                decoder_tokens += b * (2 if config.cfg_scale > 0 else 1) * (window_end - window_start)
 
                 if stop_sequences:
                     for row in rows.tolist():
@@ -648,6 +817,8 @@ class LladaVGenerationMixin:
                             committed=committed,
                             canvas=canvas,
                             stop_indices=list(stop_index),
+                            window=(window_start, window_end),
+                            cache_refreshed=refreshed,
                         )
                     )
 
@@ -661,6 +832,7 @@ class LladaVGenerationMixin:
             answer_lengths=answer_lengths,
             num_forward_passes=num_passes,
             forward_passes_per_row=passes_per_row,
+            num_decoder_tokens=decoder_tokens,
             history=tuple(history) if config.output_history else None,
         )
 
@@ -675,23 +847,47 @@ class LladaVGenerationMixin:
         mask_embed: torch.Tensor,
         cfg_scale: float,
         prompt_len: int,
+        cache: Any = None,
+        window: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """One forward pass; float32 logits `(b, K, V)` at `positions` only (guided when `cfg_scale > 0`)."""
-        answer_embeds = self.get_input_embeddings()(canvas[:, prompt_len:])  # (b, T - P, D)
-        embeds = torch.cat((prompt_embeds, answer_embeds), dim=1)  # (b, T, D)
-        if cfg_scale > 0:
-            # Unconditional copy: every prompt position (text and image) becomes the mask token (quirk 17).
-            uncond = torch.cat((mask_embed.expand_as(prompt_embeds), answer_embeds), dim=1)
-            embeds = torch.cat((embeds, uncond), dim=0)  # (2b, T, D)
-            if attention_mask is not None:
-                attention_mask = torch.cat((attention_mask, attention_mask), dim=0)
+        """One forward pass; float32 logits `(b, K, V)` at `positions` only (guided when `cfg_scale > 0`).
+
+        With an empty `cache` the full canvas is run and every layer's keys/values are stored (a refresh); with
+        a filled one only the canvas columns `window = (start, end)` (after the prompt) go through the decoder.
+        """
+        cache_kwargs = {}
+        if cache is not None:
+            cache_kwargs = {"cache": cache, "cache_start": window[0]}
+        if cache is not None and cache.length > 0:
+            start, end = window
+            embeds = self.get_input_embeddings()(canvas[:, start:end])  # (b, W, D)
+            positions = positions - start  # logits_to_keep is relative to the window
+            if cfg_scale > 0:
+                embeds = torch.cat((embeds, embeds), dim=0)  # the unconditional copy differs only in the prompt
+        else:
+            answer_embeds = self.get_input_embeddings()(canvas[:, prompt_len:])  # (b, T - P, D)
+            embeds = torch.cat((prompt_embeds, answer_embeds), dim=1)  # (b, T, D)
+            if cfg_scale > 0:
+                # Unconditional copy: every prompt position (text and image) becomes the mask token (quirk 17).
+                uncond = torch.cat((mask_embed.expand_as(prompt_embeds), answer_embeds), dim=1)
+                embeds = torch.cat((embeds, uncond), dim=0)  # (2b, T, D)
+        if cfg_scale > 0 and attention_mask is not None:
+            attention_mask = torch.cat((attention_mask, attention_mask), dim=0)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded in these rows: the unmasked path, as the official loop
-        logits = self(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions).logits.float()
+        logits = self(
+            inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions, **cache_kwargs
+        ).logits.float()
         if cfg_scale > 0:
             cond, uncond = logits.chunk(2, dim=0)
             logits = uncond + (cfg_scale + 1) * (cond - uncond)
         return logits
+
+    def _new_diffusion_cache(self, num_layers: int) -> Any:
+        # Imported here: modeling_llada_v imports this module (the mixin), not the other way round.
+        from .modeling_llada_v import LladaVDiffusionCache
+
+        return LladaVDiffusionCache(num_layers)
 
     def _stops_and_suffix(self, config: LladaVGenerationConfig, tokenizer: Any) -> tuple[list[list[int]], list[int]]:
         stops = normalize_stop_sequences(config.stop_token_ids)

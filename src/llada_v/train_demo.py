@@ -30,11 +30,9 @@ from .data import LladaVDataCollator, LladaVDataset
 from .demo_model import build_demo_processor, build_demo_tokenizer, demo_config
 from .demo_task import make_sample
 from .generation_utils import LladaVGenerationConfig
-from .image_processing_llada_v import LladaVImageProcessor
 from .modeling_llada_v import LladaVModel
-from .configuration_llada_v import LladaVConfig
 from .processing_llada_v import LladaVProcessor
-from .training import LladaVTrainer, set_trainable
+from .training import LladaVTrainer, saving_remote_code, set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -154,12 +152,10 @@ def save_demo(model: LladaVModel, processor: LladaVProcessor, output_dir: Path) 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        for cls, auto in ((LladaVConfig, "AutoConfig"), (LladaVModel, "AutoModel"),
-                          (LladaVImageProcessor, "AutoImageProcessor"), (LladaVProcessor, "AutoProcessor")):
-            cls.register_for_auto_class(auto)
         model.config._attn_implementation = None  # let the loader pick (sdpa by default)
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        with saving_remote_code():  # the folder gets the remote code and auto_map entries
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
         os.chmod(tmp, 0o755)
         if output_dir.exists():
             shutil.rmtree(output_dir)

@@ -400,7 +400,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 @contextmanager
-def _saving_remote_code() -> Iterator[None]:
+def saving_remote_code() -> Iterator[None]:
     """Register the classes for the Auto factories while training, so every checkpoint the Trainer writes
     carries the remote code and `auto_map` (loadable with `trust_remote_code=True`); restored afterwards."""
     classes = ((LladaVConfig, "AutoConfig"), (LladaVModel, "AutoModel"),
@@ -427,7 +427,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrai
         raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {model_args.dtype!r}")
     if args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the model needs pixel_values and image layouts")
-    with _saving_remote_code():
+    with saving_remote_code():
         return _train(model_args, data_args, args)
 
 

@@ -330,3 +330,32 @@ def test_cache_rejects_bad_windows():
         model(input_ids=ids[:, :4], cache=cache, cache_start=6)
     with pytest.raises(ValueError, match="cannot be combined"):
         model(input_ids=ids, labels=ids, cache=cache)
+
+
+# ---------------------------------------------------------------- processor <-> model agreement
+
+
+def test_processor_token_count_equals_model_feature_count_fuzzed():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from PIL import Image
+
+    from llada_v import LladaVImageProcessor
+
+    model = tiny_model()
+    image_processor = LladaVImageProcessor.from_model_config(model.config)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(width=st.integers(1, 8000), height=st.integers(1, 8000))
+    def check(width, height):
+        if width * height > 16_000_000:  # keep each example fast; the aspect ratios still reach 8000:1
+            height = max(1, 16_000_000 // width)
+        out = image_processor(images=Image.new("RGB", (width, height), (90, 160, 30)))
+        assert out["pixel_values"].shape[1:] == (3, model.config.crop_size, model.config.crop_size)
+        assert out["image_sizes"].tolist() == [[height, width]]
+        with torch.no_grad():
+            feats = model.get_image_features(out["pixel_values"], out["image_sizes"], out["image_layouts"],
+                                             out["image_num_crops"])
+        assert [f.shape[0] for f in feats] == out["num_image_tokens"]
+
+    check()

@@ -1,30 +1,149 @@
 """The `llada-v` command line: one entry point with subcommands.
 
-Subcommands available now: `convert` (official checkpoint -> llada-v format) and `demo` (reports that the
-embedded demo model has not landed yet). `generate` and `chat` arrive with the sampler and deployment
-issues.
+- `generate`: answer one prompt about zero or more images, optionally watching the answer emerge from the masks
+  (`--stream`);
+- `chat`: a multi-turn conversation read from stdin (`/image PATH` attaches an image to the next turn, `/reset`,
+  `/quit`);
+- `convert`: official checkpoint -> llada-v format, optional Hub upload;
+- `demo` / `eval-demo`: the embedded demo model.
+
+Bad input (a path that does not exist, a checkpoint of another kind, missing files, an unreadable image,
+bitsandbytes missing, conflicting flags, an invalid generation setting) is reported as one line on stderr with
+exit status 2; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
 import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
 
 from . import convert_official
 
+EPILOG_GENERATE = """\
+examples:
+  llada-v generate --model llada-v-hf --image cat.jpg --prompt "What is in the picture?"
+  llada-v generate --model llada-v-hf --image a.png --image b.png --prompt "What differs?" --stream
+  llada-v generate --model you/llada-v-hf --load-in-4bit --fast --image cat.jpg --prompt "Describe it."
 
-def _demo(args: argparse.Namespace) -> int:
-    print(
-        "llada-v demo: not yet available. The embedded demo model (a tiny LLaDA-V trained in this repository) "
-        "lands with the training/demo issue; until then there is nothing real to run.",
-        file=sys.stderr,
+Without --model the embedded demo checkpoint is used. When only --max-new-tokens is given, the checkpoint's
+steps and block length are kept if they fit the new length; otherwise they become --max-new-tokens (one block,
+one token per step, the released demo schedule).
+"""
+
+EPILOG_CHAT = """\
+commands (one per line on stdin):
+  /image PATH   attach an image to the next message (repeat for several)
+  /reset        forget the conversation and pending images
+  /quit         leave (end of input does too)
+
+example:
+  printf '/image cat.jpg\\nWhat animal is this?\\nWhat colour is it?\\n' | llada-v chat --model llada-v-hf
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", default=None, metavar="PATH_OR_ID",
+        help="converted llada-v checkpoint folder or Hub id (default: the embedded demo checkpoint)",
     )
-    return 1
+    group.add_argument(
+        "--processor", default=None, metavar="PATH_OR_ID", help="load the processor from here (default: --model)"
+    )
+    group.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+        help="weights and compute dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
+    quant = group.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 weights for the language model")
+    quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 weights for the language model")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    group.add_argument(
+        "--attn-implementation", default=None, metavar="NAME",
+        help="eager, sdpa or flash_attention_2 (default: the transformers choice)",
+    )
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation (default: the checkpoint's generation_config.json)")
+    group.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="answer length (gen_length)")
+    group.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps in total")
+    group.add_argument("--block-length", type=int, default=None, metavar="N", help="semi-autoregressive block size")
+    group.add_argument("--temperature", type=float, default=None, metavar="T", help="0 = argmax; > 0 = Gumbel-max sampling")
+    group.add_argument(
+        "--remasking", choices=["low_confidence", "random"], default=None, help="which predictions a step keeps"
+    )
+    group.add_argument("--cfg-scale", type=float, default=None, metavar="S", help="classifier-free guidance scale")
+    group.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (temperature > 0, random remasking)")
+    group.add_argument(
+        "--fast", action="store_true",
+        help="fast decoding preset: dual KV cache + confidence threshold 0.9 (approximate; docs/performance.md)",
+    )
+    group.add_argument(
+        "--system-prompt", default=None, metavar="TEXT", help="replace LLaDA-V's default system prompt ('' drops it)"
+    )
+    parser.add_argument(
+        "--stream", action="store_true", help="show the answer canvas (masks included) after every denoising step"
+    )
+
+
+def _add_debug_argument(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks on errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llada-v", description="LLaDA-V for Hugging Face Transformers.")
+    parser = _Parser(
+        prog="llada-v",
+        description="LLaDA-V (a masked-diffusion multimodal LLM) for Hugging Face Transformers.",
+        epilog="run `llada-v COMMAND --help` for the options of a command",
+    )
+    _add_debug_argument(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = sub.add_parser(
+        "generate",
+        help="answer a prompt about images (optionally streaming the denoising)",
+        description="Answer one prompt about zero or more images with diffusion_generate.",
+        epilog=EPILOG_GENERATE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate.add_argument(
+        "--image", action="append", default=[], metavar="PATH",
+        help="an image for the prompt (repeat for several; they go before the text)",
+    )
+    generate.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction")
+    _add_model_arguments(generate)
+    _add_generation_arguments(generate)
+    _add_debug_argument(generate, argparse.SUPPRESS)
+    generate.set_defaults(func=run_generate)
+
+    chat = sub.add_parser(
+        "chat",
+        help="multi-turn chat on stdin, images attached per turn with /image PATH",
+        description="A multi-turn conversation: one message per line on stdin.",
+        epilog=EPILOG_CHAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_arguments(chat)
+    _add_generation_arguments(chat)
+    _add_debug_argument(chat, argparse.SUPPRESS)
+    chat.set_defaults(func=run_chat)
+
     convert = sub.add_parser(
         "convert",
         help="convert a released LLaDA-V checkpoint (GSAI-ML/LLaDA-V format) to the llada-v format",
@@ -33,14 +152,268 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert_official.build_arg_parser(convert)
     convert.set_defaults(func=convert_official.run_from_args)
-    demo = sub.add_parser("demo", help="run the demo on the embedded default model (not yet available)")
-    demo.set_defaults(func=_demo)
+    from .demo import add_demo_arguments
+
+    demo = sub.add_parser(
+        "demo", help="ask the embedded demo model about a scene and watch the answer emerge from masks"
+    )
+    evaluation = sub.add_parser("eval-demo", help="held-out accuracy of the embedded demo model")
+    add_demo_arguments(demo, evaluation)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def load_image(path: str | Path) -> Any:
+    """An RGB PIL image, or `InputError` naming the path."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .inference import InputError
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"no such image: {path}")
+    if not path.is_file():
+        raise InputError(f"not an image file: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"cannot read image {path}: {err}") from None
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    if args.model is not None:
+        return args.model
+    from .demo_model import demo_model_dir
+    from .inference import InputError
+
+    path = demo_model_dir()
+    if not (path / "config.json").is_file():
+        raise InputError(f"no --model given and no embedded demo checkpoint at {path}; pass --model PATH_OR_ID")
+    return str(path)
+
+
+def _generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "steps": args.steps,
+        "block_length": args.block_length,
+        "temperature": args.temperature,
+        "remasking": args.remasking,
+        "cfg_scale": args.cfg_scale,
+    }
+
+
+def _precheck_generation(name: str, args: argparse.Namespace) -> None:
+    """Validate the generation flags against a local checkpoint's generation_config.json before loading weights."""
+    from types import SimpleNamespace
+
+    from .generation_utils import LladaVGenerationConfig
+    from .inference import generation_config_for
+
+    path = Path(name).expanduser()
+    if not (path / "generation_config.json").is_file():
+        return
+    try:
+        base = LladaVGenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return  # reported by the real load
+    generation_config_for(SimpleNamespace(generation_config=base), _generation_overrides(args), fast=args.fast)
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from .inference import InputError, check_checkpoint, generation_config_for, load_pretrained
+
+    if args.fast and args.remasking == "random":
+        raise InputError("--fast commits tokens above a confidence threshold and needs --remasking low_confidence")
+    name = _model_name(args)
+    check_checkpoint(name)  # path, model type, weights: before anything is read from the folder
+    _precheck_generation(name, args)
+    quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
+    model, processor = load_pretrained(
+        name, args.processor, dtype=args.dtype, device=args.device, quantization=quantization,
+        attn_implementation=args.attn_implementation,
+    )
+    config = generation_config_for(model, _generation_overrides(args), fast=args.fast)
+    return model, processor, config
+
+
+class DenoisingPrinter:
+    """A `step_callback` that shows row 0's answer canvas after every step, masks drawn as `mask_symbol`.
+
+    On a terminal the canvas is redrawn in place; otherwise every step is printed on its own line.
+    """
+
+    def __init__(self, tokenizer: Any, mask_token_id: int, answer_length: int, suffix_length: int,
+                 total_steps: int, out: TextIO | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.mask_token_id = mask_token_id
+        self.answer_length, self.suffix_length = answer_length, suffix_length
+        self.total_steps = total_steps
+        self.out = out if out is not None else sys.stdout
+        encoding = (getattr(self.out, "encoding", None) or "").lower().replace("-", "")
+        self.mask_symbol = "░" if encoding == "utf8" else "_"
+        self.in_place = bool(getattr(self.out, "isatty", lambda: False)())
+        self._drawn_lines = 0
+
+    def render(self, answer_ids: list[int]) -> str:
+        """Committed runs decoded together (so multi-byte characters survive), one symbol per mask."""
+        parts, run = [], []
+        for token in answer_ids + [None]:
+            if token is not None and token != self.mask_token_id:
+                run.append(token)
+                continue
+            if run:
+                parts.append(self.tokenizer.decode(run, skip_special_tokens=True))
+                run = []
+            if token is not None:
+                parts.append(self.mask_symbol)
+        return "".join(parts)
+
+    def __call__(self, step: Any) -> None:
+        # The canvas is prompt | answer | suffix: the answer starts answer + suffix columns before the end.
+        start = step.canvas.shape[1] - self.answer_length - self.suffix_length
+        answer = step.canvas[0, start : start + self.answer_length].tolist()
+        stop = step.stop_indices[0]
+        if stop is not None:
+            answer = answer[:stop]
+        text = self.render(answer)
+        label = f"[step {step.step + 1}/{self.total_steps}]"
+        if self.in_place:
+            if self._drawn_lines:
+                self.out.write(f"\x1b[{self._drawn_lines}F\x1b[J")
+            frame = f"{label} {text}"
+            width = max(1, shutil.get_terminal_size().columns)
+            self._drawn_lines = sum(max(1, math.ceil(len(line) / width)) for line in frame.split("\n"))
+            self.out.write(frame + "\n")
+        else:
+            self.out.write(f"{label} {text.replace(chr(10), chr(92) + 'n')}\n")
+        self.out.flush()
+
+    def clear(self) -> None:
+        """Remove the in-place frame (before the final answer is printed)."""
+        if self.in_place and self._drawn_lines:
+            self.out.write(f"\x1b[{self._drawn_lines}F\x1b[J")
+            self.out.flush()
+        self._drawn_lines = 0
+
+
+def _answer(model: Any, processor: Any, config: Any, text: str, images: list, args: argparse.Namespace) -> str:
+    from .inference import generate_texts
+
+    printer = None
+    if args.stream:
+        suffix = list(config.suffix_token_ids or [])
+        if config.generation_suffix:
+            suffix = processor.tokenizer.encode(config.generation_suffix, add_special_tokens=False)
+        printer = DenoisingPrinter(processor.tokenizer, config.mask_token_id, config.max_new_tokens, len(suffix),
+                                   config.steps)
+    answers, _, _ = generate_texts(model, processor, [text], [images], config, step_callback=printer, seed=args.seed)
+    if printer is not None:
+        printer.clear()
+    return answers[0]
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .inference import chat_prompt, user_message
+
+    images = [load_image(path) for path in args.image]  # before loading the model: fail fast
+    model, processor, config = _load(args)
+    text = chat_prompt(processor, [user_message(args.prompt, len(images))], args.system_prompt)
+    print(_answer(model, processor, config, text, images, args))
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from .inference import InputError, chat_prompt, user_message
+
+    model, processor, config = _load(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("llada-v chat: type a message; /image PATH attaches an image to the next one, /reset, /quit")
+    messages: list[dict] = []
+    images: list = []  # every image of the conversation, in order
+    pending: list = []  # attached to the next user message
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                messages, images, pending = [], [], []
+                print("(conversation reset)")
+            elif command == "/image":
+                if not rest.strip():
+                    print("error: /image needs a path", file=sys.stderr)
+                    continue
+                try:
+                    pending.append(load_image(rest.strip()))
+                except InputError as err:
+                    print(f"error: {err}", file=sys.stderr)
+                    continue
+                print(f"(image attached to the next message: {rest.strip()})")
+            elif command == "/help":
+                print(EPILOG_CHAT.split("\n\n")[0])
+            else:
+                print(f"error: unknown command {command} (/image PATH, /reset, /quit)", file=sys.stderr)
+            continue
+        turn = [*messages, user_message(line, len(pending))]
+        text = chat_prompt(processor, turn, args.system_prompt)
+        try:
+            answer = _answer(model, processor, config, text, [*images, *pending], args)
+        except ValueError as err:  # e.g. the conversation no longer fits the context: the turn is dropped
+            print(f"error: {err} (the message was not added; /reset starts over)", file=sys.stderr)
+            continue
+        messages = [*turn, {"role": "assistant", "content": answer}]
+        images, pending = [*images, *pending], []
+        print(f"assistant> {answer}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = bool(getattr(args, "debug", False))
+    if args.command in ("generate", "chat") and not debug and not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no weight-loading bars in logs and pipes
+    started = time.time()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI reports every failure as one line unless --debug
+        if debug:
+            raise
+        from .inference import InputError
+
+        if isinstance(err, (InputError, FileNotFoundError)):
+            print(f"llada-v {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        print(
+            f"llada-v {args.command}: error: {type(err).__name__}: {first_line} "
+            f"(after {time.time() - started:.1f} s; rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,360 @@
+"""Loading a checkpoint and answering prompts: what `llada-v generate/chat` and the lmms-eval plugin share.
+
+- `load_pretrained`: `AutoModel`/`AutoProcessor.from_pretrained(..., trust_remote_code=True)` with dtype, device
+  and bitsandbytes 4/8-bit options, after checks that turn the usual mistakes (a path that does not exist, an
+  official or foreign checkpoint, missing weights or processor, bitsandbytes missing, a 4-bit CPU load the packed
+  kernel cannot run) into one `InputError` line each.
+- `generation_config_for`: the checkpoint's `generation_config` with per-call overrides, optionally on top of
+  the fast-decoding preset, with `steps`/`block_length` following a changed `max_new_tokens` when they no longer
+  fit (`fit_schedule`).
+- `chat_prompt` / `generate_texts`: chat template -> processor -> `diffusion_generate` -> decoded answers, for a
+  batch of prompts with their images (left padding).
+
+Package-only code (never part of a checkpoint's remote code).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .generation_utils import LladaVGenerationConfig, _as_diffusion_config
+
+MODEL_TYPE = "llada_v"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# bitsandbytes' packed CPU 4-bit kernel reshapes the absmax per block of 64 input features: a quantised layer
+# whose in_features is not a multiple of 64 fails inside bitsandbytes at the first forward (bnb 0.50).
+BNB_CPU_4BIT_BLOCK = 64
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class InputError(ValueError):
+    """Bad user input (path, checkpoint, flag combination, setting): reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`"auto"`/None -> `cuda` when available, else `cpu`; anything else must be a valid, available device."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"unknown device {device!r} ({err})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but CUDA is not available on this machine")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`"auto"`/None -> bfloat16 on CUDA, float32 elsewhere; else one of `DTYPES`."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(['auto', *DTYPES])}")
+    return DTYPES[dtype]
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else with a separator, or starting like a path, is a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def check_checkpoint(name: str) -> dict | None:
+    """Validate a local checkpoint folder and return its `config.json` (None for a Hub id, checked on load)."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        if _looks_like_path(name):
+            raise InputError(f"no such checkpoint folder: {name}")
+        return None
+    if not path.is_dir():
+        raise InputError(f"{name} is a file; --model takes a checkpoint folder (with config.json) or a Hub id")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{name} has no config.json: not a transformers checkpoint folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"cannot read {config_file}: {_first_line(err)}") from None
+    check_model_type(name, config)
+    if not any((path / f).is_file() for f in _WEIGHT_FILES) and not list(path.glob("*.safetensors")):
+        raise InputError(f"{name} has no weights (model.safetensors or an index of shards)")
+    return config
+
+
+def check_model_type(name: str, config: dict) -> None:
+    model_type = config.get("model_type")
+    if model_type == MODEL_TYPE:
+        return
+    architectures = config.get("architectures") or []
+    if any("LLaDA" in a for a in architectures) or model_type == "llada":
+        raise InputError(
+            f"{name} is an official LLaDA-V checkpoint (model_type {model_type!r}, {', '.join(architectures)}); "
+            f"convert it first: llada-v convert --input-dir {name} --output-dir OUT"
+        )
+    raise InputError(f"{name} is a {model_type!r} checkpoint, not {MODEL_TYPE!r}")
+
+
+def bitsandbytes_config(quantization: str | None, compute_dtype: torch.dtype) -> Any:
+    """A `BitsAndBytesConfig` for `"4bit"`/`"8bit"` (None: no quantisation). Needs bitsandbytes installed."""
+    if quantization is None:
+        return None
+    if quantization not in ("4bit", "8bit"):
+        raise InputError(f"unknown quantisation {quantization!r}; choose 4bit or 8bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(f"--load-in-{quantization} needs bitsandbytes: pip install 'llada-v[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def check_cpu_4bit(name: str, config: dict) -> None:
+    """Refuse a 4-bit CPU load the packed bitsandbytes kernel cannot run (input sizes not multiples of 64)."""
+    text = config.get("text_config") or {}
+    hidden = text.get("hidden_size")
+    heads = text.get("num_attention_heads")
+    head_dim = text.get("head_dim") or (hidden // heads if hidden and heads else None)
+    sizes = {
+        "hidden_size": hidden,
+        "intermediate_size": text.get("intermediate_size"),
+        "num_attention_heads * head_dim": heads * head_dim if heads and head_dim else None,
+    }
+    bad = {k: v for k, v in sizes.items() if isinstance(v, int) and v % BNB_CPU_4BIT_BLOCK}
+    if bad:
+        listed = ", ".join(f"{k} {v}" for k, v in bad.items())
+        raise InputError(
+            f"--load-in-4bit on CPU needs the quantised layers' input sizes to be multiples of {BNB_CPU_4BIT_BLOCK} "
+            f"(bitsandbytes' packed CPU kernel); {name} has {listed}. Use --load-in-8bit, or a CUDA device"
+        )
+
+
+def load_pretrained(
+    model: str | os.PathLike,
+    processor: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "auto",
+    quantization: str | None = None,
+    attn_implementation: str | None = None,
+    need_processor: bool = True,
+) -> tuple[Any, Any]:
+    """Load a llada-v checkpoint (folder or Hub id) and its processor in eval mode.
+
+    Args:
+        model: checkpoint folder or Hub id.
+        processor: where the processor lives (default: `model`).
+        dtype: `"auto"` (bfloat16 on CUDA, float32 on CPU), `"float32"`, `"bfloat16"`, `"float16"` or a dtype.
+        device: `"auto"`, `"cpu"`, `"cuda"`, `"cuda:1"`, ...
+        quantization: None, `"4bit"` or `"8bit"` (bitsandbytes; the vision tower, projector, image newline and
+            lm_head stay unquantised, see docs/quantization.md).
+        attn_implementation: `"eager"`, `"sdpa"`, `"flash_attention_2"`, ... (default: the transformers choice).
+        need_processor: raise when no processor can be loaded (else return None for it).
+
+    Raises:
+        InputError: with a one-line reason for every input problem the checks can see.
+    """
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    name = str(model)
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    config = check_checkpoint(name)
+    if config is None:  # a Hub id: read the config there (trust_remote_code needed for the class)
+        try:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=True).to_dict()
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot load {name!r}: not a local folder, and the Hub says: {_first_line(err)}") from None
+        check_model_type(name, config)
+    quantization_config = bitsandbytes_config(quantization, resolved_dtype)
+    if quantization == "4bit" and resolved_device.type == "cpu":
+        check_cpu_4bit(name, config)
+
+    processor_name = str(processor) if processor is not None else name
+    if need_processor:
+        _check_processor_folder(processor_name)  # before the weights load: fail fast
+
+    # device_map puts the weights straight on the device (no CPU copy of an 8B model first).
+    kwargs: dict[str, Any] = {"trust_remote_code": True, "dtype": resolved_dtype, "device_map": {"": resolved_device}}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    try:
+        loaded = AutoModel.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        raise InputError(f"cannot load the model from {name}: {_first_line(err)}") from None
+    loaded.eval()
+
+    loaded_processor = None
+    if processor is not None or need_processor:
+        loaded_processor = _load_processor(processor_name, need_processor, AutoProcessor)
+    return loaded, loaded_processor
+
+
+def _check_processor_folder(name: str) -> None:
+    path = Path(name).expanduser()
+    if not path.exists():
+        if _looks_like_path(name):
+            raise InputError(f"no such processor folder: {name}")
+        return  # a Hub id: checked when loading
+    if not (path / "processor_config.json").is_file():
+        raise InputError(
+            f"{name} has no processor (processor_config.json + tokenizer); pass --processor PATH, or convert with "
+            "--tokenizer-dir to write one"
+        )
+
+
+def _load_processor(name: str, required: bool, auto_processor: Any) -> Any:
+    path = Path(name).expanduser()
+    if path.exists() and not (path / "processor_config.json").is_file() and not required:
+        return None
+    _check_processor_folder(name)
+    try:
+        processor = auto_processor.from_pretrained(name, trust_remote_code=True)
+    except (OSError, ValueError, TypeError) as err:
+        if not required:
+            return None
+        raise InputError(f"cannot load the processor from {name}: {_first_line(err)}") from None
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise InputError(f"{name} has a {type(processor).__name__}, not a LladaVProcessor")
+    return processor
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def fit_schedule(max_new_tokens: int, steps: int, block_length: int) -> tuple[int, int]:
+    """`(steps, block_length)` kept when they fit `max_new_tokens`, else the one-block, one-token-per-step
+    schedule of the released demo (`steps = block_length = max_new_tokens`) for the part that does not fit.
+    An invalid length is returned unchanged (validation reports it)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        return steps, block_length
+    if block_length <= 0 or max_new_tokens % block_length:
+        block_length = max_new_tokens
+    num_blocks = max_new_tokens // block_length
+    if steps <= 0 or steps > max_new_tokens or steps % num_blocks:
+        steps = max_new_tokens
+    return steps, block_length
+
+
+def generation_config_for(model: Any, overrides: dict[str, Any] | None = None, fast: bool = False) -> LladaVGenerationConfig:
+    """The model's generation config with `overrides` (None values ignored), validated.
+
+    When `max_new_tokens` is overridden but `steps`/`block_length` are not, the checkpoint's values are kept if they
+    fit the new length and replaced by `fit_schedule` otherwise. `fast=True` starts from
+    `LladaVGenerationConfig.fast` (the recommended fast-decoding preset).
+
+    Raises:
+        InputError: an invalid combination (the `LladaVGenerationConfig.validate` message).
+    """
+    base = getattr(model, "generation_config", None)
+    if base is None:
+        base = LladaVGenerationConfig.from_model_config(model.config)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        config = LladaVGenerationConfig.fast(base) if fast else copy.deepcopy(_as_diffusion_config(base))
+        if "max_new_tokens" in overrides:
+            steps, block = fit_schedule(
+                overrides["max_new_tokens"],
+                overrides.get("steps", config.steps),
+                overrides.get("block_length", config.block_length),
+            )
+            overrides.setdefault("steps", steps)
+            overrides.setdefault("block_length", block)
+        unknown = config.update(**overrides)
+        if unknown:
+            raise InputError(f"unknown generation settings {sorted(unknown)}")
+        config.validate()
+    except (ValueError, TypeError) as err:
+        raise InputError(str(err)) from None
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def user_message(text: str, num_images: int = 0) -> dict:
+    """A user turn with `num_images` images placed before the text (the LLaDA-V order)."""
+    return {"role": "user", "content": [*({"type": "image"} for _ in range(num_images)), {"type": "text", "text": text}]}
+
+
+def chat_prompt(processor: Any, messages: list[dict], system_prompt: str | None = None) -> str:
+    """The chat-template text ending with the assistant header. `system_prompt=None` keeps the default one."""
+    kwargs = {} if system_prompt is None else {"system_prompt": system_prompt}
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+
+
+def prepare_inputs(processor: Any, texts: list[str], images: Sequence[Sequence[Any]], device: torch.device) -> dict:
+    """Processor outputs for `texts` (left-padded) with `images[i]` for prompt i, as tensors on `device`."""
+    if len(images) != len(texts):
+        raise ValueError(f"got image lists for {len(images)} prompts but {len(texts)} prompts")
+    has_images = any(len(row) for row in images)
+    inputs = processor(images=[list(row) for row in images] if has_images else None, text=texts, return_tensors="pt")
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def generate_texts(
+    model: Any,
+    processor: Any,
+    texts: list[str],
+    images: Sequence[Sequence[Any]],
+    generation_config: LladaVGenerationConfig,
+    step_callback: Callable[[Any], None] | None = None,
+    seed: int | None = None,
+) -> tuple[list[str], Any, int]:
+    """Answer a batch of chat-template prompts. Returns the decoded answers (up to the stop, special tokens
+    removed), the `LladaVGenerateOutput` and the prompt length (the answer starts there in `sequences`)."""
+    device = model.device
+    inputs = prepare_inputs(processor, texts, images, device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    config = copy.deepcopy(generation_config)
+    config.return_dict_in_generate = True
+    output = model.diffusion_generate(
+        **inputs,
+        generation_config=config,
+        step_callback=step_callback,
+        generator=generator,
+        tokenizer=processor.tokenizer,
+    )
+    prompt_len = inputs["input_ids"].shape[1]
+    answers = []
+    for row in range(len(texts)):
+        ids = output.sequences[row, prompt_len : prompt_len + int(output.answer_lengths[row])]
+        answers.append(processor.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip())
+    return answers, output, prompt_len
+
+
+__all__ = [
+    "InputError",
+    "check_checkpoint",
+    "fit_schedule",
+    "generate_texts",
+    "generation_config_for",
+    "load_pretrained",
+    "chat_prompt",
+    "prepare_inputs",
+    "resolve_device",
+    "resolve_dtype",
+    "user_message",
+]

@@ -1,0 +1,488 @@
+"""lmms-eval model plugin `llada_v`: LLaDA-V evaluated with its masked-diffusion sampler and likelihood.
+
+    pip install 'llada-v[eval]'      # lmms-eval 0.7.3 (see docs/evaluation.md for a CPU-only install)
+    python -m lmms_eval --model llada_v --model_args pretrained=PATH_OR_ID[,dtype=bfloat16,...] \
+        --tasks chartqa --batch_size 8
+
+lmms-eval finds the model through the `lmms_eval.models` entry point of this package (`manifest`).
+
+- `generate_until`: any batch size (prompts left-padded; at temperature 0 each row gives what it gives alone).
+  The diffusion schedule comes from the official per-task settings (SPEC section 7) when the task is known
+  (`TASK_PRESETS`), else from the task's `max_new_tokens` with one token per step in one block (the released
+  demo's shape, 128/128/128 when the task sets nothing). `<|eot_id|>` always stops the sampler; so do the
+  preset's stop strings (ChartQA: "\n"), or, for a task without a preset, its `until` strings. The task's `until`
+  always cuts the decoded text. Diffusion knobs can be set per run with
+  `--gen_kwargs steps=..,block_length=..,gen_length=..,cfg_scale=..,remasking=..,temperature=..`.
+- `loglikelihood`: LLaDA's Monte-Carlo estimate of the masked-diffusion likelihood bound. For each of `mc_num`
+  samples, a number of masked tokens `k` is drawn uniformly from 1..L (stratified over the samples), `k` random
+  continuation tokens are masked, and the cross-entropy summed over them is weighted by `L / k` (= 1/t); the
+  log-likelihood is minus the average. Fixed seed per request, so results do not depend on batching or order.
+  `is_greedy` is the sampler's greedy answer (one token per step) compared with the continuation.
+
+Model arguments: `pretrained`, `processor`, `device`, `dtype`, `batch_size`, `load_in_4bit`, `load_in_8bit`,
+`attn_implementation`, `fast` (the fast-decoding preset), `task_presets` (default True), `cfg_scale`,
+`system_prompt`, `mc_num` (128), `mc_batch_size` (32), `check_greedy` (True), `seed` (1234).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .inference import (
+    InputError,
+    chat_prompt,
+    fit_schedule,
+    generate_texts,
+    generation_config_for,
+    load_pretrained,
+    prepare_inputs,
+    user_message,
+)
+
+try:
+    from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+    from lmms_eval.api.model import lmms
+
+    HAS_LMMS_EVAL = True
+except ImportError:  # lmms-eval is optional: the plugin's logic stays importable and testable without it
+    HAS_LMMS_EVAL = False
+    Instance = Any
+
+    @dataclass
+    class TokenCounts:  # the fields of lmms_eval.api.instance.TokenCounts that this plugin fills
+        input_tokens: int | None = None
+        output_tokens: int | None = None
+        reasoning_tokens: int | None = None
+
+    @dataclass
+    class GenerationResult:  # lmms_eval.api.instance.GenerationResult
+        text: Any
+        token_counts: TokenCounts | None = None
+
+    class _NoCache:
+        def add_partial(self, attr: str, req: Any, res: Any) -> None:
+            pass
+
+    class lmms:  # noqa: N801 - the minimal state of lmms_eval.api.model.lmms that this plugin reads
+        is_simple = True
+
+        def __init__(self) -> None:
+            self._rank, self._world_size = 0, 1
+            self.cache_hook = _NoCache()
+            self.task_dict: dict = {}
+
+
+DEFAULT_GENERATION = 128  # the released demo: gen 128 / steps 128 / block 128, stop <|eot_id|>
+
+
+@dataclass(frozen=True)
+class DiffusionPreset:
+    """One row of SPEC section 7's evaluation settings."""
+
+    max_new_tokens: int
+    steps: int
+    block_length: int
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+
+
+MULTIPLE_CHOICE = DiffusionPreset(2, 2, 2)
+# Official per-task settings (SPEC section 7), matched against the lmms-eval task name: the first entry whose key
+# is a prefix of the task name wins (so `chartqa_lite`, `docvqa_val`, `mathvista_testmini` are covered). The
+# multiple-choice family is our reading of "multiple choice 2/2/2": the benchmarks whose answer is an option
+# letter (or yes/no).
+TASK_PRESETS: tuple[tuple[str, DiffusionPreset], ...] = (
+    ("chartqa", DiffusionPreset(16, 16, 16, ("\n",))),
+    ("docvqa", DiffusionPreset(32, 16, 32)),
+    ("mathvista", DiffusionPreset(96, 48, 96)),
+    ("mathverse", DiffusionPreset(64, 32, 64)),
+    ("ai2d", MULTIPLE_CHOICE),
+    ("mmbench", MULTIPLE_CHOICE),
+    ("mmmu", MULTIPLE_CHOICE),
+    ("mmstar", MULTIPLE_CHOICE),
+    ("muirbench", MULTIPLE_CHOICE),
+    ("realworldqa", MULTIPLE_CHOICE),
+    ("scienceqa", MULTIPLE_CHOICE),
+    ("seedbench", MULTIPLE_CHOICE),
+    ("blink", MULTIPLE_CHOICE),
+)
+# gen_kwargs keys read as sampler settings; `max_new_tokens` and `until` are handled separately and every other key
+# (do_sample, top_p, num_beams, image_aspect_ratio, ...) is an autoregressive or model-specific knob without meaning here.
+SAMPLER_KWARGS = ("steps", "block_length", "temperature", "remasking", "cfg_scale")
+
+
+def task_preset(task: str) -> DiffusionPreset | None:
+    """The official setting for an lmms-eval task name, or None."""
+    name = task.lower()
+    for prefix, preset in TASK_PRESETS:
+        if name.startswith(prefix):
+            return preset
+    return None
+
+
+def resolve_generation(
+    task: str, gen_kwargs: dict[str, Any], use_presets: bool = True
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Sampler overrides, sampler stop strings and text cut strings for one request group.
+
+    Precedence, lowest first: the demo default (128/128/128); the task's `max_new_tokens` (steps and block follow
+    it, one token per step); the official per-task preset (`TASK_PRESETS`, when `use_presets`); explicit diffusion
+    keys in `gen_kwargs` (`gen_length`, `steps`, `block_length`, `temperature`, `remasking`, `cfg_scale`).
+
+    Stops: with a preset the sampler stops on the preset's strings only (the official settings; a task's `until`
+    would change which steps run), without one on the task's `until`. The decoded text is cut at both.
+    """
+    until = gen_kwargs.get("until")
+    if until is None:
+        stops: list[str] = []
+    elif isinstance(until, str):
+        stops = [until]
+    elif isinstance(until, (list, tuple)) and all(isinstance(s, str) for s in until):
+        stops = list(until)
+    else:
+        raise ValueError(f"gen_kwargs['until'] must be a string or a list of strings, got {until!r}")
+
+    length = int(gen_kwargs.get("max_new_tokens") or DEFAULT_GENERATION)
+    steps, block = length, length
+    preset = task_preset(task) if use_presets else None
+    sampler_stops = stops
+    if preset is not None:
+        length, steps, block = preset.max_new_tokens, preset.steps, preset.block_length
+        sampler_stops = list(preset.stop_strings)
+        stops = [*preset.stop_strings, *[s for s in stops if s not in preset.stop_strings]]
+    if gen_kwargs.get("gen_length") is not None:
+        length = int(gen_kwargs["gen_length"])
+        steps, block = fit_schedule(length, int(gen_kwargs.get("steps", steps)), int(gen_kwargs.get("block_length", block)))
+    overrides: dict[str, Any] = {"max_new_tokens": length, "steps": steps, "block_length": block}
+    for key in SAMPLER_KWARGS:
+        if gen_kwargs.get(key) is not None:
+            overrides[key] = gen_kwargs[key]
+    for key in ("steps", "block_length"):
+        overrides[key] = int(overrides[key])
+    if "temperature" in overrides:
+        overrides["temperature"] = float(overrides["temperature"])
+    return overrides, [s for s in sampler_stops if s], [s for s in stops if s]
+
+
+def truncate_at_stops(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string (lmms-eval's `until` contract)."""
+    cut = len(text)
+    for stop in stops:
+        index = text.find(stop)
+        if index != -1:
+            cut = min(cut, index)
+    return text[:cut]
+
+
+class LoglikelihoodResult(GenerationResult):
+    """`(log_likelihood, is_greedy)` as `loglikelihood` returns it: unpacks and indexes like the 2-tuple.
+
+    Why not a plain tuple: lmms-eval 0.7.3's evaluator passes every model output through
+    `unwrap_generation_output`, which turns any tuple that does not start with a string into `str(tuple)`, so
+    `multiple_choice` tasks then fail with "too many values to unpack". A `GenerationResult` is unwrapped to its
+    `text`, which here is the tuple itself.
+    """
+
+    def __init__(self, log_likelihood: float, is_greedy: bool) -> None:
+        super().__init__(text=(float(log_likelihood), bool(is_greedy)))
+
+    def __iter__(self):
+        return iter(self.text)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.text[index]
+
+    def __len__(self) -> int:
+        return 2
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LoglikelihoodResult):
+            return self.text == other.text
+        return isinstance(other, tuple) and self.text == other
+
+    __hash__ = None  # mutable, like the dataclass it extends
+
+    def __repr__(self) -> str:
+        return f"LoglikelihoodResult{self.text!r}"
+
+
+def _flatten_visuals(visuals: Any) -> list:
+    if visuals is None:
+        return []
+    if not isinstance(visuals, (list, tuple)):
+        visuals = [visuals]
+    flat = []
+    for item in visuals:
+        flat.extend(_flatten_visuals(item) if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
+class LladaV(lmms):
+    """LLaDA-V for lmms-eval (simple model interface: context strings + `doc_to_visual`)."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        processor: str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 1,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        attn_implementation: str | None = None,
+        fast: bool = False,
+        task_presets: bool = True,
+        cfg_scale: float | None = None,
+        system_prompt: str | None = None,
+        mc_num: int = 128,
+        mc_batch_size: int = 32,
+        check_greedy: bool = True,
+        seed: int = 1234,
+        max_batch_size: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            raise ValueError(f"llada_v: unknown model_args {sorted(kwargs)}")
+        if load_in_4bit and load_in_8bit:
+            raise ValueError("llada_v: load_in_4bit and load_in_8bit exclude each other")
+        if str(batch_size).startswith("auto"):
+            raise ValueError("llada_v: batch_size=auto is not supported; give a number")
+        self.batch_size_per_gpu = int(batch_size)
+        if self.batch_size_per_gpu < 1 or int(mc_num) < 1 or int(mc_batch_size) < 1:
+            raise ValueError(f"llada_v: batch_size ({batch_size}), mc_num ({mc_num}) and mc_batch_size "
+                             f"({mc_batch_size}) must be positive")
+
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        if accelerator.num_processes > 1:
+            device = f"cuda:{accelerator.local_process_index}"
+            self.accelerator = accelerator
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        quantization = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
+        self.model, self.processor = load_pretrained(
+            pretrained, processor, dtype=dtype, device=device or "auto", quantization=quantization,
+            attn_implementation=attn_implementation,
+        )
+        self.tokenizer = self.processor.tokenizer
+        self.fast = bool(fast)
+        self.task_presets = bool(task_presets)
+        self.cfg_scale = cfg_scale
+        self.system_prompt = system_prompt
+        self.mc_num, self.mc_batch_size = int(mc_num), int(mc_batch_size)
+        self.check_greedy = bool(check_greedy)
+        self.seed = int(seed)
+        self._prompt_cache: tuple[Any, Any] | None = None
+
+    # ------------------------------------------------------------------ lmms-eval plumbing
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    def _doc(self, task: str, split: str, doc_id: int) -> Any:
+        return self.task_dict[task][split][doc_id]
+
+    def _visuals(self, doc_to_visual: Callable | None, task: str, split: str, doc_id: int) -> list:
+        if doc_to_visual is None:
+            return []
+        visuals = _flatten_visuals(doc_to_visual(self._doc(task, split, doc_id)))
+        for visual in visuals:
+            if not hasattr(visual, "convert"):
+                raise ValueError(
+                    f"llada_v supports images only; task {task} gave a {type(visual).__name__} ({str(visual)[:80]!r})"
+                )
+        return [v.convert("RGB") for v in visuals]
+
+    def _prompt(self, context: str, num_images: int) -> str:
+        image_token = self.processor.image_token
+        if num_images and image_token in context:
+            # The task placed its images itself: keep its text as the user message.
+            messages = [{"role": "user", "content": context}]
+        else:
+            messages = [user_message(context, num_images)]
+        return chat_prompt(self.processor, messages, self.system_prompt)
+
+    def _generation_config(self, overrides: dict[str, Any], stops: list[str]) -> Any:
+        usable = []
+        for stop in stops:
+            ids = self.tokenizer.encode(stop, add_special_tokens=False)
+            # A stop the tokenizer cannot express as tokens is still applied to the decoded text.
+            if ids and self.tokenizer.unk_token_id not in ids:
+                usable.append(stop)
+        if self.cfg_scale is not None:
+            overrides = {"cfg_scale": self.cfg_scale, **overrides}
+        config = generation_config_for(self.model, {**overrides, "stop_strings": usable or None}, fast=self.fast)
+        return config
+
+    # ------------------------------------------------------------------ generate_until
+
+    def generate_until(self, requests: list[Instance]) -> list[Any]:
+        args = [request.args for request in requests]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, (context, gen_kwargs, _, _, task, split) in enumerate(args):
+            key = (task, split, json.dumps(gen_kwargs, sort_keys=True, default=str))
+            groups[key].append(index)
+
+        results: list[Any] = [None] * len(requests)
+        for (task, _, _), indices in groups.items():
+            gen_kwargs = copy.deepcopy(args[indices[0]][1])
+            overrides, sampler_stops, stops = resolve_generation(task, gen_kwargs, self.task_presets)
+            try:
+                config = self._generation_config(overrides, sampler_stops)
+            except InputError as err:
+                raise ValueError(f"llada_v: task {task}: {err}") from None
+            # Longest prompts first: similar lengths share a batch (less padding).
+            indices = sorted(indices, key=lambda i: -len(args[i][0]))
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                texts, images = [], []
+                for i in batch:
+                    context, _, doc_to_visual, doc_id, task_name, split = args[i]
+                    visuals = self._visuals(doc_to_visual, task_name, split, doc_id)
+                    texts.append(self._prompt(context, len(visuals)))
+                    images.append(visuals)
+                answers, output, _ = generate_texts(self.model, self.processor, texts, images, config, seed=self.seed)
+                for row, i in enumerate(batch):
+                    text = truncate_at_stops(answers[row], stops)
+                    counts = TokenCounts(output_tokens=int(output.answer_lengths[row]))
+                    results[i] = GenerationResult(text=text, token_counts=counts)
+                    self.cache_hook.add_partial("generate_until", (args[i][0], args[i][1]), text)
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError("llada_v does not implement multi-round generation")
+
+    # ------------------------------------------------------------------ loglikelihood
+
+    def loglikelihood(self, requests: list[Instance]) -> list[LoglikelihoodResult]:
+        """Per request `(log_likelihood, is_greedy)` (as `LoglikelihoodResult`, which unpacks like the tuple)."""
+        results = []
+        for request in requests:
+            args = request.args
+            if len(args) == 2:  # unconditional requests (acc_mutual_info): text only
+                context, continuation = args
+                visuals, doc, key = [], None, (context,)
+            else:
+                context, continuation, doc_to_visual, doc_id, task, split = args
+                doc = self._doc(task, split, doc_id)
+                visuals = self._visuals(doc_to_visual, task, split, doc_id)
+                key = (context, task, split, doc_id)
+            if callable(continuation):
+                continuation = continuation(doc)
+            if isinstance(continuation, (list, tuple)):
+                continuation = continuation[0]
+            result = self.score(context, str(continuation), visuals, cache_key=key)
+            results.append(LoglikelihoodResult(*result))
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
+        return results
+
+    @torch.no_grad()
+    def score(
+        self, context: str, continuation: str, images: list, cache_key: tuple | None = None
+    ) -> tuple[float, bool]:
+        """(log-likelihood estimate, is_greedy) of `continuation` as the answer to `context` about `images`.
+
+        The continuation is the assistant's answer: it is stripped (the chat template trims message content) and
+        tokenised on its own, right after the assistant header; nothing follows it. `cache_key` names the prompt
+        (context + document): consecutive calls with the same key reuse the encoded prompt and images (the
+        options of a multiple-choice question).
+        """
+        target = self.tokenizer.encode(continuation.strip(), add_special_tokens=False)
+        if not target:
+            return 0.0, True
+        prompt_text = self._prompt(context, len(images))
+        if cache_key is not None and self._prompt_cache is not None and self._prompt_cache[0] == cache_key:
+            inputs, prompt_embeds = self._prompt_cache[1]
+        else:
+            inputs = prepare_inputs(self.processor, [prompt_text], [images], self.device)
+            prompt_embeds = self.model.embed_multimodal(
+                inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_sizes"),
+                inputs.get("image_layouts"), inputs.get("image_num_crops"),
+            )  # (1, P, D)
+            self._prompt_cache = (cache_key, (inputs, prompt_embeds))
+        log_likelihood = self._mc_log_likelihood(prompt_embeds, torch.tensor(target, device=self.device))
+        greedy = self._is_greedy(inputs, target) if self.check_greedy else False
+        return log_likelihood, greedy
+
+    def _mc_log_likelihood(self, prompt_embeds: torch.Tensor, target: torch.Tensor) -> float:
+        """Minus the average over `mc_num` samples of the 1/t-weighted masked cross-entropy of `target`."""
+        length = target.shape[0]
+        prompt_len = prompt_embeds.shape[1]
+        mask_id = self.model.config.mask_token_id
+        embed = self.model.get_input_embeddings()
+        mask_embed = embed.weight[mask_id].to(prompt_embeds.dtype)
+        cfg = float(self.cfg_scale or 0.0)
+        generator = torch.Generator().manual_seed(self.seed)  # CPU: identical draws on every device
+        # Stratified t in (0, 1]: t_j = (u + j) / n; k_j = ceil(t_j * L) masked tokens (uniform on 1..L).
+        u = 1.0 - torch.rand((), generator=generator, dtype=torch.float64)
+        t = (u + torch.arange(self.mc_num, dtype=torch.float64)) / self.mc_num
+        num_masked = torch.ceil(t * length).clamp(1, length).long()  # (n,)
+        positions = torch.arange(prompt_len, prompt_len + length, device=self.device)
+        total = 0.0
+        for start in range(0, self.mc_num, self.mc_batch_size):
+            k = num_masked[start : start + self.mc_batch_size]  # (b,)
+            b = k.shape[0]
+            order = torch.rand((b, length), generator=generator).argsort(-1)  # random positions per sample
+            masked = (order < k[:, None]).to(self.device)  # (b, L) exactly k[i] True per row
+            noisy = torch.where(masked, torch.full_like(masked, mask_id, dtype=torch.long), target.expand(b, -1))
+            answer_embeds = embed(noisy)  # (b, L, D)
+            embeds = torch.cat((prompt_embeds.expand(b, -1, -1), answer_embeds), dim=1)  # (b, P + L, D)
+            if cfg > 0:
+                uncond = torch.cat((mask_embed.expand(b, prompt_len, -1), answer_embeds), dim=1)
+                embeds = torch.cat((embeds, uncond), dim=0)  # (2b, P + L, D)
+            logits = self.model(inputs_embeds=embeds, logits_to_keep=positions).logits.float()  # (b or 2b, L, V)
+            if cfg > 0:
+                cond, uncond_logits = logits.chunk(2, dim=0)
+                logits = uncond_logits + (cfg + 1) * (cond - uncond_logits)
+            ce = F.cross_entropy(logits[masked], target.expand(b, -1)[masked], reduction="none")  # (sum k,)
+            weights = (length / k.to(self.device, torch.float32)).repeat_interleave(k.to(self.device))  # 1/t
+            total += float((ce * weights).sum())
+        return -total / self.mc_num
+
+    def _is_greedy(self, inputs: dict, target: list[int]) -> bool:
+        """Does the sampler, one token per step at temperature 0, answer exactly `target`?"""
+        length = len(target)
+        config = generation_config_for(
+            self.model,
+            {"max_new_tokens": length, "steps": length, "block_length": length, "temperature": 0.0,
+             "remasking": "low_confidence", "stop_token_ids": [], "stop_strings": None,
+             "cfg_scale": float(self.cfg_scale or 0.0)},
+        )
+        config.return_dict_in_generate = True
+        output = self.model.diffusion_generate(**inputs, generation_config=config)
+        prompt_len = inputs["input_ids"].shape[1]
+        return output.sequences[0, prompt_len : prompt_len + length].tolist() == list(target)
+
+
+def manifest() -> Any:
+    """The `lmms_eval.models` entry point: registers the model name `llada_v`."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="llada_v", simple_class_path="llada_v.lmms_eval_plugin.LladaV")
+
+
+__all__ = ["LladaV", "LoglikelihoodResult", "DiffusionPreset", "TASK_PRESETS", "manifest", "resolve_generation", "task_preset",
+           "truncate_at_stops"]

@@ -1,0 +1,384 @@
+"""The `llada-v` command line: generate, chat, quantised loading and one-line errors for bad input."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from llada_v import LladaVModel, cli
+from llada_v.generation_utils import LladaVGenerationConfig
+from llada_v.inference import InputError, fit_schedule, generation_config_for
+
+
+def build_demo_like_checkpoint(path):
+    """A random-weight model with the demo's tokenizer, processor and sampler defaults (4/4/4).
+
+    The language model is 64 wide so that bitsandbytes' packed CPU 4-bit kernel can run it.
+    """
+    from llada_v.demo_model import build_demo_processor, build_demo_tokenizer, demo_config
+    from llada_v.train_demo import DEMO_GENERATION, save_demo
+
+    tokenizer = build_demo_tokenizer()
+    config = demo_config(tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = LladaVModel(config).eval()
+    model.generation_config = LladaVGenerationConfig.from_model_config(config)
+    model.generation_config.update(**DEMO_GENERATION)
+    save_demo(model, build_demo_processor(config, tokenizer), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_ck(tmp_path_factory):
+    return build_demo_like_checkpoint(tmp_path_factory.mktemp("cli") / "demo_like")
+
+
+@pytest.fixture(scope="module")
+def golden_ck(tmp_path_factory, golden_checkpoint):
+    """The converted golden tiny checkpoint plus the processor the converter writes when given a tokenizer (the
+    stand-in LLaDA tokenizer here)."""
+    import shutil
+
+    from _tokenizer_standin import standin_tokenizer
+
+    from llada_v import LladaVConfig
+    from llada_v.tokenizer_utils import build_processor
+
+    out = tmp_path_factory.mktemp("cli") / "golden_with_processor"
+    shutil.copytree(golden_checkpoint, out)
+    build_processor(standin_tokenizer(), config=LladaVConfig.from_pretrained(out)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(folder / "red.png")
+    Image.new("RGB", (56, 56), (0, 0, 255)).save(folder / "blue.png")
+    (folder / "broken.png").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _no_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar()
+
+
+def entry_point() -> list[str]:
+    """The installed `llada-v` script (beside this interpreter), else the module."""
+    script = Path(sys.executable).with_name("llada-v")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "llada_v.cli"]
+
+
+def run(capsys, *argv):
+    """`llada-v ARGV` in this process: (exit status, stdout, stderr)."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def reference_answer(path, prompt, image_paths, **overrides):
+    """What `generate` should print: the same pipeline called directly."""
+    from transformers import AutoModel, AutoProcessor
+
+    from llada_v.inference import chat_prompt, generate_texts, user_message
+
+    model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    fast = overrides.pop("fast", False)
+    config = generation_config_for(model, overrides, fast=fast)
+    pictures = [Image.open(p).convert("RGB") for p in image_paths]
+    text = chat_prompt(processor, [user_message(prompt, len(pictures))])
+    return generate_texts(model, processor, [text], [pictures], config)[0][0]
+
+
+# ---------------------------------------------------------------------------------------------- help
+
+
+def test_help_lists_every_command_and_the_generation_knobs(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for command in ("generate", "chat", "convert", "demo", "eval-demo"):
+        assert command in out
+    parser = cli.build_parser()
+    helps = {name: action.format_help() for action in parser._subparsers._group_actions
+             for name, action in action.choices.items()}
+    for flag in ("--model", "--image", "--prompt", "--max-new-tokens", "--steps", "--block-length", "--temperature",
+                 "--remasking", "--cfg-scale", "--seed", "--fast", "--dtype", "--load-in-4bit", "--load-in-8bit",
+                 "--device", "--stream", "--debug"):
+        assert flag in helps["generate"], flag
+    assert "/image PATH" in helps["chat"] and "--push-to-hub" in helps["convert"]
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+
+def test_generate_prints_what_the_pipeline_answers(capsys, demo_ck, images):
+    code, out, err = run(capsys, "generate", "--model", demo_ck, "--image", images / "red.png",
+                         "--prompt", "What color is the circle?")
+    assert code == 0, err
+    assert out.rstrip("\n") == reference_answer(demo_ck, "What color is the circle?", [images / "red.png"])
+
+
+def test_generate_knobs_reach_the_sampler(capsys, demo_ck, images):
+    argv = ["generate", "--model", demo_ck, "--image", images / "red.png", "--image", images / "blue.png",
+            "--prompt", "What color?", "--max-new-tokens", "8", "--steps", "4", "--block-length", "4",
+            "--temperature", "0.7", "--remasking", "random", "--cfg-scale", "0.5", "--seed", "3"]
+    first = run(capsys, *argv)
+    second = run(capsys, *argv)
+    assert first[0] == 0 and first[1] == second[1]  # seeded sampling is reproducible
+    code, out, _ = run(capsys, *argv[:-1], "4")
+    assert code == 0
+
+
+def test_generate_fast_uses_the_fast_preset(capsys, demo_ck, images):
+    code, out, err = run(capsys, "generate", "--model", demo_ck, "--image", images / "red.png",
+                         "--prompt", "How many shapes are there?", "--fast")
+    assert code == 0, err
+    expected = reference_answer(demo_ck, "How many shapes are there?", [images / "red.png"], fast=True)
+    assert out.rstrip("\n") == expected
+
+
+def test_stream_prints_every_step_then_the_answer(capsys, demo_ck, images):
+    code, out, _ = run(capsys, "generate", "--model", demo_ck, "--image", images / "red.png",
+                       "--prompt", "What color is the circle?", "--stream")
+    assert code == 0
+    lines = out.rstrip("\n").split("\n")
+    frames, answer = lines[:-1], lines[-1]
+    assert [f.split("]")[0] for f in frames] == [f"[step {i}/4" for i in range(1, len(frames) + 1)]
+    masks = [f.count("░") + f.count("_") for f in frames]
+    assert masks[0] == 3 and masks == sorted(masks, reverse=True) and masks[-1] == 0  # one token per step
+    assert frames[-1].split("] ", 1)[1] == answer
+
+
+def test_stream_redraws_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        encoding = "utf-8"
+
+        def isatty(self):
+            return True
+
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
+    screen = Terminal()
+    printer = cli.DenoisingPrinter(tokenizer, mask_token_id=0, answer_length=3, suffix_length=0, total_steps=2,
+                                   out=screen)
+    for step, canvas in enumerate(([[9, 9, 0, 5, 0]], [[9, 9, 7, 5, 0]])):
+        printer(SimpleNamespace(step=step, canvas=torch.tensor(canvas), stop_indices=[None]))
+    printer.clear()
+    text = screen.getvalue()
+    assert text.startswith("[step 1/2] ░5░\n") and "\x1b[1F\x1b[J[step 2/2] 7 5░\n" in text
+    assert text.endswith("\x1b[1F\x1b[J")
+
+
+def test_generate_on_the_converted_golden_checkpoint(capsys, golden_ck, images):
+    code, out, err = run(capsys, "generate", "--model", golden_ck, "--image", images / "red.png", "--prompt", "hi",
+                         "--max-new-tokens", "8", "--steps", "4", "--stream")
+    assert code == 0, err
+    lines = out.rstrip("\n").split("\n")
+    assert len(lines) == 5 and lines[-1] == lines[-2].split("] ", 1)[1]
+    expected = reference_answer(golden_ck, "hi", [images / "red.png"], max_new_tokens=8, steps=4)
+    assert lines[-1] == expected
+
+
+def test_processor_can_come_from_another_folder(capsys, golden_checkpoint, golden_ck, images):
+    # The converter writes no processor without a tokenizer: say so, or take it from --processor.
+    code, _, err = run(capsys, "generate", "--model", golden_checkpoint, "--prompt", "hi")
+    assert code == 2 and "has no processor" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run(capsys, "generate", "--model", golden_checkpoint, "--processor", golden_ck,
+                         "--image", images / "red.png", "--prompt", "hi", "--max-new-tokens", "4", "--steps", "2")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("mode", ["--load-in-4bit", "--load-in-8bit"])
+def test_generate_quantised_on_cpu(capsys, demo_ck, images, mode):
+    pytest.importorskip("bitsandbytes")
+    code, out, err = run(capsys, "generate", "--model", demo_ck, "--image", images / "red.png",
+                         "--prompt", "What color is the circle?", mode, "--device", "cpu")
+    assert code == 0, err
+    assert out.strip()
+
+
+def test_golden_checkpoint_loads_in_8bit_but_4bit_on_cpu_is_refused(capsys, golden_ck, images):
+    pytest.importorskip("bitsandbytes")
+    code, out, err = run(capsys, "generate", "--model", golden_ck, "--image", images / "red.png", "--prompt", "hi",
+                         "--load-in-8bit", "--max-new-tokens", "4", "--steps", "2", "--device", "cpu")
+    assert code == 0, err
+    # hidden 32: bitsandbytes' packed CPU 4-bit kernel would fail at the first forward (shape [32, 0]).
+    code, _, err = run(capsys, "generate", "--model", golden_ck, "--prompt", "hi", "--load-in-4bit", "--device", "cpu")
+    assert code == 2 and "multiples of 64" in err and "hidden_size 32" in err
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _bad_input_cases(tmp, demo, images):
+    (tmp / "llama").mkdir()
+    (tmp / "llama" / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    (tmp / "no_config").mkdir()
+    (tmp / "no_weights").mkdir()
+    (tmp / "no_weights" / "config.json").write_text((demo / "config.json").read_text())
+    return {
+        "missing folder": (["--model", tmp / "nope", "--prompt", "hi"], "no such checkpoint folder"),
+        "another model type": (["--model", tmp / "llama", "--prompt", "hi"], "'llama' checkpoint, not 'llada_v'"),
+        "no weights": (["--model", tmp / "no_weights", "--prompt", "hi"], "has no weights"),
+        "no config": (["--model", tmp / "no_config", "--prompt", "hi"], "has no config.json"),
+        "a file as model": (["--model", images / "red.png", "--prompt", "hi"], "is a file"),
+        "missing image": (["--model", demo, "--image", tmp / "nope.png", "--prompt", "hi"], "no such image"),
+        "unreadable image": (["--model", demo, "--image", images / "broken.png", "--prompt", "hi"],
+                             "cannot read image"),
+        "4bit and 8bit": (["--model", demo, "--prompt", "hi", "--load-in-4bit", "--load-in-8bit"], "not allowed with"),
+        "schedule": (["--model", demo, "--prompt", "hi", "--max-new-tokens", "6", "--block-length", "4"],
+                     "max_new_tokens (6) must be divisible by block_length (4)"),
+        "steps": (["--model", demo, "--prompt", "hi", "--steps", "0"], "steps must be a positive integer"),
+        "fast and random": (["--model", demo, "--prompt", "hi", "--fast", "--remasking", "random"],
+                            "needs --remasking low_confidence"),
+        "bad dtype": (["--model", demo, "--prompt", "hi", "--dtype", "float64"], "invalid choice"),
+        "no prompt": (["--model", demo], "required: --prompt"),
+    }
+
+
+BAD_INPUT_CASES = ["missing folder", "another model type", "no weights", "no config", "a file as model", "missing image",
+                   "unreadable image", "4bit and 8bit", "schedule", "steps", "fast and random", "bad dtype",
+                   "no prompt"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, demo_ck, images, case):
+    cases = _bad_input_cases(tmp_path, demo_ck, images)
+    assert sorted(cases) == sorted(BAD_INPUT_CASES)
+    argv, message = cases[case]
+    code, _, err = run(capsys, "generate", *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message in err
+
+
+def test_official_checkpoint_is_refused_with_a_hint(capsys, golden_dir):
+    code, _, err = run(capsys, "generate", "--model", golden_dir / "official_tiny", "--prompt", "hi")
+    assert code == 2 and "official LLaDA-V checkpoint" in err and "llada-v convert" in err
+
+
+def test_unavailable_device_is_refused(capsys, demo_ck):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, _, err = run(capsys, "generate", "--model", demo_ck, "--prompt", "hi", "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in err
+
+
+def test_4bit_without_bitsandbytes_says_how_to_install(capsys, demo_ck, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    code, _, err = run(capsys, "generate", "--model", demo_ck, "--prompt", "hi", "--load-in-4bit")
+    assert code == 2 and "needs bitsandbytes" in err and "pip install" in err
+
+
+def test_hub_id_that_cannot_be_reached_is_one_line(capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in tests
+    code, _, err = run(capsys, "generate", "--model", "no-such-owner/no-such-model", "--prompt", "hi")
+    assert code == 2 and "cannot load 'no-such-owner/no-such-model'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_entry_point_reports_one_line_without_traceback(tmp_path):
+    argv = [*entry_point(), "generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"llada-v generate: error: no such checkpoint folder: {tmp_path / 'missing'}"]
+
+
+def test_debug_flag_reraises(demo_ck):
+    with pytest.raises(InputError, match="no such image"):
+        cli.main(["--debug", "generate", "--model", str(demo_ck), "--image", "/nope.png", "--prompt", "hi"])
+
+
+def test_generate_without_model_uses_the_embedded_demo(capsys):
+    from llada_v.demo_model import demo_model_dir
+
+    code, out, err = run(capsys, "generate", "--prompt", "How many shapes are there?", "--device", "cpu")
+    if (demo_model_dir() / "config.json").is_file():
+        assert code == 0 and out.strip(), err
+    else:
+        assert code == 2 and "no --model given" in err
+
+
+# ---------------------------------------------------------------------------------------------- chat
+
+
+def test_chat_keeps_history_attaches_images_per_turn_and_resets(capsys, demo_ck, images, monkeypatch):
+    import llada_v.inference as inference
+
+    calls = []
+
+    def fake_generate(model, processor, texts, image_lists, config, step_callback=None, seed=None):
+        calls.append((texts[0], len(image_lists[0])))
+        return [f"answer{len(calls)}"], None, 0
+
+    monkeypatch.setattr(inference, "generate_texts", fake_generate)
+    script = (f"/image {images / 'red.png'}\nWhat color?\n/image {images / 'missing.png'}\n/bogus\n"
+              f"And now?\n/reset\nHello\n/quit\nnever read\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    code, out, err = run(capsys, "chat", "--model", demo_ck)
+    assert code == 0
+    assert [c[1] for c in calls] == [1, 1, 0]  # the image stays in the conversation; /reset drops it
+    assert "answer1" in calls[1][0] and "What color?" in calls[1][0]  # the history is in the second prompt
+    assert "answer1" not in calls[2][0] and "What color?" not in calls[2][0]
+    assert [line for line in out.splitlines() if line.startswith("assistant> ")] == [
+        "assistant> answer1", "assistant> answer2", "assistant> answer3"]
+    assert "no such image" in err and "unknown command /bogus" in err and "Traceback" not in err
+
+
+def test_chat_runs_the_model_from_piped_stdin(demo_ck, images):
+    script = f"/image {images / 'red.png'}\nWhat color is the circle?\nHow many shapes are there?\n"
+    result = subprocess.run([*entry_point(), "chat", "--model", str(demo_ck), "--stream"], input=script,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = [line for line in result.stdout.splitlines() if line.startswith("assistant> ")]
+    assert len(answers) == 2
+    assert sum(line.startswith("[step ") for line in result.stdout.splitlines()) >= 2
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    "max_new_tokens, steps, block, expected",
+    [(128, 128, 128, (128, 128)), (64, 128, 128, (64, 64)), (256, 128, 128, (128, 128)), (8, 4, 4, (4, 4)),
+     (6, 4, 4, (4, 6)), (32, 16, 32, (16, 32))],
+)
+def test_fit_schedule_keeps_what_fits_and_falls_back_to_one_token_per_step(max_new_tokens, steps, block, expected):
+    assert fit_schedule(max_new_tokens, steps, block) == expected
+
+
+def test_generation_config_for_follows_a_new_length_and_rejects_conflicts():
+    model = SimpleNamespace(generation_config=LladaVGenerationConfig())
+    config = generation_config_for(model, {"max_new_tokens": 64})
+    assert (config.max_new_tokens, config.steps, config.block_length) == (64, 64, 64)
+    fast = generation_config_for(model, {"max_new_tokens": 32, "block_length": 8}, fast=True)
+    assert (fast.kv_cache, fast.confidence_threshold, fast.block_length, fast.steps) == ("dual", 0.9, 8, 32)
+    with pytest.raises(InputError, match="must be divisible"):
+        generation_config_for(model, {"max_new_tokens": 6, "block_length": 4})
+    assert model.generation_config.max_new_tokens == 128  # the model's config is not modified
+
+
+def test_cuda_smoke_test_skips_cleanly_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: run scripts/cuda_smoke_test.py itself")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cuda_smoke_test.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("SKIP: CUDA is not available")

@@ -1,0 +1,294 @@
+"""The lmms-eval plugin `llada_v`: per-task presets, batched generate_until, Monte-Carlo loglikelihood, and an
+end-to-end `python -m lmms_eval` run on a local task (no downloads).
+
+The plugin class is tested directly (it imports without lmms-eval); the end-to-end run needs lmms-eval installed.
+"""
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_cli import build_demo_like_checkpoint
+
+from llada_v.lmms_eval_plugin import (
+    LladaV,
+    LoglikelihoodResult,
+    resolve_generation,
+    task_preset,
+    truncate_at_stops,
+)
+
+COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
+
+
+@pytest.fixture(scope="module")
+def demo_ck(tmp_path_factory):
+    return build_demo_like_checkpoint(tmp_path_factory.mktemp("lmms") / "demo_like")
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return [{"image": Image.new("RGB", (40 + 8 * i, 30), rgb), "question": "What color is the circle?",
+             "answer": name, "choices": list(COLORS)} for i, (name, rgb) in enumerate(COLORS.items())]
+
+
+def make_model(path, docs, **kwargs):
+    model = LladaV(pretrained=str(path), device="cpu", **kwargs)
+    model.task_dict = {"tiny": {"test": docs}, "chartqa_tiny": {"test": docs}}
+    return model
+
+
+def request(*args):
+    return SimpleNamespace(args=args)
+
+
+def doc_to_visual(doc):
+    return [doc["image"]]
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    "task, expected",
+    [
+        ("chartqa", (16, 16, 16, ("\n",))),
+        ("chartqa_lite", (16, 16, 16, ("\n",))),
+        ("docvqa_val", (32, 16, 32, ())),
+        ("mathvista_testmini", (96, 48, 96, ())),
+        ("mathverse_testmini", (64, 32, 64, ())),
+        ("mmmu_val", (2, 2, 2, ())),
+        ("ai2d", (2, 2, 2, ())),
+        ("mmstar", (2, 2, 2, ())),
+    ],
+)
+def test_official_task_settings(task, expected):
+    preset = task_preset(task)
+    assert (preset.max_new_tokens, preset.steps, preset.block_length, preset.stop_strings) == expected
+
+
+def test_generation_settings_precedence():
+    # Unknown task: the demo default, or the task's max_new_tokens decoded one token per step.
+    assert resolve_generation("my_task", {}) == ({"max_new_tokens": 128, "steps": 128, "block_length": 128}, [], [])
+    overrides, sampler, cut = resolve_generation("my_task", {"max_new_tokens": 8, "until": "\n\n", "do_sample": False})
+    assert overrides == {"max_new_tokens": 8, "steps": 8, "block_length": 8} and sampler == cut == ["\n\n"]
+    # A known task uses the official setting whatever max_new_tokens its YAML says; the sampler stops as officially
+    # (ChartQA: "\n"), the task's `until` only cuts the text.
+    overrides, sampler, cut = resolve_generation("chartqa", {"max_new_tokens": 1024, "until": ["Q:", "\n"]})
+    assert overrides == {"max_new_tokens": 16, "steps": 16, "block_length": 16}
+    assert sampler == ["\n"] and cut == ["\n", "Q:"]
+    assert resolve_generation("mathverse_testmini", {"until": ["Q:"]})[1:] == ([], ["Q:"])
+    overrides, *_ = resolve_generation("chartqa", {"max_new_tokens": 8}, use_presets=False)
+    assert overrides["max_new_tokens"] == 8
+    # Explicit diffusion keys (from --gen_kwargs) win over the preset.
+    overrides, *_ = resolve_generation("mathvista_testmini", {"gen_length": 32, "temperature": 0.5, "cfg_scale": 1})
+    assert overrides == {"max_new_tokens": 32, "steps": 32, "block_length": 32, "temperature": 0.5, "cfg_scale": 1}
+    overrides, *_ = resolve_generation("docvqa_val", {"steps": 8})
+    assert (overrides["max_new_tokens"], overrides["steps"], overrides["block_length"]) == (32, 8, 32)
+    with pytest.raises(ValueError, match="until"):
+        resolve_generation("x", {"until": 3})
+
+
+def test_truncate_at_the_earliest_stop():
+    assert truncate_at_stops("12\nQ: next", ["Q:", "\n"]) == "12"
+    assert truncate_at_stops("no stop", ["\n"]) == "no stop"
+
+
+def test_entry_point_registers_llada_v():
+    entries = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="lmms_eval.models")}
+    assert entries.get("llada_v") == "llada_v.lmms_eval_plugin:manifest"
+
+
+# ---------------------------------------------------------------------------------------------- generate_until
+
+
+def test_generate_until_batches_equal_singles_and_keep_request_order(demo_ck, docs):
+    requests = [request(f"{d['question']}" + " " * i, {"max_new_tokens": 4, "until": ["\n\n"]}, doc_to_visual, i,
+                        "tiny", "test") for i, d in enumerate(docs)]
+    requests.append(request(docs[0]["question"], {"max_new_tokens": 8}, doc_to_visual, 0, "tiny", "test"))
+    batched = make_model(demo_ck, docs, batch_size=3).generate_until(requests)
+    single = make_model(demo_ck, docs, batch_size=1)
+    singles = [single.generate_until([r])[0] for r in requests]
+    assert [r.text for r in batched] == [r.text for r in singles]
+    assert [r.token_counts.output_tokens <= n for r, n in zip(batched, (4, 4, 4, 8))] == [True] * 4
+
+
+def test_generate_until_matches_the_sampler_with_the_task_preset(demo_ck, docs):
+    from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message
+
+    model = make_model(demo_ck, docs)
+    out = model.generate_until([request("What color?", {"max_new_tokens": 99}, doc_to_visual, 1, "chartqa_tiny",
+                                        "test")])
+    config = generation_config_for(model.model, {"max_new_tokens": 16, "steps": 16, "block_length": 16})
+    text = chat_prompt(model.processor, [user_message("What color?", 1)])
+    expected = generate_texts(model.model, model.processor, [text], [[docs[1]["image"]]], config)[0][0]
+    assert out[0].text == expected.split("\n")[0]
+
+
+# ---------------------------------------------------------------------------------------------- loglikelihood
+
+
+def test_loglikelihood_is_reproducible_and_order_independent(demo_ck, docs):
+    model = make_model(demo_ck, docs, mc_num=4, mc_batch_size=3, check_greedy=False)
+    requests = [request(d["question"], f" {c}", doc_to_visual, i, "tiny", "test")
+                for i, d in enumerate(docs[:2]) for c in d["choices"]]
+    first = model.loglikelihood(requests)
+    reverse = model.loglikelihood(requests[::-1])[::-1]
+    assert first == reverse
+    for result in first:
+        log_likelihood, greedy = result  # unpacks like the (float, bool) tuple
+        assert isinstance(result, LoglikelihoodResult) and result[0] == log_likelihood
+        assert log_likelihood < 0 and isinstance(greedy, bool)
+    model.mc_batch_size = 4  # the Monte-Carlo samples in one forward instead of two
+    other_batching = model.loglikelihood(requests)
+    torch.testing.assert_close(torch.tensor([r[0] for r in other_batching]), torch.tensor([r[0] for r in first]))
+
+
+def test_one_token_continuation_is_exact_log_softmax(demo_ck, docs):
+    # With L = 1 every sample masks the one token with weight 1: the estimate is its exact log-probability.
+    model = make_model(demo_ck, docs, mc_num=4, check_greedy=False)
+    (log_likelihood, _), = model.loglikelihood([request("What color?", " red", doc_to_visual, 0, "tiny", "test")])
+    from llada_v.inference import chat_prompt, prepare_inputs, user_message
+
+    text = chat_prompt(model.processor, [user_message("What color?", 1)])
+    inputs = prepare_inputs(model.processor, [text], [[docs[0]["image"]]], model.device)
+    mask = model.model.config.mask_token_id
+    target = model.tokenizer.encode("red", add_special_tokens=False)
+    assert len(target) == 1
+    ids = torch.cat((inputs["input_ids"], torch.tensor([[mask]])), dim=1)
+    with torch.no_grad():
+        logits = model.model(input_ids=ids, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                             image_layouts=inputs["image_layouts"], image_num_crops=inputs["image_num_crops"]).logits
+    expected = F.log_softmax(logits[0, -1].float(), -1)[target[0]]
+    assert log_likelihood == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_is_greedy_is_true_exactly_for_the_sampler_answer(demo_ck, docs):
+    model = make_model(demo_ck, docs, mc_num=2)
+    answer = model.generate_until([request("What color?", {"max_new_tokens": 2, "until": []}, doc_to_visual, 2,
+                                           "tiny", "test")])[0].text
+    ids = model.tokenizer.encode(answer, add_special_tokens=False)
+    assert len(ids) == 2  # the demo tokenizer is word level: the decoded answer re-encodes to the same ids
+    wrong = "red" if answer.split()[0] != "red" else "blue"
+    results = model.loglikelihood([request("What color?", answer, doc_to_visual, 2, "tiny", "test"),
+                                   request("What color?", f"{wrong} {wrong}", doc_to_visual, 2, "tiny", "test")])
+    assert [greedy for _, greedy in results] == [True, False]
+
+
+def test_cfg_and_text_only_requests(demo_ck, docs):
+    model = make_model(demo_ck, docs, mc_num=4, cfg_scale=1.0)
+    results = model.loglikelihood([request("What color?", " red", doc_to_visual, 0, "tiny", "test"),
+                                   request("", "red")])  # unconditional request of acc_mutual_info
+    assert all(torch.isfinite(torch.tensor(r[0])) for r in results)
+    out = model.generate_until([request("Say something.", {"max_new_tokens": 4}, lambda doc: [], 0, "tiny", "test")])
+    assert isinstance(out[0].text, str)
+
+
+def test_unknown_model_args_and_videos_are_refused(demo_ck, docs):
+    with pytest.raises(ValueError, match="unknown model_args"):
+        LladaV(pretrained=str(demo_ck), device="cpu", conv_template="llava")
+    model = make_model(demo_ck, docs)
+    with pytest.raises(ValueError, match="images only"):
+        model.generate_until([request("q", {}, lambda doc: ["clip.mp4"], 0, "tiny", "test")])
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+TASK_UTILS = '''
+import os
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def doc_to_visual(doc):
+    return [Image.open(os.path.join(HERE, doc["image"])).convert("RGB")]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
+'''
+
+TASK_GEN = """task: tiny_colors_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function tiny_utils.doc_to_visual
+doc_to_text: !function tiny_utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 4
+  until: ["\\n\\n"]
+process_results: !function tiny_utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+TASK_MC = """task: tiny_colors_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function tiny_utils.doc_to_visual
+doc_to_text: !function tiny_utils.doc_to_text
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def write_local_task(folder):
+    """Two tasks over three local images, loaded by `datasets` from a JSON-lines file (no Hub access)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "data.jsonl", "w") as f:
+        for i, (name, rgb) in enumerate(COLORS.items()):
+            Image.new("RGB", (40, 30), rgb).save(folder / f"img{i}.png")
+            f.write(json.dumps({"image": f"img{i}.png", "question": "What color is the circle?", "answer": name,
+                                "choices": list(COLORS), "label": i}) + "\n")
+    (folder / "tiny_utils.py").write_text(TASK_UTILS)
+    (folder / "tiny_colors_gen.yaml").write_text(TASK_GEN.format(data=folder / "data.jsonl"))
+    (folder / "tiny_colors_mc.yaml").write_text(TASK_MC.format(data=folder / "data.jsonl"))
+    return folder
+
+
+def test_python_m_lmms_eval_runs_a_local_task_end_to_end(demo_ck, tmp_path):
+    if importlib.util.find_spec("lmms_eval") is None:
+        pytest.skip("lmms-eval is not installed (pip install 'llada-v[eval]', see docs/evaluation.md)")
+    task_dir = write_local_task(tmp_path / "task")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--model", "llada_v",
+         "--model_args", f"pretrained={demo_ck},device=cpu,mc_num=4",
+         "--tasks", "tiny_colors_gen,tiny_colors_mc", "--include_path", str(task_dir), "--batch_size", "2",
+         "--output_path", str(tmp_path / "results"), "--log_samples"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "Error during evaluation" not in result.stderr, result.stderr[-4000:]
+    results_file = next((tmp_path / "results").rglob("*_results.json"))
+    results = json.loads(results_file.read_text())["results"]
+    assert 0.0 <= results["tiny_colors_gen"]["exact_match,none"] <= 1.0
+    assert 0.0 <= results["tiny_colors_mc"]["acc,none"] <= 1.0
+    samples = [json.loads(line) for line in next((tmp_path / "results").rglob("*_samples_tiny_colors_mc.jsonl")).open()]
+    assert len(samples) == 3 and all(len(s["filtered_resps"]) == 3 for s in samples)

@@ -27,7 +27,8 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 NUMBER_WORDS = ("zero", "one", "two", "three")
 QUESTION_TYPES = ("color", "shape", "count", "exists", "leftmost")
-BACKGROUNDS = ((245, 245, 245), (225, 225, 225), (250, 240, 230))
+# Mid-tone backgrounds: pixels near 0 after SigLIP normalisation, so shapes dominate the patch features.
+BACKGROUNDS = ((128, 128, 128), (110, 115, 120), (145, 140, 135))
 
 # Image sides in pixels: wide, tall and square scenes.
 MIN_SIDE, MAX_SIDE = 56, 200

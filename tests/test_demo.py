@@ -1,0 +1,94 @@
+"""The embedded demo: the synthetic task, its tokenizer/config, a shortened training run, the shipped model."""
+
+import random
+
+import pytest
+import torch
+
+from llada_v.demo_model import build_demo_processor, build_demo_tokenizer, demo_config
+from llada_v.demo_task import COLORS, NUMBER_WORDS, QUESTION_TYPES, SHAPES, ask, draw_scene, make_sample
+
+
+# ---------------------------------------------------------------- task
+
+
+def test_samples_are_deterministic_and_answers_match_the_scene():
+    for seed in range(50):
+        a, b = make_sample(seed, turns=2), make_sample(seed, turns=2)
+        assert a["qa"] == b["qa"] and a["image"].tobytes() == b["image"].tobytes()
+        objects = a["objects"]
+        assert 1 <= len(objects) <= 3
+        assert len({o.shape for o in objects}) == len(objects) and len({o.color for o in objects}) == len(objects)
+        for (question, answer), kind in zip(a["qa"], a["types"]):
+            if kind == "count":
+                assert answer == NUMBER_WORDS[len(objects)]
+            elif kind == "color":
+                shape = question.split()[-1].rstrip("?")
+                assert answer == next(o.color for o in objects if o.shape == shape)
+            elif kind == "leftmost":
+                assert answer == min(objects, key=lambda o: o.box[0]).shape
+
+
+def test_rendered_colours_are_where_the_objects_are():
+    scene = draw_scene(random.Random(7))
+    for obj in scene.objects:
+        cx, cy = (obj.box[0] + obj.box[2]) // 2, (obj.box[1] + obj.box[3]) // 2 + (obj.box[3] - obj.box[1]) // 4
+        assert scene.image.getpixel((cx, cy)) == COLORS[obj.color]
+
+
+def test_every_question_type_and_answer_occurs():
+    rng = random.Random(0)
+    seen = {kind: set() for kind in QUESTION_TYPES}
+    for _ in range(300):
+        scene = draw_scene(rng)
+        for kind in QUESTION_TYPES:
+            seen[kind].add(ask(scene, kind, rng)[1])
+    assert seen["color"] == set(COLORS) and seen["shape"] == set(SHAPES) == seen["leftmost"]
+    assert seen["count"] == {"one", "two", "three"} and seen["exists"] == {"yes", "no"}
+    with pytest.raises(ValueError, match="unknown question type 'size'"):
+        ask(scene, "size", rng)
+
+
+def test_held_out_scenes_use_their_own_seed_stream():
+    from llada_v.demo import held_out_sample
+
+    a = held_out_sample(3, 0)
+    assert a["image"].tobytes() != held_out_sample(4, 0)["image"].tobytes()
+    assert a["image"].tobytes() == held_out_sample(3, 0)["image"].tobytes()
+
+
+# ---------------------------------------------------------------- tokenizer / config
+
+
+def test_demo_tokenizer_and_config_agree():
+    tokenizer = build_demo_tokenizer()
+    config = demo_config(tokenizer)
+    assert config.text_config.vocab_size == len(tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<image>") == config.image_token_id == len(tokenizer) - 1
+    assert config.tokenizer_vocab_size == len(tokenizer) - 2  # <video> and <image> are never generated
+    assert tokenizer.convert_tokens_to_ids("<|mdm_mask|>") == config.mask_token_id
+    processor = build_demo_processor(config, tokenizer)
+    sample = make_sample(1)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["qa"][0][0]}]}],
+        add_generation_prompt=True, system_prompt="")
+    inputs = processor(images=[[sample["image"]]], text=[text])
+    words = tokenizer.decode([i for i in inputs["input_ids"][0].tolist() if i != config.image_token_id],
+                             skip_special_tokens=True)
+    assert words.replace("?", " ?").split() == ["user", *sample["qa"][0][0].replace("?", " ?").split(), "assistant"]
+    assert tokenizer.unk_token_id not in inputs["input_ids"][0].tolist()
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_shortened_training_drives_the_loss_well_below_its_start(tmp_path):
+    from llada_v.train_demo import train_demo
+
+    summary = train_demo(tmp_path / "demo", seed=0, train_samples=256, stage1_steps=5, stage2_steps=60,
+                         batch_size=8, work_dir=tmp_path / "work")
+    stage2 = summary["losses"]["stage2"]
+    assert len(stage2) >= 10
+    start, end = sum(stage2[:2]) / 2, sum(stage2[-3:]) / 3
+    assert end < 0.6 * start, stage2
+    assert (tmp_path / "demo" / "config.json").is_file() and (tmp_path / "demo" / "processor_config.json").is_file()

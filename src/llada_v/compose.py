@@ -44,6 +44,7 @@ from .configuration_llada_v import LladaVConfig
 from .convert_official import (
     _VERIFY_SCRIPT,
     KEY_TABLE,
+    TEXT_CONFIG_KEYS,
     ConversionError,
     _parse_size,
     _publishable_permissions,
@@ -52,6 +53,7 @@ from .convert_official import (
     iter_official_tensors,
     official_shards,
     write_code_and_configs,
+    write_processor,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,21 +99,6 @@ FRESH_KEYS = {
     "image_newline": "randn(hidden) / sqrt(hidden), as the official LLaVA code",
 }
 
-_TEXT_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "rope_theta",
-    "attention_bias",
-    "attention_dropout",
-    "initializer_range",
-)
 
 
 def map_compose_key(source: str, key: str, stored_vision_layers: int) -> tuple[str | None, str]:
@@ -188,7 +175,7 @@ def compose_config(llada: dict, siglip: dict, **overrides) -> LladaVConfig:
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers") if k not in llada]
     if missing:
         raise ConversionError(f"the LLaDA config lacks {missing}; is this a LLaDA-8B config.json?")
-    text = {k: llada[k] for k in _TEXT_KEYS if k in llada}
+    text = {k: llada[k] for k in TEXT_CONFIG_KEYS if k in llada}
     eos = llada.get("eos_token_id", 126081)
     # LLaDA's config says bos_token_id 128000, outside its vocabulary (a known defect): keep our default 126080.
     config = LladaVConfig(
@@ -385,9 +372,7 @@ def compose(
         write_composed_weights(llada_dir, siglip_dir, tmp, config, fresh, dtype, _parse_size(max_shard_size), progress)
         write_code_and_configs(config, tmp, dtype)
         if tokenizer_dir is not None:
-            from .tokenizer_utils import build_processor
-
-            build_processor(Path(tokenizer_dir), config=config).save_pretrained(tmp)
+            write_processor(config, Path(tokenizer_dir), tmp)
         else:
             logger.warning("no tokenizer.json in %s: the composed folder has no processor (pass tokenizer_dir)", llada_dir)
         verify_composed(tmp, llada_dir, siglip_dir, fresh, dtype, config.vision_config.num_hidden_layers)

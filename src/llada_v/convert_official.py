@@ -81,6 +81,24 @@ _REQUIRED_MM = {
 }
 
 
+# LLaDA config fields that carry over into `LladaVTextConfig` unchanged.
+TEXT_CONFIG_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "attention_bias",
+    "attention_dropout",
+    "initializer_range",
+)
+
+
 class ConversionError(ValueError):
     """The input checkpoint does not match the released format."""
 
@@ -119,22 +137,7 @@ def convert_config(official: dict, vision: dict | None) -> LladaVConfig:
             f"mm_hidden_size ({official['mm_hidden_size']}) differs from the vision hidden size "
             f"({vision_cfg['hidden_size']}); pass the matching --vision-config"
         )
-    text_keys = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "hidden_act",
-        "max_position_embeddings",
-        "rms_norm_eps",
-        "rope_theta",
-        "attention_bias",
-        "attention_dropout",
-        "initializer_range",
-    )
-    text_cfg = {k: official[k] for k in text_keys if k in official}
+    text_cfg = {k: official[k] for k in TEXT_CONFIG_KEYS if k in official}
     # Official pinpoints are [width, height]; ours are (height, width) in the same (tie-breaking) order.
     pinpoints = official.get("image_grid_pinpoints")
     if pinpoints is not None:

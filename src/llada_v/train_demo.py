@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 
-from .data import LladaVDataCollator, LladaVDataset
+from torch.utils.data import Dataset
+
+from .data import IGNORE_INDEX, LladaVDataCollator, LladaVDataset, TemplateTokens, find_turns
 from .demo_model import build_demo_processor, build_demo_tokenizer, demo_config
 from .demo_task import make_sample
 from .generation_utils import LladaVGenerationConfig
@@ -42,7 +44,7 @@ DEMO_GENERATION = dict(max_new_tokens=4, steps=4, block_length=4)
 # The vision tower moves 50x slower than the rest (the paper's ratio is 5x at 2e-6 vs 1e-5): while the
 # language model still ignores the image, its gradients are tiny and noisy, and Adam at full rate lets the
 # random tower drift until every patch maps to the same vector.
-STAGE2_LEARNING_RATES = {"vision": 2e-5, "projector": 1e-3, "language": 1e-3}
+STAGE2_LEARNING_RATES = {"vision": 2e-5, "projector": 2e-4, "language": 1e-3}
 STAGE1_LEARNING_RATES = {"projector": 1e-3}
 
 
@@ -67,6 +69,34 @@ def write_training_data(folder: Path, num_samples: int, seed: int) -> Path:
     path = folder / "data.json"
     path.write_text(json.dumps(records))
     return path
+
+
+class AnswerOnlyLabels(Dataset):
+    """The demo's labels: only the assistant answers (word + `<|eot_id|>`) are supervised.
+
+    The SPEC rule also supervises every template token, so a one-word answer is about a tenth of each
+    sample's loss and the model learns the (easy) template and the answer priors long before it learns to
+    look at the image. The demo keeps the answer's share whole; the released model's rule is unchanged in
+    `LladaVDataset`.
+    """
+
+    def __init__(self, dataset: LladaVDataset, tokens: TemplateTokens):
+        self.dataset, self.tokens = dataset, tokens
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        ids = item["input_ids"].tolist()
+        labels = torch.full_like(item["labels"], IGNORE_INDEX)
+        for turn in find_turns(ids, self.tokens):
+            if turn.is_assistant:
+                # The answer starts after `<|start_header_id|>assistant<|end_header_id|>\n\n`.
+                header_end = ids.index(self.tokens.end_header_id, turn.start) + 1
+                labels[header_end : turn.end] = item["input_ids"][header_end : turn.end]
+        item["labels"] = labels
+        return item
 
 
 def _args(output_dir: Path, steps: int, batch_size: int, seed: int, warmup: int) -> TrainingArguments:
@@ -122,8 +152,11 @@ def train_demo(
     scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="llada_v_demo_"))
     try:
         data_path = write_training_data(scratch / "data", train_samples, seed)
-        dataset = LladaVDataset(data_path, processor, image_folder=scratch / "data", system_prompt=None)
-        collator = LladaVDataCollator.from_processor(processor)
+        dataset = AnswerOnlyLabels(
+            LladaVDataset(data_path, processor, image_folder=scratch / "data", system_prompt=None),
+            TemplateTokens.from_processor(processor),
+        )
+        collator = LladaVDataCollator.from_processor(processor, padding="masked")
         history = {}
         stages = [("1", stage1_steps, ("projector",), STAGE1_LEARNING_RATES),
                   ("2", stage2_steps, ("vision", "projector", "language"), STAGE2_LEARNING_RATES)]

@@ -1,0 +1,996 @@
+"""Masked-diffusion generation for LLaDA-V: `LladaVGenerationConfig` and `diffusion_generate`.
+
+The sampler follows the released model's loop (SPEC section 7) token for token at temperature 0:
+the answer starts as `max_new_tokens` mask tokens, is split into blocks decoded left to right, and each
+step commits the most confident predictions of the current block. What differs from the official loop
+changes cost, never results (docs/generation.md, docs/performance.md):
+
+- masks are tracked by token id (the official loop compared embeddings);
+- logits are computed only at the columns that can still be committed (`logits_to_keep`), the float64
+  softmax / Gumbel noise only there and in chunks: no `(batch, length, vocab)` float64 tensor, ever;
+- the model dtype is respected (no forced fp16 autocast);
+- images are encoded once per call and the prompt embeddings are reused at every step;
+- any batch size with left padding: every row has its own schedule and stop state and gives exactly what
+  it gives alone (temperature 0); rows that are finished leave the forward batch.
+
+Quirks kept for parity (docs/parity.md): `<|eot_id|>` is not suppressed, the mask id itself is not
+suppressed, the stop-sequence search re-checks only the first criterion once a stop was found (golden
+quirk 15), the suffix is visible from step 0 and is returned after the stop (quirk 16).
+
+Fast decoding (opt-in, docs/performance.md; exact mode stays the default and is bit-identical):
+
+- `kv_cache="dual"` / `"prefix"`: one full forward per block stores every layer's keys and values
+  (`LladaVDiffusionCache`); the other steps of the block recompute only the current block ("dual") or the
+  block and everything after it ("prefix") and attend over the cached rest. Approximate;
+- `confidence_threshold`: a step also commits every candidate whose confidence exceeds the threshold
+  (Fast-dLLM parallel decoding); the fixed schedule stays the minimum, so 1.0 is exact mode. Approximate;
+- `early_exit` (on, as in the official loop): a row stops once its stop sequence is committed and everything
+  before it is decoded; later blocks are skipped. Exact;
+- `LladaVGenerationConfig.fast(...)`: the recommended combination.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from transformers import GenerationConfig
+from transformers.utils import ModelOutput, logging
+
+logger = logging.get_logger(__name__)
+
+REMASKING_STRATEGIES = ("low_confidence", "random")
+KV_CACHE_MODES = ("dual", "prefix")  # or None: no cache (exact)
+PROMPT_REFRESH_MODES = ("block", "once")
+# The recommended fast preset (`LladaVGenerationConfig.fast`): Fast-dLLM's dual cache and its 0.9 threshold.
+FAST_DECODING_PRESET: dict[str, Any] = {"kv_cache": "dual", "confidence_threshold": 0.9, "early_exit": True}
+
+# Released defaults (SPEC sections 1 and 7): the official demo settings and special ids.
+DEFAULT_MASK_TOKEN_ID = 126336
+DEFAULT_PAD_TOKEN_ID = 126081  # <|endoftext|>, also EOS
+DEFAULT_BOS_TOKEN_ID = 126080
+DEFAULT_START_HEADER_TOKEN_ID = 126346
+DEFAULT_END_HEADER_TOKEN_ID = 126347
+DEFAULT_EOT_TOKEN_ID = 126348
+DEFAULT_TOKENIZER_VOCAB_SIZE = 126349
+# Suppressed at mask positions: EOS, BOS, <|start_header_id|>, <|end_header_id|>. <|eot_id|> stays allowed.
+DEFAULT_SUPPRESS_TOKENS = [
+    DEFAULT_PAD_TOKEN_ID,
+    DEFAULT_BOS_TOKEN_ID,
+    DEFAULT_START_HEADER_TOKEN_ID,
+    DEFAULT_END_HEADER_TOKEN_ID,
+]
+DEFAULT_ANSWER_LENGTH = 128  # demo: steps 128 / gen 128 / block 128
+
+# Largest float64 block (in elements) the Gumbel noise and the softmax are computed on at once (64 MiB).
+_FLOAT64_CHUNK_ELEMENTS = 1 << 23
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+class LladaVGenerationConfig(GenerationConfig):
+    r"""
+    Settings of LLaDA-V's masked-diffusion sampler ([`LladaVGenerationMixin.diffusion_generate`]). Saved as and
+    loaded from `generation_config.json`; the defaults are the released demo settings.
+
+    Args:
+        max_new_tokens (`int`, defaults to 128): the answer length (`gen_length` in the official code); the
+            answer region starts as this many mask tokens.
+        steps (`int`, defaults to 128): denoising steps (forward passes) in total, split evenly over the blocks.
+        block_length (`int`, defaults to 128): blocks are decoded left to right; must divide `max_new_tokens`.
+        temperature (`float`, defaults to 0.0): 0 takes the argmax; above 0 the token is the argmax of
+            `exp(logits) / (-log u) ** temperature` with `u ~ U(0, 1)` in float64 (Gumbel-max).
+        remasking (`str`, defaults to `"low_confidence"`): which predictions a step commits: the most
+            probable ones (`"low_confidence"`, float64 softmax probability of the chosen token) or random
+            ones (`"random"`).
+        cfg_scale (`float`, defaults to 0.0): classifier-free guidance; above 0 an unconditional copy with every
+            prompt position (image included) replaced by the mask token is run in the same forward and
+            `logits = un + (cfg_scale + 1) * (cond - un)`.
+        mask_token_id (`int`, defaults to 126336): `<|mdm_mask|>`.
+        suppress_tokens (`list[int]`, defaults to `[126081, 126080, 126346, 126347]`): ids whose logits are set
+            to -inf at mask positions (EOS, BOS and the header tokens; `<|eot_id|>` stays allowed).
+        tokenizer_vocab_size (`int`, *optional*, defaults to 126349): ids at or above it are suppressed too (the
+            released tokenizer has 126349 entries while the embedding has 126464 rows). `None` disables it.
+        stop_token_ids (`list[list[int]]`, *optional*, defaults to `[[126348]]`): stop sequences, each a list of
+            ids (a bare int is a one-token sequence). After every step the answer region is searched; once a
+            stop is found only the positions before it are decoded, and it is excluded from the result.
+        stop_strings (`list[str]`, *optional*): more stop sequences as text, encoded with the `tokenizer` passed
+            to `diffusion_generate` (without special tokens) and searched after `stop_token_ids`.
+        suffix_token_ids (`list[int]`, *optional*): a fixed suffix placed after the answer region from step 0
+            (visible to attention, never overwritten) and returned after the answer.
+        generation_suffix (`str`, *optional*): the suffix as text (needs `tokenizer`); exclusive with
+            `suffix_token_ids`.
+        pad_token_id (`int`, defaults to 126081): fills the positions after a found stop in `sequences`.
+        output_history (`bool`, defaults to False): with `return_dict_in_generate`, return the canvas after
+            every forward pass.
+        return_dict_in_generate (`bool`, defaults to False): return a [`LladaVGenerateOutput`] instead of the
+            sequences tensor.
+
+        Fast decoding (docs/performance.md). With the defaults below the sampler is the exact one above.
+
+        kv_cache (`str`, *optional*, defaults to None): reuse keys and values across the steps of a block
+            (Fast-dLLM's block-wise cache). The first pass of every block is a full forward that stores every
+            layer's keys/values of the whole canvas (the refresh; its logits are exact and decide that step);
+            the other passes of the block feed only a window to the decoder, whose queries attend over the
+            cached sequence with the window's keys/values refreshed:
+            - `"dual"`: the window is the current block; the prompt, the earlier blocks, the later blocks and
+              the suffix are cached;
+            - `"prefix"`: the window is the current block and everything after it (later blocks, suffix); only
+              the prompt and the earlier blocks are cached.
+            **Approximation**: the cached keys/values of positions outside the window were computed from the
+            canvas at the block's start, so they do not see the tokens committed since (in a bidirectional model
+            every position attends to them). With a one-layer decoder nothing is stale (keys/values depend only
+            on the positions' own tokens, which do not change inside a block) and the result is exact up to float
+            rounding. `None`: the full canvas at every step (exact).
+        kv_cache_prompt_refresh (`str`, defaults to `"block"`): with `kv_cache`, how often the prompt (image
+            included) goes through the decoder. `"block"`: at the start of every block (the full forward above,
+            Fast-dLLM). `"once"`: only in the first pass of the call; the first pass of each later block
+            recomputes the answer region and the suffix, attending over the cached prompt. **Approximation**
+            on top of `kv_cache`: the prompt's keys/values are those of the all-mask answer for the whole call
+            (dLLM-Cache's observation that prompt features barely move, taken to its limit). Saves
+            `num_blocks - 1` full forwards.
+        confidence_threshold (`float`, *optional*, defaults to None): parallel decoding (Fast-dLLM). Besides the
+            tokens the fixed schedule commits, a step also commits every candidate of the current block whose
+            confidence (the float64 softmax probability of its prediction) is strictly above this value, in
+            (0, 1]. The schedule (`steps`) stays the minimum, so a block takes at most `steps / num_blocks`
+            passes and `steps = max_new_tokens` gives Fast-dLLM's "at least one token per step" rule; 1.0 never
+            commits extra tokens and is exactly the default sampler. **Approximation**: tokens committed in the
+            same step are predicted independently of one another (the joint choice the schedule would have made
+            one by one can differ). Needs `remasking="low_confidence"`.
+        early_exit (`bool`, defaults to True): a row stops as soon as a stop sequence is committed and every
+            position before it is decoded; the rest of its block and the later blocks are skipped (the official
+            loop does this too). Exact: once a stop is found only the positions before it are candidates, so
+            the skipped passes would commit nothing. `False` runs every scheduled pass anyway (committing
+            nothing); it exists to measure what the exit saves.
+
+    The recommended fast combination is [`LladaVGenerationConfig.fast`].
+    """
+
+    # Fields of this class (not of GenerationConfig), popped before GenerationConfig sees the kwargs, so a
+    # `generation_config.json` with `"_from_model_config": true` keeps them.
+    _diffusion_defaults: dict[str, Any] = {
+        "steps": DEFAULT_ANSWER_LENGTH,
+        "block_length": DEFAULT_ANSWER_LENGTH,
+        "remasking": "low_confidence",
+        "cfg_scale": 0.0,
+        "mask_token_id": DEFAULT_MASK_TOKEN_ID,
+        "tokenizer_vocab_size": DEFAULT_TOKENIZER_VOCAB_SIZE,
+        "stop_token_ids": [[DEFAULT_EOT_TOKEN_ID]],
+        "suffix_token_ids": None,
+        "generation_suffix": None,
+        "output_history": False,
+        "kv_cache": None,
+        "confidence_threshold": None,
+        "kv_cache_prompt_refresh": "block",
+        "early_exit": True,
+    }
+    # GenerationConfig fields whose default differs here.
+    _inherited_defaults: dict[str, Any] = {
+        "max_new_tokens": DEFAULT_ANSWER_LENGTH,
+        "temperature": 0.0,
+        "suppress_tokens": DEFAULT_SUPPRESS_TOKENS,
+        "pad_token_id": DEFAULT_PAD_TOKEN_ID,
+        "bos_token_id": DEFAULT_BOS_TOKEN_ID,
+        "eos_token_id": DEFAULT_PAD_TOKEN_ID,
+        "return_dict_in_generate": False,
+    }
+
+    def __init__(self, **kwargs):
+        for name, default in self._diffusion_defaults.items():
+            setattr(self, name, copy.deepcopy(kwargs.pop(name, default)))
+        for name, default in self._inherited_defaults.items():
+            kwargs.setdefault(name, copy.deepcopy(default))
+        if kwargs["suppress_tokens"] is None:
+            kwargs["suppress_tokens"] = []  # None would not survive a save/load round trip (diff to defaults)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "LladaVGenerationConfig":
+        """The released sampler defaults with the special ids of `model_config` (a `LladaVConfig` or its dict).
+
+        Suppressed ids outside the model's vocabulary are dropped (tiny test configs have small vocabularies).
+        """
+        config = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        text = config.get("text_config") or {}
+        vocab_size = text.get("vocab_size", config.get("vocab_size"))
+
+        def pick(name, default):
+            value = config.get(name)
+            return default if value is None else value
+
+        eos = pick("eos_token_id", DEFAULT_PAD_TOKEN_ID)
+        bos = pick("bos_token_id", DEFAULT_BOS_TOKEN_ID)
+        suppress = [
+            eos,
+            bos,
+            pick("start_header_token_id", DEFAULT_START_HEADER_TOKEN_ID),
+            pick("end_header_token_id", DEFAULT_END_HEADER_TOKEN_ID),
+        ]
+        if vocab_size is not None:
+            suppress = [i for i in suppress if i < vocab_size]
+        generation_config = cls(
+            mask_token_id=pick("mask_token_id", DEFAULT_MASK_TOKEN_ID),
+            pad_token_id=pick("pad_token_id", eos),
+            bos_token_id=bos,
+            eos_token_id=eos,
+            suppress_tokens=suppress,
+            tokenizer_vocab_size=pick("tokenizer_vocab_size", DEFAULT_TOKENIZER_VOCAB_SIZE),
+            stop_token_ids=[[pick("eot_token_id", DEFAULT_EOT_TOKEN_ID)]],
+        )
+        generation_config._original_object_hash = hash(generation_config)
+        return generation_config
+
+    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None) -> None:
+        """Checks every sampler setting; raises `ValueError` naming the offending values.
+
+        GenerationConfig's own checks are about autoregressive sampling (e.g. `temperature` without
+        `do_sample`) and do not apply to this sampler, so they are not run.
+        """
+        for name in ("max_new_tokens", "steps", "block_length"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        n, b, s = self.max_new_tokens, self.block_length, self.steps
+        if n % b != 0:
+            raise ValueError(f"max_new_tokens ({n}) must be divisible by block_length ({b})")
+        num_blocks = n // b
+        if s % num_blocks != 0:
+            raise ValueError(
+                f"steps ({s}) must be divisible by the number of blocks ({num_blocks} = max_new_tokens {n} / "
+                f"block_length {b})"
+            )
+        if s > n:
+            raise ValueError(f"steps ({s}) must not exceed max_new_tokens ({n}): every step commits at least one token")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.cfg_scale, (int, float)) or isinstance(self.cfg_scale, bool) or self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be a number >= 0, got {self.cfg_scale!r}")
+        if self.remasking not in REMASKING_STRATEGIES:
+            raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {self.remasking!r}")
+        for name in ("mask_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name} must be a token id (int >= 0), got {value!r}")
+        if self.tokenizer_vocab_size is not None and (
+            not _is_int(self.tokenizer_vocab_size) or self.tokenizer_vocab_size <= 0
+        ):
+            raise ValueError(
+                f"tokenizer_vocab_size must be a positive integer or None, got {self.tokenizer_vocab_size!r}"
+            )
+        _check_ids("suppress_tokens", self.suppress_tokens)
+        normalize_stop_sequences(self.stop_token_ids)
+        if self.suffix_token_ids is not None:
+            _check_ids("suffix_token_ids", self.suffix_token_ids)
+        if self.suffix_token_ids is not None and self.generation_suffix is not None:
+            raise ValueError(
+                f"give the suffix once: suffix_token_ids ({self.suffix_token_ids}) or generation_suffix "
+                f"({self.generation_suffix!r}), not both"
+            )
+        if self.stop_strings is not None and (
+            isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings)
+        ):
+            raise ValueError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_MODES:
+            raise ValueError(f"kv_cache must be None or one of {KV_CACHE_MODES}, got {self.kv_cache!r}")
+        if self.kv_cache_prompt_refresh not in PROMPT_REFRESH_MODES:
+            raise ValueError(
+                f"kv_cache_prompt_refresh must be one of {PROMPT_REFRESH_MODES}, got {self.kv_cache_prompt_refresh!r}"
+            )
+        if self.kv_cache_prompt_refresh != "block" and self.kv_cache is None:
+            raise ValueError(
+                f"kv_cache_prompt_refresh={self.kv_cache_prompt_refresh!r} needs a kv_cache ('dual' or 'prefix'), "
+                "got kv_cache=None"
+            )
+        threshold = self.confidence_threshold
+        if threshold is not None:
+            if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
+                raise ValueError(f"confidence_threshold must be None or a number in (0, 1], got {threshold!r}")
+            if self.remasking != "low_confidence":
+                raise ValueError(
+                    f"confidence_threshold ({threshold}) compares softmax probabilities and needs "
+                    f"remasking='low_confidence', got remasking={self.remasking!r}"
+                )
+        if not isinstance(self.early_exit, bool):
+            raise ValueError(f"early_exit must be a bool, got {self.early_exit!r}")
+        if not isinstance(self.output_history, bool):
+            raise ValueError(f"output_history must be a bool, got {self.output_history!r}")
+        if self.return_dict_in_generate is not None and not isinstance(self.return_dict_in_generate, bool):
+            raise ValueError(f"return_dict_in_generate must be a bool, got {self.return_dict_in_generate!r}")
+
+    @classmethod
+    def fast(cls, base: GenerationConfig | None = None, **overrides) -> "LladaVGenerationConfig":
+        """The recommended fast decoding settings on top of `base` (default: the released defaults).
+
+        `kv_cache="dual"` + `confidence_threshold=0.9` (Fast-dLLM's settings) + `early_exit=True`; every other
+        field, including `steps`, comes from `base`, then `overrides` win. Use the model's own config as the
+        base so its special ids are kept:
+
+            config = LladaVGenerationConfig.fast(model.generation_config, block_length=32)
+            model.diffusion_generate(input_ids, generation_config=config)
+
+        The result approximates exact decoding (see `kv_cache` and `confidence_threshold`). With `steps` equal to
+        `max_new_tokens` (the demo default) a step commits at least one token; fewer steps raise that minimum.
+        """
+        config = cls() if base is None else copy.deepcopy(_as_diffusion_config(base))
+        unknown = config.update(**{**FAST_DECODING_PRESET, **overrides})
+        if unknown:
+            raise TypeError(f"unknown generation settings {sorted(unknown)}; they are the fields of {cls.__name__}")
+        return config
+
+    @property
+    def num_blocks(self) -> int:
+        return self.max_new_tokens // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+
+def _as_diffusion_config(base: GenerationConfig) -> LladaVGenerationConfig:
+    """`base` as a `LladaVGenerationConfig` (itself when it already is one)."""
+    if isinstance(base, LladaVGenerationConfig):
+        return base
+    if all(hasattr(base, name) for name in LladaVGenerationConfig._diffusion_defaults):
+        # The same class from the other copy of this module (package vs. remote code): no isinstance across
+        # copies, but every field is there.
+        return LladaVGenerationConfig.from_dict(base.to_dict())
+    # A plain GenerationConfig (or one saved before a field existed): what it sets, our defaults for the rest.
+    return LladaVGenerationConfig.from_dict(base.to_diff_dict())
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_ids(name: str, ids: Any) -> None:
+    if ids is None or isinstance(ids, (str, bytes)) or not all(_is_int(i) and i >= 0 for i in ids):
+        raise ValueError(f"{name} must be a list of token ids (ints >= 0), got {ids!r}")
+
+
+def normalize_stop_sequences(stop_token_ids: Any) -> list[list[int]]:
+    """`None`, `[id, ...]` or `[[id, ...], ...]` (mixed allowed) -> a list of non-empty id lists, in order."""
+    if stop_token_ids is None:
+        return []
+    if isinstance(stop_token_ids, (str, bytes)) or not isinstance(stop_token_ids, Sequence):
+        raise ValueError(f"stop_token_ids must be a list of id sequences, got {stop_token_ids!r}")
+    sequences = []
+    for entry in stop_token_ids:
+        seq = [entry] if _is_int(entry) else entry
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence) or len(seq) == 0:
+            raise ValueError(f"every stop sequence must be a token id or a non-empty list of ids, got {entry!r}")
+        _check_ids("a stop sequence", seq)
+        sequences.append([int(i) for i in seq])
+    return sequences
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure sampling helpers (no model needed)
+
+
+def transfer_schedule(mask_counts: torch.Tensor | int, steps: int) -> torch.Tensor:
+    """Tokens to commit at each step of a block: `m // steps` each, plus one for the first `m % steps` steps.
+
+    Args:
+        mask_counts: masks per row at the start of the block, `(B,)` (an int gives one row).
+        steps: steps of the block.
+
+    Returns:
+        `(B, steps)` int64.
+    """
+    counts = torch.as_tensor(mask_counts, dtype=torch.long).reshape(-1)
+    base = (counts // steps)[:, None].expand(-1, steps)
+    extra = torch.arange(steps, device=counts.device)[None, :] < (counts % steps)[:, None]
+    return base + extra.long()
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The official token choice on `(N, V)` logits: argmax at temperature 0, else Gumbel-max in float64,
+    `argmax(exp(logits) / (-log u) ** temperature)` with `u ~ U(0, 1)`.
+
+    The float64 noise is drawn in chunks of rows, so memory stays bounded whatever N is.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    vocab = logits.shape[-1]
+    chunk = max(1, _FLOAT64_CHUNK_ELEMENTS // vocab)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for start in range(0, logits.shape[0], chunk):
+        part = logits[start : start + chunk].to(torch.float64)
+        u = torch.rand(part.shape, dtype=torch.float64, device=part.device, generator=generator)
+        out[start : start + chunk] = (part.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+    return out
+
+
+def token_confidence(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    remasking: str,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Confidence of each chosen token, `(N,)` float64: its softmax probability computed in float64
+    (`"low_confidence"`, in chunks of rows) or a uniform random number (`"random"`)."""
+    if remasking == "random":
+        return torch.rand(tokens.shape, dtype=torch.float64, device=tokens.device, generator=generator)
+    if remasking != "low_confidence":
+        raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
+    vocab = logits.shape[-1]
+    chunk = max(1, _FLOAT64_CHUNK_ELEMENTS // vocab)
+    out = torch.empty(tokens.shape, dtype=torch.float64, device=tokens.device)
+    for start in range(0, logits.shape[0], chunk):
+        probs = torch.softmax(logits[start : start + chunk].to(torch.float64), dim=-1)
+        out[start : start + chunk] = probs.gather(-1, tokens[start : start + chunk, None]).squeeze(-1)
+    return out
+
+
+def select_top_k(confidence: torch.Tensor, k: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Per row, mark the `k[row]` most confident entries of `confidence` `(B, K)`; -inf entries are never
+    chosen (fewer are taken when fewer are finite). Returns a bool `(B, K)` tensor."""
+    k = torch.as_tensor(k, dtype=torch.long).reshape(-1).tolist()
+    if len(k) != confidence.shape[0]:
+        raise ValueError(f"k has {len(k)} entries for {confidence.shape[0]} rows")
+    chosen = torch.zeros(confidence.shape, dtype=torch.bool, device=confidence.device)
+    available = (confidence > float("-inf")).sum(-1).tolist()
+    for row, (k_row, n_row) in enumerate(zip(k, available)):
+        take = min(k_row, n_row)
+        if take > 0:
+            chosen[row, torch.topk(confidence[row], take).indices] = True
+    return chosen
+
+
+def find_stop(
+    generated: torch.Tensor, stop_sequences: Sequence[Sequence[int]], stop_index: int | None = None
+) -> int | None:
+    """The official stop search over the answer region (golden quirk 15), run after every step.
+
+    Criteria are tried in order; a criterion's earliest occurrence becomes the stop if none was found yet or
+    it is earlier than the current one. As soon as a stop is known (from this call or an earlier step), the
+    remaining criteria are not checked, so after the first find only the first criterion is re-checked.
+
+    Args:
+        generated: `(G,)` ids of the answer region (masks included).
+        stop_sequences: non-empty id sequences.
+        stop_index: the stop found so far (index into `generated`) or None.
+
+    Returns:
+        The updated stop index, or None.
+    """
+    for seq in stop_sequences:
+        length = len(seq)
+        if 0 < length <= generated.shape[0]:
+            windows = generated.unfold(0, length, 1)  # (G - length + 1, length)
+            target = torch.as_tensor(seq, dtype=generated.dtype, device=generated.device)
+            hits = (windows == target).all(-1).nonzero()
+            if hits.numel():
+                first = int(hits[0, 0])
+                if stop_index is None or first < stop_index:
+                    stop_index = first
+        if stop_index is not None:
+            break
+    return stop_index
+
+
+def _cache_for_rows(cache: Any, cache_rows: torch.Tensor, rows: torch.Tensor, cfg: bool, shared: Any = None) -> Any:
+    """The `LladaVDiffusionCache` restricted to `rows` (a sorted subset of the sorted `cache_rows`).
+
+    With CFG the cache holds the conditional rows, then the unconditional ones. A cache that is `shared` (kept
+    for later blocks) is copied before rows are dropped; otherwise rows are dropped in place.
+    """
+    if torch.equal(cache_rows, rows):
+        return cache
+    keep = torch.searchsorted(cache_rows, rows)  # (b,)
+    if not torch.equal(cache_rows[keep.clamp(max=cache_rows.shape[0] - 1)], rows):
+        raise RuntimeError(f"rows {rows.tolist()} are not all in the cache (rows {cache_rows.tolist()})")
+    if cfg:
+        keep = torch.cat((keep, keep + cache_rows.shape[0]))
+    if cache is shared:
+        cache = copy.copy(cache)  # select_rows replaces the per-layer lists: the shared cache keeps its rows
+    cache.select_rows(keep)
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass
+class LladaVGenerateOutput(ModelOutput):
+    """
+    Output of [`LladaVGenerationMixin.diffusion_generate`] with `return_dict_in_generate=True`.
+
+    Args:
+        sequences (`torch.LongTensor` of shape `(batch, prompt_length + max_new_tokens + suffix_length)`): the
+            prompt as given, then per row the answer up to (excluding) the stop sequence, then the suffix, then
+            `pad_token_id` up to the end. `sequences[:, prompt_length:]` without the trailing padding is exactly
+            what the official `generate` returns.
+        answer_lengths (`torch.LongTensor` of shape `(batch,)`): answer tokens before the stop (or
+            `max_new_tokens`), suffix excluded.
+        num_forward_passes (`int`): model forward calls of this call (a CFG step is one call of a doubled batch).
+        forward_passes_per_row (`torch.LongTensor` of shape `(batch,)`): forward calls each row took part in.
+        num_decoder_tokens (`int`): query positions run through the decoder, summed over passes and rows (CFG
+            copies included): `passes x rows x canvas length` without a cache, less with one. Divided by
+            `batch x canvas length` it is the cost in units of one full forward.
+        history (`tuple[torch.LongTensor]`, *optional*): with `output_history`, the canvas `(batch, length)`
+            after every forward pass (masks are `mask_token_id`; nothing is padded or moved).
+    """
+
+    sequences: torch.LongTensor | None = None
+    answer_lengths: torch.LongTensor | None = None
+    num_forward_passes: int | None = None
+    forward_passes_per_row: torch.LongTensor | None = None
+    num_decoder_tokens: int | None = None
+    history: tuple[torch.LongTensor, ...] | None = None
+
+
+@dataclass
+class LladaVDiffusionStep:
+    """What `step_callback` receives after every forward pass (for streaming or visualising the denoising).
+
+    Attributes:
+        step: 0-based index of the forward pass in this call.
+        block, block_step: the block being decoded and the step inside it.
+        rows: `(b,)` batch rows that took part in this pass (finished rows are left out).
+        positions: `(K,)` canvas columns whose logits were computed.
+        logits: `(b, K, V)` float32 logits at those columns (after guidance and suppression).
+        tokens: `(b, K)` the predicted ids there.
+        committed: `(b, K)` bool, which predictions were written to the canvas.
+        canvas: `(B, length)` the whole canvas after this step (the live tensor: clone it to keep it).
+        stop_indices: per row, the index in the answer region of the stop found so far, or None.
+        window: `(start, end)` canvas columns the decoder ran on: `(0, length)` for a full forward, the current
+            block (and with `kv_cache="prefix"` everything after it) for a cached step.
+        cache_refreshed: whether this pass refreshed the key/value cache (`kv_cache` set, first pass of a block):
+            a full forward, or with `kv_cache_prompt_refresh="once"` after the first block, the answer region and
+            suffix (see `window`).
+    """
+
+    step: int
+    block: int
+    block_step: int
+    rows: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    committed: torch.Tensor
+    canvas: torch.Tensor
+    stop_indices: list[int | None]
+    window: tuple[int, int] = (0, 0)
+    cache_refreshed: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sampler
+
+
+class LladaVGenerationMixin:
+    """Adds `diffusion_generate` to `LladaVModel` (and loads `generation_config.json` at `from_pretrained`).
+
+    Deliberately not transformers' `GenerationMixin`: LLaDA-V is not autoregressive, and defining `generate`
+    would make `AutoModel` mix the autoregressive machinery in.
+    """
+
+    def adjust_generation_fn(
+        self,
+        generation_config,
+        from_auto_class,
+        from_pipeline,
+        pretrained_model_name_or_path,
+        cache_dir,
+        force_download,
+        proxies,
+        local_files_only,
+        token,
+        revision,
+        subfolder,
+        trust_remote_code,
+        **kwargs,
+    ) -> None:
+        """Called by `from_pretrained`: use the given `generation_config`, else the checkpoint's
+        `generation_config.json`, else keep the defaults derived from the model config."""
+        del trust_remote_code  # no custom generate function is loaded
+        if generation_config is not None:
+            self.generation_config = self.generation_config_class.from_dict(generation_config.to_dict())
+        elif pretrained_model_name_or_path is not None:
+            repo_kwargs = {
+                "cache_dir": cache_dir,
+                "force_download": force_download,
+                "proxies": proxies,
+                "local_files_only": local_files_only,
+                "token": token,
+                "revision": revision,
+                "subfolder": subfolder,
+                **kwargs,
+            }
+            try:
+                self.generation_config = self.generation_config_class.from_pretrained(
+                    pretrained_model_name_or_path,
+                    _from_auto=from_auto_class,
+                    _from_pipeline=from_pipeline,
+                    **repo_kwargs,
+                )
+            except OSError:
+                logger.info("No generation_config.json found: using the defaults derived from the model config.")
+
+    def _resolve_generation_config(
+        self, generation_config: GenerationConfig | None, overrides: dict[str, Any]
+    ) -> LladaVGenerationConfig:
+        base = generation_config if generation_config is not None else getattr(self, "generation_config", None)
+        if base is None:
+            base = LladaVGenerationConfig.from_model_config(self.config)
+        config = copy.deepcopy(_as_diffusion_config(base))
+        unknown = config.update(**overrides)
+        if unknown:
+            raise TypeError(
+                f"diffusion_generate got unexpected keyword arguments {sorted(unknown)}; generation settings are the "
+                f"fields of LladaVGenerationConfig"
+            )
+        return config
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_layouts: torch.Tensor | None = None,
+        image_num_crops: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        step_callback: Callable[[LladaVDiffusionStep], None] | None = None,
+        generator: torch.Generator | None = None,
+        tokenizer: Any = None,
+        **kwargs,
+    ) -> torch.LongTensor | LladaVGenerateOutput:
+        r"""
+        Generate answers by masked diffusion (SPEC section 7, any batch size).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, prompt_length)`): prompts with every image expanded
+                to its `image_token_id` tokens (the processor does this), **left**-padded when lengths differ.
+            attention_mask (`torch.Tensor` of shape `(batch, prompt_length)`, *optional*): 1 for real tokens, 0
+                for left padding. Padded positions are hidden from attention and do not shift positions, so a
+                row yields what it yields alone.
+            pixel_values, image_sizes, image_layouts, image_num_crops: the images of all rows, in row order (see
+                `LladaVModel.get_image_features`). Encoded once per call.
+            generation_config (`LladaVGenerationConfig`, *optional*): defaults to `self.generation_config`.
+            step_callback (`Callable[[LladaVDiffusionStep], None]`, *optional*): called after every forward pass
+                with the logits, predictions, committed positions and canvas (streaming, visualisation).
+            generator (`torch.Generator`, *optional*): random source for `temperature > 0` and `"random"`
+                remasking.
+            tokenizer (*optional*): encodes `stop_strings` and `generation_suffix` (without special tokens).
+            kwargs: overrides of `generation_config` fields, e.g. `steps=64, max_new_tokens=64`.
+
+        Returns:
+            `torch.LongTensor` `(batch, prompt_length + max_new_tokens + suffix_length)` (see
+            [`LladaVGenerateOutput.sequences`]), or a [`LladaVGenerateOutput`] with `return_dict_in_generate=True`.
+        """
+        config = self._resolve_generation_config(generation_config, kwargs)
+        stop_sequences, suffix = self._stops_and_suffix(config, tokenizer)
+        vocab_size = self.get_input_embeddings().num_embeddings
+        self._check_ids_in_vocab(config, stop_sequences, suffix, vocab_size)
+        input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, config)
+
+        device = input_ids.device
+        batch, prompt_len = input_ids.shape
+        answer_len, suffix_len = config.max_new_tokens, len(suffix)
+        total_len = prompt_len + answer_len + suffix_len
+        max_positions = self.config.get_text_config().max_position_embeddings
+        if total_len > max_positions:
+            raise ValueError(
+                f"prompt ({prompt_len}) + max_new_tokens ({answer_len}) + suffix ({suffix_len}) = {total_len} tokens "
+                f"exceeds max_position_embeddings ({max_positions})"
+            )
+        mask_id = config.mask_token_id
+        answer_start, answer_end = prompt_len, prompt_len + answer_len
+
+        # Canvas: prompt | answer (all masks) | suffix. Token ids are the state; embeddings are rebuilt from them.
+        canvas = torch.cat(
+            (
+                input_ids,
+                torch.full((batch, answer_len), mask_id, dtype=torch.long, device=device),
+                torch.tensor(suffix, dtype=torch.long, device=device).expand(batch, suffix_len),
+            ),
+            dim=1,
+        )  # (B, T)
+        full_mask = None
+        if attention_mask is not None:
+            full_mask = torch.cat((attention_mask, attention_mask.new_ones(batch, answer_len + suffix_len)), dim=1)
+        embed_tokens = self.get_input_embeddings()
+        # Images are encoded once; the prompt embeddings are reused at every step.
+        prompt_embeds = self.embed_multimodal(
+            input_ids, pixel_values, image_sizes, image_layouts, image_num_crops
+        )  # (B, P, D)
+        mask_embed = embed_tokens.weight[mask_id].to(prompt_embeds.dtype)  # (D,)
+
+        suppress = torch.tensor(sorted(set(config.suppress_tokens)), dtype=torch.long, device=device)
+        vocab_limit = config.tokenizer_vocab_size
+        columns = torch.arange(total_len, device=device)
+        stop_index: list[int | None] = [None] * batch  # per row, index in the answer region
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        passes_per_row = torch.zeros(batch, dtype=torch.long, device=device)
+        history: list[torch.Tensor] = []
+        num_passes = decoder_tokens = 0
+        threshold = config.confidence_threshold
+        # Fast-dLLM cache: filled by the first pass of every block; `cache_rows` are the batch rows it holds.
+        # With kv_cache_prompt_refresh="once", `call_cache` is the first full pass's cache, kept for its prompt.
+        cache: Any = None
+        cache_rows: torch.Tensor | None = None
+        call_cache: Any = None
+        call_rows: torch.Tensor | None = None
+        num_layers = self.config.get_text_config().num_hidden_layers if config.kv_cache else 0
+
+        for block in range(config.num_blocks):
+            block_start = answer_start + block * config.block_length
+            block_end = block_start + config.block_length
+            for row in range(batch):
+                # A block that starts at or after a found stop is never decoded (quirk 15).
+                if config.early_exit and stop_index[row] is not None and answer_start + stop_index[row] <= block_start:
+                    done[row] = True
+            if bool(done.all()):
+                break
+            schedule = transfer_schedule((canvas[:, block_start:block_end] == mask_id).sum(-1), config.steps_per_block)
+            cache = None  # every block starts with a refresh (of the whole canvas or of the answer)
+            for block_step in range(config.steps_per_block):
+                is_mask = canvas == mask_id  # (B, T)
+                # Candidate columns per row: masks in the answer before the block end, or before the stop.
+                limit = torch.tensor(
+                    [block_end if s is None else answer_start + s for s in stop_index], device=device
+                )  # (B,)
+                candidate = is_mask & (columns >= answer_start) & (columns[None, :] < limit[:, None])  # (B, T)
+                for row in range(batch):
+                    if config.early_exit and stop_index[row] is not None and not bool(candidate[row].any()):
+                        done[row] = True  # everything before the stop is decoded: this row is finished
+                stepping = ~done & is_mask[:, block_start:block_end].any(-1)
+                if not bool(stepping.any()):
+                    break
+                rows = stepping.nonzero().squeeze(1)  # (b,)
+                positions = candidate[rows].any(0).nonzero().squeeze(1)  # (K,)
+
+                # Decoder window [start, end): the whole canvas, or with a filled cache the current block
+                # ("dual") or the block and everything after it ("prefix").
+                window_start, window_end = 0, total_len
+                refreshed = False
+                if config.kv_cache is not None:
+                    refreshed = cache is None  # the first pass of the block
+                    if cache is None and (call_cache is None or config.kv_cache_prompt_refresh == "block"):
+                        cache, cache_rows = self._new_diffusion_cache(num_layers), rows  # full forward
+                        if config.kv_cache_prompt_refresh == "once":
+                            call_cache, call_rows = cache, rows
+                    elif cache is None:
+                        # Prompt keys/values from the call's first pass; the answer and suffix are recomputed.
+                        cache = _cache_for_rows(call_cache, call_rows, rows, config.cfg_scale > 0, shared=call_cache)
+                        cache_rows = rows
+                        window_start = answer_start
+                    else:
+                        window_start = block_start
+                        window_end = block_end if config.kv_cache == "dual" else total_len
+                        # Rows that finished or completed their block leave; their cache rows go with them.
+                        cache = _cache_for_rows(cache, cache_rows, rows, config.cfg_scale > 0, shared=call_cache)
+                        cache_rows = rows
+
+                logits = self._diffusion_logits(
+                    canvas[rows], prompt_embeds[rows], None if full_mask is None else full_mask[rows],
+                    positions, mask_embed, config.cfg_scale, prompt_len,
+                    cache=cache, window=(window_start, window_end),
+                )  # (b, K, V) float32
+                logits[..., suppress] = float("-inf")
+                if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+                    logits[..., vocab_limit:] = float("-inf")
+
+                b, k_cols, vocab = logits.shape
+                flat = logits.reshape(b * k_cols, vocab)
+                tokens = sample_tokens(flat, config.temperature, generator).view(b, k_cols)
+                confidence = token_confidence(flat, tokens.view(-1), config.remasking, generator).view(b, k_cols)
+                confidence = confidence.masked_fill(~candidate[rows][:, positions], float("-inf"))
+                committed = select_top_k(confidence, schedule[rows, block_step])  # (b, K)
+                if threshold is not None:
+                    committed |= confidence > threshold  # parallel decoding: -inf (non-candidates) never passes
+
+                window = canvas[rows][:, positions]
+                canvas[rows[:, None], positions[None, :]] = torch.where(committed, tokens, window)
+                num_passes += 1
+                passes_per_row[rows] += 1
+                decoder_tokens += b * (2 if config.cfg_scale > 0 else 1) * (window_end - window_start)
+
+                if stop_sequences:
+                    for row in rows.tolist():
+                        answer = canvas[row, answer_start:answer_end]
+                        stop_index[row] = find_stop(answer, stop_sequences, stop_index[row])
+                if config.output_history:
+                    history.append(canvas.clone())
+                if step_callback is not None:
+                    step_callback(
+                        LladaVDiffusionStep(
+                            step=num_passes - 1,
+                            block=block,
+                            block_step=block_step,
+                            rows=rows,
+                            positions=positions,
+                            logits=logits,
+                            tokens=tokens,
+                            committed=committed,
+                            canvas=canvas,
+                            stop_indices=list(stop_index),
+                            window=(window_start, window_end),
+                            cache_refreshed=refreshed,
+                        )
+                    )
+
+        sequences, answer_lengths = self._assemble(
+            canvas, stop_index, prompt_len, answer_len, suffix, config.pad_token_id
+        )
+        if not config.return_dict_in_generate:
+            return sequences
+        return LladaVGenerateOutput(
+            sequences=sequences,
+            answer_lengths=answer_lengths,
+            num_forward_passes=num_passes,
+            forward_passes_per_row=passes_per_row,
+            num_decoder_tokens=decoder_tokens,
+            history=tuple(history) if config.output_history else None,
+        )
+
+    # ------------------------------------------------------------------ helpers of diffusion_generate
+
+    def _diffusion_logits(
+        self,
+        canvas: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        mask_embed: torch.Tensor,
+        cfg_scale: float,
+        prompt_len: int,
+        cache: Any = None,
+        window: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """One forward pass; float32 logits `(b, K, V)` at `positions` only (guided when `cfg_scale > 0`).
+
+        With an empty `cache` the full canvas is run and every layer's keys/values are stored (a refresh); with
+        a filled one only the canvas columns `window = (start, end)` (after the prompt) go through the decoder.
+        """
+        cache_kwargs = {}
+        if cache is not None:
+            cache_kwargs = {"cache": cache, "cache_start": window[0]}
+        if cache is not None and cache.length > 0:
+            start, end = window
+            embeds = self.get_input_embeddings()(canvas[:, start:end])  # (b, W, D)
+            positions = positions - start  # logits_to_keep is relative to the window
+            if cfg_scale > 0:
+                embeds = torch.cat((embeds, embeds), dim=0)  # the unconditional copy differs only in the prompt
+        else:
+            answer_embeds = self.get_input_embeddings()(canvas[:, prompt_len:])  # (b, T - P, D)
+            embeds = torch.cat((prompt_embeds, answer_embeds), dim=1)  # (b, T, D)
+            if cfg_scale > 0:
+                # Unconditional copy: every prompt position (text and image) becomes the mask token (quirk 17).
+                uncond = torch.cat((mask_embed.expand_as(prompt_embeds), answer_embeds), dim=1)
+                embeds = torch.cat((embeds, uncond), dim=0)  # (2b, T, D)
+        if cfg_scale > 0 and attention_mask is not None:
+            attention_mask = torch.cat((attention_mask, attention_mask), dim=0)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing padded in these rows: the unmasked path, as the official loop
+        logits = self(
+            inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions, **cache_kwargs
+        ).logits.float()
+        if cfg_scale > 0:
+            cond, uncond = logits.chunk(2, dim=0)
+            logits = uncond + (cfg_scale + 1) * (cond - uncond)
+        return logits
+
+    def _new_diffusion_cache(self, num_layers: int) -> Any:
+        # Imported here: modeling_llada_v imports this module (the mixin), not the other way round.
+        from .modeling_llada_v import LladaVDiffusionCache
+
+        return LladaVDiffusionCache(num_layers)
+
+    def _stops_and_suffix(self, config: LladaVGenerationConfig, tokenizer: Any) -> tuple[list[list[int]], list[int]]:
+        stops = normalize_stop_sequences(config.stop_token_ids)
+        needs_tokenizer = [name for name in ("stop_strings", "generation_suffix") if getattr(config, name)]
+        if needs_tokenizer and tokenizer is None:
+            raise ValueError(f"{' and '.join(needs_tokenizer)} need the `tokenizer` argument to be encoded")
+        for text in config.stop_strings or []:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if not ids:
+                raise ValueError(f"stop string {text!r} encodes to no tokens")
+            stops.append(list(ids))
+        if config.generation_suffix:
+            suffix = list(tokenizer.encode(config.generation_suffix, add_special_tokens=False))
+        else:
+            suffix = list(config.suffix_token_ids or [])
+        return stops, suffix
+
+    def _check_ids_in_vocab(
+        self, config: LladaVGenerationConfig, stops: list[list[int]], suffix: list[int], vocab_size: int
+    ) -> None:
+        named = {
+            "mask_token_id": [config.mask_token_id],
+            "pad_token_id": [config.pad_token_id],
+            "suppress_tokens": list(config.suppress_tokens),
+            "stop sequences": [i for seq in stops for i in seq],
+            "suffix": suffix,
+        }
+        for name, ids in named.items():
+            bad = sorted({i for i in ids if not 0 <= i < vocab_size})
+            if bad:
+                raise ValueError(f"{name} contain ids outside the vocabulary (0..{vocab_size - 1}): {bad}")
+        if config.mask_token_id in suffix:
+            raise ValueError(f"the suffix {suffix} contains the mask id {config.mask_token_id}")
+
+    def _check_prompt(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: LladaVGenerationConfig
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an int64 tensor of shape (batch, prompt_length), got {shape}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one prompt token per row")
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                    f"{tuple(input_ids.shape)}"
+                )
+            attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+            if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+            # Left padding only: once a row's tokens start, they continue to the end of the prompt.
+            right_padded = (attention_mask[:, 1:] < attention_mask[:, :-1]).any(-1)
+            empty = attention_mask.sum(-1) == 0
+            if bool(right_padded.any()) or bool(empty.any()):
+                bad = (right_padded | empty).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"rows {bad} of attention_mask are not left-padded prompts (padding must come first and every "
+                    "row needs a token); the answer is appended after the last prompt column"
+                )
+            real = attention_mask.bool()
+        else:
+            real = torch.ones_like(input_ids, dtype=torch.bool)
+        has_mask = ((input_ids == config.mask_token_id) & real).any(-1)
+        if bool(has_mask.any()):
+            raise ValueError(
+                f"prompt rows {has_mask.nonzero().flatten().tolist()} contain the mask id {config.mask_token_id}; "
+                "the sampler would treat them as positions to generate"
+            )
+        return input_ids, attention_mask
+
+    @staticmethod
+    def _assemble(
+        canvas: torch.Tensor,
+        stop_index: list[int | None],
+        prompt_len: int,
+        answer_len: int,
+        suffix: list[int],
+        pad_token_id: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt, answer up to the stop, suffix, then padding (the official return value after the prompt)."""
+        batch = canvas.shape[0]
+        sequences = torch.full_like(canvas, pad_token_id)
+        sequences[:, :prompt_len] = canvas[:, :prompt_len]
+        lengths = []
+        suffix_t = torch.tensor(suffix, dtype=canvas.dtype, device=canvas.device)
+        for row in range(batch):
+            n = answer_len if stop_index[row] is None else stop_index[row]
+            sequences[row, prompt_len : prompt_len + n] = canvas[row, prompt_len : prompt_len + n]
+            sequences[row, prompt_len + n : prompt_len + n + len(suffix)] = suffix_t
+            lengths.append(n)
+        return sequences, torch.tensor(lengths, dtype=torch.long, device=canvas.device)
+
+
+__all__ = [
+    "LladaVGenerationConfig",
+    "LladaVGenerationMixin",
+    "LladaVGenerateOutput",
+    "LladaVDiffusionStep",
+    "transfer_schedule",
+    "sample_tokens",
+    "token_confidence",
+    "select_top_k",
+    "find_stop",
+    "normalize_stop_sequences",
+]

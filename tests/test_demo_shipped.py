@@ -1,0 +1,49 @@
+"""The shipped demo model: held-out accuracy and the demo commands."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llada_v.demo_model import demo_model_dir
+
+
+# ---------------------------------------------------------------- the shipped model
+
+
+def _shipped():
+    path = demo_model_dir()
+    if not (path / "config.json").is_file():
+        pytest.fail(f"the demo checkpoint is missing from {path}")
+    return path
+
+
+def test_shipped_model_held_out_accuracy():
+    from llada_v.demo import evaluate, load_demo
+
+    model, processor = load_demo(_shipped())
+    torch.manual_seed(0)
+    result = evaluate(model, processor, seed=12345, n=200)
+    # The shipped model is an interim one (docs/demo.md: 63.5% on this set); the target is 95%. This guards
+    # against regressions of the pipeline (preprocessing, sampler) that would drop it to the priors (~36%).
+    assert result["accuracy"] >= 0.55, result
+
+
+def test_demo_command_prints_the_answers_step_by_step(tmp_path):
+    _shipped()
+    picture = tmp_path / "denoise.png"
+    result = subprocess.run([sys.executable, "-m", "llada_v.cli", "demo", "--seed", "3", "--save-png", str(picture)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("\nQ: ") == 5 and result.stdout.count("\nA: ") == 5, result.stdout
+    assert "step 1:" in result.stdout and picture.is_file()
+
+
+def test_eval_demo_command_ends_with_the_accuracy_line():
+    _shipped()
+    result = subprocess.run([sys.executable, "-m", "llada_v.cli", "eval-demo", "--seed", "7", "--n", "40"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("accuracy: ") and last.endswith("%")

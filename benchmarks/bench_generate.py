@@ -355,7 +355,7 @@ def batch_worker(args: argparse.Namespace) -> dict:
     tokenizer = build_demo_tokenizer()
     config = demo_config(tokenizer)
     torch.manual_seed(args.seed)
-    model = LladaVModel(config).eval()
+    model = LladaVModel(config).eval().to(args.device)
     model.generation_config = LladaVGenerationConfig.from_model_config(config)
     processor = build_demo_processor(config, tokenizer)
     samples = [make_sample(f"bench-{i}") for i in range(args.batch_size)]
@@ -373,6 +373,7 @@ def batch_worker(args: argparse.Namespace) -> dict:
 
     def run(indices):
         inputs = processor(images=[[samples[i]["image"]] for i in indices], text=[texts[i] for i in indices])
+        inputs = inputs.to(args.device)
         out = model.diffusion_generate(**inputs, **settings)
         p = inputs["input_ids"].shape[1]
         return [out.sequences[r, p : p + int(out.answer_lengths[r])].tolist() for r in range(len(indices))], p
@@ -388,6 +389,7 @@ def batch_worker(args: argparse.Namespace) -> dict:
         batch_seconds = min(batch_seconds, time.perf_counter() - start)
     return {
         "batch_size": args.batch_size,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {args.threads} threads",
         "padded_prompt_length": padded_len,
         "single_calls_seconds": single_seconds,
         "batch_seconds": batch_seconds,
@@ -418,7 +420,7 @@ def demo_accuracy(args: argparse.Namespace) -> dict:
     if not (path / "config.json").is_file():
         return {"skipped": f"no trained demo checkpoint at {path} yet"}
     torch.set_num_threads(args.threads)
-    model = LladaVModel.from_pretrained(path, dtype=torch.float32).eval()
+    model = LladaVModel.from_pretrained(path, dtype=torch.float32).eval().to(args.device)
     processor = LladaVProcessor.from_pretrained(path)
     results = {}
     for name, config in (
@@ -475,6 +477,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "demo checkpoint)")
     parser.add_argument("--demo-seed", type=int, default=0)
     parser.add_argument("--demo-model", help="demo checkpoint folder (default: llada_v/demo_checkpoint)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where --batch-throughput and --demo-accuracy run (the methods always run on CPU)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -500,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"--gen-length={args.gen_length}", f"--block-length={args.block_length}", f"--threads={args.threads}",
         f"--seed={args.seed}", f"--batch-size={args.batch_size}", f"--batch-gen-length={args.batch_gen_length}",
         f"--batch-steps={args.batch_steps}", f"--batch-repeats={args.batch_repeats}",
-        f"--demo-accuracy={args.demo_accuracy}", f"--demo-seed={args.demo_seed}",
+        f"--demo-accuracy={args.demo_accuracy}", f"--demo-seed={args.demo_seed}", f"--device={args.device}",
         *([f"--stop-token-id={args.stop_token_id}"] if args.stop_token_id is not None else []),
         *([f"--demo-model={args.demo_model}"] if args.demo_model else []),
     ]  # fmt: skip
@@ -561,7 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batch_throughput:
         batch = _subprocess(["--worker=batch", *forwarded])
         summary["batch_throughput"] = batch
-        print(f"batch throughput ({batch['batch_size']} demo questions, exact mode, demo-shaped random model "
+        print(f"batch throughput on {batch['device']} ({batch['batch_size']} demo questions, exact mode, demo-shaped random model "
               f"hidden {batch['model']['hidden']}, {batch['model']['layers']} layers, vocab {batch['model']['vocab']}, "
               f"padded prompt {batch['padded_prompt_length']}): {batch['batch_size']} single calls "
               f"{batch['single_calls_seconds']:.2f} s, one batch {batch['batch_seconds']:.2f} s -> "

@@ -59,7 +59,7 @@ def answer_questions(model, processor, images: list[Image.Image], questions: lis
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images for {len(questions)} questions")
     texts = [_prompt(processor, q) for q in questions]
-    inputs = processor(images=[[im] for im in images], text=texts, return_tensors="pt")
+    inputs = processor(images=[[im] for im in images], text=texts, return_tensors="pt").to(model.device)
     prompt_len = inputs["input_ids"].shape[1]
     tokenizer = processor.tokenizer
     mask_id = model.generation_config.mask_token_id

@@ -2,8 +2,8 @@
 
 - `load_pretrained`: `AutoModel`/`AutoProcessor.from_pretrained(..., trust_remote_code=True)` with dtype, device
   and bitsandbytes 4/8-bit options, after checks that turn the usual mistakes (a path that does not exist, an
-  official or foreign checkpoint, missing weights or processor, bitsandbytes missing, a 4-bit CPU load the packed
-  kernel cannot run) into one `InputError` line each.
+  official or foreign checkpoint, missing weights or processor, bitsandbytes missing) into one `InputError`
+  line each.
 - `generation_config_for`: the checkpoint's `generation_config` with per-call overrides, optionally on top of
   the fast-decoding preset, with `steps`/`block_length` following a changed `max_new_tokens` when they no longer
   fit (`fit_schedule`).
@@ -29,9 +29,6 @@ from .generation_utils import LladaVGenerationConfig, _as_diffusion_config
 
 MODEL_TYPE = "llada_v"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# bitsandbytes' packed CPU 4-bit kernel reshapes the absmax per block of 64 input features: a quantised layer
-# whose in_features is not a multiple of 64 fails inside bitsandbytes at the first forward (bnb 0.50).
-BNB_CPU_4BIT_BLOCK = 64
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -128,26 +125,6 @@ def bitsandbytes_config(quantization: str | None, compute_dtype: torch.dtype) ->
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def check_cpu_4bit(name: str, config: dict) -> None:
-    """Refuse a 4-bit CPU load the packed bitsandbytes kernel cannot run (input sizes not multiples of 64)."""
-    text = config.get("text_config") or {}
-    hidden = text.get("hidden_size")
-    heads = text.get("num_attention_heads")
-    head_dim = text.get("head_dim") or (hidden // heads if hidden and heads else None)
-    sizes = {
-        "hidden_size": hidden,
-        "intermediate_size": text.get("intermediate_size"),
-        "num_attention_heads * head_dim": heads * head_dim if heads and head_dim else None,
-    }
-    bad = {k: v for k, v in sizes.items() if isinstance(v, int) and v % BNB_CPU_4BIT_BLOCK}
-    if bad:
-        listed = ", ".join(f"{k} {v}" for k, v in bad.items())
-        raise InputError(
-            f"--load-in-4bit on CPU needs the quantised layers' input sizes to be multiples of {BNB_CPU_4BIT_BLOCK} "
-            f"(bitsandbytes' packed CPU kernel); {name} has {listed}. Use --load-in-8bit, or a CUDA device"
-        )
-
-
 def load_pretrained(
     model: str | os.PathLike,
     processor: str | os.PathLike | None = None,
@@ -185,8 +162,6 @@ def load_pretrained(
             raise InputError(f"cannot load {name!r}: not a local folder, and the Hub says: {_first_line(err)}") from None
         check_model_type(name, config)
     quantization_config = bitsandbytes_config(quantization, resolved_dtype)
-    if quantization == "4bit" and resolved_device.type == "cpu":
-        check_cpu_4bit(name, config)
 
     processor_name = str(processor) if processor is not None else name
     if need_processor:

@@ -496,6 +496,32 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        model.use_portable_cpu_4bit_kernels()
+        return loaded
+
+    def use_portable_cpu_4bit_kernels(self) -> list[str]:
+        """Keep bitsandbytes' portable CPU 4-bit path for layers its packed CPU kernel cannot run.
+
+        bitsandbytes (0.50) repacks a 4-bit weight for its AVX512-BF16 CPU kernel at the first CPU forward; the
+        repacking reshapes the quantisation statistics per `blocksize` (64) input features and fails for a layer
+        whose `in_features` is not a multiple of it (e.g. a 32-wide tiny model). For such layers this switches
+        the repacking off (the module's own `support_avx512bf16_for_cpu` flag), so they dequantise and multiply
+        instead; layers of the released sizes keep the fast kernel. Called by `from_pretrained`; a no-op without
+        4-bit layers. Returns the names of the layers switched.
+        """
+        switched = []
+        for name, module in self.named_modules():
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if getattr(module, "support_avx512bf16_for_cpu", False) and state is not None:
+                if module.in_features % state.blocksize:
+                    module.support_avx512bf16_for_cpu = False
+                    switched.append(name)
+        return switched
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.embed_tokens
 

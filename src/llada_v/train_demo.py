@@ -99,7 +99,8 @@ class AnswerOnlyLabels(Dataset):
         return item
 
 
-def _args(output_dir: Path, steps: int, batch_size: int, seed: int, warmup: int) -> TrainingArguments:
+def _args(output_dir: Path, steps: int, batch_size: int, seed: int, warmup: int, device: str,
+          workers: int) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -113,9 +114,9 @@ def _args(output_dir: Path, steps: int, batch_size: int, seed: int, warmup: int)
         report_to=[],
         seed=seed,
         data_seed=seed,
-        dataloader_num_workers=0,
+        dataloader_num_workers=workers,
         remove_unused_columns=False,
-        use_cpu=True,
+        use_cpu=device == "cpu",
         disable_tqdm=True,
     )
 
@@ -128,8 +129,29 @@ def train_demo(
     stage2_steps: int = 2000,
     batch_size: int = 16,
     work_dir: Path | None = None,
+    learning_rates: dict[str, float] | None = None,
+    device: str = "cpu",
+    dataloader_workers: int = 0,
 ) -> dict:
-    """Train and save the demo model into `output_dir` (atomically). Returns a summary with the losses."""
+    """Train and save the demo model into `output_dir` (atomically). Returns a summary with the losses.
+
+    `learning_rates` overrides entries of the Stage 2 rates (`vision`, `projector`, `language`). The shipped
+    model is trained on CPU with the defaults; `device="cuda"` (and data-loader workers) are for exploring
+    settings faster: a GPU run is not bit-identical to the CPU run.
+    """
+    rates2 = dict(STAGE2_LEARNING_RATES)
+    for name, value in (learning_rates or {}).items():
+        if name not in rates2:
+            raise ValueError(f"unknown learning-rate group {name!r}; expected one of {sorted(rates2)}")
+        if not value > 0:
+            raise ValueError(f"learning rate for {name!r} must be positive, got {value}")
+        rates2[name] = value
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but torch sees no CUDA device")
+    if dataloader_workers < 0:
+        raise ValueError(f"dataloader_workers must be >= 0, got {dataloader_workers}")
     for name, value in (("train_samples", train_samples), ("stage2_steps", stage2_steps), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -159,14 +181,15 @@ def train_demo(
         collator = LladaVDataCollator.from_processor(processor, padding="masked")
         history = {}
         stages = [("1", stage1_steps, ("projector",), STAGE1_LEARNING_RATES),
-                  ("2", stage2_steps, ("vision", "projector", "language"), STAGE2_LEARNING_RATES)]
+                  ("2", stage2_steps, ("vision", "projector", "language"), rates2)]
         for stage, steps, groups, rates in stages:
             if steps == 0:
                 continue
             set_trainable(model, groups)
             trainer = LladaVTrainer(
                 model=model,
-                args=_args(scratch / f"stage{stage}", steps, batch_size, seed, warmup=max(1, steps // 20)),
+                args=_args(scratch / f"stage{stage}", steps, batch_size, seed, warmup=max(1, steps // 20),
+                           device=device, workers=dataloader_workers),
                 train_dataset=dataset,
                 data_collator=collator,
                 learning_rates=rates,
@@ -176,6 +199,7 @@ def train_demo(
             history[f"stage{stage}"] = losses
             logger.info("stage %s: loss %.3f -> %.3f", stage, losses[0], losses[-1])
         set_trainable(model, ("vision", "projector", "language"))
+        model.to("cpu")
         save_demo(model, processor, output_dir)
     finally:
         if work_dir is None:
@@ -209,10 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1-steps", type=int, default=300)
     parser.add_argument("--stage2-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
+    for group, rate in STAGE2_LEARNING_RATES.items():
+        parser.add_argument(f"--{group}-lr", type=float, default=rate, help=f"Stage 2 learning rate (default {rate})")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default: the reproducible run) or cuda (faster exploration, not bit-identical)")
+    parser.add_argument("--dataloader-workers", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    rates = {group: getattr(args, f"{group}_lr") for group in STAGE2_LEARNING_RATES}
     summary = train_demo(args.output_dir, args.seed, args.train_samples, args.stage1_steps, args.stage2_steps,
-                         args.batch_size)
+                         args.batch_size, learning_rates=rates, device=args.device,
+                         dataloader_workers=args.dataloader_workers)
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"} | {
         "first_loss": {k: v[0] for k, v in summary["losses"].items()},
         "last_loss": {k: v[-1] for k, v in summary["losses"].items()},

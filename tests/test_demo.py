@@ -85,10 +85,40 @@ def test_demo_tokenizer_and_config_agree():
 def test_shortened_training_drives_the_loss_well_below_its_start(tmp_path):
     from llada_v.train_demo import train_demo
 
+    # Stage 0 has its own test below; here the Trainer stages alone, from a random tower.
     summary = train_demo(tmp_path / "demo", seed=0, train_samples=512, stage1_steps=5, stage2_steps=160,
-                         batch_size=8, work_dir=tmp_path / "work")
+                         batch_size=8, work_dir=tmp_path / "work", vision_pretrain_steps=0)
+    assert "stage0" not in summary["losses"]
     stage2 = summary["losses"]["stage2"]
     assert len(stage2) >= 10
     start, end = sum(stage2[:2]) / 2, sum(stage2[-3:]) / 3
     assert end < 0.7 * start, stage2  # answer-only labels: the early loss is the answer priors
     assert (tmp_path / "demo" / "config.json").is_file() and (tmp_path / "demo" / "processor_config.json").is_file()
+
+
+def test_stage0_trains_only_the_vision_tower_and_learns_the_tags(tmp_path):
+    from llada_v import LladaVModel
+    from llada_v.train_demo import pretrain_vision, write_training_data
+
+    tokenizer = build_demo_tokenizer()
+    config = demo_config(tokenizer)
+    processor = build_demo_processor(config, tokenizer)
+    torch.manual_seed(0)
+    model = LladaVModel(config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    data = write_training_data(tmp_path, 256, seed=0)
+    losses = pretrain_vision(model, data, processor, steps=100, batch_size=16, learning_rate=1e-3, seed=0)
+    assert len(losses) == 20 and losses[-1] < 0.6 * losses[0], losses
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("vision_tower.") for name in changed)
+    assert not any("post_layernorm" in name for name in changed)
+
+
+def test_train_demo_runs_stage0_first(tmp_path):
+    from llada_v.train_demo import train_demo
+
+    summary = train_demo(tmp_path / "demo", seed=0, train_samples=32, stage1_steps=0, stage2_steps=1, batch_size=2,
+                         work_dir=tmp_path / "work", vision_pretrain_steps=20)
+    assert list(summary["losses"]) == ["stage0", "stage2"] and len(summary["losses"]["stage0"]) == 20
+    with pytest.raises(ValueError, match="vision_pretrain_steps"):
+        train_demo(tmp_path / "bad", vision_pretrain_steps=-1)

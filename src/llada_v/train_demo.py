@@ -1,14 +1,16 @@
 """Train the embedded demo model: a tiny LLaDA-V learns the synthetic shapes task from scratch.
 
     python -m llada_v.train_demo --output-dir OUT [--seed 0] [--train-samples 32000] [--stage1-steps 300]
-        [--stage2-steps 2000] [--batch-size 16]
+        [--stage2-steps 2000] [--batch-size 16] [--vision-pretrain-steps 2400]
+        [--vision-lr 2e-5] [--projector-lr 2e-4] [--language-lr 1e-3] [--device cpu] [--dataloader-workers 0]
 
 The run goes through this project's own pipeline end to end: `demo_task` renders scenes, `LladaVDataset`
-applies the chat template and the SPEC labels rule, `LladaVDataCollator` pads, `LladaVTrainer` trains
-Stage 1 (projector only) then Stage 2 (everything) with the masked-diffusion loss of `LladaVModel`, and
-the result is saved with its processor, generation defaults and remote code. Deterministic given the seed
-(CPU, fixed thread count). The learning rates are higher than the paper's (1e-3 instead of 1e-5): the
-paper fine-tunes pretrained towers, this model starts from random weights.
+applies the chat template, `LladaVDataCollator` pads, `LladaVTrainer` trains Stage 1 (projector only) then
+Stage 2 (everything) with the masked-diffusion loss of `LladaVModel`, and the result is saved with its
+processor, generation defaults and remote code. Before them, Stage 0 (`pretrain_vision`) stands in for the
+pretrained SigLIP that the released model starts from: the vision tower alone learns to tag the training
+scenes. Deterministic given the seed (CPU, fixed thread count). The learning rates are higher than the
+paper's (1e-3 instead of 1e-5): the paper fine-tunes pretrained towers, this model starts from random weights.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments, set_seed
-
+from PIL import Image
+from torch import nn
 from torch.utils.data import Dataset
+from transformers import TrainingArguments, set_seed
 
 from .data import IGNORE_INDEX, LladaVDataCollator, LladaVDataset, TemplateTokens, find_turns
 from .demo_model import build_demo_processor, build_demo_tokenizer, demo_config
-from .demo_task import make_sample
+from .demo_task import COLORS, SHAPES, make_sample
 from .generation_utils import LladaVGenerationConfig
 from .modeling_llada_v import LladaVModel
 from .processing_llada_v import LladaVProcessor
@@ -46,6 +49,10 @@ DEMO_GENERATION = dict(max_new_tokens=4, steps=4, block_length=4)
 # random tower drift until every patch maps to the same vector.
 STAGE2_LEARNING_RATES = {"vision": 2e-5, "projector": 2e-4, "language": 1e-3}
 STAGE1_LEARNING_RATES = {"projector": 1e-3}
+# Stage 0, the demo's stand-in for a pretrained SigLIP: the vision tower learns to tag scenes (which shapes and
+# colours are present) from its mean-pooled features with a throw-away linear head.
+VISION_TAGS = (*SHAPES, *sorted(COLORS))
+VISION_PRETRAIN = {"steps": 2400, "batch_size": 16, "learning_rate": 1e-3}
 
 
 def write_training_data(folder: Path, num_samples: int, seed: int) -> Path:
@@ -65,10 +72,61 @@ def write_training_data(folder: Path, num_samples: int, seed: int) -> Path:
         for turn, (question, answer) in enumerate(sample["qa"]):
             conversations.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + question})
             conversations.append({"from": "gpt", "value": answer})
-        records.append({"id": i, "image": name, "conversations": conversations})
+        tags = sorted({o.shape for o in sample["objects"]} | {o.color for o in sample["objects"]})
+        records.append({"id": i, "image": name, "conversations": conversations, "tags": tags})
     path = folder / "data.json"
     path.write_text(json.dumps(records))
     return path
+
+
+def pretrain_vision(model: LladaVModel, data_path: Path, processor: LladaVProcessor, steps: int, batch_size: int,
+                    learning_rate: float, seed: int) -> list[float]:
+    """Stage 0: train the vision tower alone to tag scenes; returns the loss every `steps // 20` steps.
+
+    The released LLaDA-V starts from a pretrained SigLIP; no such tower exists at the demo's size, and one
+    trained from scratch only through the language model does not learn shapes: while its random features carry
+    no usable shape information, the language model learns to answer shape questions from priors and the vision
+    gradient vanishes (measured: patch-embedding gradient ~1e-4, and shape accuracy at chance whatever the
+    vision learning rate). So the demo pretrains the tower first, on the training images only: every crop of an
+    image (anyres tiling as in training) goes through the layers that feed the projector, the tokens are
+    mean-pooled per image, and a linear head (discarded afterwards) predicts which shapes and colours are present
+    (binary cross-entropy). The language model and projector are untouched.
+    """
+    records = json.loads(data_path.read_text())
+    folder = data_path.parent
+    vision = model.vision_tower
+    head = nn.Linear(model.config.vision_config.hidden_size, len(VISION_TAGS))
+    params = [p for n, p in vision.named_parameters() if not n.startswith("post_layernorm")]
+    optimizer = torch.optim.AdamW([*params, *head.parameters()], lr=learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    layers = vision.encoder.layers[: model._num_vision_layers_used()]
+    device = next(vision.parameters()).device
+    head.to(device)
+    losses, window = [], []
+    vision.train()
+    for step in range(steps):
+        picks = torch.randint(len(records), (batch_size,), generator=generator).tolist()
+        crops, counts, targets = [], [], torch.zeros(batch_size, len(VISION_TAGS))
+        for row, index in enumerate(picks):
+            with Image.open(folder / records[index]["image"]) as image:
+                pixel_values = processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+            crops.append(pixel_values)
+            counts.append(pixel_values.shape[0])
+            for tag in records[index]["tags"]:
+                targets[row, VISION_TAGS.index(tag)] = 1.0
+        hidden = vision.embeddings(torch.cat(crops).to(device))
+        for layer in layers:
+            hidden = layer(hidden, None)
+        pooled = torch.stack([part.mean(dim=(0, 1)) for part in torch.split(hidden, counts)])
+        loss = nn.functional.binary_cross_entropy_with_logits(head(pooled), targets.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        window.append(loss.item())
+        if (step + 1) % max(1, steps // 20) == 0:
+            losses.append(sum(window) / len(window))
+            window = []
+    return losses
 
 
 class AnswerOnlyLabels(Dataset):
@@ -132,6 +190,7 @@ def train_demo(
     learning_rates: dict[str, float] | None = None,
     device: str = "cpu",
     dataloader_workers: int = 0,
+    vision_pretrain_steps: int = VISION_PRETRAIN["steps"],
 ) -> dict:
     """Train and save the demo model into `output_dir` (atomically). Returns a summary with the losses.
 
@@ -152,6 +211,8 @@ def train_demo(
         raise ValueError("device='cuda' was requested but torch sees no CUDA device")
     if dataloader_workers < 0:
         raise ValueError(f"dataloader_workers must be >= 0, got {dataloader_workers}")
+    if vision_pretrain_steps < 0:
+        raise ValueError(f"vision_pretrain_steps must be >= 0, got {vision_pretrain_steps}")
     for name, value in (("train_samples", train_samples), ("stage2_steps", stage2_steps), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -180,6 +241,13 @@ def train_demo(
         )
         collator = LladaVDataCollator.from_processor(processor, padding="masked")
         history = {}
+        if vision_pretrain_steps:
+            model.to(device)
+            history["stage0"] = pretrain_vision(
+                model, data_path, processor, vision_pretrain_steps, VISION_PRETRAIN["batch_size"],
+                VISION_PRETRAIN["learning_rate"], seed,
+            )  # fmt: skip
+            logger.info("stage 0 (vision tags): loss %.3f -> %.3f", history["stage0"][0], history["stage0"][-1])
         stages = [("1", stage1_steps, ("projector",), STAGE1_LEARNING_RATES),
                   ("2", stage2_steps, ("vision", "projector", "language"), rates2)]
         for stage, steps, groups, rates in stages:
@@ -238,12 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu (default: the reproducible run) or cuda (faster exploration, not bit-identical)")
     parser.add_argument("--dataloader-workers", type=int, default=0)
+    parser.add_argument("--vision-pretrain-steps", type=int, default=VISION_PRETRAIN["steps"],
+                        help="Stage 0 steps (vision tower tags scenes; 0 skips it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rates = {group: getattr(args, f"{group}_lr") for group in STAGE2_LEARNING_RATES}
     summary = train_demo(args.output_dir, args.seed, args.train_samples, args.stage1_steps, args.stage2_steps,
                          args.batch_size, learning_rates=rates, device=args.device,
-                         dataloader_workers=args.dataloader_workers)
+                         dataloader_workers=args.dataloader_workers, vision_pretrain_steps=args.vision_pretrain_steps)
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"} | {
         "first_loss": {k: v[0] for k, v in summary["losses"].items()},
         "last_loss": {k: v[-1] for k, v in summary["losses"].items()},

@@ -541,8 +541,8 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
         layer = self.config.vision_feature_layer
         return n + 1 + layer if layer < 0 else layer
 
-    def encode_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """SigLIP + projector on (N, 3, S, S) crops -> (N, patches, D_text).
+    def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """SigLIP on (N, 3, S, S) crops -> the selected feature, (N, patches, D_vision).
 
         Runs only the encoder layers that feed the selected feature (no post_layernorm, no head).
         """
@@ -552,7 +552,11 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
         hidden = vision.embeddings(pixel_values.to(dtype=vision.embeddings.patch_embedding.weight.dtype))
         for layer in vision.encoder.layers[: self._num_vision_layers_used()]:
             hidden = layer(hidden, None)  # (N, patches, D_vision)
-        return self.multi_modal_projector(hidden)
+        return hidden
+
+    def encode_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """SigLIP + projector on (N, 3, S, S) crops -> (N, patches, D_text)."""
+        return self.multi_modal_projector(self.encode_vision(pixel_values))
 
     def get_image_features(
         self,

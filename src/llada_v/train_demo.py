@@ -96,10 +96,9 @@ def pretrain_vision(model: LladaVModel, data_path: Path, processor: LladaVProces
     folder = data_path.parent
     vision = model.vision_tower
     head = nn.Linear(model.config.vision_config.hidden_size, len(VISION_TAGS))
-    params = [p for n, p in vision.named_parameters() if not n.startswith("post_layernorm")]
-    optimizer = torch.optim.AdamW([*params, *head.parameters()], lr=learning_rate, weight_decay=0.0)
+    # Parameters the feature does not use (post_layernorm) get no gradient, so AdamW leaves them as they are.
+    optimizer = torch.optim.AdamW([*vision.parameters(), *head.parameters()], lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    layers = vision.encoder.layers[: model._num_vision_layers_used()]
     device = next(vision.parameters()).device
     head.to(device)
     losses, window = [], []
@@ -114,9 +113,7 @@ def pretrain_vision(model: LladaVModel, data_path: Path, processor: LladaVProces
             counts.append(pixel_values.shape[0])
             for tag in records[index]["tags"]:
                 targets[row, VISION_TAGS.index(tag)] = 1.0
-        hidden = vision.embeddings(torch.cat(crops).to(device))
-        for layer in layers:
-            hidden = layer(hidden, None)
+        hidden = model.encode_vision(torch.cat(crops).to(device))
         pooled = torch.stack([part.mean(dim=(0, 1)) for part in torch.split(hidden, counts)])
         loss = nn.functional.binary_cross_entropy_with_logits(head(pooled), targets.to(device))
         optimizer.zero_grad()

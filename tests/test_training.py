@@ -238,6 +238,14 @@ def test_training_entry_resumes_exactly_and_writes_a_loadable_checkpoint(setup, 
     assert not torch.equal(LladaVModel.from_pretrained(out).lm_head.weight, _model(setup).lm_head.weight)
 
 
+def test_training_entry_count_mask_sampling_trains_and_rejects_unknown_modes(setup, tmp_path):
+    trainer = main(_entry_args(setup, tmp_path / "count", "--max_steps", "2", "--mask_sampling", "count"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)  # count form: every row masks >= 1 token
+    with pytest.raises(ValueError, match="mask_sampling must be one of .*'sometimes'"):
+        main(_entry_args(setup, tmp_path / "bad", "--max_steps", "1", "--mask_sampling", "sometimes"))
+
+
 def test_training_entry_lora_saves_adapter_and_merged_model(setup, tmp_path):
     trainer = main(_entry_args(setup, tmp_path / "lora", "--max_steps", "2", "--save_strategy", "no",
                                "--lora_r", "4", "--lora_modules_to_save", "multi_modal_projector",

@@ -15,6 +15,9 @@ Package-only code (not shipped as remote code). Notable facts:
   `"masked"` pads with unsupervised, attention-masked tokens only;
 - a sample longer than `max_length` loses whole trailing text-only exchanges (`length_policy="drop_turns"`) or
   is a bad sample (`"reject"`); image tokens are never truncated;
+- which supervised tokens a training step masks: by default the model draws `t ~ U(0, 1)` per sample (SPEC
+  section 6); `MaskCountSampling` wraps the collator to draw the *number* of masked tokens instead (LLaDA's
+  equivalent lower-variance estimator), for short answers;
 - bad samples (missing files, placeholder/image mismatch, undecodable images, too long) are logged with their
   index and skipped, or raise `BadSampleError` (`on_bad_sample="raise"`).
 """
@@ -49,6 +52,7 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 ON_BAD_SAMPLE = ("skip", "raise")
 LENGTH_POLICIES = ("drop_turns", "reject")
 PADDING_MODES = ("official", "masked")
+MASK_SAMPLING = ("time", "count")
 _VIDEO_FILE_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".wmv")
 _FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -630,8 +634,55 @@ class LladaVDataCollator:
         return out
 
 
+class MaskCountSampling:
+    """Wraps a collator: each sample masks `l ~ U{1..L}` of its `L` supervised tokens, a uniform subset.
+
+    The batch gets `masked_indices` and `masking_t = l / L`, so `LladaVModel.forward` weighs each masked token by
+    `1 / p_mask ~= L / l`. This is the second form of LLaDA's training/likelihood bound (Nie et al. 2025, "Large
+    Language Diffusion Models", appendix B): with `t ~ U(0, 1)` the number of masked tokens is Binomial(L, t) and
+    `integral of C(L, l) t^(l-1) (1-t)^(L-l) dt = 1 / l`, so both forms have the same expectation, sum over `l` of
+    `1 / l` times the expected loss on a uniform `l`-subset. This one has lower variance: the weights are bounded
+    by `L` instead of `1 / t`, and at least one token is always masked. It matters for short answers: with one
+    or two supervised tokens a sample's default loss is zero most of the time and occasionally `1 / t` times
+    larger, so a batch's gradient comes from its one or two samples with the smallest `t`.
+    (`p_mask = (1 - eps) * t + eps` makes the weight `1 / ((1 - eps) l / L + eps)`, i.e. up to `eps` relative
+    below `L / l`; `eps` is the config's `diffusion_eps`, 1e-3.)
+
+    Args:
+        collator: the collator to wrap (e.g. `LladaVDataCollator`); its batches need `labels`.
+        seed: seed of this sampler's own generator (deterministic masks given the batches).
+    """
+
+    def __init__(self, collator, seed: int = 0):
+        if not callable(collator):
+            raise TypeError(f"collator must be callable, got {type(collator).__name__}")
+        self.collator = collator
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collator(features)
+        if "labels" not in batch:
+            raise ValueError("MaskCountSampling needs batches with labels (the supervised tokens to mask)")
+        supervised = batch["labels"] != IGNORE_INDEX
+        masked = torch.zeros_like(supervised)
+        masking_t = torch.zeros(supervised.shape[0])
+        for row in range(supervised.shape[0]):
+            positions = supervised[row].nonzero().flatten()
+            total = len(positions)
+            if total == 0:
+                continue  # no loss from this row whatever t is
+            count = int(torch.randint(1, total + 1, (), generator=self.generator))
+            masked[row, positions[torch.randperm(total, generator=self.generator)[:count]]] = True
+            masking_t[row] = count / total
+        batch["masked_indices"] = masked
+        batch["masking_t"] = masking_t
+        return batch
+
+
 __all__ = [
     "IGNORE_INDEX",
+    "MASK_SAMPLING",
+    "MaskCountSampling",
     "BadSampleError",
     "LladaVDataCollator",
     "LladaVDataset",

@@ -34,7 +34,15 @@ from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from .configuration_llada_v import LladaVConfig
-from .data import LENGTH_POLICIES, ON_BAD_SAMPLE, PADDING_MODES, LladaVDataCollator, LladaVDataset
+from .data import (
+    LENGTH_POLICIES,
+    MASK_SAMPLING,
+    ON_BAD_SAMPLE,
+    PADDING_MODES,
+    LladaVDataCollator,
+    LladaVDataset,
+    MaskCountSampling,
+)
 from .image_processing_llada_v import LladaVImageProcessor
 from .modeling_llada_v import LladaVModel
 from .processing_llada_v import DEFAULT_SYSTEM_PROMPT, LladaVProcessor
@@ -341,6 +349,11 @@ class DataArguments:
     length_policy: str = field(default="drop_turns", metadata={"help": f"over-long samples: one of {LENGTH_POLICIES}"})
     on_bad_sample: str = field(default="skip", metadata={"help": f"bad samples: one of {ON_BAD_SAMPLE}"})
     padding: str = field(default="official", metadata={"help": f"padding mode: one of {PADDING_MODES}"})
+    mask_sampling: str = field(
+        default="time",
+        metadata={"help": f"one of {MASK_SAMPLING}: t ~ U(0,1) per sample (SPEC) or the number of masked tokens "
+                          "(same objective, lower variance; MaskCountSampling)"},
+    )
     dummy_image: bool = field(
         default=True, metadata={"help": "zero crop (masked, no loss) in batches without images; see docs/training.md"}
     )
@@ -427,6 +440,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrai
         raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {model_args.dtype!r}")
     if args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the model needs pixel_values and image layouts")
+    if data_args.mask_sampling not in MASK_SAMPLING:
+        raise ValueError(f"--mask_sampling must be one of {MASK_SAMPLING}, got {data_args.mask_sampling!r}")
     with saving_remote_code():
         return _train(model_args, data_args, args)
 
@@ -460,6 +475,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTra
     collator = LladaVDataCollator.from_processor(
         processor, padding=data_args.padding, max_length=data_args.max_length, dummy_image=data_args.dummy_image
     )
+    if data_args.mask_sampling == "count":
+        collator = MaskCountSampling(collator, seed=args.seed + args.process_index)  # ranks draw different masks
     trainer = LladaVTrainer(
         model=model,
         args=args,

@@ -4,9 +4,20 @@ import random
 
 import pytest
 import torch
+from PIL import Image
 
 from llada_v.demo_model import build_demo_processor, build_demo_tokenizer, demo_config
-from llada_v.demo_task import COLORS, NUMBER_WORDS, QUESTION_TYPES, SHAPES, ask, draw_scene, make_sample
+from llada_v.demo_task import (
+    COLORS,
+    DESCRIBE_QUESTION,
+    NUMBER_WORDS,
+    QUESTION_TYPES,
+    SHAPES,
+    ask,
+    describe,
+    draw_scene,
+    make_sample,
+)
 
 
 # ---------------------------------------------------------------- task
@@ -49,6 +60,25 @@ def test_every_question_type_and_answer_occurs():
         ask(scene, "size", rng)
 
 
+def test_descriptions_name_every_object_with_its_colour_from_left_to_right():
+    rng = random.Random(5)
+    for _ in range(30):
+        scene = draw_scene(rng)
+        question, answer = describe(scene)
+        assert question == DESCRIBE_QUESTION
+        words = answer.split()
+        pairs = list(zip(words[0::2], words[1::2]))
+        assert len(words) == 2 * len(scene.objects)
+        assert sorted(pairs) == sorted((o.color, o.shape) for o in scene.objects)
+        lefts = [next(o.box[0] for o in scene.objects if o.shape == shape) for _, shape in pairs]
+        assert lefts == sorted(lefts)
+        by_color = describe(scene, order="color")[1].split()
+        assert sorted(zip(by_color[0::2], by_color[1::2])) == sorted(pairs)
+        assert by_color[0::2] == sorted(by_color[0::2])
+    with pytest.raises(ValueError, match="order must be one of"):
+        describe(scene, order="size")
+
+
 def test_held_out_scenes_use_their_own_seed_stream():
     from llada_v.demo import held_out_sample
 
@@ -82,6 +112,40 @@ def test_demo_tokenizer_and_config_agree():
 # ---------------------------------------------------------------- training
 
 
+def test_training_data_mixes_descriptions_and_answer_labels_fill_the_canvas(tmp_path):
+    from llada_v.data import IGNORE_INDEX, LladaVDataset, TemplateTokens
+    from llada_v.train_demo import DEMO_GENERATION, DESCRIPTION_EVERY, AnswerOnlyLabels, write_training_data
+
+    tokenizer = build_demo_tokenizer()
+    config = demo_config(tokenizer)
+    processor = build_demo_processor(config, tokenizer)
+    data = write_training_data(tmp_path, 12, seed=0)
+    records = __import__("json").loads(data.read_text())
+    questions = [r["conversations"][0]["value"].split("\n")[1] for r in records]
+    assert [q == DESCRIBE_QUESTION for q in questions] == [i % DESCRIPTION_EVERY == DESCRIPTION_EVERY - 1 for i in range(12)]
+    assert any(len(r["conversations"]) == 4 for r in records)  # two-turn samples remain
+    canvas = DEMO_GENERATION["max_new_tokens"]
+    dataset = AnswerOnlyLabels(LladaVDataset(data, processor, image_folder=tmp_path, system_prompt=None),
+                               TemplateTokens.from_processor(processor), eos_token_id=config.eos_token_id, canvas=canvas)
+    eos, eot = config.eos_token_id, config.eot_token_id
+    for record, item in zip(records, dataset):
+        ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+        answers = [turn["value"] for turn in record["conversations"][1::2]]
+        expected = []
+        for answer in answers:
+            expected += [*tokenizer.convert_tokens_to_ids(answer.split()), eot]
+        tail = max(0, canvas - (len(answers[-1].split()) + 1))
+        expected += [eos] * tail
+        assert [label for label in labels if label != IGNORE_INDEX] == expected
+        assert ids[-len(answers[-1].split()) - 1 - tail:] == expected[-len(answers[-1].split()) - 1 - tail:]
+    with pytest.raises(ValueError, match="description_every"):
+        write_training_data(tmp_path / "bad", 2, seed=0, description_every=-1)
+    with pytest.raises(ValueError, match="description_order"):
+        write_training_data(tmp_path / "bad", 2, seed=0, description_order="size")
+    with pytest.raises(ValueError, match="canvas"):
+        AnswerOnlyLabels(dataset.dataset, dataset.tokens, eos_token_id=eos, canvas=0)
+
+
 def test_shortened_training_drives_the_loss_well_below_its_start(tmp_path):
     from llada_v.train_demo import train_demo
 
@@ -96,7 +160,41 @@ def test_shortened_training_drives_the_loss_well_below_its_start(tmp_path):
     assert (tmp_path / "demo" / "config.json").is_file() and (tmp_path / "demo" / "processor_config.json").is_file()
 
 
-def test_stage0_trains_only_the_vision_tower_and_learns_the_tags(tmp_path):
+def test_object_coverage_follows_the_image_processor_crops():
+    from llada_v.train_demo import object_coverage, patch_targets
+
+    tokenizer = build_demo_tokenizer()
+    processor = build_demo_processor(demo_config(tokenizer), tokenizer)
+    # A 56x56 image is one tile plus the base crop, both the image itself; PIL's rectangle includes its right
+    # and bottom edges, so pixels 14..41 are exactly patches 1 and 2 of the 4x4 grid (14 px each).
+    square = {"shape": "square", "color": "blue", "box": [14, 14, 41, 41]}
+    coverage = object_coverage((56, 56), [square], processor)
+    assert coverage.shape == (2, 16, 1)
+    expected = torch.zeros(4, 4)
+    expected[1:3, 1:3] = 1.0
+    for crop in coverage:
+        torch.testing.assert_close(crop[:, 0].view(4, 4), expected, atol=0.02, rtol=0)
+    shape, color, order = patch_targets(coverage, [square])
+    inside, outside = 5, 0  # patch (1, 1) and patch (0, 0)
+    assert shape[0, inside].argmax().item() == 1 + SHAPES.index("square")
+    assert color[0, inside].argmax().item() == 1 + sorted(COLORS).index("blue")
+    assert order[0, inside].argmax().item() == 1  # first from the left
+    assert shape[0, outside].argmax().item() == color[0, outside].argmax().item() == order[0, outside].argmax().item() == 0
+    for target in (shape, color, order):
+        torch.testing.assert_close(target.sum(-1), torch.ones(2, 16))
+
+    # A wide two-object scene: padding rows are background, the objects keep their left-to-right order.
+    left = {"shape": "circle", "color": "red", "box": [0, 0, 50, 50]}
+    right = {"shape": "triangle", "color": "green", "box": [60, 0, 110, 50]}
+    coverage = object_coverage((112, 56), [right, left], processor)
+    _, _, order = patch_targets(coverage, [right, left])
+    base = order[0].view(4, 4, -1).argmax(-1)
+    assert base[2, 0].item() == 1 and base[2, 3].item() == 2, base  # the base crop squashes 112x56 to 56x56
+    pixels = processor.image_processor(Image.new("RGB", (112, 56)), return_tensors="pt")["pixel_values"]
+    assert coverage.shape[0] == pixels.shape[0]
+
+
+def test_stage0_trains_only_the_vision_tower_and_learns_the_patch_labels(tmp_path):
     from llada_v import LladaVModel
     from llada_v.train_demo import pretrain_vision, write_training_data
 

@@ -12,6 +12,10 @@ anyres tiling matters. Questions have one-word answers:
 | exists | Is there a triangle? | yes / no |
 | leftmost | Which shape is on the left? | circle |
 
+Training data also holds scene *descriptions* (`describe`: "Which shapes are there?" -> "red circle blue
+square", left to right or by colour name), the demo's counterpart of the caption data LLaVA-style models are aligned with. They
+are not a question type of the held-out set.
+
 Everything is a pure function of a seed (`random.Random`), so a held-out set is reproducible and
 disjoint from training by construction (training uses seeds from a different range).
 """
@@ -69,15 +73,22 @@ def draw_scene(rng: random.Random) -> Scene:
         left = int(slot * slot_w + rng.uniform(0, slot_w - size))
         top = rng.randint(0, height - size)
         box = (left, top, left + size, top + size)
-        fill = COLORS[color]
-        if shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(left + size / 2, top), (left, top + size), (left + size, top + size)], fill=fill)
+        draw_object(draw, shape, box, COLORS[color])
         objects.append(SceneObject(shape, color, box))
     return Scene(image, objects)
+
+
+def draw_object(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple) -> None:
+    """Draw one solid shape filling the square `box` (left, top, right, bottom)."""
+    left, top, right, bottom = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
 def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
@@ -99,6 +110,22 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
 
 
+DESCRIBE_QUESTION = "Which shapes are there?"
+
+
+DESCRIPTION_ORDERS = ("left", "color")
+
+
+def describe(scene: Scene, order: str = "left") -> tuple[str, str]:
+    """The description question and its answer: every object as "colour shape", from left to right
+    (`order="left"`) or by colour name (`"color"`: the shape after each colour can then only be found by looking
+    for that colour in the image, not by counting objects from the left)."""
+    if order not in DESCRIPTION_ORDERS:
+        raise ValueError(f"order must be one of {DESCRIPTION_ORDERS}, got {order!r}")
+    key = (lambda o: o.center_x) if order == "left" else (lambda o: o.color)
+    return DESCRIBE_QUESTION, " ".join(f"{o.color} {o.shape}" for o in sorted(scene.objects, key=key))
+
+
 def make_sample(seed: int | str, turns: int = 1) -> dict:
     """A sample: the scene image and `turns` question/answer pairs of distinct types."""
     if turns < 1:
@@ -113,6 +140,7 @@ def make_sample(seed: int | str, turns: int = 1) -> dict:
 def vocabulary() -> list[str]:
     """Every word the task can produce, for the demo's small word-level tokenizer."""
     words = set(SHAPES) | set(COLORS) | set(NUMBER_WORDS) | {"yes", "no"}
+    words.update(DESCRIBE_QUESTION.replace("?", " ?").split())
     for scene_kind in QUESTION_TYPES:
         rng = random.Random(0)
         for _ in range(50):

@@ -1,15 +1,19 @@
 """Train the embedded demo model: a tiny LLaDA-V learns the synthetic shapes task from scratch.
 
     python -m llada_v.train_demo --output-dir OUT [--seed 0] [--train-samples 32000] [--stage1-steps 300]
-        [--stage2-steps 2000] [--batch-size 16] [--vision-pretrain-steps 2400]
+        [--stage2-steps 4000] [--batch-size 16] [--vision-pretrain-steps 2400] [--description-every 3]
+        [--description-order left] [--mask-sampling count]
         [--vision-lr 2e-5] [--projector-lr 2e-4] [--language-lr 1e-3] [--device cpu] [--dataloader-workers 0]
 
 The run goes through this project's own pipeline end to end: `demo_task` renders scenes, `LladaVDataset`
 applies the chat template, `LladaVDataCollator` pads, `LladaVTrainer` trains Stage 1 (projector only) then
 Stage 2 (everything) with the masked-diffusion loss of `LladaVModel`, and the result is saved with its
 processor, generation defaults and remote code. Before them, Stage 0 (`pretrain_vision`) stands in for the
-pretrained SigLIP that the released model starts from: the vision tower alone learns to tag the training
-scenes. Deterministic given the seed (CPU, fixed thread count). The learning rates are higher than the
+pretrained SigLIP that the released model starts from: the vision tower alone learns dense labels of the
+training scenes (which shape and colour cover each patch). Three choices make the small language model learn
+in time (docs/demo.md): count-form masking (`MaskCountSampling`), scene descriptions in the training data, and
+supervised EOS after the last answer up to the sampler's canvas. Deterministic given the seed (CPU, fixed
+thread count). The learning rates are higher than the
 paper's (1e-3 instead of 1e-5): the paper fine-tunes pretrained towers, this model starts from random weights.
 """
 
@@ -19,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -26,14 +31,22 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import TrainingArguments, set_seed
 
-from .data import IGNORE_INDEX, LladaVDataCollator, LladaVDataset, TemplateTokens, find_turns
+from .data import (
+    IGNORE_INDEX,
+    MASK_SAMPLING,
+    LladaVDataCollator,
+    LladaVDataset,
+    MaskCountSampling,
+    TemplateTokens,
+    find_turns,
+)
 from .demo_model import build_demo_processor, build_demo_tokenizer, demo_config
-from .demo_task import COLORS, SHAPES, make_sample
+from .demo_task import COLORS, DESCRIPTION_ORDERS, SHAPES, describe, draw_object, draw_scene, make_sample
 from .generation_utils import LladaVGenerationConfig
 from .modeling_llada_v import LladaVModel
 from .processing_llada_v import LladaVProcessor
@@ -49,73 +62,154 @@ DEMO_GENERATION = dict(max_new_tokens=4, steps=4, block_length=4)
 # random tower drift until every patch maps to the same vector.
 STAGE2_LEARNING_RATES = {"vision": 2e-5, "projector": 2e-4, "language": 1e-3}
 STAGE1_LEARNING_RATES = {"projector": 1e-3}
-# Stage 0, the demo's stand-in for a pretrained SigLIP: the vision tower learns to tag scenes (which shapes and
-# colours are present) from its mean-pooled features with a throw-away linear head.
+STAGE2_STEPS = 4000  # batches of 16: 2 epochs of the 32,000 samples
+# Stage 0, the demo's stand-in for a pretrained SigLIP: every patch token of every crop learns which shape and
+# which colour cover its patch (dense labels rendered from the scene's objects), and on the whole-image base crop
+# also which object it is counting from the left; the mean-pooled tokens also learn which shapes and colours the
+# scene holds (tags). Throw-away linear heads read the tokens that feed the projector.
+SHAPE_CLASSES = ("background", *SHAPES)
+COLOR_CLASSES = ("background", *sorted(COLORS))
+ORDER_CLASSES = ("background", "first", "second", "third")  # objects counted from the left
 VISION_TAGS = (*SHAPES, *sorted(COLORS))
 VISION_PRETRAIN = {"steps": 2400, "batch_size": 16, "learning_rate": 1e-3}
+# One training sample in this many is a scene description ("red circle blue square"), naming every object with
+# its colour. Without descriptions, colour questions stayed at chance even on perfect vision features (docs/demo.md,
+# run 17); with them they are answered right (runs 19-23).
+DESCRIPTION_EVERY = 3
+DESCRIPTION_ORDER = "left"
 
 
-def write_training_data(folder: Path, num_samples: int, seed: int) -> Path:
+def write_training_data(folder: Path, num_samples: int, seed: int, description_every: int = DESCRIPTION_EVERY,
+                        description_order: str = DESCRIPTION_ORDER) -> Path:
     """Render `num_samples` scenes as PNG files plus a LLaVA-format JSON list; returns the JSON path.
 
-    About one sample in four is a two-turn conversation about the same image.
+    One sample in `description_every` (0: none) is a scene description (`demo_task.describe`); of the others
+    about one in four is a two-turn conversation about the same image. `description_order` is `describe`'s.
     """
+    if description_order not in DESCRIPTION_ORDERS:
+        raise ValueError(f"description_order must be one of {DESCRIPTION_ORDERS}, got {description_order!r}")
+    if description_every < 0:
+        raise ValueError(f"description_every must be >= 0 (0: no descriptions), got {description_every}")
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(num_samples):
         sample_seed = TRAIN_SEED_OFFSET + seed * num_samples + i
-        turns = 2 if i % 4 == 3 else 1
-        sample = make_sample(sample_seed, turns=turns)
+        if description_every and i % description_every == description_every - 1:
+            scene = draw_scene(random.Random(sample_seed))
+            sample = {"image": scene.image, "qa": [describe(scene, description_order)], "objects": scene.objects}
+        else:
+            sample = make_sample(sample_seed, turns=2 if i % 4 == 3 else 1)
         name = f"{i:06d}.png"
         sample["image"].save(folder / name)
         conversations = []
         for turn, (question, answer) in enumerate(sample["qa"]):
             conversations.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + question})
             conversations.append({"from": "gpt", "value": answer})
-        tags = sorted({o.shape for o in sample["objects"]} | {o.color for o in sample["objects"]})
-        records.append({"id": i, "image": name, "conversations": conversations, "tags": tags})
+        objects = [{"shape": o.shape, "color": o.color, "box": list(o.box)} for o in sample["objects"]]
+        records.append({"id": i, "image": name, "conversations": conversations, "objects": objects})
     path = folder / "data.json"
     path.write_text(json.dumps(records))
     return path
 
 
+def object_coverage(size: tuple[int, int], objects: list[dict], processor: LladaVProcessor) -> torch.Tensor:
+    """How much of every patch of every crop each object covers: `(crops, patches, len(objects))` in [0, 1].
+
+    The objects are painted as pure red / green / blue on black and the picture goes through the image
+    processor itself, so the crops, tiling, padding and resizing are exactly those of the real image; the
+    normalisation is undone and each channel averaged over each patch.
+    """
+    if len(objects) > 3:
+        raise ValueError(f"at most 3 objects can be told apart by colour channel, got {len(objects)}")
+    picture = Image.new("RGB", size, (0, 0, 0))
+    draw = ImageDraw.Draw(picture)
+    for channel, obj in enumerate(objects):
+        fill = tuple(255 if c == channel else 0 for c in range(3))
+        draw_object(draw, obj["shape"], tuple(obj["box"]), fill)
+    image_processor = processor.image_processor
+    crops = image_processor(picture, return_tensors="pt")["pixel_values"]
+    mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
+    share = (crops * std + mean).clamp(0, 1)  # bicubic resizing over- and undershoots a little
+    share = nn.functional.avg_pool2d(share, image_processor.patch_size)  # (crops, 3, side, side), row-major patches as in SigLIP
+    return share.flatten(2).transpose(1, 2)[..., : len(objects)]
+
+
+def patch_targets(coverage: torch.Tensor, objects: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft per-patch class distributions (shape, colour, order from the left) from `object_coverage`."""
+    background = (1 - coverage.sum(-1, keepdim=True)).clamp(min=0)
+    by_left = sorted(range(len(objects)), key=lambda k: objects[k]["box"][0] + objects[k]["box"][2])
+
+    def classes(names: tuple[str, ...], label_of) -> torch.Tensor:
+        target = torch.zeros(*coverage.shape[:2], len(names))
+        target[..., :1] = background
+        for k, obj in enumerate(objects):
+            target[..., names.index(label_of(k, obj))] += coverage[..., k]
+        return target / target.sum(-1, keepdim=True)
+
+    return (classes(SHAPE_CLASSES, lambda k, obj: obj["shape"]),
+            classes(COLOR_CLASSES, lambda k, obj: obj["color"]),
+            classes(ORDER_CLASSES, lambda k, obj: ORDER_CLASSES[1 + by_left.index(k)]))
+
+
 def pretrain_vision(model: LladaVModel, data_path: Path, processor: LladaVProcessor, steps: int, batch_size: int,
-                    learning_rate: float, seed: int) -> list[float]:
-    """Stage 0: train the vision tower alone to tag scenes; returns the loss every `steps // 20` steps.
+                    learning_rate: float, seed: int, image_tags: bool = True) -> list[float]:
+    """Stage 0: train the vision tower alone on dense scene labels; returns the loss every `steps // 20` steps.
 
     The released LLaDA-V starts from a pretrained SigLIP; no such tower exists at the demo's size, and one
     trained from scratch only through the language model does not learn shapes: while its random features carry
     no usable shape information, the language model learns to answer shape questions from priors and the vision
     gradient vanishes (measured: patch-embedding gradient ~1e-4, and shape accuracy at chance whatever the
     vision learning rate). So the demo pretrains the tower first, on the training images only: every crop of an
-    image (anyres tiling as in training) goes through the layers that feed the projector, the tokens are
-    mean-pooled per image, and a linear head (discarded afterwards) predicts which shapes and colours are present
-    (binary cross-entropy). The language model and projector are untouched.
+    image (anyres tiling as in training) goes through the layers that feed the projector, and linear heads
+    (discarded afterwards) predict from each patch token the shape and the colour covering that patch, and on the
+    base crop which object from the left it is (soft cross-entropy against the covered fractions, so the tokens
+    carry shape and colour where the object is: what the language model has to match question words against).
+    With `image_tags` a fourth head also predicts from the mean-pooled tokens which shapes and colours the scene
+    holds (binary cross-entropy). The language model and projector are untouched.
     """
     records = json.loads(data_path.read_text())
     folder = data_path.parent
     vision = model.vision_tower
-    head = nn.Linear(model.config.vision_config.hidden_size, len(VISION_TAGS))
+    width = model.config.vision_config.hidden_size
+    heads = nn.ModuleDict({"shape": nn.Linear(width, len(SHAPE_CLASSES)), "color": nn.Linear(width, len(COLOR_CLASSES)),
+                           "order": nn.Linear(width, len(ORDER_CLASSES)), "tags": nn.Linear(width, len(VISION_TAGS))})
     # Parameters the feature does not use (post_layernorm) get no gradient, so AdamW leaves them as they are.
-    optimizer = torch.optim.AdamW([*vision.parameters(), *head.parameters()], lr=learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([*vision.parameters(), *heads.parameters()], lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     device = next(vision.parameters()).device
-    head.to(device)
+    heads.to(device)
+
+    def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return -(target * logits.log_softmax(-1)).sum(-1).mean()
+
     losses, window = [], []
     vision.train()
     for step in range(steps):
         picks = torch.randint(len(records), (batch_size,), generator=generator).tolist()
-        crops, counts, targets = [], [], torch.zeros(batch_size, len(VISION_TAGS))
+        crops, shape_t, color_t, order_t, base_rows = [], [], [], [], []
+        tags = torch.zeros(batch_size, len(VISION_TAGS))
         for row, index in enumerate(picks):
-            with Image.open(folder / records[index]["image"]) as image:
-                pixel_values = processor.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+            record = records[index]
+            for obj in record["objects"]:
+                tags[row, VISION_TAGS.index(obj["shape"])] = tags[row, VISION_TAGS.index(obj["color"])] = 1.0
+            with Image.open(folder / record["image"]) as image:
+                image = image.convert("RGB")
+            pixel_values = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+            targets = patch_targets(object_coverage(image.size, record["objects"], processor), record["objects"])
+            base_rows.append(sum(c.shape[0] for c in crops))  # the base crop comes first in each image
             crops.append(pixel_values)
-            counts.append(pixel_values.shape[0])
-            for tag in records[index]["tags"]:
-                targets[row, VISION_TAGS.index(tag)] = 1.0
-        hidden = model.encode_vision(torch.cat(crops).to(device))
-        pooled = torch.stack([part.mean(dim=(0, 1)) for part in torch.split(hidden, counts)])
-        loss = nn.functional.binary_cross_entropy_with_logits(head(pooled), targets.to(device))
+            shape_t.append(targets[0])
+            color_t.append(targets[1])
+            order_t.append(targets[2][0])
+        hidden = model.encode_vision(torch.cat(crops).to(device))  # (crops, patches, width)
+        loss = (soft_cross_entropy(heads["shape"](hidden), torch.cat(shape_t).to(device))
+                + soft_cross_entropy(heads["color"](hidden), torch.cat(color_t).to(device))
+                + soft_cross_entropy(heads["order"](hidden[base_rows]), torch.stack(order_t).to(device)))
+        if image_tags:
+            counts = [c.shape[0] for c in crops]
+            pooled = torch.stack([part.mean(dim=(0, 1)) for part in torch.split(hidden, counts)])
+            loss = loss + nn.functional.binary_cross_entropy_with_logits(heads["tags"](pooled), tags.to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -127,16 +221,26 @@ def pretrain_vision(model: LladaVModel, data_path: Path, processor: LladaVProces
 
 
 class AnswerOnlyLabels(Dataset):
-    """The demo's labels: only the assistant answers (word + `<|eot_id|>`) are supervised.
+    """The demo's labels: only the assistant answers (words + `<|eot_id|>`) are supervised, and the last answer
+    is followed by supervised EOS up to `canvas` tokens.
 
     The SPEC rule also supervises every template token, so a one-word answer is about a tenth of each
     sample's loss and the model learns the (easy) template and the answer priors long before it learns to
     look at the image. The demo keeps the answer's share whole; the released model's rule is unchanged in
     `LladaVDataset`.
+
+    The EOS padding is what LLaDA's supervised EOS padding teaches (SPEC section 6): the sampler starts from
+    `max_new_tokens` masks at the end of the sequence, so the model has to know that masks after a short answer
+    and its `<|eot_id|>` are filler. Without it a model trained on answers of different lengths (descriptions
+    and one-word answers) reads the length of the answer from the number of masks and fills a 4-token canvas
+    with a 3-word "answer" (measured).
     """
 
-    def __init__(self, dataset: LladaVDataset, tokens: TemplateTokens):
+    def __init__(self, dataset: LladaVDataset, tokens: TemplateTokens, eos_token_id: int, canvas: int):
+        if canvas < 1:
+            raise ValueError(f"canvas must be at least 1 token, got {canvas}")
         self.dataset, self.tokens = dataset, tokens
+        self.eos_token_id, self.canvas = eos_token_id, canvas
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -150,6 +254,13 @@ class AnswerOnlyLabels(Dataset):
                 # The answer starts after `<|start_header_id|>assistant<|end_header_id|>\n\n`.
                 header_end = ids.index(self.tokens.end_header_id, turn.start) + 1
                 labels[header_end : turn.end] = item["input_ids"][header_end : turn.end]
+        # The last answer runs to the end of the sequence; pad it with EOS up to the canvas.
+        last_answer = len(ids) - 1 - ids[::-1].index(self.tokens.end_header_id)
+        missing = self.canvas - (len(ids) - last_answer - 1)
+        if missing > 0:
+            padding = torch.full((missing,), self.eos_token_id, dtype=item["input_ids"].dtype)
+            item["input_ids"] = torch.cat((item["input_ids"], padding))
+            labels = torch.cat((labels, padding))
         item["labels"] = labels
         return item
 
@@ -181,20 +292,27 @@ def train_demo(
     seed: int = 0,
     train_samples: int = 32_000,
     stage1_steps: int = 300,
-    stage2_steps: int = 2000,
+    stage2_steps: int = STAGE2_STEPS,
     batch_size: int = 16,
     work_dir: Path | None = None,
     learning_rates: dict[str, float] | None = None,
     device: str = "cpu",
     dataloader_workers: int = 0,
     vision_pretrain_steps: int = VISION_PRETRAIN["steps"],
+    description_every: int = DESCRIPTION_EVERY,
+    description_order: str = DESCRIPTION_ORDER,
+    mask_sampling: str = "count",
 ) -> dict:
     """Train and save the demo model into `output_dir` (atomically). Returns a summary with the losses.
 
     `learning_rates` overrides entries of the Stage 2 rates (`vision`, `projector`, `language`). The shipped
     model is trained on CPU with the defaults; `device="cuda"` (and data-loader workers) are for exploring
-    settings faster: a GPU run is not bit-identical to the CPU run.
+    settings faster: a GPU run is not bit-identical to the CPU run. `description_every` (0: none) and
+    `mask_sampling` (`"count"`: `MaskCountSampling`; `"time"`: the model's own `t ~ U(0, 1)`) exist to measure
+    what they bring (docs/demo.md).
     """
+    if mask_sampling not in MASK_SAMPLING:
+        raise ValueError(f"mask_sampling must be one of {MASK_SAMPLING}, got {mask_sampling!r}")
     rates2 = dict(STAGE2_LEARNING_RATES)
     for name, value in (learning_rates or {}).items():
         if name not in rates2:
@@ -231,12 +349,17 @@ def train_demo(
 
     scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="llada_v_demo_"))
     try:
-        data_path = write_training_data(scratch / "data", train_samples, seed)
+        data_path = write_training_data(scratch / "data", train_samples, seed, description_every, description_order)
         dataset = AnswerOnlyLabels(
             LladaVDataset(data_path, processor, image_folder=scratch / "data", system_prompt=None),
             TemplateTokens.from_processor(processor),
+            eos_token_id=config.eos_token_id,
+            canvas=DEMO_GENERATION["max_new_tokens"],
         )
         collator = LladaVDataCollator.from_processor(processor, padding="masked")
+        if mask_sampling == "count":
+            # The same objective with bounded weights: one-word answers make the default estimator very noisy.
+            collator = MaskCountSampling(collator, seed)
         history = {}
         if vision_pretrain_steps:
             model.to(device)
@@ -244,7 +367,7 @@ def train_demo(
                 model, data_path, processor, vision_pretrain_steps, VISION_PRETRAIN["batch_size"],
                 VISION_PRETRAIN["learning_rate"], seed,
             )  # fmt: skip
-            logger.info("stage 0 (vision tags): loss %.3f -> %.3f", history["stage0"][0], history["stage0"][-1])
+            logger.info("stage 0 (vision, dense scene labels): loss %.3f -> %.3f", history["stage0"][0], history["stage0"][-1])
         stages = [("1", stage1_steps, ("projector",), STAGE1_LEARNING_RATES),
                   ("2", stage2_steps, ("vision", "projector", "language"), rates2)]
         for stage, steps, groups, rates in stages:
@@ -296,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-samples", type=int, default=32_000)
     parser.add_argument("--stage1-steps", type=int, default=300)
-    parser.add_argument("--stage2-steps", type=int, default=2000)
+    parser.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS)
     parser.add_argument("--batch-size", type=int, default=16)
     for group, rate in STAGE2_LEARNING_RATES.items():
         parser.add_argument(f"--{group}-lr", type=float, default=rate, help=f"Stage 2 learning rate (default {rate})")
@@ -304,13 +427,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu (default: the reproducible run) or cuda (faster exploration, not bit-identical)")
     parser.add_argument("--dataloader-workers", type=int, default=0)
     parser.add_argument("--vision-pretrain-steps", type=int, default=VISION_PRETRAIN["steps"],
-                        help="Stage 0 steps (vision tower tags scenes; 0 skips it)")
+                        help="Stage 0 steps (vision tower learns dense scene labels; 0 skips it)")
+    parser.add_argument("--description-every", type=int, default=DESCRIPTION_EVERY,
+                        help=f"one training sample in N is a scene description (0: none; default {DESCRIPTION_EVERY})")
+    parser.add_argument("--description-order", choices=DESCRIPTION_ORDERS, default=DESCRIPTION_ORDER,
+                        help=f"objects of a description from the left or by colour name (default {DESCRIPTION_ORDER})")
+    parser.add_argument("--mask-sampling", choices=MASK_SAMPLING, default="count",
+                        help="count: MaskCountSampling (default); time: t ~ U(0, 1) per sample")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rates = {group: getattr(args, f"{group}_lr") for group in STAGE2_LEARNING_RATES}
     summary = train_demo(args.output_dir, args.seed, args.train_samples, args.stage1_steps, args.stage2_steps,
                          args.batch_size, learning_rates=rates, device=args.device,
-                         dataloader_workers=args.dataloader_workers, vision_pretrain_steps=args.vision_pretrain_steps)
+                         dataloader_workers=args.dataloader_workers, vision_pretrain_steps=args.vision_pretrain_steps,
+                         description_every=args.description_every, description_order=args.description_order,
+                         mask_sampling=args.mask_sampling)
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"} | {
         "first_loss": {k: v[0] for k, v in summary["losses"].items()},
         "last_loss": {k: v[-1] for k, v in summary["losses"].items()},

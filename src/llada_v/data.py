@@ -644,9 +644,11 @@ class MaskCountSampling:
     `1 / l` times the expected loss on a uniform `l`-subset. This one has lower variance: the weights are bounded
     by `L` instead of `1 / t`, and at least one token is always masked. It matters for short answers: with one
     or two supervised tokens a sample's default loss is zero most of the time and occasionally `1 / t` times
-    larger, so a batch's gradient comes from its one or two samples with the smallest `t`.
-    (`p_mask = (1 - eps) * t + eps` makes the weight `1 / ((1 - eps) l / L + eps)`, i.e. up to `eps` relative
-    below `L / l`; `eps` is the config's `diffusion_eps`, 1e-3.)
+    larger, so a batch's gradient is dominated by its few samples with the smallest `t`.
+    (`p_mask = (1 - eps) * t + eps` makes the weight `1 / ((1 - eps) l / L + eps)`, that is `L / l` divided by
+    `1 - eps + eps L / l`, with `eps` the config's `diffusion_eps` (1e-3). That is within 1% of `L / l` while
+    `eps L / l <= 0.01`, as for short answers. For long answers with few masked tokens the weight is smaller,
+    capped at `1 / eps` like the default form's weights, and the two forms then differ by more than `eps`.)
 
     Args:
         collator: the collator to wrap (e.g. `LladaVDataCollator`); its batches need `labels`.

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from llada_v import LladaVModel
-from llada_v.data import LladaVDataCollator, LladaVDataset
+from llada_v.data import LladaVDataCollator, LladaVDataset, MaskCountSampling
 from llada_v.processing_llada_v import LladaVProcessor
 from llada_v.training import (
     LORA_TARGET_MODULES,
@@ -240,8 +240,12 @@ def test_training_entry_resumes_exactly_and_writes_a_loadable_checkpoint(setup, 
 
 def test_training_entry_count_mask_sampling_trains_and_rejects_unknown_modes(setup, tmp_path):
     trainer = main(_entry_args(setup, tmp_path / "count", "--max_steps", "2", "--mask_sampling", "count"))
+    assert isinstance(trainer.data_collator, MaskCountSampling)
+    assert isinstance(trainer.data_collator.collator, LladaVDataCollator)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(loss > 0 for loss in losses)  # count form: every row masks >= 1 token
+    assert not isinstance(main(_entry_args(setup, tmp_path / "time", "--max_steps", "1")).data_collator,
+                          MaskCountSampling)  # the default stays the SPEC form
     with pytest.raises(ValueError, match="mask_sampling must be one of .*'sometimes'"):
         main(_entry_args(setup, tmp_path / "bad", "--max_steps", "1", "--mask_sampling", "sometimes"))
 

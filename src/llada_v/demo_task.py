@@ -13,8 +13,8 @@ anyres tiling matters. Questions have one-word answers:
 | leftmost | Which shape is on the left? | circle |
 
 Training data also holds scene *descriptions* (`describe`: "Which shapes are there?" -> "red circle blue
-square", left to right or by colour name), the demo's counterpart of the caption data LLaVA-style models are aligned with. They
-are not a question type of the held-out set.
+square", left to right or by colour name), the demo's counterpart of the caption data LLaVA-style models are
+aligned with. They are not a question type of the held-out set.
 
 Everything is a pure function of a seed (`random.Random`), so a held-out set is reproducible and
 disjoint from training by construction (training uses seeds from a different range).

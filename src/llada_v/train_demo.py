@@ -153,7 +153,7 @@ def patch_targets(coverage: torch.Tensor, objects: list[dict]) -> tuple[torch.Te
 
 
 def pretrain_vision(model: LladaVModel, data_path: Path, processor: LladaVProcessor, steps: int, batch_size: int,
-                    learning_rate: float, seed: int, image_tags: bool = True) -> list[float]:
+                    learning_rate: float, seed: int) -> list[float]:
     """Stage 0: train the vision tower alone on dense scene labels; returns the loss every `steps // 20` steps.
 
     The released LLaDA-V starts from a pretrained SigLIP; no such tower exists at the demo's size, and one
@@ -165,8 +165,8 @@ def pretrain_vision(model: LladaVModel, data_path: Path, processor: LladaVProces
     (discarded afterwards) predict from each patch token the shape and the colour covering that patch, and on the
     base crop which object from the left it is (soft cross-entropy against the covered fractions, so the tokens
     carry shape and colour where the object is: what the language model has to match question words against).
-    With `image_tags` a fourth head also predicts from the mean-pooled tokens which shapes and colours the scene
-    holds (binary cross-entropy). The language model and projector are untouched.
+    A fourth head predicts from the mean-pooled tokens which shapes and colours the scene holds (binary
+    cross-entropy). The language model and projector are untouched.
     """
     records = json.loads(data_path.read_text())
     folder = data_path.parent
@@ -206,10 +206,8 @@ def pretrain_vision(model: LladaVModel, data_path: Path, processor: LladaVProces
         loss = (soft_cross_entropy(heads["shape"](hidden), torch.cat(shape_t).to(device))
                 + soft_cross_entropy(heads["color"](hidden), torch.cat(color_t).to(device))
                 + soft_cross_entropy(heads["order"](hidden[base_rows]), torch.stack(order_t).to(device)))
-        if image_tags:
-            counts = [c.shape[0] for c in crops]
-            pooled = torch.stack([part.mean(dim=(0, 1)) for part in torch.split(hidden, counts)])
-            loss = loss + nn.functional.binary_cross_entropy_with_logits(heads["tags"](pooled), tags.to(device))
+        pooled = torch.stack([part.mean(dim=(0, 1)) for part in torch.split(hidden, [c.shape[0] for c in crops])])
+        loss = loss + nn.functional.binary_cross_entropy_with_logits(heads["tags"](pooled), tags.to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -249,14 +247,14 @@ class AnswerOnlyLabels(Dataset):
         item = dict(self.dataset[index])
         ids = item["input_ids"].tolist()
         labels = torch.full_like(item["labels"], IGNORE_INDEX)
+        header_end = len(ids)
         for turn in find_turns(ids, self.tokens):
             if turn.is_assistant:
                 # The answer starts after `<|start_header_id|>assistant<|end_header_id|>\n\n`.
                 header_end = ids.index(self.tokens.end_header_id, turn.start) + 1
                 labels[header_end : turn.end] = item["input_ids"][header_end : turn.end]
         # The last answer runs to the end of the sequence; pad it with EOS up to the canvas.
-        last_answer = len(ids) - 1 - ids[::-1].index(self.tokens.end_header_id)
-        missing = self.canvas - (len(ids) - last_answer - 1)
+        missing = self.canvas - (len(ids) - header_end)
         if missing > 0:
             padding = torch.full((missing,), self.eos_token_id, dtype=item["input_ids"].dtype)
             item["input_ids"] = torch.cat((item["input_ids"], padding))

@@ -9,7 +9,7 @@ from PIL import Image
 from llada_v.demo_model import build_demo_processor, build_demo_tokenizer, demo_config
 from llada_v.demo_task import (
     COLORS,
-    DESCRIBE_QUESTION,
+    DESCRIBE_QUESTIONS,
     NUMBER_WORDS,
     QUESTION_TYPES,
     SHAPES,
@@ -60,23 +60,48 @@ def test_every_question_type_and_answer_occurs():
         ask(scene, "size", rng)
 
 
-def test_descriptions_name_every_object_with_its_colour_from_left_to_right():
+def test_descriptions_name_every_object_with_its_colour_from_left_to_right_or_by_colour():
     rng = random.Random(5)
     for _ in range(30):
         scene = draw_scene(rng)
         question, answer = describe(scene)
-        assert question == DESCRIBE_QUESTION
+        assert question == "Which shapes are there?"
         words = answer.split()
         pairs = list(zip(words[0::2], words[1::2]))
         assert len(words) == 2 * len(scene.objects)
         assert sorted(pairs) == sorted((o.color, o.shape) for o in scene.objects)
         lefts = [next(o.box[0] for o in scene.objects if o.shape == shape) for _, shape in pairs]
         assert lefts == sorted(lefts)
-        by_color = describe(scene, order="color")[1].split()
+        question, by_color = describe(scene, order="color")
+        assert question == "Which colors are there?"
+        by_color = by_color.split()
         assert sorted(zip(by_color[0::2], by_color[1::2])) == sorted(pairs)
         assert by_color[0::2] == sorted(by_color[0::2])
     with pytest.raises(ValueError, match="order must be one of"):
         describe(scene, order="size")
+
+
+def test_weighted_question_types_follow_the_weights_and_stay_distinct():
+    counts = dict.fromkeys(QUESTION_TYPES, 0)
+    for seed in range(1400):
+        sample = make_sample(seed, weights={"shape": 3.0, "count": 0.0})
+        counts[sample["types"][0]] += 1
+    # Expected shares: shape 3/6, color / exists / leftmost 1/6 each, count never.
+    assert counts["count"] == 0
+    assert abs(counts["shape"] / 1400 - 0.5) < 0.05, counts
+    for kind in ("color", "exists", "leftmost"):
+        assert abs(counts[kind] / 1400 - 1 / 6) < 0.04, counts
+    for seed in range(50):
+        types = make_sample(seed, turns=4, weights={"shape": 3.0, "count": 0.0})["types"]
+        assert len(set(types)) == 4 and "count" not in types
+    # Without weights the draw is the uniform one of the held-out sets.
+    assert make_sample(3)["qa"] == make_sample(3, weights=None)["qa"]
+    with pytest.raises(ValueError, match=r"unknown question types in weights: \['size'\]"):
+        make_sample(0, weights={"size": 1.0})
+    with pytest.raises(ValueError, match=r"question weights must be >= 0, got \{'shape': -1.0\}"):
+        make_sample(0, weights={"shape": -1.0})
+    with pytest.raises(ValueError, match="2 distinct question types need 2 with positive weight"):
+        make_sample(0, turns=2, weights=dict.fromkeys(QUESTION_TYPES[1:], 0.0))
 
 
 def test_held_out_scenes_use_their_own_seed_stream():
@@ -122,7 +147,10 @@ def test_training_data_mixes_descriptions_and_answer_labels_fill_the_canvas(tmp_
     data = write_training_data(tmp_path, 12, seed=0)
     records = __import__("json").loads(data.read_text())
     questions = [r["conversations"][0]["value"].split("\n")[1] for r in records]
-    assert [q == DESCRIBE_QUESTION for q in questions] == [i % DESCRIPTION_EVERY == DESCRIPTION_EVERY - 1 for i in range(12)]
+    described = [i for i in range(12) if i % DESCRIPTION_EVERY == DESCRIPTION_EVERY - 1]
+    assert [q in DESCRIBE_QUESTIONS.values() for q in questions] == [i in described for i in range(12)]
+    # The default alternates the two orders, each asked with its own question.
+    assert [questions[i] for i in described] == [DESCRIBE_QUESTIONS[o] for o in ("left", "color", "left", "color")]
     assert any(len(r["conversations"]) == 4 for r in records)  # two-turn samples remain
     canvas = DEMO_GENERATION["max_new_tokens"]
     dataset = AnswerOnlyLabels(LladaVDataset(data, processor, image_folder=tmp_path, system_prompt=None),
@@ -142,6 +170,8 @@ def test_training_data_mixes_descriptions_and_answer_labels_fill_the_canvas(tmp_
         write_training_data(tmp_path / "bad", 2, seed=0, description_every=-1)
     with pytest.raises(ValueError, match="description_order"):
         write_training_data(tmp_path / "bad", 2, seed=0, description_order="size")
+    with pytest.raises(ValueError, match="unknown question types"):
+        write_training_data(tmp_path / "bad", 2, seed=0, question_weights={"size": 2.0})
     with pytest.raises(ValueError, match="canvas"):
         AnswerOnlyLabels(dataset.dataset, dataset.tokens, eos_token_id=eos, canvas=0)
 
@@ -220,3 +250,16 @@ def test_train_demo_runs_stage0_first(tmp_path):
     assert list(summary["losses"]) == ["stage0", "stage2"] and len(summary["losses"]["stage0"]) == 20
     with pytest.raises(ValueError, match="vision_pretrain_steps"):
         train_demo(tmp_path / "bad", vision_pretrain_steps=-1)
+
+
+def test_question_weights_option_parses_pairs_and_names_bad_input():
+    import argparse
+
+    from llada_v.train_demo import _question_weights
+
+    assert _question_weights("shape=3, color=0.5") == {"shape": 3.0, "color": 0.5}
+    assert _question_weights("uniform") == {}
+    for text, message in (("size=2", "got 'size=2'"), ("shape", "got 'shape'"), ("shape=x", "must be a number, got 'x'"),
+                          ("shape=-1", "must be >= 0, got '-1'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            _question_weights(text)

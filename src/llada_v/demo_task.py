@@ -13,8 +13,10 @@ anyres tiling matters. Questions have one-word answers:
 | leftmost | Which shape is on the left? | circle |
 
 Training data also holds scene *descriptions* (`describe`: "Which shapes are there?" -> "red circle blue
-square", left to right or by colour name), the demo's counterpart of the caption data LLaVA-style models are
-aligned with. They are not a question type of the held-out set.
+square" from left to right, "Which colors are there?" -> "blue square red circle" by colour name), the demo's
+counterpart of the caption data LLaVA-style models are aligned with. They are not a question type of the
+held-out set. Training may also draw question types with weights (`make_sample`); held-out sets draw them
+uniformly.
 
 Everything is a pure function of a seed (`random.Random`), so a held-out set is reproducible and
 disjoint from training by construction (training uses seeds from a different range).
@@ -110,29 +112,54 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
 
 
-DESCRIBE_QUESTION = "Which shapes are there?"
-
-
-DESCRIPTION_ORDERS = ("left", "color")
+# The description question of each order: the question tells the model which order to answer in.
+DESCRIBE_QUESTIONS = {"left": "Which shapes are there?", "color": "Which colors are there?"}
+DESCRIPTION_ORDERS = tuple(DESCRIBE_QUESTIONS)
 
 
 def describe(scene: Scene, order: str = "left") -> tuple[str, str]:
     """The description question and its answer: every object as "colour shape", from left to right
-    (`order="left"`) or by colour name (`"color"`: the shape after each colour can then only be found by looking
-    for that colour in the image, not by counting objects from the left)."""
+    (`order="left"`, "Which shapes are there?") or by colour name (`"color"`, "Which colors are there?": the
+    shape after each colour can then only be found by looking for that colour in the image, not by counting
+    objects from the left)."""
     if order not in DESCRIPTION_ORDERS:
         raise ValueError(f"order must be one of {DESCRIPTION_ORDERS}, got {order!r}")
     key = (lambda o: o.center_x) if order == "left" else (lambda o: o.color)
-    return DESCRIBE_QUESTION, " ".join(f"{o.color} {o.shape}" for o in sorted(scene.objects, key=key))
+    answer = " ".join(f"{o.color} {o.shape}" for o in sorted(scene.objects, key=key))
+    return DESCRIBE_QUESTIONS[order], answer
 
 
-def make_sample(seed: int | str, turns: int = 1) -> dict:
-    """A sample: the scene image and `turns` question/answer pairs of distinct types."""
+def _weighted_kinds(rng: random.Random, count: int, weights: dict[str, float]) -> list[str]:
+    """`count` distinct question types drawn one after another with probabilities proportional to `weights`."""
+    unknown = sorted(set(weights) - set(QUESTION_TYPES))
+    if unknown:
+        raise ValueError(f"unknown question types in weights: {unknown}; expected some of {QUESTION_TYPES}")
+    bad = {kind: w for kind, w in weights.items() if not w >= 0}
+    if bad:
+        raise ValueError(f"question weights must be >= 0, got {bad}")
+    pool = [kind for kind in QUESTION_TYPES if weights.get(kind, 1.0) > 0]
+    if len(pool) < count:
+        raise ValueError(f"{count} distinct question types need {count} with positive weight, got {pool}")
+    kinds = []
+    for _ in range(count):
+        kind = rng.choices(pool, weights=[weights.get(k, 1.0) for k in pool])[0]
+        pool.remove(kind)
+        kinds.append(kind)
+    return kinds
+
+
+def make_sample(seed: int | str, turns: int = 1, weights: dict[str, float] | None = None) -> dict:
+    """A sample: the scene image and `turns` question/answer pairs of distinct types.
+
+    Types are drawn uniformly (the held-out sets), or with `weights` (type -> relative weight, 1 where not
+    given; training data can ask the hard types more often).
+    """
     if turns < 1:
         raise ValueError(f"turns must be at least 1, got {turns}")
     rng = random.Random(seed)
     scene = draw_scene(rng)
-    kinds = rng.sample(QUESTION_TYPES, min(turns, len(QUESTION_TYPES)))
+    count = min(turns, len(QUESTION_TYPES))
+    kinds = rng.sample(QUESTION_TYPES, count) if weights is None else _weighted_kinds(rng, count, weights)
     qa = [ask(scene, kind, rng) for kind in kinds]
     return {"image": scene.image, "qa": qa, "types": kinds, "objects": scene.objects}
 
@@ -140,7 +167,8 @@ def make_sample(seed: int | str, turns: int = 1) -> dict:
 def vocabulary() -> list[str]:
     """Every word the task can produce, for the demo's small word-level tokenizer."""
     words = set(SHAPES) | set(COLORS) | set(NUMBER_WORDS) | {"yes", "no"}
-    words.update(DESCRIBE_QUESTION.replace("?", " ?").split())
+    for question in DESCRIBE_QUESTIONS.values():
+        words.update(question.replace("?", " ?").split())
     for scene_kind in QUESTION_TYPES:
         rng = random.Random(0)
         for _ in range(50):

@@ -2,7 +2,8 @@
 
     python -m llada_v.train_demo --output-dir OUT [--seed 0] [--train-samples 32000] [--stage1-steps 300]
         [--stage2-steps 4000] [--batch-size 16] [--vision-pretrain-steps 2400] [--description-every 3]
-        [--description-order left] [--mask-sampling count]
+        [--description-order both] [--question-weights shape=3,leftmost=2]
+        [--mask-sampling count]
         [--vision-lr 2e-5] [--projector-lr 2e-4] [--language-lr 1e-3] [--device cpu] [--dataloader-workers 0]
 
 The run goes through this project's own pipeline end to end: `demo_task` renders scenes, `LladaVDataset`
@@ -46,7 +47,16 @@ from .data import (
     find_turns,
 )
 from .demo_model import build_demo_processor, build_demo_tokenizer, demo_config
-from .demo_task import COLORS, DESCRIPTION_ORDERS, SHAPES, describe, draw_object, draw_scene, make_sample
+from .demo_task import (
+    COLORS,
+    DESCRIPTION_ORDERS,
+    QUESTION_TYPES,
+    SHAPES,
+    describe,
+    draw_object,
+    draw_scene,
+    make_sample,
+)
 from .generation_utils import LladaVGenerationConfig
 from .modeling_llada_v import LladaVModel
 from .processing_llada_v import LladaVProcessor
@@ -76,29 +86,44 @@ VISION_PRETRAIN = {"steps": 2400, "batch_size": 16, "learning_rate": 1e-3}
 # its colour. Without descriptions, colour questions stayed at chance even on perfect vision features (docs/demo.md,
 # run 17); with them they are answered right (runs 19-23).
 DESCRIPTION_EVERY = 3
-DESCRIPTION_ORDER = "left"
+# "both": descriptions alternate between left-to-right ("Which shapes are there?") and colour-name order ("Which
+# colors are there?"). Colour order makes the model find each colour in the image and name the shape there, the
+# skill "Which shape is blue?" needs; left order keeps "Which shape is on the left?" (docs/demo.md, runs 22-24).
+DESCRIPTION_MODES = (*DESCRIPTION_ORDERS, "both")
+DESCRIPTION_ORDER = "both"
+# Relative weights of the question types in the training questions (1 where not given); held-out sets ask every
+# type equally often. "Which shape is <colour>?" is the type the model learns last, "Which shape is on the left?"
+# the one that suffers most when shape questions dominate (docs/demo.md, runs 24-25).
+QUESTION_WEIGHTS = {"shape": 3.0, "leftmost": 2.0}
 
 
 def write_training_data(folder: Path, num_samples: int, seed: int, description_every: int = DESCRIPTION_EVERY,
-                        description_order: str = DESCRIPTION_ORDER) -> Path:
+                        description_order: str = DESCRIPTION_ORDER,
+                        question_weights: dict[str, float] | None = None) -> Path:
     """Render `num_samples` scenes as PNG files plus a LLaVA-format JSON list; returns the JSON path.
 
     One sample in `description_every` (0: none) is a scene description (`demo_task.describe`); of the others
-    about one in four is a two-turn conversation about the same image. `description_order` is `describe`'s.
+    about one in four is a two-turn conversation about the same image. `description_order` is `describe`'s
+    order, or `"both"`: the descriptions alternate between the orders. `question_weights` (type -> relative
+    weight; `None`: `QUESTION_WEIGHTS`, `{}`: uniform) weights the question types.
     """
-    if description_order not in DESCRIPTION_ORDERS:
-        raise ValueError(f"description_order must be one of {DESCRIPTION_ORDERS}, got {description_order!r}")
+    if description_order not in DESCRIPTION_MODES:
+        raise ValueError(f"description_order must be one of {DESCRIPTION_MODES}, got {description_order!r}")
     if description_every < 0:
         raise ValueError(f"description_every must be >= 0 (0: no descriptions), got {description_every}")
+    weights = dict(QUESTION_WEIGHTS if question_weights is None else question_weights)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
+    descriptions = 0
     for i in range(num_samples):
         sample_seed = TRAIN_SEED_OFFSET + seed * num_samples + i
         if description_every and i % description_every == description_every - 1:
             scene = draw_scene(random.Random(sample_seed))
-            sample = {"image": scene.image, "qa": [describe(scene, description_order)], "objects": scene.objects}
+            order = DESCRIPTION_ORDERS[descriptions % 2] if description_order == "both" else description_order
+            descriptions += 1
+            sample = {"image": scene.image, "qa": [describe(scene, order)], "objects": scene.objects}
         else:
-            sample = make_sample(sample_seed, turns=2 if i % 4 == 3 else 1)
+            sample = make_sample(sample_seed, turns=2 if i % 4 == 3 else 1, weights=weights)
         name = f"{i:06d}.png"
         sample["image"].save(folder / name)
         conversations = []
@@ -300,14 +325,16 @@ def train_demo(
     description_every: int = DESCRIPTION_EVERY,
     description_order: str = DESCRIPTION_ORDER,
     mask_sampling: str = "count",
+    question_weights: dict[str, float] | None = None,
 ) -> dict:
     """Train and save the demo model into `output_dir` (atomically). Returns a summary with the losses.
 
     `learning_rates` overrides entries of the Stage 2 rates (`vision`, `projector`, `language`). The shipped
     model is trained on CPU with the defaults; `device="cuda"` (and data-loader workers) are for exploring
     settings faster: a GPU run is not bit-identical to the CPU run. `description_every` (0: none) and
-    `mask_sampling` (`"count"`: `MaskCountSampling`; `"time"`: the model's own `t ~ U(0, 1)`) exist to measure
-    what they bring (docs/demo.md).
+    `mask_sampling` (`"count"`: `MaskCountSampling`; `"time"`: the model's own `t ~ U(0, 1)`),
+    `description_order` and `question_weights` (`write_training_data`'s) exist to measure what they bring
+    (docs/demo.md).
     """
     if mask_sampling not in MASK_SAMPLING:
         raise ValueError(f"mask_sampling must be one of {MASK_SAMPLING}, got {mask_sampling!r}")
@@ -347,7 +374,8 @@ def train_demo(
 
     scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="llada_v_demo_"))
     try:
-        data_path = write_training_data(scratch / "data", train_samples, seed, description_every, description_order)
+        data_path = write_training_data(scratch / "data", train_samples, seed, description_every, description_order,
+                                        question_weights)
         dataset = AnswerOnlyLabels(
             LladaVDataset(data_path, processor, image_folder=scratch / "data", system_prompt=None),
             TemplateTokens.from_processor(processor),
@@ -411,6 +439,30 @@ def save_demo(model: LladaVModel, processor: LladaVProcessor, output_dir: Path) 
         raise
 
 
+def _format_weights(weights: dict[str, float]) -> str:
+    return ",".join(f"{kind}={value:g}" for kind, value in weights.items()) or "uniform"
+
+
+def _question_weights(text: str) -> dict[str, float]:
+    """`--question-weights`: 'uniform' or comma-separated `type=weight` pairs."""
+    if text.strip() == "uniform":
+        return {}
+    weights = {}
+    for part in text.split(","):
+        kind, sep, value = part.partition("=")
+        kind = kind.strip()
+        if not sep or kind not in QUESTION_TYPES:
+            raise argparse.ArgumentTypeError(
+                f"expected 'uniform' or type=weight pairs with types from {QUESTION_TYPES}, got {part!r}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"weight of {kind!r} must be a number, got {value!r}") from None
+        if not weights[kind] >= 0:
+            raise argparse.ArgumentTypeError(f"weight of {kind!r} must be >= 0, got {value!r}")
+    return weights
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -428,8 +480,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="Stage 0 steps (vision tower learns dense scene labels; 0 skips it)")
     parser.add_argument("--description-every", type=int, default=DESCRIPTION_EVERY,
                         help=f"one training sample in N is a scene description (0: none; default {DESCRIPTION_EVERY})")
-    parser.add_argument("--description-order", choices=DESCRIPTION_ORDERS, default=DESCRIPTION_ORDER,
-                        help=f"objects of a description from the left or by colour name (default {DESCRIPTION_ORDER})")
+    parser.add_argument("--description-order", choices=DESCRIPTION_MODES, default=DESCRIPTION_ORDER,
+                        help="objects of a description from the left, by colour name, or both orders alternating "
+                        f"(default {DESCRIPTION_ORDER})")
+    parser.add_argument("--question-weights", type=_question_weights, default=None,
+                        help="relative weights of the training question types, e.g. 'shape=3,color=1' (1 where not "
+                        f"given; 'uniform': all 1; default {_format_weights(QUESTION_WEIGHTS)})")
     parser.add_argument("--mask-sampling", choices=MASK_SAMPLING, default="count",
                         help="count: MaskCountSampling (default); time: t ~ U(0, 1) per sample")
     args = parser.parse_args(argv)
@@ -439,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                          args.batch_size, learning_rates=rates, device=args.device,
                          dataloader_workers=args.dataloader_workers, vision_pretrain_steps=args.vision_pretrain_steps,
                          description_every=args.description_every, description_order=args.description_order,
-                         mask_sampling=args.mask_sampling)
+                         mask_sampling=args.mask_sampling, question_weights=args.question_weights)
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"} | {
         "first_loss": {k: v[0] for k, v in summary["losses"].items()},
         "last_loss": {k: v[-1] for k, v in summary["losses"].items()},

@@ -102,6 +102,8 @@ def test_weighted_question_types_follow_the_weights_and_stay_distinct():
         make_sample(0, weights={"shape": -1.0})
     with pytest.raises(ValueError, match="2 distinct question types need 2 with positive weight"):
         make_sample(0, turns=2, weights=dict.fromkeys(QUESTION_TYPES[1:], 0.0))
+    with pytest.raises(TypeError, match=r"question weights must be numbers, got \{'shape': '3'\}"):
+        make_sample(0, weights={"shape": "3"})
 
 
 def test_held_out_scenes_use_their_own_seed_stream():
@@ -172,6 +174,9 @@ def test_training_data_mixes_descriptions_and_answer_labels_fill_the_canvas(tmp_
         write_training_data(tmp_path / "bad", 2, seed=0, description_order="size")
     with pytest.raises(ValueError, match="unknown question types"):
         write_training_data(tmp_path / "bad", 2, seed=0, question_weights={"size": 2.0})
+    with pytest.raises(ValueError, match="2 distinct question types need 2"):  # two-turn samples need two types
+        write_training_data(tmp_path / "bad", 2, seed=0, question_weights=dict.fromkeys(QUESTION_TYPES[1:], 0.0))
+    assert not (tmp_path / "bad").exists()  # rejected before anything is written
     with pytest.raises(ValueError, match="canvas"):
         AnswerOnlyLabels(dataset.dataset, dataset.tokens, eos_token_id=eos, canvas=0)
 

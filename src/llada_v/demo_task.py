@@ -129,17 +129,28 @@ def describe(scene: Scene, order: str = "left") -> tuple[str, str]:
     return DESCRIBE_QUESTIONS[order], answer
 
 
-def _weighted_kinds(rng: random.Random, count: int, weights: dict[str, float]) -> list[str]:
-    """`count` distinct question types drawn one after another with probabilities proportional to `weights`."""
+def check_question_weights(weights: dict[str, float], turns: int = 1) -> None:
+    """Raise if `weights` (type -> relative weight, 1 where not given) cannot draw `turns` distinct types."""
+    if not isinstance(weights, dict):
+        raise TypeError(f"question weights must be a dict of type -> weight, got {type(weights).__name__}")
     unknown = sorted(set(weights) - set(QUESTION_TYPES))
     if unknown:
         raise ValueError(f"unknown question types in weights: {unknown}; expected some of {QUESTION_TYPES}")
+    not_numbers = {kind: w for kind, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float))}
+    if not_numbers:
+        raise TypeError(f"question weights must be numbers, got {not_numbers}")
     bad = {kind: w for kind, w in weights.items() if not w >= 0}
     if bad:
         raise ValueError(f"question weights must be >= 0, got {bad}")
     pool = [kind for kind in QUESTION_TYPES if weights.get(kind, 1.0) > 0]
-    if len(pool) < count:
-        raise ValueError(f"{count} distinct question types need {count} with positive weight, got {pool}")
+    if len(pool) < min(turns, len(QUESTION_TYPES)):
+        raise ValueError(f"{turns} distinct question types need {turns} with positive weight, got {pool}")
+
+
+def _weighted_kinds(rng: random.Random, count: int, weights: dict[str, float]) -> list[str]:
+    """`count` distinct question types drawn one after another with probabilities proportional to `weights`."""
+    check_question_weights(weights, count)
+    pool = [kind for kind in QUESTION_TYPES if weights.get(kind, 1.0) > 0]
     kinds = []
     for _ in range(count):
         kind = rng.choices(pool, weights=[weights.get(k, 1.0) for k in pool])[0]

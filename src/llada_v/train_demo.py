@@ -52,6 +52,7 @@ from .demo_task import (
     DESCRIPTION_ORDERS,
     QUESTION_TYPES,
     SHAPES,
+    check_question_weights,
     describe,
     draw_object,
     draw_scene,
@@ -88,7 +89,7 @@ VISION_PRETRAIN = {"steps": 2400, "batch_size": 16, "learning_rate": 1e-3}
 DESCRIPTION_EVERY = 3
 # "both": descriptions alternate between left-to-right ("Which shapes are there?") and colour-name order ("Which
 # colors are there?"). Colour order makes the model find each colour in the image and name the shape there, the
-# skill "Which shape is blue?" needs; left order keeps "Which shape is on the left?" (docs/demo.md, runs 22-24).
+# skill "Which shape is blue?" needs; left order keeps "Which shape is on the left?" (docs/demo.md, runs 22-25).
 DESCRIPTION_MODES = (*DESCRIPTION_ORDERS, "both")
 DESCRIPTION_ORDER = "both"
 # Relative weights of the question types in the training questions (1 where not given); held-out sets ask every
@@ -111,7 +112,9 @@ def write_training_data(folder: Path, num_samples: int, seed: int, description_e
         raise ValueError(f"description_order must be one of {DESCRIPTION_MODES}, got {description_order!r}")
     if description_every < 0:
         raise ValueError(f"description_every must be >= 0 (0: no descriptions), got {description_every}")
-    weights = dict(QUESTION_WEIGHTS if question_weights is None else question_weights)
+    weights = QUESTION_WEIGHTS if question_weights is None else question_weights
+    check_question_weights(weights, turns=2)  # before anything is written
+    weights = dict(weights)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     descriptions = 0

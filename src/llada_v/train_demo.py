@@ -114,7 +114,6 @@ def write_training_data(folder: Path, num_samples: int, seed: int, description_e
         raise ValueError(f"description_every must be >= 0 (0: no descriptions), got {description_every}")
     weights = QUESTION_WEIGHTS if question_weights is None else question_weights
     check_question_weights(weights, turns=2)  # before anything is written
-    weights = dict(weights)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     descriptions = 0

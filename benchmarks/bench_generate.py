@@ -9,7 +9,7 @@ vocabulary (126464) and a real-shaped prompt: one 853x1280 image (3633 image tok
 in the official demo.
 
 Methods (`--methods`): reference, exact, prefix, dual, threshold, prompt_once (dual cache, prompt once per
-call), no_early_exit (needs `--stop-token-id`), fast (`LladaVGenerationConfig.fast`), fast_prompt_once.
+call), fast (`LladaVGenerationConfig.fast`), fast_prompt_once.
 Each runs in its own subprocess so peak memory is measured separately (peak RSS of the process and the peak
 RSS increase during generation, sampled every 2 ms). Reported per method, from one run: wall time and speedup
 vs the reference, forward passes, answer tokens per forward, cost in full forwards (decoder tokens / (prompt +
@@ -18,7 +18,7 @@ to the reference, and answer tokens equal to exact mode's.
 
 `--batch-throughput`: one batch of 8 demo-task questions vs 8 single calls, exact mode, on a demo-shaped
 random model. `--demo-accuracy N`: exact vs fast accuracy on N held-out questions of the trained demo model
-(`llada_v/demo_checkpoint/`, or `--demo-model DIR`); skipped while no checkpoint exists.
+(`llada_v/demo/checkpoint/`, or `--demo-model DIR`); skipped while no checkpoint exists.
 
     python benchmarks/bench_generate.py --threads 1 --batch-throughput --demo-accuracy 200   # ~11 min
     python benchmarks/bench_generate.py --steps 16 --gen-length 32 --block-length 16 --methods reference,exact
@@ -40,9 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the parity oracle: tests/official_sampler.py
+from official_sampler import reference_generate  # noqa: E402
 SHARED = Path(os.environ.get("LLADA_V_SHARED", REPO.parent / "shared"))
 IMAGE_PLACEHOLDER = -200
 # The official demo prompt around one image (golden case `test_jpg_s16_g32_b32`): system + user turn, then
@@ -51,133 +52,6 @@ DEMO_PROMPT = [
     126080, 126346, 9125, 126347, 271, 40, 41, 42, 126348, 126346, 882, 126347, 271,
     IMAGE_PLACEHOLDER, 198, 5501, 7664, 279, 2217, 13, 126348, 126346, 598, 126347, 271,
 ]  # fmt: skip
-OFFICIAL_SUPPRESSED = (126081, 126080, 126346, 126347)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reference: the official loop, batch size 1
-
-
-def _official_transfer_counts(block_mask_index: torch.Tensor, steps: int) -> torch.Tensor:
-    mask_num = block_mask_index.sum(dim=1, keepdim=True)
-    base, remainder = mask_num // steps, mask_num % steps
-    counts = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
-    for i in range(mask_num.size(0)):
-        counts[i, : remainder[i]] += 1
-    return counts
-
-
-@torch.no_grad()
-def reference_generate(
-    model,
-    inputs_embeds: torch.Tensor,
-    steps: int,
-    gen_length: int,
-    block_length: int,
-    temperature: float = 0.0,
-    cfg_scale: float = 0.0,
-    remasking: str = "low_confidence",
-    mask_id: int = 126336,
-    stop_token_ids: list[list[int]] | None = None,
-    suffix_token_ids: list[int] | None = None,
-    suppressed_ids: tuple[int, ...] = OFFICIAL_SUPPRESSED,
-    vocab_limit: int | None = None,
-) -> tuple[list[int], int]:
-    """The official `generate_with_embeds` on merged prompt embeddings `(1, P, D)`.
-
-    `vocab_limit` emulates the official loader's lm_head shrunk to the tokenizer length (logits sliced to it).
-    Returns (the official return value as a list of ids, number of forward passes).
-    """
-    embed = model.get_input_embeddings()
-    device = inputs_embeds.device
-    prompt_len = inputs_embeds.shape[1]
-    suffix = list(suffix_token_ids or [])
-    suffix_len = len(suffix)
-    total = prompt_len + gen_length + suffix_len
-    masked_embed = embed(torch.tensor([mask_id], device=device))  # (1, D)
-    x_embeds = masked_embed.repeat(1, total, 1)
-    x_embeds[:, :prompt_len] = inputs_embeds.clone()
-    x = torch.full((1, total), mask_id, dtype=torch.long, device=device)
-    if suffix_len:
-        suffix_t = torch.tensor([suffix], dtype=torch.long, device=device)
-        x_embeds[:, -suffix_len:] = embed(suffix_t)
-        x[:, -suffix_len:] = suffix_t
-    prompt_index = torch.zeros((1, total), dtype=torch.bool, device=device)
-    prompt_index[:, :prompt_len] = True
-
-    num_blocks = gen_length // block_length
-    steps = steps // num_blocks
-    stop_position, found_stop = prompt_len + gen_length, False
-    forward_passes = 0
-    for num_block in range(num_blocks):
-        block_start = prompt_len + num_block * block_length
-        block_end = block_start + block_length
-        if found_stop and stop_position <= block_start:
-            break
-        block_mask_index = torch.all(torch.abs(x_embeds[:, block_start:block_end] - masked_embed) < 1e-5, dim=2)
-        num_transfer_tokens = _official_transfer_counts(block_mask_index, steps)
-        for i in range(steps):
-            mask_index = torch.all(torch.abs(x_embeds - masked_embed) < 1e-5, dim=2)  # (1, L)
-            if found_stop and not mask_index[0, prompt_len:stop_position].any():
-                break
-            if not mask_index[0, block_start:block_end].any():
-                break
-            if cfg_scale > 0.0:
-                un_embeds = x_embeds.clone()
-                un_mask = prompt_index.unsqueeze(-1).expand_as(x_embeds)
-                un_embeds[un_mask] = masked_embed.repeat(1, total, 1)[un_mask]
-                logits = model(inputs_embeds=torch.cat([x_embeds, un_embeds], dim=0)).logits.float()
-                logits, un_logits = torch.chunk(logits, 2, dim=0)
-                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
-            else:
-                logits = model(inputs_embeds=x_embeds).logits.float()  # (1, L, V): every position
-            forward_passes += 1
-            if vocab_limit is not None:
-                logits = logits[..., :vocab_limit]
-            for token_id in suppressed_ids:
-                logits[:, :, token_id] = torch.where(mask_index, -float("inf"), logits[:, :, token_id])
-
-            if temperature == 0:
-                x0 = torch.argmax(logits, dim=-1)
-            else:
-                noisy = logits.to(torch.float64)
-                gumbel = (-torch.log(torch.rand_like(noisy, dtype=torch.float64))) ** temperature
-                x0 = torch.argmax(noisy.exp() / gumbel, dim=-1)
-            if remasking == "low_confidence":
-                p = F.softmax(logits.to(torch.float64), dim=-1)  # (1, L, V) float64: the official cost
-                x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
-                del p
-            else:
-                x0_p = torch.rand(x0.shape, device=device)
-            if found_stop:
-                x0_p[:, stop_position:] = -np.inf
-            else:
-                x0_p[:, block_end:] = -np.inf
-            if suffix_len:
-                x0_p[:, -suffix_len:] = -np.inf
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, -np.inf)
-            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
-            _, select_index = torch.topk(confidence[0], k=int(num_transfer_tokens[0, i]))
-            transfer_index[0, select_index] = True
-            x0_embeds = torch.where(mask_index.unsqueeze(-1), embed(x0), x_embeds)
-            x_embeds[transfer_index] = x0_embeds[transfer_index]
-            x[transfer_index] = x0[transfer_index]
-
-            if stop_token_ids:
-                generated = x[0, prompt_len : prompt_len + gen_length]
-                for stop_seq in stop_token_ids:
-                    for start in range(generated.size(0) - len(stop_seq) + 1):
-                        if torch.all(generated[start : start + len(stop_seq)] == torch.tensor(stop_seq, device=device)):
-                            position = prompt_len + start
-                            if not found_stop or position < stop_position:
-                                stop_position, found_stop = position, True
-                            break
-                    if found_stop:
-                        break
-    end = stop_position if found_stop else prompt_len + gen_length
-    answer = x[0, prompt_len:end].tolist()
-    return answer + (x[0, -suffix_len:].tolist() if suffix_len else []), forward_passes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,7 +138,6 @@ METHODS: dict[str, dict | None] = {
     "dual": {"kv_cache": "dual"},
     "threshold": {"confidence_threshold": 0.9},
     "prompt_once": {"kv_cache": "dual", "kv_cache_prompt_refresh": "once"},
-    "no_early_exit": {"early_exit": False},  # exact without the exit: what the exit saves (needs a stop)
     FAST: {},
     "fast_prompt_once": {"kv_cache_prompt_refresh": "once"},  # the preset + the prompt encoded once per call
 }
@@ -321,7 +194,7 @@ def worker(method: str, model_dir: str, args: argparse.Namespace) -> dict:
         else:
             config = _generation_config(model, method, {**settings, "stop_token_ids": stops})
             out = model.diffusion_generate(**inputs, generation_config=config, return_dict_in_generate=True)
-            tokens = out.sequences[0, prompt_len : prompt_len + int(out.answer_lengths[0])].tolist()
+            tokens = out.answer_ids()[0]
             passes, decoder_tokens = out.num_forward_passes, out.num_decoder_tokens
         seconds = time.perf_counter() - start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -348,8 +221,8 @@ def batch_worker(args: argparse.Namespace) -> dict:
     one call with the batch vs one call per question, same settings; returns both times and whether the
     answers agree."""
     from llada_v import LladaVGenerationConfig, LladaVModel
-    from llada_v.demo_model import build_demo_processor, build_demo_tokenizer, demo_config
-    from llada_v.demo_task import make_sample
+    from llada_v.demo.model import build_demo_processor, build_demo_tokenizer, demo_config
+    from llada_v.demo.task import make_sample
 
     torch.set_num_threads(args.threads)
     tokenizer = build_demo_tokenizer()
@@ -375,8 +248,7 @@ def batch_worker(args: argparse.Namespace) -> dict:
         inputs = processor(images=[[samples[i]["image"]] for i in indices], text=[texts[i] for i in indices])
         inputs = inputs.to(args.device)
         out = model.diffusion_generate(**inputs, **settings)
-        p = inputs["input_ids"].shape[1]
-        return [out.sequences[r, p : p + int(out.answer_lengths[r])].tolist() for r in range(len(indices))], p
+        return out.answer_ids(), out.prompt_length
 
     run([0])  # warm-up
     single_seconds = batch_seconds = float("inf")
@@ -407,14 +279,14 @@ def batch_worker(args: argparse.Namespace) -> dict:
 
 def demo_accuracy(args: argparse.Namespace) -> dict:
     """Exact-match accuracy of exact mode and of the fast preset on `args.demo_accuracy` held-out questions of
-    the trained demo model (`llada_v/demo_checkpoint/`, or `--demo-model`), with `llada_v.demo.evaluate`.
+    the trained demo model (`llada_v/demo/checkpoint/`, or `--demo-model`), with `llada_v.demo.app.evaluate`.
 
     The checkpoint is loaded with this package's classes (not its exported remote code), so the sampler measured
     is the one in this tree.
     """
     from llada_v import LladaVGenerationConfig, LladaVModel, LladaVProcessor
-    from llada_v.demo import evaluate
-    from llada_v.demo_model import demo_model_dir
+    from llada_v.demo.app import evaluate
+    from llada_v.demo.model import demo_model_dir
 
     path = Path(args.demo_model) if args.demo_model else demo_model_dir()
     if not (path / "config.json").is_file():
@@ -476,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also compare exact vs fast accuracy on N held-out demo questions (needs the trained "
                              "demo checkpoint)")
     parser.add_argument("--demo-seed", type=int, default=0)
-    parser.add_argument("--demo-model", help="demo checkpoint folder (default: llada_v/demo_checkpoint)")
+    parser.add_argument("--demo-model", help="demo checkpoint folder (default: llada_v/demo/checkpoint)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where --batch-throughput and --demo-accuracy run (the methods always run on CPU)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -497,8 +369,6 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    if "no_early_exit" in methods and args.stop_token_id is None:
-        parser.error("no_early_exit differs from exact only with a stop: pass --stop-token-id")
     forwarded = [
         f"--hidden={args.hidden}", f"--layers={args.layers}", f"--heads={args.heads}", f"--steps={args.steps}",
         f"--gen-length={args.gen_length}", f"--block-length={args.block_length}", f"--threads={args.threads}",
@@ -551,6 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "peak_rss_ratio_vs_reference": r["peak_rss_bytes"] / ref["peak_rss_bytes"] if ref else None,
                 "generation_peak_increase_bytes": r["generation_peak_increase_bytes"],
                 "agreement_with_exact": _agreement(r["tokens"], exact_tokens) if exact_tokens is not None else None,
+                "answer_ids": r["tokens"],
             }
             summary["methods"][name] = row
             speedup = f"{row['speedup_vs_reference']:.1f}x" if ref else "-"

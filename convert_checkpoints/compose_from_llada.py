@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 try:
-    from llada_v.compose import main
+    from llada_v.conversion.compose import main
 except ImportError:
     # Running from a source checkout without `pip install -e .`: use the repository's src/ explicitly.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from llada_v.compose import main
+    from llada_v.conversion.compose import main
 
 if __name__ == "__main__":
     sys.exit(main())

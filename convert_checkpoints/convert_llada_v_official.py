@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 try:
-    from llada_v.convert_official import main
+    from llada_v.conversion.official import main
 except ImportError:
     # Running from a source checkout without `pip install -e .`: use the repository's src/ explicitly.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from llada_v.convert_official import main
+    from llada_v.conversion.official import main
 
 if __name__ == "__main__":
     sys.exit(main())

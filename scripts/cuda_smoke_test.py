@@ -33,8 +33,8 @@ UNQUANTISED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "lm_head")
 def build_tiny_checkpoint(path: Path, width: int) -> Path:
     """A random-weight LLaDA-V with the demo tokenizer/processor, language model `width` wide, sampler 8/8/8."""
     from llada_v import LladaVGenerationConfig, LladaVModel
-    from llada_v.demo_model import build_demo_processor, build_demo_tokenizer, demo_config
-    from llada_v.train_demo import save_demo
+    from llada_v.demo.model import build_demo_processor, build_demo_tokenizer, demo_config
+    from llada_v.demo.train import save_demo
 
     tokenizer = build_demo_tokenizer()
     config = demo_config(tokenizer, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=2)
@@ -95,26 +95,26 @@ def run_checks(name: str, model_id: str, device: str, mode: str) -> list[dict]:
     red, blue = Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (90, 50), (0, 0, 255))
     prompts = [chat_prompt(processor, [user_message("What color is the circle?", 1)]),
                chat_prompt(processor, [user_message("How many shapes are there in this picture?", 1)])]
-    config = generation_config_for(model, {})
+    config = generation_config_for(model.generation_config, {})
 
     def single():
-        answers, output, _ = generate_texts(model, processor, prompts[:1], [[red]], config)
+        answers, output = generate_texts(model, processor, prompts[:1], [[red]], config)
         state["single"] = answers[0]
         if not torch.isfinite(output.sequences.float()).all():
             raise AssertionError("non-finite ids")
         return f"answer {answers[0]!r} in {output.num_forward_passes} passes"
 
     def batch():
-        answers, _, _ = generate_texts(model, processor, prompts, [[red], [blue]], config)
-        alone, _, _ = generate_texts(model, processor, prompts[1:], [[blue]], config)
+        answers, _ = generate_texts(model, processor, prompts, [[red], [blue]], config)
+        alone, _ = generate_texts(model, processor, prompts[1:], [[blue]], config)
         same = [answers[0] == state.get("single"), answers[1] == alone[0]]
         if mode == "float32" and not all(same):
             raise AssertionError(f"batch rows differ from single runs: {answers} vs {state.get('single')}, {alone}")
         return f"rows equal single runs: {same}"
 
     def fast():
-        fast_config = generation_config_for(model, {}, fast=True)
-        answers, output, _ = generate_texts(model, processor, prompts, [[red], [blue]], fast_config)
+        fast_config = generation_config_for(model.generation_config, {}, fast=True)
+        answers, output = generate_texts(model, processor, prompts, [[red], [blue]], fast_config)
         return f"{output.num_forward_passes} passes: {answers}"
 
     record("generate", single)

@@ -3,13 +3,13 @@
     python scripts/demo_sweep.py --out DIR [--device cuda] [--workers 2] [--parallel 6] \
         [--eval-seeds 12345,777] [--eval-n 200] NAME:KEY=VALUE,KEY=VALUE ...
 
-Each NAME:... is one run of `python -m llada_v.train_demo` with the given options (KEY is the option without
+Each NAME:... is one run of `python -m llada_v.demo.train` with the given options (KEY is the option without
 the leading dashes, e.g. `vision-lr=2e-4,stage2-steps=6000`); runs start as subprocesses, at most `--parallel`
-at a time. After a run trains, its checkpoint is evaluated with `llada_v.demo.evaluate` on every
+at a time. After a run trains, its checkpoint is evaluated with `llada_v.demo.app.evaluate` on every
 `--eval-seeds` held-out set. Results are appended to `DIR/results.jsonl` as they arrive (one JSON line per
 run: the options, wall time, first/last loss, accuracy per seed and per question type), so a sweep cut short
 still reports the finished runs. This is an exploration tool: the shipped model comes from the CPU default
-run of `llada_v.train_demo`, and a CUDA run is not bit-identical to it.
+run of `llada_v.demo.train`, and a CUDA run is not bit-identical to it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def evaluate_checkpoint(path: str, device: str, seeds: list[int], n: int) -> dic
     import torch
 
     from llada_v import LladaVModel, LladaVProcessor
-    from llada_v.demo import evaluate
+    from llada_v.demo.app import evaluate
 
     model = LladaVModel.from_pretrained(path, dtype=torch.float32).eval().to(device)
     processor = LladaVProcessor.from_pretrained(path)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         while pending and len(active) < args.parallel:
             name, options = pending.pop(0)
             log = open(args.out / f"{name}.log", "w")  # noqa: SIM115 - closed when the run ends
-            command = [sys.executable, "-m", "llada_v.train_demo", "--output-dir", str(args.out / name),
+            command = [sys.executable, "-m", "llada_v.demo.train", "--output-dir", str(args.out / name),
                        "--device", args.device, "--dataloader-workers", str(args.workers), *options]  # fmt: skip
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             active[name] = (proc, log, options, time.time())

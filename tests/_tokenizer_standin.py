@@ -1,29 +1,18 @@
-"""Test helpers: the stand-in LLaDA tokenizer (real special ids, byte-level BPE) and the shared/ folder.
+"""Test helpers: the stand-in LLaDA tokenizer (real special ids, byte-level BPE).
 
-The real `tokenizer.json` is not available here; `llada_v.tokenizer_utils` writes a stand-in of the released
+The real `tokenizer.json` is not available here; `llada_v.conversion.tokenizer` writes a stand-in of the released
 tokenizer folder, and `build_converted_tokenizer` adds `<image>` at 126349 exactly as the converter does.
 Model tests may use `standin_processor(crop_size=...)` too.
 """
 
 import atexit
 import functools
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from llada_v.image_processing_llada_v import LladaVImageProcessor
-from llada_v.tokenizer_utils import build_converted_tokenizer, build_processor, write_standin_released_tokenizer
-
-
-def shared_dir() -> Path:
-    """`../shared` next to the repository root, or `$LLADA_V_SHARED`."""
-    default = Path(__file__).resolve().parents[1].parent / "shared"
-    return Path(os.environ.get("LLADA_V_SHARED", default))
-
-
-def golden_path() -> Path:
-    return shared_dir() / "golden"
+from llada_v.conversion.tokenizer import build_converted_tokenizer, build_processor, write_standin_released_tokenizer
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,14 +1,11 @@
 """Shared test fixtures: where the golden fixtures live, tiny configs, the converted golden checkpoint."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LLADA_V_SHARED", REPO.parent / "shared"))
-GOLDEN = SHARED / "golden"
+from paths import GOLDEN
 
 torch.set_num_threads(2)  # the golden outputs were produced with 2 threads
 
@@ -27,7 +24,7 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def golden_checkpoint(tmp_path_factory, golden_dir) -> Path:
     """The official tiny checkpoint converted by our converter (float32, as the golden run computed)."""
-    from llada_v.convert_official import convert
+    from llada_v.conversion.official import convert
 
     out = tmp_path_factory.mktemp("golden_ck") / "ck"
     src = golden_dir / "official_tiny"

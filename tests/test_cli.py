@@ -12,7 +12,7 @@ from PIL import Image
 
 from llada_v import LladaVModel, cli
 from llada_v.generation_utils import LladaVGenerationConfig
-from llada_v.inference import InputError, fit_schedule, generation_config_for
+from llada_v.inference import InputError, generation_config_for
 
 
 def build_demo_like_checkpoint(path):
@@ -20,8 +20,8 @@ def build_demo_like_checkpoint(path):
 
     The language model is 64 wide so that bitsandbytes' packed CPU 4-bit kernel can run it.
     """
-    from llada_v.demo_model import build_demo_processor, build_demo_tokenizer, demo_config
-    from llada_v.train_demo import DEMO_GENERATION, save_demo
+    from llada_v.demo.model import build_demo_processor, build_demo_tokenizer, demo_config
+    from llada_v.demo.train import DEMO_GENERATION, save_demo
 
     tokenizer = build_demo_tokenizer()
     config = demo_config(tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
@@ -47,7 +47,7 @@ def golden_ck(tmp_path_factory, golden_checkpoint):
     from _tokenizer_standin import standin_tokenizer
 
     from llada_v import LladaVConfig
-    from llada_v.tokenizer_utils import build_processor
+    from llada_v.conversion.tokenizer import build_processor
 
     out = tmp_path_factory.mktemp("cli") / "golden_with_processor"
     shutil.copytree(golden_checkpoint, out)
@@ -98,7 +98,7 @@ def reference_answer(path, prompt, image_paths, **overrides):
     model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     fast = overrides.pop("fast", False)
-    config = generation_config_for(model, overrides, fast=fast)
+    config = generation_config_for(model.generation_config, overrides, fast=fast)
     pictures = [Image.open(p).convert("RGB") for p in image_paths]
     text = chat_prompt(processor, [user_message(prompt, len(pictures))])
     return generate_texts(model, processor, [text], [pictures], config)[0][0]
@@ -172,10 +172,9 @@ def test_stream_redraws_in_place_on_a_terminal():
 
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
     screen = Terminal()
-    printer = cli.DenoisingPrinter(tokenizer, mask_token_id=0, answer_length=3, suffix_length=0, total_steps=2,
-                                   out=screen)
+    printer = cli.DenoisingPrinter(tokenizer, mask_token_id=0, answer_length=3, total_steps=2, out=screen)
     for step, canvas in enumerate(([[9, 9, 0, 5, 0]], [[9, 9, 7, 5, 0]])):
-        printer(SimpleNamespace(step=step, canvas=torch.tensor(canvas), stop_indices=[None]))
+        printer(SimpleNamespace(step=step, canvas=torch.tensor(canvas), stop_indices=[None], prompt_length=2))
     printer.clear()
     text = screen.getvalue()
     assert text.startswith("[step 1/2] ░5░\n") and "\x1b[1F\x1b[J[step 2/2] 7 5░\n" in text
@@ -211,7 +210,7 @@ def test_generate_quantised_on_cpu(capsys, demo_ck, images, mode):
 
 
 @pytest.mark.parametrize("mode", ["--load-in-8bit", "--load-in-4bit"])
-def test_golden_checkpoint_generates_quantised_on_cpu(capsys, golden_ck, images, mode):
+def test_generate_quantised_on_the_narrow_golden_checkpoint(capsys, golden_ck, images, mode):
     # hidden 32: the 4-bit layers cannot use bitsandbytes' packed CPU kernel (it needs in_features % 64 == 0);
     # `LladaVModel.from_pretrained` keeps them on the portable path.
     pytest.importorskip("bitsandbytes")
@@ -243,7 +242,7 @@ def _bad_input_cases(tmp, demo, images):
                      "max_new_tokens (6) must be divisible by block_length (4)"),
         "steps": (["--model", demo, "--prompt", "hi", "--steps", "0"], "steps must be a positive integer"),
         "fast and random": (["--model", demo, "--prompt", "hi", "--fast", "--remasking", "random"],
-                            "needs --remasking low_confidence"),
+                            "needs remasking='low_confidence', got remasking='random'"),
         "bad dtype": (["--model", demo, "--prompt", "hi", "--dtype", "float64"], "invalid choice"),
         "no prompt": (["--model", demo], "required: --prompt"),
     }
@@ -308,7 +307,7 @@ def test_debug_flag_reraises(demo_ck):
 
 
 def test_generate_without_model_uses_the_embedded_demo(capsys):
-    from llada_v.demo_model import demo_model_dir
+    from llada_v.demo.model import demo_model_dir
 
     code, out, err = run(capsys, "generate", "--prompt", "How many shapes are there?", "--device", "cpu")
     if (demo_model_dir() / "config.json").is_file():
@@ -327,7 +326,7 @@ def test_chat_keeps_history_attaches_images_per_turn_and_resets(capsys, demo_ck,
 
     def fake_generate(model, processor, texts, image_lists, config, step_callback=None, seed=None):
         calls.append((texts[0], len(image_lists[0])))
-        return [f"answer{len(calls)}"], None, 0
+        return [f"answer{len(calls)}"], None
 
     monkeypatch.setattr(inference, "generate_texts", fake_generate)
     script = (f"/image {images / 'red.png'}\nWhat color?\n/image {images / 'missing.png'}\n/bogus\n"
@@ -351,29 +350,6 @@ def test_chat_runs_the_model_from_piped_stdin(demo_ck, images):
     answers = [line for line in result.stdout.splitlines() if line.startswith("assistant> ")]
     assert len(answers) == 2
     assert sum(line.startswith("[step ") for line in result.stdout.splitlines()) >= 2
-
-
-# ---------------------------------------------------------------------------------------------- settings
-
-
-@pytest.mark.parametrize(
-    "max_new_tokens, steps, block, expected",
-    [(128, 128, 128, (128, 128)), (64, 128, 128, (64, 64)), (256, 128, 128, (128, 128)), (8, 4, 4, (4, 4)),
-     (6, 4, 4, (4, 6)), (32, 16, 32, (16, 32))],
-)
-def test_fit_schedule_keeps_what_fits_and_falls_back_to_one_token_per_step(max_new_tokens, steps, block, expected):
-    assert fit_schedule(max_new_tokens, steps, block) == expected
-
-
-def test_generation_config_for_follows_a_new_length_and_rejects_conflicts():
-    model = SimpleNamespace(generation_config=LladaVGenerationConfig())
-    config = generation_config_for(model, {"max_new_tokens": 64})
-    assert (config.max_new_tokens, config.steps, config.block_length) == (64, 64, 64)
-    fast = generation_config_for(model, {"max_new_tokens": 32, "block_length": 8}, fast=True)
-    assert (fast.kv_cache, fast.confidence_threshold, fast.block_length, fast.steps) == ("dual", 0.9, 8, 32)
-    with pytest.raises(InputError, match="must be divisible"):
-        generation_config_for(model, {"max_new_tokens": 6, "block_length": 4})
-    assert model.generation_config.max_new_tokens == 128  # the model's config is not modified
 
 
 def test_cuda_smoke_test_skips_cleanly_without_cuda():

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
-from conftest import REPO, SHARED
+from paths import REPO, SHARED
 from llada_v import LladaVModel
-from llada_v.compose import main as compose_main
-from llada_v.compose import COMPOSE_KEY_TABLE, FRESH_KEYS, LLADA_ROWS, compose, fresh_tensors, map_compose_key
-from llada_v.convert_official import ConversionError
-from llada_v.tokenizer_utils import write_standin_released_tokenizer
+from llada_v.conversion.compose import main as compose_main
+from llada_v.conversion.compose import COMPOSE_KEY_TABLE, FRESH_KEYS, LLADA_ROWS, compose, fresh_tensors, map_compose_key
+from llada_v.conversion.official import ConversionError
+from llada_v.conversion.tokenizer import write_standin_released_tokenizer
 
 SCRIPT = REPO / "convert_checkpoints" / "compose_from_llada.py"
 REFERENCE = SHARED / "reference" / "llada-8b-instruct"
@@ -162,6 +162,7 @@ def test_composed_folder_has_a_processor_with_the_image_token(composed):
     assert processor.image_token_id == 126349 and processor.image_processor.crop_size == 28
 
 
+@pytest.mark.slow
 def test_siglip_vision_model_format_and_cli(sources, tmp_path):
     llada, _, _, _ = sources
     siglip, tensors = _fake_siglip(tmp_path / "siglip_vision", full_model=False)
@@ -188,7 +189,7 @@ def test_cli_refuses_an_existing_output(sources, composed, capsys):
     "mutate, message",
     [
         (lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(16)}), "unknown key in the llada checkpoint"),
-        (lambda t: t.pop("model.norm.weight"), "lack 1 expected tensors: \\['language_model.norm.weight'\\]"),
+        (lambda t: t.pop("model.norm.weight"), "the input lacks 1 expected tensors: \\['language_model.norm.weight'\\]"),
         (lambda t: t.update({"model.norm.weight": torch.zeros(8)}), "shape \\(8,\\) does not match"),
     ],
 )

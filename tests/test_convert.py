@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO
-from llada_v.convert_official import KEY_TABLE, ConversionError, convert, map_key
+from paths import REPO
+from llada_v.conversion.official import KEY_TABLE, ConversionError, convert, map_key
 
 SCRIPT = REPO / "convert_checkpoints" / "convert_llada_v_official.py"
 
@@ -118,10 +118,11 @@ def test_refuses_unsupported_official_settings(golden_dir, tmp_path):
 
 def test_existing_output_is_not_overwritten(golden_dir, tmp_path):
     (tmp_path / "ck").mkdir()
-    with pytest.raises(ConversionError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists"):
         convert(golden_dir / "official_tiny", tmp_path / "ck", progress=False)
 
 
+@pytest.mark.slow
 def test_convert_and_push_to_a_local_fake_hub(golden_dir, tmp_path):
     import os
 
@@ -156,7 +157,7 @@ def test_private_without_push_is_rejected(tmp_path):
 
 
 def test_converter_writes_a_processor_when_a_tokenizer_is_given(golden_dir, tmp_path):
-    from llada_v.tokenizer_utils import write_standin_released_tokenizer
+    from llada_v.conversion.tokenizer import write_standin_released_tokenizer
 
     tokenizer_dir = write_standin_released_tokenizer(tmp_path / "released_tokenizer")
     src = golden_dir / "official_tiny"

@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerFast
 
 from llada_v import LladaVConfig, LladaVModel
-from llada_v.data import (
+from llada_v.training.data import (
     IGNORE_INDEX,
     BadSampleError,
     LladaVDataCollator,
@@ -28,7 +28,7 @@ from llada_v.data import (
 from llada_v.image_layout_llada_v import LAYOUT_ANYRES, LAYOUT_SINGLE, LAYOUT_VIDEO, num_image_tokens
 from llada_v.image_processing_llada_v import LladaVImageProcessor
 from llada_v.processing_llada_v import CHAT_TEMPLATE, LladaVProcessor
-from llada_v.tokenizer_utils import _SPLIT_PATTERN, _byte_level_alphabet
+from llada_v.conversion.tokenizer import _SPLIT_PATTERN, _byte_level_alphabet
 from tiny import tiny_config
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -287,7 +287,7 @@ def test_jsonl_file_and_bad_samples_are_reported_with_their_index(tmp_path, proc
     ]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    with caplog.at_level(logging.WARNING, logger="llada_v.data"):
+    with caplog.at_level(logging.WARNING, logger="llada_v.training.data"):
         ds = LladaVDataset(path, processor, image_folder=tmp_path)
     assert len(ds) == 3 and [ds.source_index(i) for i in range(3)] == [0, 7, 8]
     reasons = ds.bad_samples

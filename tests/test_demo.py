@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llada_v.demo_model import build_demo_processor, build_demo_tokenizer, demo_config
-from llada_v.demo_task import (
+from llada_v.demo.model import build_demo_processor, build_demo_tokenizer, demo_config
+from llada_v.demo.task import (
     COLORS,
     DESCRIBE_QUESTIONS,
     NUMBER_WORDS,
@@ -107,7 +107,7 @@ def test_weighted_question_types_follow_the_weights_and_stay_distinct():
 
 
 def test_held_out_scenes_use_their_own_seed_stream():
-    from llada_v.demo import held_out_sample
+    from llada_v.demo.app import held_out_sample
 
     a = held_out_sample(3, 0)
     assert a["image"].tobytes() != held_out_sample(4, 0)["image"].tobytes()
@@ -140,8 +140,8 @@ def test_demo_tokenizer_and_config_agree():
 
 
 def test_training_data_mixes_descriptions_and_answer_labels_fill_the_canvas(tmp_path):
-    from llada_v.data import IGNORE_INDEX, LladaVDataset, TemplateTokens
-    from llada_v.train_demo import DEMO_GENERATION, DESCRIPTION_EVERY, AnswerOnlyLabels, write_training_data
+    from llada_v.training.data import IGNORE_INDEX, LladaVDataset, TemplateTokens
+    from llada_v.demo.train import DEMO_GENERATION, DESCRIPTION_EVERY, AnswerOnlyLabels, write_training_data
 
     tokenizer = build_demo_tokenizer()
     config = demo_config(tokenizer)
@@ -181,8 +181,9 @@ def test_training_data_mixes_descriptions_and_answer_labels_fill_the_canvas(tmp_
         AnswerOnlyLabels(dataset.dataset, dataset.tokens, eos_token_id=eos, canvas=0)
 
 
+@pytest.mark.slow
 def test_shortened_training_drives_the_loss_well_below_its_start(tmp_path):
-    from llada_v.train_demo import train_demo
+    from llada_v.demo.train import train_demo
 
     # Stage 0 has its own test below; here the Trainer stages alone, from a random tower.
     summary = train_demo(tmp_path / "demo", seed=0, train_samples=512, stage1_steps=5, stage2_steps=160,
@@ -196,7 +197,7 @@ def test_shortened_training_drives_the_loss_well_below_its_start(tmp_path):
 
 
 def test_object_coverage_follows_the_image_processor_crops():
-    from llada_v.train_demo import object_coverage, patch_targets
+    from llada_v.demo.train import object_coverage, patch_targets
 
     tokenizer = build_demo_tokenizer()
     processor = build_demo_processor(demo_config(tokenizer), tokenizer)
@@ -229,9 +230,10 @@ def test_object_coverage_follows_the_image_processor_crops():
     assert coverage.shape[0] == pixels.shape[0]
 
 
+@pytest.mark.slow
 def test_stage0_trains_only_the_vision_tower_and_learns_the_patch_labels(tmp_path):
     from llada_v import LladaVModel
-    from llada_v.train_demo import pretrain_vision, write_training_data
+    from llada_v.demo.train import pretrain_vision, write_training_data
 
     tokenizer = build_demo_tokenizer()
     config = demo_config(tokenizer)
@@ -248,7 +250,7 @@ def test_stage0_trains_only_the_vision_tower_and_learns_the_patch_labels(tmp_pat
 
 
 def test_train_demo_runs_stage0_first(tmp_path):
-    from llada_v.train_demo import train_demo
+    from llada_v.demo.train import train_demo
 
     summary = train_demo(tmp_path / "demo", seed=0, train_samples=32, stage1_steps=0, stage2_steps=1, batch_size=2,
                          work_dir=tmp_path / "work", vision_pretrain_steps=20)
@@ -260,7 +262,7 @@ def test_train_demo_runs_stage0_first(tmp_path):
 def test_question_weights_option_parses_pairs_and_names_bad_input():
     import argparse
 
-    from llada_v.train_demo import _question_weights
+    from llada_v.demo.train import _question_weights
 
     assert _question_weights("shape=3, color=0.5") == {"shape": 3.0, "color": 0.5}
     assert _question_weights("uniform") == {}

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from llada_v.demo_model import demo_model_dir
-from llada_v.demo_task import QUESTION_TYPES
+from llada_v.demo.model import demo_model_dir
+from llada_v.demo.task import QUESTION_TYPES
 
 
 # ---------------------------------------------------------------- the shipped model
@@ -20,8 +20,9 @@ def _shipped():
     return path
 
 
+@pytest.mark.slow
 def test_shipped_model_held_out_accuracy():
-    from llada_v.demo import evaluate, load_demo
+    from llada_v.demo.app import evaluate, load_demo
 
     model, processor = load_demo(_shipped())
     torch.manual_seed(0)
@@ -38,7 +39,7 @@ def test_shipped_tokenizer_and_ids_are_those_the_current_code_builds():
     """The shipped weights were trained with `build_demo_tokenizer()`: a vocabulary change needs a retrain."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from llada_v.demo_model import build_demo_tokenizer, demo_config
+    from llada_v.demo.model import build_demo_tokenizer, demo_config
 
     path = _shipped()
     current = build_demo_tokenizer()
@@ -61,6 +62,7 @@ def test_demo_command_prints_the_answers_step_by_step(tmp_path):
     assert "step 1:" in result.stdout and picture.is_file()
 
 
+@pytest.mark.slow
 def test_eval_demo_command_ends_with_the_accuracy_line():
     _shipped()
     result = subprocess.run([sys.executable, "-m", "llada_v.cli", "eval-demo", "--seed", "7", "--n", "40"],

@@ -5,15 +5,14 @@ Each mode is checked against the invariant that must hold for it: what is exact 
 one step per block, a one-layer decoder, early exit), batches equal single runs, refreshes happen once per
 block, and bad values raise."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 from llada_v import LladaVGenerationConfig
-from llada_v.generation_utils import FAST_DECODING_PRESET, LladaVGenerationMixin
+from llada_v.generation_utils import FAST_DECODING_PRESET
 
+from scripted import ScriptedModel
 from tiny import image_prompt, tiny_model
 
 TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4)
@@ -60,14 +59,14 @@ MULTI_BLOCK = dict(steps=8, max_new_tokens=16, block_length=8)
 
 def test_defaults_are_exact_mode():
     config = LladaVGenerationConfig()
-    assert (config.kv_cache, config.confidence_threshold, config.early_exit) == (None, None, True)
+    assert (config.kv_cache, config.confidence_threshold) == (None, None)
     assert config.kv_cache_prompt_refresh == "block"
 
 
 def test_fast_preset_keeps_the_base_settings_and_lets_overrides_win(tiny):
     base = tiny.generation_config
     fast = LladaVGenerationConfig.fast(base, block_length=4)
-    assert (fast.kv_cache, fast.confidence_threshold, fast.early_exit) == ("dual", 0.9, True)
+    assert (fast.kv_cache, fast.confidence_threshold) == ("dual", 0.9)
     assert fast.mask_token_id == base.mask_token_id and fast.stop_token_ids == base.stop_token_ids
     assert fast.block_length == 4 and base.block_length == 128 and base.kv_cache is None  # base untouched
     assert LladaVGenerationConfig.fast(kv_cache="prefix").kv_cache == "prefix"
@@ -92,7 +91,6 @@ def test_fast_preset_round_trips_through_save_and_load(tmp_path):
         (dict(confidence_threshold="0.9"), r"confidence_threshold must be None or a number in \(0, 1\], got '0.9'"),
         (dict(confidence_threshold=True), r"confidence_threshold must be None or a number in \(0, 1\], got True"),
         (dict(confidence_threshold=0.9, remasking="random"), r"needs remasking='low_confidence', got .*'random'"),
-        (dict(early_exit="yes"), r"early_exit must be a bool, got 'yes'"),
         (dict(kv_cache="dual", kv_cache_prompt_refresh="never"), r"must be one of \('block', 'once'\), got 'never'"),
         (dict(kv_cache_prompt_refresh="once"), r"kv_cache_prompt_refresh='once' needs a kv_cache .* got kv_cache=None"),
     ],
@@ -124,33 +122,6 @@ def test_bad_fast_options_raise_at_call_time_too(tiny):
 def test_threshold_one_without_cache_equals_exact_mode(confident, settings):
     inputs = _image_inputs(confident)
     _same(_run(confident, inputs, confidence_threshold=1.0, **settings), _run(confident, inputs, **settings))
-
-
-class ScriptedModel(LladaVGenerationMixin, nn.Module):
-    """Answer column `c` predicts `targets[c]` with logit `scores[c]` (all other logits 0): with a vocabulary
-    of 40 its probability is `e^s / (e^s + 39)`, so which predictions pass a threshold is known exactly."""
-
-    def __init__(self, targets, scores, vocab=40, mask_id=37, prompt_len=4):
-        super().__init__()
-        self.config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(max_position_embeddings=512))
-        self.embed = nn.Embedding(vocab, vocab)
-        self.embed.weight.data = torch.eye(vocab)
-        self.targets, self.scores, self.vocab, self.prompt_len = targets, scores, vocab, prompt_len
-        self.generation_config = LladaVGenerationConfig(
-            mask_token_id=mask_id, pad_token_id=0, suppress_tokens=[1], tokenizer_vocab_size=38, stop_token_ids=None
-        )
-
-    def get_input_embeddings(self):
-        return self.embed
-
-    def embed_multimodal(self, input_ids, *args):
-        return self.embed(input_ids)
-
-    def forward(self, inputs_embeds, attention_mask=None, logits_to_keep=None):
-        logits = torch.zeros(inputs_embeds.shape[0], len(logits_to_keep), self.vocab)
-        for k, col in enumerate(logits_to_keep.tolist()):
-            logits[:, k, self.targets[col - self.prompt_len]] = self.scores[col - self.prompt_len]
-        return SimpleNamespace(logits=logits)
 
 
 def _scripted(scores, **kwargs):
@@ -263,7 +234,7 @@ def test_cached_steps_are_the_model_cache_on_the_block_start_canvas(tiny, mode):
     # A refresh pass gives exactly the full-forward logits; every other pass gives exactly what the model's
     # cache API gives for its window over the keys/values stored at the block's start, which stays close to
     # (but is not) a full forward on the same canvas.
-    from llada_v.modeling_llada_v import LladaVDiffusionCache
+    from llada_v.generation_utils import LladaVDiffusionCache
 
     inputs = _image_inputs(tiny)
     p, mask_id = inputs["input_ids"].shape[1], tiny.config.mask_token_id
@@ -294,34 +265,19 @@ def test_cached_steps_are_the_model_cache_on_the_block_start_canvas(tiny, mode):
 # Early exit
 
 
-def test_early_exit_skips_the_remaining_blocks():
+def test_a_found_stop_skips_the_rest_of_the_block_and_the_later_blocks():
     targets, scores = [2, 33, 4, 5, 6, 7, 8, 9], [1.0, 9.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     model = ScriptedModel(targets, scores)
     kwargs = dict(max_new_tokens=8, block_length=4, steps=8, stop_token_ids=[[33]], return_dict_in_generate=True)
-    on = model.diffusion_generate(torch.tensor([[3, 4, 5, 6]]), **kwargs)
-    off = model.diffusion_generate(torch.tensor([[3, 4, 5, 6]]), early_exit=False, **kwargs)
-    assert on.num_forward_passes == 2  # the stop, then the one position before it; block 1 never runs
-    assert off.num_forward_passes == 8  # every scheduled pass
-    assert torch.equal(on.sequences, off.sequences) and on.sequences[0, 4:].tolist() == [2] + [0] * 7
+    out = model.diffusion_generate(torch.tensor([[3, 4, 5, 6]]), **kwargs)
+    assert out.num_forward_passes == 2  # the stop, then the one position before it; block 1 never runs
+    assert out.sequences[0, 4:].tolist() == [2] + [0] * 7
 
 
-@pytest.mark.parametrize(
-    "options", [dict(), dict(kv_cache="dual", confidence_threshold=0.5), dict(kv_cache="prefix", cfg_scale=1.0)]
-)
-def test_early_exit_never_changes_the_answer(confident, options):
-    inputs = dict(input_ids=torch.tensor([[121, 9, 10, 11, 12, 13]]))
-    settings = dict(steps=16, max_new_tokens=16, block_length=8, **options)
-    free = _run(confident, inputs, **settings).sequences[0, 6:].tolist()
-    saved = 0
-    for stops in ([[free[9]]], [free[4:6]], [[free[11]], [free[3]]], [[free[2]]], [[free[14]]]):
-        on = _run(confident, inputs, stop_token_ids=stops, **settings)
-        off = _run(confident, inputs, stop_token_ids=stops, early_exit=False, **settings)
-        assert torch.equal(on.sequences, off.sequences) and torch.equal(on.answer_lengths, off.answer_lengths)
-        if "confidence_threshold" not in options:
-            assert off.num_forward_passes == 16  # every scheduled pass (a threshold can finish blocks early)
-        assert on.num_forward_passes <= off.num_forward_passes
-        saved += off.num_forward_passes - on.num_forward_passes
-    assert saved > 0
+def test_early_exit_is_not_a_setting():
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['early_exit'\]"):
+        ScriptedModel([2], [1.0]).diffusion_generate(torch.tensor([[3]]), max_new_tokens=1, steps=1, block_length=1,
+                                                     early_exit=False)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

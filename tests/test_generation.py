@@ -1,21 +1,18 @@
 """diffusion_generate: pure sampling helpers, a scripted mock model (no weights), tiny random models against
 the official-mirror reference loop, batching, config round trips and bad input."""
 
+import importlib
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 from llada_v import LladaVConfig, LladaVGenerationConfig, LladaVModel
 from llada_v.generation_utils import (
     LladaVGenerateOutput,
-    LladaVGenerationMixin,
     find_stop,
     normalize_stop_sequences,
     sample_tokens,
@@ -24,17 +21,11 @@ from llada_v.generation_utils import (
     transfer_schedule,
 )
 
+from official_sampler import reference_generate
+from scripted import ScriptedModel
 from tiny import image_prompt, tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
 NEG_INF = float("-inf")
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "benchmarks" / "bench_generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,43 +112,6 @@ def test_normalize_stop_sequences_accepts_ints_and_lists():
     for bad in ([[]], "eot", [["a"]], [-1]):
         with pytest.raises(ValueError):
             normalize_stop_sequences(bad)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A scripted mock model: logits are a fixed function of the column, so every decision is predictable
-
-
-class ScriptedModel(LladaVGenerationMixin, nn.Module):
-    """Each answer column `c` predicts `targets[c]` with logit `scores[c]` (all other logits 0), for the row
-    selected by its last prompt token. Embeddings are one-hot, so the model reads ids back from them."""
-
-    def __init__(self, vocab=40, mask_id=37, prompt_len=4, scripts=None):
-        super().__init__()
-        self.config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(max_position_embeddings=512))
-        self.embed = nn.Embedding(vocab, vocab)
-        self.embed.weight.data = torch.eye(vocab)
-        self.vocab, self.prompt_len = vocab, prompt_len
-        self.scripts = scripts or {}
-        self.generation_config = LladaVGenerationConfig(
-            mask_token_id=mask_id, pad_token_id=0, suppress_tokens=[1], tokenizer_vocab_size=38, stop_token_ids=None
-        )
-        self.calls = []
-
-    def get_input_embeddings(self):
-        return self.embed
-
-    def embed_multimodal(self, input_ids, *args):
-        return self.embed(input_ids)
-
-    def forward(self, inputs_embeds, attention_mask=None, logits_to_keep=None):
-        ids = inputs_embeds.argmax(-1)  # (b, T)
-        self.calls.append(SimpleNamespace(rows=ids.shape[0], positions=logits_to_keep.tolist(), mask=attention_mask))
-        logits = torch.zeros(ids.shape[0], len(logits_to_keep), self.vocab)
-        for r in range(ids.shape[0]):
-            targets, scores = self.scripts[int(ids[r, self.prompt_len - 1])]
-            for k, col in enumerate(logits_to_keep.tolist()):
-                logits[r, k, targets[col - self.prompt_len]] = scores[col - self.prompt_len]
-        return SimpleNamespace(logits=logits)
 
 
 def _script(n, base=2, increasing=True):
@@ -255,11 +209,10 @@ def test_mock_batch_rows_have_own_stop_and_finished_rows_leave_the_forward():
 
 
 def _reference(model, ids, pixel_values=None, image_sizes=None, **settings):
-    bench = _load_bench()
     with torch.no_grad():
         embeds = model.embed_multimodal(ids, pixel_values, image_sizes)
     cfg = model.config
-    tokens, passes = bench.reference_generate(
+    tokens, passes = reference_generate(
         model, embeds, mask_id=cfg.mask_token_id, vocab_limit=cfg.tokenizer_vocab_size,
         suppressed_ids=(cfg.eos_token_id, cfg.bos_token_id, cfg.start_header_token_id), **settings,
     )  # fmt: skip
@@ -514,12 +467,17 @@ def test_bad_inputs_raise_value_error_naming_values(tiny):
         tiny.diffusion_generate(ids, gen_length=4)
 
 
-def test_config_from_the_other_module_copy_keeps_none_fields(tiny):
-    # Remote code loads generation_utils a second time: its config class is a different object.
-    spec = importlib.util.spec_from_file_location("copy_of_generation_utils", REPO / "generation_utils.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
+def test_config_from_the_other_module_copy_keeps_none_fields(tiny, tmp_path, monkeypatch):
+    # Remote code loads the modules a second time (as a package of their own): its config class is a
+    # different object.
+    from llada_v.checkpoint_io import write_remote_code
+
+    package = tmp_path / "remote_copy"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    write_remote_code(package)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("remote_copy.generation_utils")
     foreign = module.LladaVGenerationConfig(stop_token_ids=None, steps=2, max_new_tokens=4, block_length=4)
     assert not isinstance(foreign, LladaVGenerationConfig)
     resolved = tiny._resolve_generation_config(foreign, {})

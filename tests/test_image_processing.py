@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from _tokenizer_standin import golden_path
+from paths import GOLDEN
 from llada_v.configuration_llada_v import LladaVConfig
 from llada_v.image_layout_llada_v import (
     LAYOUT_ANYRES,
@@ -25,7 +25,6 @@ from llada_v.image_layout_llada_v import (
 from llada_v.image_processing_llada_v import LladaVImageProcessor, load_image, sample_frame_indices
 
 
-GOLDEN = golden_path()
 needs_golden = pytest.mark.skipif(
     not (GOLDEN / "cases.json").is_file(),
     reason=f"golden fixtures not found at {GOLDEN} (set LLADA_V_SHARED to the shared/ folder)",

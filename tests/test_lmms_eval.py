@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from test_cli import build_demo_like_checkpoint
 
-from llada_v.lmms_eval_plugin import (
+from llada_v.evaluation.lmms_eval_plugin import (
     LladaV,
     LoglikelihoodResult,
     resolve_generation,
@@ -104,7 +104,7 @@ def test_truncate_at_the_earliest_stop():
 
 def test_entry_point_registers_llada_v():
     entries = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="lmms_eval.models")}
-    assert entries.get("llada_v") == "llada_v.lmms_eval_plugin:manifest"
+    assert entries.get("llada_v") == "llada_v.evaluation.lmms_eval_plugin:manifest"
 
 
 # ---------------------------------------------------------------------------------------------- generate_until
@@ -127,7 +127,7 @@ def test_generate_until_matches_the_sampler_with_the_task_preset(demo_ck, docs):
     model = make_model(demo_ck, docs)
     out = model.generate_until([request("What color?", {"max_new_tokens": 99}, doc_to_visual, 1, "chartqa_tiny",
                                         "test")])
-    config = generation_config_for(model.model, {"max_new_tokens": 16, "steps": 16, "block_length": 16})
+    config = generation_config_for(model.model.generation_config, {"max_new_tokens": 16, "steps": 16, "block_length": 16})
     text = chat_prompt(model.processor, [user_message("What color?", 1)])
     expected = generate_texts(model.model, model.processor, [text], [[docs[1]["image"]]], config)[0][0]
     assert out[0].text == expected.split("\n")[0]
@@ -271,6 +271,7 @@ def write_local_task(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_python_m_lmms_eval_runs_a_local_task_end_to_end(demo_ck, tmp_path):
     if importlib.util.find_spec("lmms_eval") is None:
         pytest.skip("lmms-eval is not installed (pip install 'llada-v[eval]', see docs/evaluation.md)")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from llada_v.data import IGNORE_INDEX, MaskCountSampling
+from llada_v.training.data import IGNORE_INDEX, MaskCountSampling
 from tiny import tiny_model
 
 

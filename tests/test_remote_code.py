@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from paths import REPO
 
 SRC = REPO / "src" / "llada_v"
 REMOTE_FILES = ["modeling_llada_v.py", "configuration_llada_v.py", "processing_llada_v.py", "generation_utils.py"]

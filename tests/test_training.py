@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from llada_v import LladaVModel
-from llada_v.data import LladaVDataCollator, LladaVDataset, MaskCountSampling
+from llada_v.training.data import LladaVDataCollator, LladaVDataset, MaskCountSampling
 from llada_v.processing_llada_v import LladaVProcessor
-from llada_v.training import (
+from llada_v.training.trainer import (
     LORA_TARGET_MODULES,
     STAGE_PRESETS,
     LladaVTrainer,
@@ -30,7 +30,7 @@ from llada_v.training import (
     set_trainable,
     stage_preset,
 )
-from conftest import REPO
+from paths import REPO
 from test_data import tiny_processor, write_training_folder
 
 
@@ -263,7 +263,7 @@ def test_training_entry_lora_saves_adapter_and_merged_model(setup, tmp_path):
 _RANK_SCRIPT = """
 import json, sys
 from llada_v.modeling_llada_v import LladaVModel
-from llada_v.training import main
+from llada_v.training.trainer import main
 
 p_masks = []
 forward = LladaVModel.forward

@@ -8,8 +8,8 @@ from collections import defaultdict
 
 import torch
 
-from llada_v.demo import answer_questions, held_out_sample, load_demo
-from llada_v.demo_task import QUESTION_TYPES, normalise_answer
+from llada_v.demo.app import answer_questions, held_out_sample, load_demo
+from llada_v.demo.task import QUESTION_TYPES, normalise_answer
 
 torch.set_num_threads(2)
 path, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

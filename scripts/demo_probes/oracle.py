@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-import llada_v.train_demo as td
-from llada_v.demo import _prompt, held_out_sample
-from llada_v.demo_model import DEMO_CROP
-from llada_v.demo_task import QUESTION_TYPES, normalise_answer
+import llada_v.demo.train as td
+from llada_v.demo.app import held_out_sample
+from llada_v.inference import chat_prompt, user_message
+from llada_v.demo.model import DEMO_CROP
+from llada_v.demo.task import QUESTION_TYPES, normalise_answer
 from llada_v.generation_utils import LladaVGenerationConfig
 from llada_v.modeling_llada_v import LladaVModel
 
@@ -85,16 +86,14 @@ samples = [held_out_sample(12345, i) for i in range(args.n)]
 correct, total = defaultdict(int), defaultdict(int)
 for start in range(0, args.n, 50):
     batch = samples[start : start + 50]
-    inputs = processor(images=[[s["image"]] for s in batch], text=[_prompt(processor, s["qa"][0][0]) for s in batch],
+    inputs = processor(images=[[s["image"]] for s in batch], text=[chat_prompt(processor, [user_message(s["qa"][0][0], 1)], system_prompt="") for s in batch],
                        return_tensors="pt")
     objects = [[{"shape": o.shape, "color": o.color, "box": list(o.box)} for o in s["objects"]] for s in batch]
     features = torch.cat([oracle(s["image"].size, objs, processor) for s, objs in zip(batch, objects)])
     inputs["pixel_values"] = embed(inputs["pixel_values"], features)
-    prompt_len = inputs["input_ids"].shape[1]
     with torch.no_grad():
         out = model.diffusion_generate(**inputs, return_dict_in_generate=True)
-    for row, sample in enumerate(batch):
-        ids = out.sequences[row, prompt_len : prompt_len + int(out.answer_lengths[row])]
+    for sample, ids in zip(batch, out.answer_ids()):
         answer = processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
         key = (sample["types"][0], len(sample["objects"]))
         total[key] += 1

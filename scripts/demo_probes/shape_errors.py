@@ -12,8 +12,8 @@ from collections import Counter
 
 import torch
 
-from llada_v.demo import answer_questions, held_out_sample, load_demo
-from llada_v.demo_task import normalise_answer
+from llada_v.demo.app import answer_questions, held_out_sample, load_demo
+from llada_v.demo.task import normalise_answer
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("model_dir")

@@ -10,9 +10,9 @@ from collections import defaultdict
 
 import torch
 
-from llada_v.demo import answer_questions, held_out_sample, load_demo
-from llada_v.demo_task import make_sample, normalise_answer
-from llada_v.train_demo import DESCRIPTION_EVERY, QUESTION_WEIGHTS, TRAIN_SEED_OFFSET
+from llada_v.demo.app import answer_questions, held_out_sample, load_demo
+from llada_v.demo.task import make_sample, normalise_answer
+from llada_v.demo.train import DESCRIPTION_EVERY, QUESTION_WEIGHTS, TRAIN_SEED_OFFSET
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("model_dir")

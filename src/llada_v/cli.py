@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import convert_official
+from .conversion import official
 
 EPILOG_GENERATE = """\
 examples:
@@ -147,12 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser(
         "convert",
         help="convert a released LLaDA-V checkpoint (GSAI-ML/LLaDA-V format) to the llada-v format",
-        description=convert_official.__doc__,
+        description=official.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    convert_official.build_arg_parser(convert)
-    convert.set_defaults(func=convert_official.run_from_args)
-    from .demo import add_demo_arguments
+    official.build_arg_parser(convert)
+    convert.set_defaults(func=official.run_from_args)
+    from .demo.app import add_demo_arguments
 
     demo = sub.add_parser(
         "demo", help="ask the embedded demo model about a scene and watch the answer emerge from masks"
@@ -186,7 +186,7 @@ def load_image(path: str | Path) -> Any:
 def _model_name(args: argparse.Namespace) -> str:
     if args.model is not None:
         return args.model
-    from .demo_model import demo_model_dir
+    from .demo.model import demo_model_dir
     from .inference import InputError
 
     path = demo_model_dir()
@@ -206,37 +206,20 @@ def _generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _precheck_generation(name: str, args: argparse.Namespace) -> None:
-    """Validate the generation flags against a local checkpoint's generation_config.json before loading weights."""
-    from types import SimpleNamespace
-
-    from .generation_utils import LladaVGenerationConfig
-    from .inference import generation_config_for
-
-    path = Path(name).expanduser()
-    if not (path / "generation_config.json").is_file():
-        return
-    try:
-        base = LladaVGenerationConfig.from_pretrained(path)
-    except (OSError, ValueError):
-        return  # reported by the real load
-    generation_config_for(SimpleNamespace(generation_config=base), _generation_overrides(args), fast=args.fast)
-
-
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from .inference import InputError, check_checkpoint, generation_config_for, load_pretrained
+    """Model, processor and generation settings; every check runs before the weights are read."""
+    from .inference import checkpoint_generation_config, generation_config_for, inspect_checkpoint, load_pretrained
 
-    if args.fast and args.remasking == "random":
-        raise InputError("--fast commits tokens above a confidence threshold and needs --remasking low_confidence")
     name = _model_name(args)
-    check_checkpoint(name)  # path, model type, weights: before anything is read from the folder
-    _precheck_generation(name, args)
+    checkpoint = inspect_checkpoint(name)  # path, model type, weights
+    config = generation_config_for(
+        checkpoint_generation_config(name, checkpoint), _generation_overrides(args), fast=args.fast
+    )
     quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
     model, processor = load_pretrained(
         name, args.processor, dtype=args.dtype, device=args.device, quantization=quantization,
-        attn_implementation=args.attn_implementation,
+        attn_implementation=args.attn_implementation, config=checkpoint,
     )
-    config = generation_config_for(model, _generation_overrides(args), fast=args.fast)
     return model, processor, config
 
 
@@ -246,11 +229,11 @@ class DenoisingPrinter:
     On a terminal the canvas is redrawn in place; otherwise every step is printed on its own line.
     """
 
-    def __init__(self, tokenizer: Any, mask_token_id: int, answer_length: int, suffix_length: int,
-                 total_steps: int, out: TextIO | None = None) -> None:
+    def __init__(self, tokenizer: Any, mask_token_id: int, answer_length: int, total_steps: int,
+                 out: TextIO | None = None) -> None:
         self.tokenizer = tokenizer
         self.mask_token_id = mask_token_id
-        self.answer_length, self.suffix_length = answer_length, suffix_length
+        self.answer_length = answer_length
         self.total_steps = total_steps
         self.out = out if out is not None else sys.stdout
         encoding = (getattr(self.out, "encoding", None) or "").lower().replace("-", "")
@@ -273,8 +256,7 @@ class DenoisingPrinter:
         return "".join(parts)
 
     def __call__(self, step: Any) -> None:
-        # The canvas is prompt | answer | suffix: the answer starts answer + suffix columns before the end.
-        start = step.canvas.shape[1] - self.answer_length - self.suffix_length
+        start = step.prompt_length  # the canvas is prompt | answer | suffix
         answer = step.canvas[0, start : start + self.answer_length].tolist()
         stop = step.stop_indices[0]
         if stop is not None:
@@ -305,12 +287,8 @@ def _answer(model: Any, processor: Any, config: Any, text: str, images: list, ar
 
     printer = None
     if args.stream:
-        suffix = list(config.suffix_token_ids or [])
-        if config.generation_suffix:
-            suffix = processor.tokenizer.encode(config.generation_suffix, add_special_tokens=False)
-        printer = DenoisingPrinter(processor.tokenizer, config.mask_token_id, config.max_new_tokens, len(suffix),
-                                   config.steps)
-    answers, _, _ = generate_texts(model, processor, [text], [images], config, step_callback=printer, seed=args.seed)
+        printer = DenoisingPrinter(processor.tokenizer, config.mask_token_id, config.max_new_tokens, config.steps)
+    answers, _ = generate_texts(model, processor, [text], [images], config, step_callback=printer, seed=args.seed)
     if printer is not None:
         printer.clear()
     return answers[0]

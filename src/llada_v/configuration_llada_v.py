@@ -8,10 +8,10 @@ image-layout fact lives here, so the model, processor and sampler read one sourc
 
 from transformers import PreTrainedConfig, SiglipVisionConfig
 
-from .image_layout_llada_v import default_grid_pinpoints
+from .image_layout_llada_v import default_grid_pinpoints, layout_kwargs
 
 # SigLIP2 so400m-patch14-384 as LLaDA-V stores it: the last of 27 encoder layers is deleted and there
-# is no pooling head (SPEC section 2).
+# is no pooling head (docs/parity.md Q8).
 SIGLIP_SO400M_VISION_DEFAULTS = {
     "hidden_size": 1152,
     "intermediate_size": 4304,
@@ -190,16 +190,16 @@ class LladaVConfig(PreTrainedConfig):
     def patches_per_side(self) -> int:
         return self.vision_config.image_size // self.vision_config.patch_size
 
+    @property
+    def num_vision_layers_used(self) -> int:
+        """SigLIP encoder layers that feed the selected feature (`vision_feature_layer`); deeper ones never run."""
+        n = self.vision_config.num_hidden_layers
+        layer = self.vision_feature_layer
+        return n + 1 + layer if layer < 0 else layer
+
     def layout_kwargs(self) -> dict:
         """Keyword arguments of `image_layout_llada_v.num_image_tokens` for this model."""
-        return {
-            "pinpoints": self.image_grid_pinpoints,
-            "crop_size": self.crop_size,
-            "patches_per_side": self.patches_per_side,
-            "max_num_tiles": self.max_num_tiles,
-            "pool_threshold": self.anyres_pool_threshold,
-            "video_pool_stride": self.video_pool_stride,
-        }
+        return layout_kwargs(self)
 
     def _check(self) -> None:
         vision = self.vision_config

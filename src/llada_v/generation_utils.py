@@ -1,21 +1,23 @@
 """Masked-diffusion generation for LLaDA-V: `LladaVGenerationConfig` and `diffusion_generate`.
 
-The sampler follows the released model's loop (SPEC section 7) token for token at temperature 0:
-the answer starts as `max_new_tokens` mask tokens, is split into blocks decoded left to right, and each
-step commits the most confident predictions of the current block. What differs from the official loop
-changes cost, never results (docs/generation.md, docs/performance.md):
+The sampler follows the released model's loop token for token at temperature 0 (docs/generation.md): the
+answer starts as `max_new_tokens` mask tokens, is split into blocks decoded left to right, and each step
+commits the most confident predictions of the current block. What differs from the official loop changes
+cost, never results (docs/generation.md, docs/performance.md):
 
-- masks are tracked by token id (the official loop compared embeddings);
+- masks are tracked by token id (the official loop compared embeddings, docs/parity.md Q12);
 - logits are computed only at the columns that can still be committed (`logits_to_keep`), the float64
   softmax / Gumbel noise only there and in chunks: no `(batch, length, vocab)` float64 tensor, ever;
 - the model dtype is respected (no forced fp16 autocast);
 - images are encoded once per call and the prompt embeddings are reused at every step;
 - any batch size with left padding: every row has its own schedule and stop state and gives exactly what
-  it gives alone (temperature 0); rows that are finished leave the forward batch.
+  it gives alone (temperature 0); rows that are finished leave the forward batch;
+- a row stops once its stop sequence is committed and everything before it is decoded (the official loop
+  does this too; the skipped passes would commit nothing).
 
-Quirks kept for parity (docs/parity.md): `<|eot_id|>` is not suppressed, the mask id itself is not
-suppressed, the stop-sequence search re-checks only the first criterion once a stop was found (golden
-quirk 15), the suffix is visible from step 0 and is returned after the stop (quirk 16).
+Quirks kept for parity (docs/parity.md): `<|eot_id|>` and the mask id are not suppressed (Q13), the
+stop-sequence search re-checks only the first criterion once a stop was found (Q15), the suffix is visible
+from step 0 and is returned after the stop (Q16).
 
 Fast decoding (opt-in, docs/performance.md; exact mode stays the default and is bit-identical):
 
@@ -24,16 +26,19 @@ Fast decoding (opt-in, docs/performance.md; exact mode stays the default and is 
   block and everything after it ("prefix") and attend over the cached rest. Approximate;
 - `confidence_threshold`: a step also commits every candidate whose confidence exceeds the threshold
   (Fast-dLLM parallel decoding); the fixed schedule stays the minimum, so 1.0 is exact mode. Approximate;
-- `early_exit` (on, as in the official loop): a row stops once its stop sequence is committed and everything
-  before it is decoded; later blocks are skipped. Exact;
 - `LladaVGenerationConfig.fast(...)`: the recommended combination.
+
+The loop reads top to bottom as named steps (`LladaVGenerationMixin.diffusion_generate`): settings, canvas,
+then per block and step: active rows and columns (`_active`), the decoder window (`_DecoderWindows.plan`),
+logits (`diffusion_logits`), predictions (`_predict`), commits (`_commit`), stops (`_update_stops`); finally
+the output (`_assemble`).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,33 +46,52 @@ import torch
 from transformers import GenerationConfig
 from transformers.utils import ModelOutput, logging
 
+from .configuration_llada_v import LladaVConfig
+
 logger = logging.get_logger(__name__)
 
 REMASKING_STRATEGIES = ("low_confidence", "random")
 KV_CACHE_MODES = ("dual", "prefix")  # or None: no cache (exact)
 PROMPT_REFRESH_MODES = ("block", "once")
 # The recommended fast preset (`LladaVGenerationConfig.fast`): Fast-dLLM's dual cache and its 0.9 threshold.
-FAST_DECODING_PRESET: dict[str, Any] = {"kv_cache": "dual", "confidence_threshold": 0.9, "early_exit": True}
-
-# Released defaults (SPEC sections 1 and 7): the official demo settings and special ids.
-DEFAULT_MASK_TOKEN_ID = 126336
-DEFAULT_PAD_TOKEN_ID = 126081  # <|endoftext|>, also EOS
-DEFAULT_BOS_TOKEN_ID = 126080
-DEFAULT_START_HEADER_TOKEN_ID = 126346
-DEFAULT_END_HEADER_TOKEN_ID = 126347
-DEFAULT_EOT_TOKEN_ID = 126348
-DEFAULT_TOKENIZER_VOCAB_SIZE = 126349
-# Suppressed at mask positions: EOS, BOS, <|start_header_id|>, <|end_header_id|>. <|eot_id|> stays allowed.
-DEFAULT_SUPPRESS_TOKENS = [
-    DEFAULT_PAD_TOKEN_ID,
-    DEFAULT_BOS_TOKEN_ID,
-    DEFAULT_START_HEADER_TOKEN_ID,
-    DEFAULT_END_HEADER_TOKEN_ID,
-]
-DEFAULT_ANSWER_LENGTH = 128  # demo: steps 128 / gen 128 / block 128
+FAST_DECODING_PRESET: dict[str, Any] = {"kv_cache": "dual", "confidence_threshold": 0.9}
+DEFAULT_ANSWER_LENGTH = 128  # the official demo settings: steps 128 / gen 128 / block 128
 
 # Largest float64 block (in elements) the Gumbel noise and the softmax are computed on at once (64 MiB).
 _FLOAT64_CHUNK_ELEMENTS = 1 << 23
+
+
+def special_id_settings(model_config: dict) -> dict[str, Any]:
+    """The sampler settings that follow from a model's special ids (a `LladaVConfig` as a dict; the released
+    ids, `LladaVConfig`'s defaults, where it has none).
+
+    Suppressed at mask positions: EOS, BOS, `<|start_header_id|>`, `<|end_header_id|>` (docs/parity.md Q13;
+    `<|eot_id|>` stays allowed), without ids outside the model's vocabulary (tiny test vocabularies).
+    """
+
+    def pick(name: str) -> Any:
+        value = model_config.get(name)
+        return getattr(LladaVConfig, name) if value is None else value
+
+    eos, bos = pick("eos_token_id"), pick("bos_token_id")
+    pad = model_config.get("pad_token_id")
+    suppress = [eos, bos, pick("start_header_token_id"), pick("end_header_token_id")]
+    text = model_config.get("text_config") or {}
+    vocab_size = text.get("vocab_size", model_config.get("vocab_size"))
+    if vocab_size is not None:
+        suppress = [i for i in suppress if i < vocab_size]
+    return {
+        "mask_token_id": pick("mask_token_id"),
+        "pad_token_id": eos if pad is None else pad,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "suppress_tokens": suppress,
+        "tokenizer_vocab_size": pick("tokenizer_vocab_size"),
+        "stop_token_ids": [[pick("eot_token_id")]],
+    }
+
+
+_RELEASED_IDS = special_id_settings({})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,11 +167,6 @@ class LladaVGenerationConfig(GenerationConfig):
             commits extra tokens and is exactly the default sampler. **Approximation**: tokens committed in the
             same step are predicted independently of one another (the joint choice the schedule would have made
             one by one can differ). Needs `remasking="low_confidence"`.
-        early_exit (`bool`, defaults to True): a row stops as soon as a stop sequence is committed and every
-            position before it is decoded; the rest of its block and the later blocks are skipped (the official
-            loop does this too). Exact: once a stop is found only the positions before it are candidates, so
-            the skipped passes would commit nothing. `False` runs every scheduled pass anyway (committing
-            nothing); it exists to measure what the exit saves.
 
     The recommended fast combination is [`LladaVGenerationConfig.fast`].
     """
@@ -159,25 +178,24 @@ class LladaVGenerationConfig(GenerationConfig):
         "block_length": DEFAULT_ANSWER_LENGTH,
         "remasking": "low_confidence",
         "cfg_scale": 0.0,
-        "mask_token_id": DEFAULT_MASK_TOKEN_ID,
-        "tokenizer_vocab_size": DEFAULT_TOKENIZER_VOCAB_SIZE,
-        "stop_token_ids": [[DEFAULT_EOT_TOKEN_ID]],
+        "mask_token_id": _RELEASED_IDS["mask_token_id"],
+        "tokenizer_vocab_size": _RELEASED_IDS["tokenizer_vocab_size"],
+        "stop_token_ids": _RELEASED_IDS["stop_token_ids"],
         "suffix_token_ids": None,
         "generation_suffix": None,
         "output_history": False,
         "kv_cache": None,
         "confidence_threshold": None,
         "kv_cache_prompt_refresh": "block",
-        "early_exit": True,
     }
     # GenerationConfig fields whose default differs here.
     _inherited_defaults: dict[str, Any] = {
         "max_new_tokens": DEFAULT_ANSWER_LENGTH,
         "temperature": 0.0,
-        "suppress_tokens": DEFAULT_SUPPRESS_TOKENS,
-        "pad_token_id": DEFAULT_PAD_TOKEN_ID,
-        "bos_token_id": DEFAULT_BOS_TOKEN_ID,
-        "eos_token_id": DEFAULT_PAD_TOKEN_ID,
+        "suppress_tokens": _RELEASED_IDS["suppress_tokens"],
+        "pad_token_id": _RELEASED_IDS["pad_token_id"],
+        "bos_token_id": _RELEASED_IDS["bos_token_id"],
+        "eos_token_id": _RELEASED_IDS["eos_token_id"],
         "return_dict_in_generate": False,
     }
 
@@ -192,37 +210,10 @@ class LladaVGenerationConfig(GenerationConfig):
 
     @classmethod
     def from_model_config(cls, model_config) -> "LladaVGenerationConfig":
-        """The released sampler defaults with the special ids of `model_config` (a `LladaVConfig` or its dict).
-
-        Suppressed ids outside the model's vocabulary are dropped (tiny test configs have small vocabularies).
-        """
+        """The released sampler defaults with the special ids of `model_config` (a `LladaVConfig` or its dict),
+        see `special_id_settings`."""
         config = model_config if isinstance(model_config, dict) else model_config.to_dict()
-        text = config.get("text_config") or {}
-        vocab_size = text.get("vocab_size", config.get("vocab_size"))
-
-        def pick(name, default):
-            value = config.get(name)
-            return default if value is None else value
-
-        eos = pick("eos_token_id", DEFAULT_PAD_TOKEN_ID)
-        bos = pick("bos_token_id", DEFAULT_BOS_TOKEN_ID)
-        suppress = [
-            eos,
-            bos,
-            pick("start_header_token_id", DEFAULT_START_HEADER_TOKEN_ID),
-            pick("end_header_token_id", DEFAULT_END_HEADER_TOKEN_ID),
-        ]
-        if vocab_size is not None:
-            suppress = [i for i in suppress if i < vocab_size]
-        generation_config = cls(
-            mask_token_id=pick("mask_token_id", DEFAULT_MASK_TOKEN_ID),
-            pad_token_id=pick("pad_token_id", eos),
-            bos_token_id=bos,
-            eos_token_id=eos,
-            suppress_tokens=suppress,
-            tokenizer_vocab_size=pick("tokenizer_vocab_size", DEFAULT_TOKENIZER_VOCAB_SIZE),
-            stop_token_ids=[[pick("eot_token_id", DEFAULT_EOT_TOKEN_ID)]],
-        )
+        generation_config = cls(**special_id_settings(config))
         generation_config._original_object_hash = hash(generation_config)
         return generation_config
 
@@ -296,8 +287,6 @@ class LladaVGenerationConfig(GenerationConfig):
                     f"confidence_threshold ({threshold}) compares softmax probabilities and needs "
                     f"remasking='low_confidence', got remasking={self.remasking!r}"
                 )
-        if not isinstance(self.early_exit, bool):
-            raise ValueError(f"early_exit must be a bool, got {self.early_exit!r}")
         if not isinstance(self.output_history, bool):
             raise ValueError(f"output_history must be a bool, got {self.output_history!r}")
         if self.return_dict_in_generate is not None and not isinstance(self.return_dict_in_generate, bool):
@@ -307,8 +296,8 @@ class LladaVGenerationConfig(GenerationConfig):
     def fast(cls, base: GenerationConfig | None = None, **overrides) -> "LladaVGenerationConfig":
         """The recommended fast decoding settings on top of `base` (default: the released defaults).
 
-        `kv_cache="dual"` + `confidence_threshold=0.9` (Fast-dLLM's settings) + `early_exit=True`; every other
-        field, including `steps`, comes from `base`, then `overrides` win. Use the model's own config as the
+        `kv_cache="dual"` + `confidence_threshold=0.9` (Fast-dLLM's settings); every other field, including
+        `steps`, comes from `base`, then `overrides` win. Use the model's own config as the
         base so its special ids are kept:
 
             config = LladaVGenerationConfig.fast(model.generation_config, block_length=32)
@@ -448,7 +437,7 @@ def select_top_k(confidence: torch.Tensor, k: torch.Tensor | Sequence[int]) -> t
 def find_stop(
     generated: torch.Tensor, stop_sequences: Sequence[Sequence[int]], stop_index: int | None = None
 ) -> int | None:
-    """The official stop search over the answer region (golden quirk 15), run after every step.
+    """The official stop search over the answer region (docs/parity.md Q15), run after every step.
 
     Criteria are tried in order; a criterion's earliest occurrence becomes the stop if none was found yet or
     it is earlier than the current one. As soon as a stop is known (from this call or an earlier step), the
@@ -477,23 +466,116 @@ def find_stop(
     return stop_index
 
 
-def _cache_for_rows(cache: Any, cache_rows: torch.Tensor, rows: torch.Tensor, cfg: bool, shared: Any = None) -> Any:
-    """The `LladaVDiffusionCache` restricted to `rows` (a sorted subset of the sorted `cache_rows`).
+# ----------------------------------------------------------------------------------------------------------
+# The key/value cache of fast decoding
 
-    With CFG the cache holds the conditional rows, then the unconditional ones. A cache that is `shared` (kept
-    for later blocks) is copied before rows are dropped; otherwise rows are dropped in place.
+
+class LladaVDiffusionCache:
+    """Per-layer keys and values of the whole canvas, for re-using them across denoising steps.
+
+    A masked-diffusion step changes only a few tokens, so the keys and values of the others barely move.
+    Fast-dLLM-style decoding refreshes the cache with one full forward (`cache_start=0` over the whole
+    sequence), then recomputes only a window `[cache_start, cache_start + T)` each step: its fresh keys and
+    values overwrite the window's slots and its queries attend over the full cached sequence. What stays
+    approximate is the cached part (prompt, and in "dual" mode the positions after the window), which was
+    computed from an older canvas. It lives for one `diffusion_generate` call; no global state. The
+    attention layers of `modeling_llada_v` call `update`.
     """
-    if torch.equal(cache_rows, rows):
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the window's (B, nkv, T, hd) keys/values at `start`; return the full cached sequence."""
+        if self.keys[layer_idx] is None or (start == 0 and k.shape[2] >= self.keys[layer_idx].shape[2]):
+            if start != 0:
+                raise ValueError(f"the cache is empty: the first forward must start at 0, got cache_start={start}")
+            self.keys[layer_idx], self.values[layer_idx] = k, v
+            return k, v
+        end = start + k.shape[2]
+        if end > self.keys[layer_idx].shape[2]:
+            raise ValueError(f"window [{start}, {end}) exceeds the cached length {self.keys[layer_idx].shape[2]}")
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (rows that finished stop costing compute)."""
+        self.keys = [None if k is None else k[rows] for k in self.keys]
+        self.values = [None if v is None else v[rows] for v in self.values]
+
+
+@dataclass
+class _DecoderWindow:
+    """The canvas columns `[start, end)` one pass runs through the decoder, the cache it attends over (None:
+    a plain full forward) and whether the pass refreshes that cache."""
+
+    start: int
+    end: int
+    cache: LladaVDiffusionCache | None = None
+    refreshed: bool = False
+
+
+class _DecoderWindows:
+    """Plans each pass's decoder window for `kv_cache` (docs/performance.md); without a cache every pass is a
+    full forward over the canvas.
+
+    With a cache, the first pass of every block refreshes it: a full forward (`kv_cache_prompt_refresh=
+    "block"`, and the first block of `"once"`), or with `"once"` after the first block the answer region and
+    suffix only, attending over the prompt keys/values of the call's first pass. The other passes of a block
+    run the block ("dual") or the block and everything after it ("prefix"). Rows that finish leave the
+    batch; their cache rows go with them.
+    """
+
+    def __init__(self, config: "LladaVGenerationConfig", num_layers: int, answer_start: int, total_len: int):
+        self.mode, self.prompt_refresh = config.kv_cache, config.kv_cache_prompt_refresh
+        self.cfg = config.cfg_scale > 0
+        self.num_layers, self.answer_start, self.total_len = num_layers, answer_start, total_len
+        self.cache: LladaVDiffusionCache | None = None  # the current block's cache ...
+        self.cache_rows: torch.Tensor | None = None  # ... and the batch rows it holds
+        self.call_cache: LladaVDiffusionCache | None = None  # "once": the first pass's cache, kept for its prompt
+        self.call_rows: torch.Tensor | None = None
+
+    def start_block(self) -> None:
+        self.cache = None  # every block starts with a refresh
+
+    def plan(self, rows: torch.Tensor, block_start: int, block_end: int) -> _DecoderWindow:
+        if self.mode is None:
+            return _DecoderWindow(0, self.total_len)
+        if self.cache is None and (self.call_cache is None or self.prompt_refresh == "block"):
+            self.cache, self.cache_rows = LladaVDiffusionCache(self.num_layers), rows
+            if self.prompt_refresh == "once":
+                self.call_cache, self.call_rows = self.cache, rows
+            return _DecoderWindow(0, self.total_len, self.cache, refreshed=True)
+        if self.cache is None:
+            self.cache, self.cache_rows = self._rows_of(self.call_cache, self.call_rows, rows), rows
+            return _DecoderWindow(self.answer_start, self.total_len, self.cache, refreshed=True)
+        end = block_end if self.mode == "dual" else self.total_len
+        self.cache, self.cache_rows = self._rows_of(self.cache, self.cache_rows, rows), rows
+        return _DecoderWindow(block_start, end, self.cache)
+
+    def _rows_of(self, cache: LladaVDiffusionCache, cache_rows: torch.Tensor, rows: torch.Tensor) -> LladaVDiffusionCache:
+        """`cache` restricted to `rows` (a sorted subset of the sorted `cache_rows`).
+
+        With CFG the cache holds the conditional rows, then the unconditional ones. The call's cache (kept for
+        later blocks) is copied before rows are dropped; any other cache loses them in place.
+        """
+        if torch.equal(cache_rows, rows):
+            return cache
+        keep = torch.searchsorted(cache_rows, rows)  # (b,)
+        if not torch.equal(cache_rows[keep.clamp(max=cache_rows.shape[0] - 1)], rows):
+            raise RuntimeError(f"rows {rows.tolist()} are not all in the cache (rows {cache_rows.tolist()})")
+        if self.cfg:
+            keep = torch.cat((keep, keep + cache_rows.shape[0]))
+        if cache is self.call_cache:
+            cache = copy.copy(cache)  # select_rows replaces the per-layer lists: the call's cache keeps its rows
+        cache.select_rows(keep)
         return cache
-    keep = torch.searchsorted(cache_rows, rows)  # (b,)
-    if not torch.equal(cache_rows[keep.clamp(max=cache_rows.shape[0] - 1)], rows):
-        raise RuntimeError(f"rows {rows.tolist()} are not all in the cache (rows {cache_rows.tolist()})")
-    if cfg:
-        keep = torch.cat((keep, keep + cache_rows.shape[0]))
-    if cache is shared:
-        cache = copy.copy(cache)  # select_rows replaces the per-layer lists: the shared cache keeps its rows
-    cache.select_rows(keep)
-    return cache
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -512,6 +594,7 @@ class LladaVGenerateOutput(ModelOutput):
             what the official `generate` returns.
         answer_lengths (`torch.LongTensor` of shape `(batch,)`): answer tokens before the stop (or
             `max_new_tokens`), suffix excluded.
+        prompt_length (`int`): columns of the (padded) prompt; the answers start there in `sequences`.
         num_forward_passes (`int`): model forward calls of this call (a CFG step is one call of a doubled batch).
         forward_passes_per_row (`torch.LongTensor` of shape `(batch,)`): forward calls each row took part in.
         num_decoder_tokens (`int`): query positions run through the decoder, summed over passes and rows (CFG
@@ -523,10 +606,16 @@ class LladaVGenerateOutput(ModelOutput):
 
     sequences: torch.LongTensor | None = None
     answer_lengths: torch.LongTensor | None = None
+    prompt_length: int | None = None
     num_forward_passes: int | None = None
     forward_passes_per_row: torch.LongTensor | None = None
     num_decoder_tokens: int | None = None
     history: tuple[torch.LongTensor, ...] | None = None
+
+    def answer_ids(self) -> list[list[int]]:
+        """Each row's answer ids: after the prompt, up to the stop (suffix and padding excluded)."""
+        start = self.prompt_length
+        return [self.sequences[row, start : start + int(n)].tolist() for row, n in enumerate(self.answer_lengths)]
 
 
 @dataclass
@@ -548,6 +637,7 @@ class LladaVDiffusionStep:
         cache_refreshed: whether this pass refreshed the key/value cache (`kv_cache` set, first pass of a block):
             a full forward, or with `kv_cache_prompt_refresh="once"` after the first block, the answer region and
             suffix (see `window`).
+        prompt_length: columns of the (padded) prompt: the answer region starts there in `canvas`.
     """
 
     step: int
@@ -562,6 +652,112 @@ class LladaVDiffusionStep:
     stop_indices: list[int | None]
     window: tuple[int, int] = (0, 0)
     cache_refreshed: bool = False
+    prompt_length: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The state of one call and the steps that need no model
+
+
+@dataclass
+class _DenoisingState:
+    """Everything one `diffusion_generate` call updates: the canvas of token ids (prompt | answer | suffix;
+    masks are `mask_token_id`), each row's stop and whether it is finished, and the counters of the output."""
+
+    canvas: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor | None  # (B, T): the prompt's padding, ones after it
+    prompt_embeds: torch.Tensor  # (B, P, D), images merged, computed once
+    prompt_len: int
+    answer_len: int
+    mask_token_id: int
+    stop_index: list[int | None]  # per row, the stop's index in the answer region
+    done: torch.Tensor  # (B,) bool
+    passes_per_row: torch.Tensor  # (B,)
+    columns: torch.Tensor  # (T,) 0..T-1
+    num_passes: int = 0
+    decoder_tokens: int = 0
+    history: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def answer_end(self) -> int:
+        return self.prompt_len + self.answer_len
+
+    @property
+    def total_len(self) -> int:
+        return self.canvas.shape[1]
+
+
+@dataclass
+class _Active:
+    """The rows a pass runs and the columns whose logits it needs."""
+
+    rows: torch.Tensor  # (b,) batch rows still decoding the block
+    positions: torch.Tensor  # (K,) canvas columns that are a candidate in some row
+    candidate: torch.Tensor  # (b, K) bool: the column can be committed in that row
+
+
+def _active(state: _DenoisingState, block_start: int, block_end: int) -> _Active | None:
+    """Rows that still have masks in the block and the columns they may commit (masks of the answer before
+    the block end, or before the row's stop). A row whose stop is found and has nothing left to decode before
+    it is finished. None when no row steps."""
+    is_mask = state.canvas == state.mask_token_id  # (B, T)
+    columns = state.columns
+    limit = torch.tensor(
+        [block_end if s is None else state.prompt_len + s for s in state.stop_index], device=state.canvas.device
+    )  # (B,)
+    candidate = is_mask & (columns >= state.prompt_len) & (columns[None, :] < limit[:, None])  # (B, T)
+    for row, stop in enumerate(state.stop_index):
+        if stop is not None and not bool(candidate[row].any()):
+            state.done[row] = True
+    stepping = ~state.done & is_mask[:, block_start:block_end].any(-1)
+    if not bool(stepping.any()):
+        return None
+    rows = stepping.nonzero().squeeze(1)
+    positions = candidate[rows].any(0).nonzero().squeeze(1)
+    return _Active(rows, positions, candidate[rows][:, positions])
+
+
+def _predict(
+    logits: torch.Tensor, suppress: torch.Tensor, config: LladaVGenerationConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Suppress ids in place, then the token choice and its confidence at every column: `(b, K)` each."""
+    logits[..., suppress] = float("-inf")
+    vocab_limit = config.tokenizer_vocab_size
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits[..., vocab_limit:] = float("-inf")
+    b, k_cols, vocab = logits.shape
+    flat = logits.reshape(b * k_cols, vocab)
+    tokens = sample_tokens(flat, config.temperature, generator).view(b, k_cols)
+    confidence = token_confidence(flat, tokens.view(-1), config.remasking, generator).view(b, k_cols)
+    return tokens, confidence
+
+
+def _commit(
+    canvas: torch.Tensor,
+    active: _Active,
+    tokens: torch.Tensor,
+    confidence: torch.Tensor,
+    k: torch.Tensor,
+    threshold: float | None,
+) -> torch.Tensor:
+    """Write the `k[row]` most confident candidates of each row (and, with a threshold, every candidate above
+    it) into the canvas; returns which predictions were committed, `(b, K)`."""
+    confidence = confidence.masked_fill(~active.candidate, float("-inf"))
+    committed = select_top_k(confidence, k)
+    if threshold is not None:
+        committed |= confidence > threshold  # parallel decoding: -inf (non-candidates) never passes
+    previous = canvas[active.rows][:, active.positions]
+    canvas[active.rows[:, None], active.positions[None, :]] = torch.where(committed, tokens, previous)
+    return committed
+
+
+def _update_stops(state: _DenoisingState, rows: torch.Tensor, stop_sequences: list[list[int]]) -> None:
+    """Search each stepped row's answer region for the stop sequences (docs/parity.md Q15)."""
+    if not stop_sequences:
+        return
+    for row in rows.tolist():
+        answer = state.canvas[row, state.prompt_len : state.answer_end]
+        state.stop_index[row] = find_stop(answer, stop_sequences, state.stop_index[row])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -648,7 +844,7 @@ class LladaVGenerationMixin:
         **kwargs,
     ) -> torch.LongTensor | LladaVGenerateOutput:
         r"""
-        Generate answers by masked diffusion (SPEC section 7, any batch size).
+        Generate answers by masked diffusion (docs/generation.md; any batch size).
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, prompt_length)`): prompts with every image expanded
@@ -670,12 +866,38 @@ class LladaVGenerationMixin:
             `torch.LongTensor` `(batch, prompt_length + max_new_tokens + suffix_length)` (see
             [`LladaVGenerateOutput.sequences`]), or a [`LladaVGenerateOutput`] with `return_dict_in_generate=True`.
         """
+        # 1. Settings: the generation config with this call's overrides; stops and suffix as ids; the prompt.
         config = self._resolve_generation_config(generation_config, kwargs)
         stop_sequences, suffix = self._stops_and_suffix(config, tokenizer)
-        vocab_size = self.get_input_embeddings().num_embeddings
-        self._check_ids_in_vocab(config, stop_sequences, suffix, vocab_size)
+        self._check_ids_in_vocab(config, stop_sequences, suffix, self.get_input_embeddings().num_embeddings)
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, config)
+        # 2. The canvas (prompt | masks | suffix) and the prompt embeddings, images encoded once.
+        state = self._prepare_canvas(
+            input_ids, attention_mask, suffix, config, pixel_values, image_sizes, image_layouts, image_num_crops
+        )
+        num_layers = self.config.get_text_config().num_hidden_layers if config.kv_cache else 0
+        windows = _DecoderWindows(config, num_layers, state.prompt_len, state.total_len)
+        suppress = torch.tensor(sorted(set(config.suppress_tokens)), dtype=torch.long, device=input_ids.device)
+        # 3. Blocks left to right, each denoised in steps; a block starting after every row's stop is skipped.
+        for block in range(config.num_blocks):
+            if not self._denoise_block(state, block, config, stop_sequences, windows, suppress, generator, step_callback):
+                break
+        # 4. Prompt | answer up to its stop | suffix | padding.
+        return self._finalize(state, suffix, config)
 
+    # ------------------------------------------------------------------ the steps of diffusion_generate
+
+    def _prepare_canvas(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        suffix: list[int],
+        config: LladaVGenerationConfig,
+        *images: torch.Tensor | None,
+    ) -> _DenoisingState:
+        """Canvas `prompt | max_new_tokens masks | suffix`, its attention mask and the prompt embeddings.
+
+        Token ids are the state; embeddings are rebuilt from them at every pass (docs/parity.md Q12)."""
         device = input_ids.device
         batch, prompt_len = input_ids.shape
         answer_len, suffix_len = config.max_new_tokens, len(suffix)
@@ -686,14 +908,10 @@ class LladaVGenerationMixin:
                 f"prompt ({prompt_len}) + max_new_tokens ({answer_len}) + suffix ({suffix_len}) = {total_len} tokens "
                 f"exceeds max_position_embeddings ({max_positions})"
             )
-        mask_id = config.mask_token_id
-        answer_start, answer_end = prompt_len, prompt_len + answer_len
-
-        # Canvas: prompt | answer (all masks) | suffix. Token ids are the state; embeddings are rebuilt from them.
         canvas = torch.cat(
             (
                 input_ids,
-                torch.full((batch, answer_len), mask_id, dtype=torch.long, device=device),
+                torch.full((batch, answer_len), config.mask_token_id, dtype=torch.long, device=device),
                 torch.tensor(suffix, dtype=torch.long, device=device).expand(batch, suffix_len),
             ),
             dim=1,
@@ -701,163 +919,114 @@ class LladaVGenerationMixin:
         full_mask = None
         if attention_mask is not None:
             full_mask = torch.cat((attention_mask, attention_mask.new_ones(batch, answer_len + suffix_len)), dim=1)
-        embed_tokens = self.get_input_embeddings()
-        # Images are encoded once; the prompt embeddings are reused at every step.
-        prompt_embeds = self.embed_multimodal(
-            input_ids, pixel_values, image_sizes, image_layouts, image_num_crops
-        )  # (B, P, D)
-        mask_embed = embed_tokens.weight[mask_id].to(prompt_embeds.dtype)  # (D,)
+        return _DenoisingState(
+            canvas=canvas,
+            attention_mask=full_mask,
+            prompt_embeds=self.embed_multimodal(input_ids, *images),  # (B, P, D)
+            prompt_len=prompt_len,
+            answer_len=answer_len,
+            mask_token_id=config.mask_token_id,
+            stop_index=[None] * batch,
+            done=torch.zeros(batch, dtype=torch.bool, device=device),
+            passes_per_row=torch.zeros(batch, dtype=torch.long, device=device),
+            columns=torch.arange(total_len, device=device),
+        )
 
-        suppress = torch.tensor(sorted(set(config.suppress_tokens)), dtype=torch.long, device=device)
-        vocab_limit = config.tokenizer_vocab_size
-        columns = torch.arange(total_len, device=device)
-        stop_index: list[int | None] = [None] * batch  # per row, index in the answer region
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        passes_per_row = torch.zeros(batch, dtype=torch.long, device=device)
-        history: list[torch.Tensor] = []
-        num_passes = decoder_tokens = 0
-        threshold = config.confidence_threshold
-        # Fast-dLLM cache: filled by the first pass of every block; `cache_rows` are the batch rows it holds.
-        # With kv_cache_prompt_refresh="once", `call_cache` is the first full pass's cache, kept for its prompt.
-        cache: Any = None
-        cache_rows: torch.Tensor | None = None
-        call_cache: Any = None
-        call_rows: torch.Tensor | None = None
-        num_layers = self.config.get_text_config().num_hidden_layers if config.kv_cache else 0
-
-        for block in range(config.num_blocks):
-            block_start = answer_start + block * config.block_length
-            block_end = block_start + config.block_length
-            for row in range(batch):
-                # A block that starts at or after a found stop is never decoded (quirk 15).
-                if config.early_exit and stop_index[row] is not None and answer_start + stop_index[row] <= block_start:
-                    done[row] = True
-            if bool(done.all()):
+    def _denoise_block(
+        self,
+        state: _DenoisingState,
+        block: int,
+        config: LladaVGenerationConfig,
+        stop_sequences: list[list[int]],
+        windows: _DecoderWindows,
+        suppress: torch.Tensor,
+        generator: torch.Generator | None,
+        step_callback: Callable[[LladaVDiffusionStep], None] | None,
+    ) -> bool:
+        """Denoise one block in at most `steps_per_block` passes. Returns False when every row is finished."""
+        block_start = state.prompt_len + block * config.block_length
+        block_end = block_start + config.block_length
+        for row, stop in enumerate(state.stop_index):
+            if stop is not None and state.prompt_len + stop <= block_start:
+                state.done[row] = True  # a block at or after a found stop is never decoded (docs/parity.md Q15)
+        if bool(state.done.all()):
+            return False
+        masks = (state.canvas[:, block_start:block_end] == config.mask_token_id).sum(-1)  # (B,)
+        schedule = transfer_schedule(masks, config.steps_per_block)  # (B, steps_per_block)
+        windows.start_block()
+        for block_step in range(config.steps_per_block):
+            active = _active(state, block_start, block_end)
+            if active is None:
                 break
-            schedule = transfer_schedule((canvas[:, block_start:block_end] == mask_id).sum(-1), config.steps_per_block)
-            cache = None  # every block starts with a refresh (of the whole canvas or of the answer)
-            for block_step in range(config.steps_per_block):
-                is_mask = canvas == mask_id  # (B, T)
-                # Candidate columns per row: masks in the answer before the block end, or before the stop.
-                limit = torch.tensor(
-                    [block_end if s is None else answer_start + s for s in stop_index], device=device
-                )  # (B,)
-                candidate = is_mask & (columns >= answer_start) & (columns[None, :] < limit[:, None])  # (B, T)
-                for row in range(batch):
-                    if config.early_exit and stop_index[row] is not None and not bool(candidate[row].any()):
-                        done[row] = True  # everything before the stop is decoded: this row is finished
-                stepping = ~done & is_mask[:, block_start:block_end].any(-1)
-                if not bool(stepping.any()):
-                    break
-                rows = stepping.nonzero().squeeze(1)  # (b,)
-                positions = candidate[rows].any(0).nonzero().squeeze(1)  # (K,)
-
-                # Decoder window [start, end): the whole canvas, or with a filled cache the current block
-                # ("dual") or the block and everything after it ("prefix").
-                window_start, window_end = 0, total_len
-                refreshed = False
-                if config.kv_cache is not None:
-                    refreshed = cache is None  # the first pass of the block
-                    if cache is None and (call_cache is None or config.kv_cache_prompt_refresh == "block"):
-                        cache, cache_rows = self._new_diffusion_cache(num_layers), rows  # full forward
-                        if config.kv_cache_prompt_refresh == "once":
-                            call_cache, call_rows = cache, rows
-                    elif cache is None:
-                        # Prompt keys/values from the call's first pass; the answer and suffix are recomputed.
-                        cache = _cache_for_rows(call_cache, call_rows, rows, config.cfg_scale > 0, shared=call_cache)
-                        cache_rows = rows
-                        window_start = answer_start
-                    else:
-                        window_start = block_start
-                        window_end = block_end if config.kv_cache == "dual" else total_len
-                        # Rows that finished or completed their block leave; their cache rows go with them.
-                        cache = _cache_for_rows(cache, cache_rows, rows, config.cfg_scale > 0, shared=call_cache)
-                        cache_rows = rows
-
-                logits = self._diffusion_logits(
-                    canvas[rows], prompt_embeds[rows], None if full_mask is None else full_mask[rows],
-                    positions, mask_embed, config.cfg_scale, prompt_len,
-                    cache=cache, window=(window_start, window_end),
-                )  # (b, K, V) float32
-                logits[..., suppress] = float("-inf")
-                if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-                    logits[..., vocab_limit:] = float("-inf")
-
-                b, k_cols, vocab = logits.shape
-                flat = logits.reshape(b * k_cols, vocab)
-                tokens = sample_tokens(flat, config.temperature, generator).view(b, k_cols)
-                confidence = token_confidence(flat, tokens.view(-1), config.remasking, generator).view(b, k_cols)
-                confidence = confidence.masked_fill(~candidate[rows][:, positions], float("-inf"))
-                committed = select_top_k(confidence, schedule[rows, block_step])  # (b, K)
-                if threshold is not None:
-                    committed |= confidence > threshold  # parallel decoding: -inf (non-candidates) never passes
-
-                window = canvas[rows][:, positions]
-                canvas[rows[:, None], positions[None, :]] = torch.where(committed, tokens, window)
-                num_passes += 1
-                passes_per_row[rows] += 1
-                decoder_tokens += b * (2 if config.cfg_scale > 0 else 1) * (window_end - window_start)
-
-                if stop_sequences:
-                    for row in rows.tolist():
-                        answer = canvas[row, answer_start:answer_end]
-                        stop_index[row] = find_stop(answer, stop_sequences, stop_index[row])
-                if config.output_history:
-                    history.append(canvas.clone())
-                if step_callback is not None:
-                    step_callback(
-                        LladaVDiffusionStep(
-                            step=num_passes - 1,
-                            block=block,
-                            block_step=block_step,
-                            rows=rows,
-                            positions=positions,
-                            logits=logits,
-                            tokens=tokens,
-                            committed=committed,
-                            canvas=canvas,
-                            stop_indices=list(stop_index),
-                            window=(window_start, window_end),
-                            cache_refreshed=refreshed,
-                        )
+            window = windows.plan(active.rows, block_start, block_end)
+            logits = self.diffusion_logits(
+                state.canvas[active.rows],
+                state.prompt_embeds[active.rows],
+                active.positions,
+                cfg_scale=config.cfg_scale,
+                mask_token_id=config.mask_token_id,
+                attention_mask=None if state.attention_mask is None else state.attention_mask[active.rows],
+                cache=window.cache,
+                window=(window.start, window.end),
+            )  # (b, K, V) float32
+            tokens, confidence = _predict(logits, suppress, config, generator)
+            committed = _commit(
+                state.canvas, active, tokens, confidence, schedule[active.rows, block_step], config.confidence_threshold
+            )
+            state.num_passes += 1
+            state.passes_per_row[active.rows] += 1
+            copies = 2 if config.cfg_scale > 0 else 1
+            state.decoder_tokens += active.rows.shape[0] * copies * (window.end - window.start)
+            _update_stops(state, active.rows, stop_sequences)
+            if config.output_history:
+                state.history.append(state.canvas.clone())
+            if step_callback is not None:
+                step_callback(
+                    LladaVDiffusionStep(
+                        step=state.num_passes - 1,
+                        block=block,
+                        block_step=block_step,
+                        rows=active.rows,
+                        positions=active.positions,
+                        logits=logits,
+                        tokens=tokens,
+                        committed=committed,
+                        canvas=state.canvas,
+                        stop_indices=list(state.stop_index),
+                        window=(window.start, window.end),
+                        cache_refreshed=window.refreshed,
+                        prompt_length=state.prompt_len,
                     )
+                )
+        return True
 
-        sequences, answer_lengths = self._assemble(
-            canvas, stop_index, prompt_len, answer_len, suffix, config.pad_token_id
-        )
-        if not config.return_dict_in_generate:
-            return sequences
-        return LladaVGenerateOutput(
-            sequences=sequences,
-            answer_lengths=answer_lengths,
-            num_forward_passes=num_passes,
-            forward_passes_per_row=passes_per_row,
-            num_decoder_tokens=decoder_tokens,
-            history=tuple(history) if config.output_history else None,
-        )
-
-    # ------------------------------------------------------------------ helpers of diffusion_generate
-
-    def _diffusion_logits(
+    def diffusion_logits(
         self,
         canvas: torch.Tensor,
         prompt_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
         positions: torch.Tensor,
-        mask_embed: torch.Tensor,
-        cfg_scale: float,
-        prompt_len: int,
-        cache: Any = None,
+        cfg_scale: float = 0.0,
+        mask_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: LladaVDiffusionCache | None = None,
         window: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """One forward pass; float32 logits `(b, K, V)` at `positions` only (guided when `cfg_scale > 0`).
+        """One denoiser pass: float32 logits `(b, K, V)` of the canvas columns `positions`, guided when
+        `cfg_scale > 0` (docs/parity.md Q17: the unconditional copy has every prompt position, image
+        included, replaced by the mask token and runs in the same forward; `un + (cfg + 1) * (cond - un)`).
 
-        With an empty `cache` the full canvas is run and every layer's keys/values are stored (a refresh); with
-        a filled one only the canvas columns `window = (start, end)` (after the prompt) go through the decoder.
+        Args:
+            canvas: `(b, T)` ids; the first `P` columns are the prompt, whose embeddings are `prompt_embeds`
+                `(b, P, D)` (images merged).
+            positions: `(K,)` canvas columns to return logits for.
+            cfg_scale, mask_token_id: guidance scale and the mask id of the unconditional copy.
+            attention_mask: `(b, T)` 1 for tokens, 0 for the prompt's left padding.
+            cache, window: with an empty `LladaVDiffusionCache` the full canvas runs and fills it (a refresh);
+                with a filled one only the canvas columns `window = (start, end)` (after the prompt) go through
+                the decoder, attending over the cache.
         """
-        cache_kwargs = {}
-        if cache is not None:
-            cache_kwargs = {"cache": cache, "cache_start": window[0]}
+        prompt_len = prompt_embeds.shape[1]
+        cache_kwargs = {} if cache is None else {"cache": cache, "cache_start": window[0]}
         if cache is not None and cache.length > 0:
             start, end = window
             embeds = self.get_input_embeddings()(canvas[:, start:end])  # (b, W, D)
@@ -868,7 +1037,7 @@ class LladaVGenerationMixin:
             answer_embeds = self.get_input_embeddings()(canvas[:, prompt_len:])  # (b, T - P, D)
             embeds = torch.cat((prompt_embeds, answer_embeds), dim=1)  # (b, T, D)
             if cfg_scale > 0:
-                # Unconditional copy: every prompt position (text and image) becomes the mask token (quirk 17).
+                mask_embed = self.get_input_embeddings().weight[mask_token_id].to(prompt_embeds.dtype)  # (D,)
                 uncond = torch.cat((mask_embed.expand_as(prompt_embeds), answer_embeds), dim=1)
                 embeds = torch.cat((embeds, uncond), dim=0)  # (2b, T, D)
         if cfg_scale > 0 and attention_mask is not None:
@@ -883,11 +1052,25 @@ class LladaVGenerationMixin:
             logits = uncond + (cfg_scale + 1) * (cond - uncond)
         return logits
 
-    def _new_diffusion_cache(self, num_layers: int) -> Any:
-        # Imported here: modeling_llada_v imports this module (the mixin), not the other way round.
-        from .modeling_llada_v import LladaVDiffusionCache
+    def _finalize(
+        self, state: _DenoisingState, suffix: list[int], config: LladaVGenerationConfig
+    ) -> torch.LongTensor | LladaVGenerateOutput:
+        sequences, answer_lengths = self._assemble(
+            state.canvas, state.stop_index, state.prompt_len, state.answer_len, suffix, config.pad_token_id
+        )
+        if not config.return_dict_in_generate:
+            return sequences
+        return LladaVGenerateOutput(
+            sequences=sequences,
+            answer_lengths=answer_lengths,
+            prompt_length=state.prompt_len,
+            num_forward_passes=state.num_passes,
+            forward_passes_per_row=state.passes_per_row,
+            num_decoder_tokens=state.decoder_tokens,
+            history=tuple(state.history) if config.output_history else None,
+        )
 
-        return LladaVDiffusionCache(num_layers)
+    # ------------------------------------------------------------------ settings and checks
 
     def _stops_and_suffix(self, config: LladaVGenerationConfig, tokenizer: Any) -> tuple[list[list[int]], list[int]]:
         stops = normalize_stop_sequences(config.stop_token_ids)
@@ -983,6 +1166,7 @@ class LladaVGenerationMixin:
 
 
 __all__ = [
+    "LladaVDiffusionCache",
     "LladaVGenerationConfig",
     "LladaVGenerationMixin",
     "LladaVGenerateOutput",

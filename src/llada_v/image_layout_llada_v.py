@@ -3,7 +3,7 @@
 The processor and the model must agree on how many `<image>` tokens one image becomes; both call
 `num_image_tokens` / `select_best_resolution` from here, so the count is written once.
 
-Notable facts (SPEC section 4, "anyres_max_4"):
+Notable facts (docs/parity.md Q1-Q5, "anyres_max_4"):
 - sizes are (height, width) everywhere; grid pinpoints are (height, width) pairs whose order matters,
   because ties in `select_best_resolution` go to the first candidate;
 - the base crop is the whole image squashed to one crop, placed first (729 tokens, no newline);
@@ -12,12 +12,33 @@ Notable facts (SPEC section 4, "anyres_max_4"):
 """
 
 import math
+from typing import Any
 
 # How an image is laid out in the token sequence; the processor returns one code per image.
 LAYOUT_ANYRES = 0  # base crop + tiles, unpad, optional bilinear cap, newline per row
 LAYOUT_SINGLE = 1  # one crop + one newline (multi-image prompts: 730 tokens with 729 patches)
 LAYOUT_VIDEO = 2  # frames, each pooled to ceil(side / 2) per side, newline per row
 LAYOUT_NAMES = {LAYOUT_ANYRES: "anyres", LAYOUT_SINGLE: "single", LAYOUT_VIDEO: "video"}
+
+
+def prompt_image_layout(num_images: int) -> int:
+    """The layout of each image of a prompt with `num_images` images: anyres when the image is alone, one
+    padded crop each when there are several (the official multi-image path)."""
+    return LAYOUT_ANYRES if num_images == 1 else LAYOUT_SINGLE
+
+
+def layout_kwargs(settings: Any) -> dict:
+    """The layout arguments of `num_image_tokens`, read from a `LladaVConfig` or a `LladaVImageProcessor`
+    (both carry `image_grid_pinpoints`, `crop_size`, `patches_per_side`, `max_num_tiles`,
+    `anyres_pool_threshold` and `video_pool_stride`)."""
+    return {
+        "pinpoints": settings.image_grid_pinpoints,
+        "crop_size": settings.crop_size,
+        "patches_per_side": settings.patches_per_side,
+        "max_num_tiles": settings.max_num_tiles,
+        "pool_threshold": settings.anyres_pool_threshold,
+        "video_pool_stride": settings.video_pool_stride,
+    }
 
 
 def default_grid_pinpoints(crop_size: int = 384, max_grid: int = 6) -> list[list[int]]:

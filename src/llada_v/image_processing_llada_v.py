@@ -1,17 +1,17 @@
 """Image processor of LLaDA-V: SigLIP crops for any-resolution images, multi-image prompts and videos.
 
-Pixel values reproduce the official LLaDA-V preprocessing bit for bit (SPEC sections 2 and 4; checked
-against `shared/golden/`). Notable facts:
+Pixel values reproduce the official LLaDA-V preprocessing bit for bit (docs/parity.md Q1-Q7, Q29-Q33;
+checked against the golden fixtures by tests/test_image_processing.py). Notable facts:
 - Pillow bicubic resizing (Pillow < 13), then `uint8 * (1/255)` in float64, cast to float32, then
   `(x - mean) / std` in float32 with mean = std = 0.5;
-- "anyres": crop 0 is the WHOLE image squashed to one crop (aspect ratio not kept) [keep]; the tiles come
-  from an aspect-preserving resize (`ceil`, capped) pasted centred on a black canvas of the best grid
-  pinpoint, cut row-major;
-- the image is resized and pasted in its own mode (RGB, L, RGBA, LA) and converted to RGB last [keep]:
+- "anyres": crop 0 is the WHOLE image squashed to one crop (aspect ratio not kept) [keep, docs/parity.md Q1];
+  the tiles come from an aspect-preserving resize (`ceil`, capped) pasted centred on a black canvas of the
+  best grid pinpoint, cut row-major;
+- the image is resized and pasted in its own mode (RGB, L, RGBA, LA) and converted to RGB last [keep, Q29]:
   Pillow resizes RGBA with premultiplied alpha, so fully transparent areas come out black;
 - a prompt with several images uses the "pad" path: pad to a square with (127, 127, 127), squash, one
   crop (730 tokens); a video is one crop per sampled frame (210 tokens per frame);
-- EXIF orientation is applied [fix]; palette, 16-bit, CMYK and other modes get a documented conversion
+- EXIF orientation is applied [fix, Q32]; palette, 16-bit, CMYK and other modes get a documented conversion
   first (see `docs/processor.md`); undecodable, empty and oversized inputs raise `ValueError`.
 
 Sizes are (height, width) everywhere; PIL's (width, height) is converted once, here. The token count
@@ -38,8 +38,10 @@ from .image_layout_llada_v import (
     LAYOUT_SINGLE,
     LAYOUT_VIDEO,
     default_grid_pinpoints,
+    layout_kwargs,
     num_crops,
     num_image_tokens,
+    prompt_image_layout,
     select_best_resolution,
 )
 
@@ -51,7 +53,7 @@ logger = logging.get_logger(__name__)
 _NATIVE_MODES = ("RGB", "L", "RGBA", "LA")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _EXIF_ORIENTATION_TAG = 0x0112
-_VIDEO_FILE_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg")
+VIDEO_FILE_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg")
 
 
 class LladaVImagesKwargs(TypedDict, total=False):
@@ -198,15 +200,8 @@ class LladaVImageProcessor(BaseImageProcessor):
         return tuple(int(x * 255) for x in self.image_mean)
 
     def layout_kwargs(self) -> dict:
-        """Keyword arguments of `image_layout_llada_v.num_image_tokens` (same keys as `LladaVConfig.layout_kwargs`)."""
-        return {
-            "pinpoints": self.image_grid_pinpoints,
-            "crop_size": self.crop_size,
-            "patches_per_side": self.patches_per_side,
-            "max_num_tiles": self.max_num_tiles,
-            "pool_threshold": self.anyres_pool_threshold,
-            "video_pool_stride": self.video_pool_stride,
-        }
+        """Keyword arguments of `image_layout_llada_v.num_image_tokens` (as `LladaVConfig.layout_kwargs`)."""
+        return layout_kwargs(self)
 
     def get_num_image_tokens(self, layout: int, image_size: tuple[int, int] | None = None, num_frames: int = 1) -> int:
         """Tokens one placeholder becomes for an image of `image_size` (height, width) or a video of `num_frames`."""
@@ -280,7 +275,7 @@ class LladaVImageProcessor(BaseImageProcessor):
         items = []
         if images is not None:
             for prompt_images in nest_images(images):
-                layout = LAYOUT_ANYRES if len(prompt_images) == 1 else LAYOUT_SINGLE
+                layout = prompt_image_layout(len(prompt_images))
                 items.extend((layout, image) for image in prompt_images)
         if videos is not None:
             items.extend((LAYOUT_VIDEO, video) for video in flatten_videos(videos))
@@ -341,7 +336,7 @@ class LladaVImageProcessor(BaseImageProcessor):
     # ------------------------------------------------------------------ layouts
 
     def _anyres_crops(self, image: Image.Image) -> list[np.ndarray]:
-        """Base crop (whole image squashed) + row-major tiles of the padded best-resolution canvas (SPEC 4)."""
+        """Base crop (whole image squashed) + row-major tiles of the padded best-resolution canvas (docs/parity.md Q1)."""
         side = self.crop_size
         width, height = image.size
         best_h, best_w = select_best_resolution((height, width), self.image_grid_pinpoints)
@@ -354,7 +349,7 @@ class LladaVImageProcessor(BaseImageProcessor):
         else:
             new_w, new_h = min(math.ceil(width * scale_h), best_w), best_h
         resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        # The canvas is RGB whatever the image mode: `paste` converts (the official order) [keep].
+        # The canvas is RGB whatever the image mode: `paste` converts (the official order, docs/parity.md Q1).
         canvas = Image.new("RGB", (best_w, best_h), (0, 0, 0))
         canvas.paste(resized, ((best_w - new_w) // 2, (best_h - new_h) // 2))
         base = image.resize((side, side), Image.Resampling.BICUBIC)
@@ -368,7 +363,7 @@ class LladaVImageProcessor(BaseImageProcessor):
         """Multi-image path: pad to a square with the mean colour, squash to one crop.
 
         The official code padded in the image's own mode and converted to RGB before resizing; converting
-        first gives the same pixels and also works for `L` images, where the official call crashed [fix].
+        first gives the same pixels and also works for `L` images, where the official call crashed (docs/parity.md Q29).
         """
         image = image.convert("RGB") if image.mode != "RGB" else image
         width, height = image.size
@@ -498,7 +493,7 @@ def _open_image(source: str | os.PathLike | bytes | bytearray) -> Image.Image:
         name, handle = "<bytes>", io.BytesIO(bytes(source))
     else:
         name = str(source)
-        if name.lower().endswith(_VIDEO_FILE_SUFFIXES):
+        if name.lower().endswith(VIDEO_FILE_SUFFIXES):
             raise TypeError(f"{name} looks like a video file; decode it into frames and pass the frames")
         if not Path(name).is_file():
             raise FileNotFoundError(f"image file not found: {name}")
@@ -579,7 +574,7 @@ def _scale_16bit(array: np.ndarray) -> np.ndarray:
 
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """Honour the EXIF orientation tag [fix: the official path ignored it]; unrotated images are untouched."""
+    """Honour the EXIF orientation tag (docs/parity.md Q32: the official path ignored it); unrotated images are untouched."""
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except Exception as err:  # noqa: BLE001 - a broken EXIF block must not make the pixels unusable

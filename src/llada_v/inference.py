@@ -1,12 +1,14 @@
-"""Loading a checkpoint and answering prompts: what `llada-v generate/chat` and the lmms-eval plugin share.
+"""Loading a checkpoint and answering prompts: the one path from a prompt to answer text, shared by
+`llada-v generate/chat`, the demo and the lmms-eval plugin.
 
-- `load_pretrained`: `AutoModel`/`AutoProcessor.from_pretrained(..., trust_remote_code=True)` with dtype, device
-  and bitsandbytes 4/8-bit options, after checks that turn the usual mistakes (a path that does not exist, an
+- `inspect_checkpoint` / `load_pretrained`: checks that turn the usual mistakes (a path that does not exist, an
   official or foreign checkpoint, missing weights or processor, bitsandbytes missing) into one `InputError`
-  line each.
-- `generation_config_for`: the checkpoint's `generation_config` with per-call overrides, optionally on top of
-  the fast-decoding preset, with `steps`/`block_length` following a changed `max_new_tokens` when they no longer
-  fit (`fit_schedule`).
+  line each, then `LladaVModel`/`LladaVProcessor.from_pretrained` with dtype, device and bitsandbytes 4/8-bit
+  options. This package's own classes are used (the checkpoint's remote-code copies are for users without
+  the package), so every object in a process has one class.
+- `checkpoint_generation_config` / `generation_config_for`: a checkpoint's sampler defaults (read before its
+  weights, so bad settings fail fast) with per-call overrides, optionally on top of the fast-decoding preset,
+  with `steps`/`block_length` following a changed `max_new_tokens` when they no longer fit (`fit_schedule`).
 - `chat_prompt` / `generate_texts`: chat template -> processor -> `diffusion_generate` -> decoded answers, for a
   batch of prompts with their images (left padding).
 
@@ -25,10 +27,11 @@ from typing import Any
 
 import torch
 
+from .checkpoint_io import DTYPES
+from .configuration_llada_v import LladaVConfig
 from .generation_utils import LladaVGenerationConfig, _as_diffusion_config
 
-MODEL_TYPE = "llada_v"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_TYPE = LladaVConfig.model_type
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -125,6 +128,20 @@ def bitsandbytes_config(quantization: str | None, compute_dtype: torch.dtype) ->
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def inspect_checkpoint(name: str) -> dict:
+    """The `config.json` of a llada-v checkpoint (folder or Hub id), checked as `check_checkpoint` does."""
+    config = check_checkpoint(name)
+    if config is None:  # a Hub id: read its config.json there
+        from transformers import PreTrainedConfig
+
+        try:
+            config, _ = PreTrainedConfig.get_config_dict(name)
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot load {name!r}: not a local folder, and the Hub says: {_first_line(err)}") from None
+        check_model_type(name, config)
+    return config
+
+
 def load_pretrained(
     model: str | os.PathLike,
     processor: str | os.PathLike | None = None,
@@ -133,6 +150,7 @@ def load_pretrained(
     quantization: str | None = None,
     attn_implementation: str | None = None,
     need_processor: bool = True,
+    config: dict | None = None,
 ) -> tuple[Any, Any]:
     """Load a llada-v checkpoint (folder or Hub id) and its processor in eval mode.
 
@@ -145,22 +163,18 @@ def load_pretrained(
             lm_head stay unquantised, see docs/quantization.md).
         attn_implementation: `"eager"`, `"sdpa"`, `"flash_attention_2"`, ... (default: the transformers choice).
         need_processor: raise when no processor can be loaded (else return None for it).
+        config: the checkpoint's `config.json` when the caller already has it from `inspect_checkpoint`.
 
     Raises:
         InputError: with a one-line reason for every input problem the checks can see.
     """
-    from transformers import AutoConfig, AutoModel, AutoProcessor
+    from .modeling_llada_v import LladaVModel
 
     name = str(model)
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
-    config = check_checkpoint(name)
-    if config is None:  # a Hub id: read the config there (trust_remote_code needed for the class)
-        try:
-            config = AutoConfig.from_pretrained(name, trust_remote_code=True).to_dict()
-        except (OSError, ValueError) as err:
-            raise InputError(f"cannot load {name!r}: not a local folder, and the Hub says: {_first_line(err)}") from None
-        check_model_type(name, config)
+    if config is None:
+        inspect_checkpoint(name)
     quantization_config = bitsandbytes_config(quantization, resolved_dtype)
 
     processor_name = str(processor) if processor is not None else name
@@ -168,20 +182,20 @@ def load_pretrained(
         _check_processor_folder(processor_name)  # before the weights load: fail fast
 
     # device_map puts the weights straight on the device (no CPU copy of an 8B model first).
-    kwargs: dict[str, Any] = {"trust_remote_code": True, "dtype": resolved_dtype, "device_map": {"": resolved_device}}
+    kwargs: dict[str, Any] = {"dtype": resolved_dtype, "device_map": {"": resolved_device}}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     try:
-        loaded = AutoModel.from_pretrained(name, **kwargs)
+        loaded = LladaVModel.from_pretrained(name, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise InputError(f"cannot load the model from {name}: {_first_line(err)}") from None
     loaded.eval()
 
     loaded_processor = None
     if processor is not None or need_processor:
-        loaded_processor = _load_processor(processor_name, need_processor, AutoProcessor)
+        loaded_processor = _load_processor(processor_name, need_processor)
     return loaded, loaded_processor
 
 
@@ -198,20 +212,19 @@ def _check_processor_folder(name: str) -> None:
         )
 
 
-def _load_processor(name: str, required: bool, auto_processor: Any) -> Any:
+def _load_processor(name: str, required: bool) -> Any:
+    from .processing_llada_v import LladaVProcessor
+
     path = Path(name).expanduser()
     if path.exists() and not (path / "processor_config.json").is_file() and not required:
         return None
     _check_processor_folder(name)
     try:
-        processor = auto_processor.from_pretrained(name, trust_remote_code=True)
+        return LladaVProcessor.from_pretrained(name)
     except (OSError, ValueError, TypeError) as err:
         if not required:
             return None
         raise InputError(f"cannot load the processor from {name}: {_first_line(err)}") from None
-    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
-        raise InputError(f"{name} has a {type(processor).__name__}, not a LladaVProcessor")
-    return processor
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -231,19 +244,30 @@ def fit_schedule(max_new_tokens: int, steps: int, block_length: int) -> tuple[in
     return steps, block_length
 
 
-def generation_config_for(model: Any, overrides: dict[str, Any] | None = None, fast: bool = False) -> LladaVGenerationConfig:
-    """The model's generation config with `overrides` (None values ignored), validated.
+def checkpoint_generation_config(name: str, config: dict) -> LladaVGenerationConfig:
+    """The sampler defaults a checkpoint loads with, read before its weights: its `generation_config.json`,
+    else (none there, as `from_pretrained` does too) the released defaults with the special ids of `config`."""
+    try:
+        return LladaVGenerationConfig.from_pretrained(name)
+    except OSError:
+        return LladaVGenerationConfig.from_model_config(config)
+    except ValueError as err:
+        raise InputError(f"{name}: invalid generation_config.json ({_first_line(err)})") from None
 
-    When `max_new_tokens` is overridden but `steps`/`block_length` are not, the checkpoint's values are kept if they
-    fit the new length and replaced by `fit_schedule` otherwise. `fast=True` starts from
+
+def generation_config_for(
+    base: Any, overrides: dict[str, Any] | None = None, fast: bool = False
+) -> LladaVGenerationConfig:
+    """`base` (a model's `generation_config`, or `checkpoint_generation_config`) with `overrides` (None values
+    ignored), validated; `base` itself is not modified.
+
+    When `max_new_tokens` is overridden but `steps`/`block_length` are not, the base values are kept if they fit
+    the new length and replaced by `fit_schedule` otherwise. `fast=True` starts from
     `LladaVGenerationConfig.fast` (the recommended fast-decoding preset).
 
     Raises:
         InputError: an invalid combination (the `LladaVGenerationConfig.validate` message).
     """
-    base = getattr(model, "generation_config", None)
-    if base is None:
-        base = LladaVGenerationConfig.from_model_config(model.config)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
         config = LladaVGenerationConfig.fast(base) if fast else copy.deepcopy(_as_diffusion_config(base))
@@ -295,9 +319,9 @@ def generate_texts(
     generation_config: LladaVGenerationConfig,
     step_callback: Callable[[Any], None] | None = None,
     seed: int | None = None,
-) -> tuple[list[str], Any, int]:
+) -> tuple[list[str], Any]:
     """Answer a batch of chat-template prompts. Returns the decoded answers (up to the stop, special tokens
-    removed), the `LladaVGenerateOutput` and the prompt length (the answer starts there in `sequences`)."""
+    removed) and the `LladaVGenerateOutput` (`answer_ids()`, `prompt_length`, counters)."""
     device = model.device
     inputs = prepare_inputs(processor, texts, images, device)
     generator = None
@@ -312,17 +336,15 @@ def generate_texts(
         generator=generator,
         tokenizer=processor.tokenizer,
     )
-    prompt_len = inputs["input_ids"].shape[1]
-    answers = []
-    for row in range(len(texts)):
-        ids = output.sequences[row, prompt_len : prompt_len + int(output.answer_lengths[row])]
-        answers.append(processor.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip())
-    return answers, output, prompt_len
+    answers = [processor.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in output.answer_ids()]
+    return answers, output
 
 
 __all__ = [
     "InputError",
     "check_checkpoint",
+    "checkpoint_generation_config",
+    "inspect_checkpoint",
     "fit_schedule",
     "generate_texts",
     "generation_config_for",

@@ -10,12 +10,13 @@ Notable choices:
   padded keys are hidden by the attention mask (the official code attended padding);
 - the SigLIP feature is the output of the last stored encoder layer *without* post_layernorm;
 - the image packing follows the official anyres_max_4 arithmetic exactly (see `image_layout_llada_v.py`);
-- the training loss is the official one (SPEC section 6), computed from the hidden states of the masked
+- the training loss is the official one (docs/parity.md Q19), computed from the hidden states of the masked
   positions only, so a training step never materialises (batch, length, vocab) logits.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_llada_v import LladaVConfig, LladaVTextConfig
-from .generation_utils import LladaVGenerationConfig, LladaVGenerationMixin
+from .generation_utils import LladaVDiffusionCache, LladaVGenerationConfig, LladaVGenerationMixin
 from .image_layout_llada_v import (
     LAYOUT_ANYRES,
     LAYOUT_NAMES,
@@ -99,45 +100,6 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
         return hidden_states
     b, n_kv, t, hd = hidden_states.shape
     return hidden_states[:, :, None].expand(b, n_kv, n_rep, t, hd).reshape(b, n_kv * n_rep, t, hd)
-
-
-class LladaVDiffusionCache:
-    """Per-layer keys and values of the whole canvas, for re-using them across denoising steps.
-
-    A masked-diffusion step changes only a few tokens, so the keys and values of the others barely move.
-    Fast-dLLM-style decoding refreshes the cache with one full forward (`cache_start=0` over the whole
-    sequence), then recomputes only a window `[cache_start, cache_start + T)` each step: its fresh keys and
-    values overwrite the window's slots and its queries attend over the full cached sequence. What stays
-    approximate is the cached part (prompt, and in "dual" mode the positions after the window), which was
-    computed from an older canvas. It lives for one `diffusion_generate` call; no global state.
-    """
-
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-
-    @property
-    def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
-
-    def update(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the window's (B, nkv, T, hd) keys/values at `start`; return the full cached sequence."""
-        if self.keys[layer_idx] is None or (start == 0 and k.shape[2] >= self.keys[layer_idx].shape[2]):
-            if start != 0:
-                raise ValueError(f"the cache is empty: the first forward must start at 0, got cache_start={start}")
-            self.keys[layer_idx], self.values[layer_idx] = k, v
-            return k, v
-        end = start + k.shape[2]
-        if end > self.keys[layer_idx].shape[2]:
-            raise ValueError(f"window [{start}, {end}) exceeds the cached length {self.keys[layer_idx].shape[2]}")
-        self.keys[layer_idx][:, :, start:end] = k
-        self.values[layer_idx][:, :, start:end] = v
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (rows that finished stop costing compute)."""
-        self.keys = [None if k is None else k[rows] for k in self.keys]
-        self.values = [None if v is None else v[rows] for v in self.values]
 
 
 def eager_attention_forward(
@@ -407,35 +369,51 @@ def default_position_ids(
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def conversation_ids_from_input_ids(input_ids: torch.Tensor, config: LladaVConfig) -> torch.Tensor:
-    """Dialogue turn of every position (SPEC section 6, "dialogue causal" attention).
+class ChatTurn(NamedTuple):
+    """A header-delimited turn of a tokenised conversation (see `find_turns`)."""
 
-    The system prompt and first exchange are turn 0; the turn increments at each user header
-    (`<|start_header_id|>user`) that follows an assistant header; every other position keeps the turn
-    of the position before it.
+    start: int  # position of its `<|start_header_id|>`
+    header_end: int | None  # position of its `<|end_header_id|>`; None when the header is not closed
+    end: int  # one past its `<|eot_id|>`, or where the next turn starts
+    role: tuple[int, ...]  # the ids between the two header tokens (empty when the header is not closed)
+
+
+def find_turns(ids: Sequence[int], start_header_id: int, end_header_id: int, eot_id: int) -> list[ChatTurn]:
+    """Split tokenised conversation ids into the turns of the LLaDA chat template: a turn starts at
+    `<|start_header_id|>`, its role is the ids up to `<|end_header_id|>`, and it ends after its `<|eot_id|>`
+    (or where the next turn starts). The one parser of turns, for the dialogue mask and the training labels."""
+    ids = list(ids)
+    starts = [i for i, t in enumerate(ids) if t == start_header_id]
+    turns = []
+    for k, start in enumerate(starts):
+        limit = starts[k + 1] if k + 1 < len(starts) else len(ids)
+        header_end = next((i for i in range(start + 1, limit) if ids[i] == end_header_id), None)
+        end = limit
+        if header_end is not None:
+            end = next((i + 1 for i in range(header_end + 1, limit) if ids[i] == eot_id), limit)
+        role = tuple(ids[start + 1 : header_end]) if header_end is not None else ()
+        turns.append(ChatTurn(start, header_end, end, role))
+    return turns
+
+
+def conversation_ids_from_input_ids(input_ids: torch.Tensor, config: LladaVConfig) -> torch.Tensor:
+    """Dialogue turn of every position, for "dialogue causal" attention (docs/parity.md Q23).
+
+    The system prompt and first exchange are turn 0; the turn increments at each user turn that follows an
+    assistant turn; every other position keeps the turn of the position before it.
     """
-    batch, length = input_ids.shape
-    is_header = input_ids[:, :-1] == config.start_header_token_id
-    user_header = torch.zeros_like(input_ids, dtype=torch.bool)
-    assistant_header = torch.zeros_like(input_ids, dtype=torch.bool)
-    user_header[:, :-1] = is_header & (input_ids[:, 1:] == config.user_role_token_id)
-    assistant_header[:, :-1] = is_header & (input_ids[:, 1:] == config.assistant_role_token_id)
-    # A user header starts a new turn when any assistant header precedes it since the last turn start;
-    # scanning once per row keeps that exact rule readable (sequences have few headers).
     ids = torch.zeros_like(input_ids)
-    for b in range(batch):
+    user, assistant = (config.user_role_token_id,), (config.assistant_role_token_id,)
+    for b in range(input_ids.shape[0]):
         turn, seen_assistant = 0, False
-        starts = (user_header[b] | assistant_header[b]).nonzero().flatten().tolist()
-        boundaries = []
-        for pos in starts:
-            if assistant_header[b, pos]:
+        headers = (config.start_header_token_id, config.end_header_token_id, config.eot_token_id)
+        for chat_turn in find_turns(input_ids[b].tolist(), *headers):
+            if chat_turn.role == assistant:
                 seen_assistant = True
-            elif seen_assistant:
+            elif chat_turn.role == user and seen_assistant:
                 turn += 1
                 seen_assistant = False
-                boundaries.append((pos, turn))
-        for pos, turn_id in boundaries:
-            ids[b, pos:] = turn_id
+                ids[b, chat_turn.start :] = turn
     return ids
 
 
@@ -461,7 +439,7 @@ class LladaVMultiModalProjector(nn.Module):
 class LladaVModelOutput(ModelOutput):
     """
     Args:
-        loss: the masked-diffusion loss (SPEC section 6) when `labels` are given.
+        loss: the masked-diffusion loss (docs/parity.md Q19) when `labels` are given.
         logits: `(batch, kept_positions, vocab)` float logits; None in a training forward unless
             `logits_to_keep` asks for them.
         hidden_states: the decoder's hidden states when `output_hidden_states=True`.
@@ -484,7 +462,7 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
     # Kept out of bitsandbytes quantisation (transformers adds this list to every skip list; lm_head is
     # skipped by default as the output embedding). Side effect: a float16 load keeps them in float32.
     _keep_in_fp32_modules = ["vision_tower", "multi_modal_projector", "image_newline"]
-    # Trainer: the loss is already normalised per sample and batch (SPEC section 6).
+    # Trainer: the loss is already normalised per sample and batch (docs/parity.md Q19).
     accepts_loss_kwargs = False
 
     def __init__(self, config: LladaVConfig):
@@ -536,11 +514,6 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
 
     # ------------------------------------------------------------------ images
 
-    def _num_vision_layers_used(self) -> int:
-        n = self.config.vision_config.num_hidden_layers
-        layer = self.config.vision_feature_layer
-        return n + 1 + layer if layer < 0 else layer
-
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """SigLIP on (N, 3, S, S) crops -> the selected feature, (N, patches, D_vision).
 
@@ -550,7 +523,7 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             raise ValueError(f"pixel_values must be (num_crops, 3, H, W), got shape {tuple(pixel_values.shape)}")
         vision = self.vision_tower
         hidden = vision.embeddings(pixel_values.to(dtype=vision.embeddings.patch_embedding.weight.dtype))
-        for layer in vision.encoder.layers[: self._num_vision_layers_used()]:
+        for layer in vision.encoder.layers[: self.config.num_vision_layers_used]:
             hidden = layer(hidden, None)  # (N, patches, D_vision)
         return hidden
 
@@ -741,29 +714,16 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None and pixel_values is not None:
             raise ValueError("pixel_values cannot be combined with inputs_embeds (merge images into the embeddings)")
-        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
 
-        p_mask = None
-        if labels is not None and cache is not None:
-            raise ValueError("labels (training) cannot be combined with a diffusion cache (decoding)")
-        if labels is not None:
-            if labels.shape != (batch, length):
-                raise ValueError(f"labels shape {tuple(labels.shape)} must equal the input shape {(batch, length)}")
-            masked_indices, p_mask = self._draw_mask(labels, masking_t, masked_indices)
-            if input_ids is not None:
-                input_ids = input_ids.masked_fill(masked_indices, self.config.mask_token_id)
-            else:
-                mask_embed = self.get_input_embeddings().weight[self.config.mask_token_id].to(inputs_embeds.dtype)
-                inputs_embeds = torch.where(masked_indices[..., None], mask_embed, inputs_embeds)
-
-        if (
-            conversation_ids is None
-            and self.config.dialogue_causal_attention
-            and self.training
-            and input_ids is not None
-        ):
+        if conversation_ids is None and self.config.dialogue_causal_attention and self.training and input_ids is not None:
+            # From the clean ids: masking a header token must not move a turn boundary (docs/parity.md Q23).
             conversation_ids = conversation_ids_from_input_ids(input_ids, self.config)
 
+        p_mask = None
+        if labels is not None:
+            input_ids, inputs_embeds, masked_indices, p_mask = self._mask_supervised(
+                input_ids, inputs_embeds, labels, masking_t, masked_indices, cache
+            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_multimodal(input_ids, pixel_values, image_sizes, image_layouts, image_num_crops)
 
@@ -782,15 +742,7 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
         if labels is not None:
             loss = self._diffusion_loss(hidden, labels, masked_indices, p_mask)
 
-        logits = None
-        if logits_to_keep is None:
-            logits_to_keep = 0 if labels is None else None
-        if logits_to_keep is not None:
-            if isinstance(logits_to_keep, int):
-                kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
-            else:
-                kept = hidden[:, logits_to_keep.to(hidden.device)]
-            logits = self.lm_head(kept).float()
+        logits = self._kept_logits(hidden, 0 if logits_to_keep is None and labels is None else logits_to_keep)
 
         out = LladaVModelOutput(
             loss=loss,
@@ -800,6 +752,39 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             p_mask=p_mask,
         )
         return out if return_dict else out.to_tuple()
+
+    def _mask_supervised(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        labels: torch.Tensor,
+        masking_t: torch.Tensor | None,
+        masked_indices: torch.Tensor | None,
+        cache: LladaVDiffusionCache | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The training input: supervised positions replaced by the mask token (drawn or given), and `p_mask`."""
+        if cache is not None:
+            raise ValueError("labels (training) cannot be combined with a diffusion cache (decoding)")
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if labels.shape != (batch, length):
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal the input shape {(batch, length)}")
+        masked_indices, p_mask = self._draw_mask(labels, masking_t, masked_indices)
+        if input_ids is not None:
+            input_ids = input_ids.masked_fill(masked_indices, self.config.mask_token_id)
+        else:
+            mask_embed = self.get_input_embeddings().weight[self.config.mask_token_id].to(inputs_embeds.dtype)
+            inputs_embeds = torch.where(masked_indices[..., None], mask_embed, inputs_embeds)
+        return input_ids, inputs_embeds, masked_indices, p_mask
+
+    def _kept_logits(self, hidden: torch.Tensor, logits_to_keep: int | torch.Tensor | None) -> torch.Tensor | None:
+        """float32 logits of the kept positions: an int keeps the last n (0 = all), a tensor those positions."""
+        if logits_to_keep is None:
+            return None
+        if isinstance(logits_to_keep, int):
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            kept = hidden[:, logits_to_keep.to(hidden.device)]
+        return self.lm_head(kept).float()
 
     def _draw_mask(
         self, labels: torch.Tensor, masking_t: torch.Tensor | None, masked_indices: torch.Tensor | None
@@ -842,4 +827,4 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
         return torch.sum(token_loss / answer_lengths[masked_indices]) / batch
 
 
-__all__ = ["LladaVDiffusionCache", "LladaVModel", "LladaVPreTrainedModel", "LladaVTextModel", "LladaVModelOutput"]
+__all__ = ["LladaVModel", "LladaVPreTrainedModel", "LladaVTextModel", "LladaVModelOutput"]

@@ -1,10 +1,10 @@
 """Processor of LLaDA-V: chat template, `<image>` expansion and tokenisation, around `LladaVImageProcessor`.
 
-Notable facts (SPEC section 5):
+Notable facts (docs/processor.md):
 - the LLaDA-8B-Instruct chat template: BOS, then `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content |
   trim}<|eot_id|>` per message, always ending with the assistant header; LLaDA-V's default system prompt;
 - images go before the question, `<image>\\n{question}` (`<image> <image>\\n{question}` for several), keeping
-  the `\\n` that the official inference dropped [fix: as in training];
+  the `\\n` that the official inference dropped (docs/parity.md Q9: as in training);
 - each `<image>` (and `<video>`, a video's placeholder) becomes exactly as many `<image>` tokens (id 126349,
   a special token after the released vocabulary) as the model packs features for, counted by
   `image_layout_llada_v.num_image_tokens`;
@@ -20,7 +20,7 @@ from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
-from .image_layout_llada_v import LAYOUT_ANYRES, LAYOUT_SINGLE, LAYOUT_VIDEO
+from .image_layout_llada_v import LAYOUT_VIDEO, prompt_image_layout
 from .image_processing_llada_v import LladaVImageProcessor, flatten_videos
 
 
@@ -97,7 +97,7 @@ class LladaVProcessor(ProcessorMixin):
         image_processor (`LladaVImageProcessor`): the crops and their layouts.
         tokenizer (`PreTrainedTokenizerFast`): the converted LLaDA tokenizer; `image_token` must be a single
             special token of it.
-        chat_template (`str`, *optional*): defaults to `CHAT_TEMPLATE` (LLaDA's template, SPEC section 5).
+        chat_template (`str`, *optional*): defaults to `CHAT_TEMPLATE` (LLaDA's template, docs/processor.md).
         image_token (`str`, defaults to `"<image>"`): the image placeholder, also the token the model fills.
         video_token (`str`, defaults to `"<video>"`): a video's placeholder in text; it is expanded to image tokens
             too (the model receives one `<image>` span per video, as in training).
@@ -123,7 +123,7 @@ class LladaVProcessor(ProcessorMixin):
         if token_id is None or token_id == tokenizer.unk_token_id or ids != [token_id]:
             raise ValueError(
                 f"the tokenizer has no single token for {image_token!r} (encodes to {ids}); build it with "
-                "llada_v.tokenizer_utils.build_converted_tokenizer"
+                "llada_v.conversion.tokenizer.build_converted_tokenizer"
             )
         self.image_token_id = token_id
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
@@ -198,42 +198,8 @@ class LladaVProcessor(ProcessorMixin):
         if len(texts) == 0:
             raise ValueError("text is an empty list")
 
-        pattern = re.compile(f"{re.escape(self.image_token)}|{re.escape(self.video_token)}")
-        placeholders = [[m.group(0) for m in pattern.finditer(t)] for t in texts]
-        image_counts = [p.count(self.image_token) for p in placeholders]
-        video_counts = [p.count(self.video_token) for p in placeholders]
-        flat_images = self._flatten_visuals(images, image_counts, "image")
-        flat_videos = self._flatten_visuals(videos, video_counts, "video")
-
-        items = []
-        image_iter, video_iter = iter(flat_images), iter(flat_videos)
-        for sample_placeholders, n_images in zip(placeholders, image_counts):
-            image_layout = LAYOUT_ANYRES if n_images == 1 else LAYOUT_SINGLE
-            for placeholder in sample_placeholders:
-                if placeholder == self.image_token:
-                    items.append((image_layout, next(image_iter)))
-                else:
-                    items.append((LAYOUT_VIDEO, next(video_iter)))
-
-        visual_inputs = {}
-        token_counts: list[int] = []
-        if items:
-            visual_inputs = dict(self.image_processor.preprocess_items(items, return_tensors="pt"))
-            token_counts = visual_inputs.pop("num_image_tokens")
-
-        expanded, expected_per_sample, counts_iter = [], [], iter(token_counts)
-        for sample in texts:
-            total = 0
-
-            def expand(match: re.Match) -> str:
-                nonlocal total
-                count = next(counts_iter)
-                total += count
-                return self.image_token * count
-
-            expanded.append(pattern.sub(expand, sample))
-            expected_per_sample.append(total)
-
+        visual_inputs, token_counts = self._preprocess_visuals(texts, images, videos)
+        expanded, expected_per_sample = self._expand_placeholders(texts, token_counts)
         text_inputs = self.tokenizer(
             expanded, return_tensors=return_tensors, padding=padding, padding_side=padding_side, **kwargs
         )
@@ -246,6 +212,45 @@ class LladaVProcessor(ProcessorMixin):
                 "(truncation? raise max_length or disable truncation)"
             )
         return BatchFeature(data={**text_inputs, **visual_inputs})
+
+    def _placeholder_pattern(self) -> re.Pattern:
+        return re.compile(f"{re.escape(self.image_token)}|{re.escape(self.video_token)}")
+
+    def _preprocess_visuals(self, texts: list[str], images: Any, videos: Any) -> tuple[dict, list[int]]:
+        """Crops of every image and video in placeholder order, and the token count of each placeholder."""
+        placeholders = [[m.group(0) for m in self._placeholder_pattern().finditer(t)] for t in texts]
+        image_counts = [p.count(self.image_token) for p in placeholders]
+        video_counts = [p.count(self.video_token) for p in placeholders]
+        image_iter = iter(self._flatten_visuals(images, image_counts, "image"))
+        video_iter = iter(self._flatten_visuals(videos, video_counts, "video"))
+        items = []
+        for sample_placeholders, n_images in zip(placeholders, image_counts):
+            image_layout = prompt_image_layout(n_images)
+            for placeholder in sample_placeholders:
+                if placeholder == self.image_token:
+                    items.append((image_layout, next(image_iter)))
+                else:
+                    items.append((LAYOUT_VIDEO, next(video_iter)))
+        if not items:
+            return {}, []
+        visual_inputs = dict(self.image_processor.preprocess_items(items, return_tensors="pt"))
+        return visual_inputs, visual_inputs.pop("num_image_tokens")
+
+    def _expand_placeholders(self, texts: list[str], token_counts: list[int]) -> tuple[list[str], list[int]]:
+        """Each placeholder replaced by its count of `<image>` tokens; also the total count per prompt."""
+        expanded, expected_per_sample, counts_iter = [], [], iter(token_counts)
+        for sample in texts:
+            total = 0
+
+            def expand(match: re.Match) -> str:
+                nonlocal total
+                count = next(counts_iter)
+                total += count
+                return self.image_token * count
+
+            expanded.append(self._placeholder_pattern().sub(expand, sample))
+            expected_per_sample.append(total)
+        return expanded, expected_per_sample
 
     def _flatten_visuals(self, visuals: Any, counts: list[int], kind: str) -> list:
         """Images or videos as one flat list in placeholder order, checked against the placeholder counts."""

@@ -13,11 +13,11 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from .configuration_llada_v import LladaVConfig
-from .demo_task import vocabulary
-from .image_layout_llada_v import default_grid_pinpoints
-from .image_processing_llada_v import LladaVImageProcessor
-from .processing_llada_v import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VIDEO_TOKEN, LladaVProcessor
+from ..configuration_llada_v import LladaVConfig
+from .task import vocabulary
+from ..image_layout_llada_v import default_grid_pinpoints
+from ..image_processing_llada_v import LladaVImageProcessor
+from ..processing_llada_v import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VIDEO_TOKEN, LladaVProcessor
 
 # LLaDA's special tokens by role (the names of the real tokenizer).
 BOS, EOS, START_HEADER, END_HEADER, EOT, MASK = (
@@ -117,4 +117,4 @@ def build_demo_processor(config: LladaVConfig, tokenizer: PreTrainedTokenizerFas
 
 def demo_model_dir() -> Path:
     """Where the shipped demo checkpoint lives inside the installed package."""
-    return Path(__file__).with_name("demo_checkpoint")
+    return Path(__file__).with_name("checkpoint")

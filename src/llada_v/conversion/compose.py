@@ -3,21 +3,21 @@
 What it does, in order:
 1. reads LLaDA's `config.json` (language tower) and SigLIP's `config.json` (`SiglipModel` or
    `SiglipVisionModel`), and builds a `LladaVConfig`: the vision tower keeps all but the last encoder
-   layer and no pooling head, as LLaDA-V does (SPEC section 2); images use anyres_max_4 with the released
+   layer and no pooling head, as LLaDA-V does (docs/parity.md Q8); images use anyres_max_4 with the released
    pinpoints for the SigLIP crop size;
 2. streams every source tensor through ONE explicit key table (`COMPOSE_KEY_TABLE`): a key maps to exactly
    one of our names or is dropped on purpose with a stated reason; an unknown key, a shape mismatch or a
-   missing expected tensor is an error. The language rows are those of `convert_official.KEY_TABLE`:
+   missing expected tensor is an error. The language rows are those of `official.KEY_TABLE`:
    LLaDA-8B-Instruct names its tensors like the language half of the released LLaDA-V checkpoint;
 3. initialises what neither checkpoint has (`FRESH_KEYS`) from a seeded generator, as the official code
    does: the projector's two Linear layers with PyTorch's default Linear init, `image_newline` with
    `randn(hidden) / sqrt(hidden)`;
-4. writes sharded safetensors, `config.json` with `auto_map`, the generation defaults and the remote code
-   into a temporary folder next to the output (reusing `convert_official`'s writers), plus the processor
-   when the LLaDA folder has its tokenizer (`<image>` added at id 126349);
+4. writes sharded safetensors, `config.json`, the generation defaults and the remote code into a temporary
+   folder next to the output (the writers of `common`, shared with the converter), plus the processor when
+   the LLaDA folder has its tokenizer (`<image>` added at id 126349);
 5. verifies every written tensor against its source (or fresh) tensor, then loads the folder in a fresh
-   process with `AutoModel.from_pretrained(..., trust_remote_code=True)` and runs a text and an image forward
-   (`convert_official`'s check); only then renames the folder into place.
+   process with `AutoModel.from_pretrained(..., trust_remote_code=True)` and runs a text and an image forward;
+   only then renames the folder into place.
 """
 
 from __future__ import annotations
@@ -28,36 +28,32 @@ import logging
 import math
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .configuration_llada_v import LladaVConfig
-from .convert_official import (
-    _VERIFY_SCRIPT,
-    KEY_TABLE,
+from ..checkpoint_io import DTYPES, atomic_folder, check_new_folder, parse_size
+from ..configuration_llada_v import LladaVConfig
+from .common import (
     TEXT_CONFIG_KEYS,
     ConversionError,
-    _parse_size,
-    _publishable_permissions,
-    _recomputed_buffers,
+    MappedTensor,
+    add_output_arguments,
+    check_written,
     expected_keys,
-    iter_official_tensors,
-    official_shards,
-    write_code_and_configs,
+    find_tokenizer_dir,
+    finish_folder,
+    iter_tensors,
+    safetensors_shards,
+    write_mapped_weights,
+    write_model_configs,
     write_processor,
 )
+from .official import KEY_TABLE
 
 logger = logging.getLogger(__name__)
-
 
 
 def _is_language_row(row: tuple[str, str | None, str]) -> bool:
@@ -82,7 +78,7 @@ SIGLIP_ROWS: list[tuple[str, str | None, str]] = [
     (r"text_model\..+", None, "SigLIP text tower (SiglipModel checkpoint): not part of LLaDA-V"),
     (r"logit_(?:scale|bias)", None, "SiglipModel contrastive-loss scalars: not part of LLaDA-V"),
 ]
-_DROPPED_LAYER_REASON = "the last SigLIP encoder layer: LLaDA-V deletes it (SPEC section 2)"
+_DROPPED_LAYER_REASON = "the last SigLIP encoder layer: LLaDA-V deletes it (docs/parity.md Q8)"
 
 # (source, source key regex, our key template or None to drop, reason when dropped). First match wins.
 COMPOSE_KEY_TABLE: list[tuple[str, str, str | None, str]] = [
@@ -205,127 +201,17 @@ def fresh_tensors(config: LladaVConfig, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sources(llada_dir: Path, siglip_dir: Path, progress: bool) -> Iterator[tuple[str, str, torch.Tensor]]:
-    for source, folder in (("llada", llada_dir), ("siglip", siglip_dir)):
-        for key, tensor in iter_official_tensors(official_shards(folder), progress):
-            yield source, key, tensor
-
-
-class _ShardWriter:
-    """Buffers tensors and writes `model-XXXXX-of-YYYYY.safetensors` shards plus the index."""
-
-    def __init__(self, out_dir: Path, max_shard_bytes: int):
-        self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
-        self.files: list[str] = []
-        self.weight_map: dict[str, str] = {}
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        if key in self.weight_map or key in self.buffer:
-            raise ConversionError(f"two source tensors map to {key!r}")
-        size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self.buffer[key] = tensor
-        self.buffer_bytes += size
-
-    def _flush(self) -> None:
-        if not self.buffer:
-            return
-        name = f"model-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.buffer, str(self.out_dir / name), metadata={"format": "pt"})
-        self.files.append(name)
-        self.weight_map.update(dict.fromkeys(self.buffer, name))
-        self.buffer, self.buffer_bytes = {}, 0
-
-    def finish(self, metadata: dict) -> dict[str, str]:
-        self._flush()
-        total = len(self.files)
-        renamed = {}
-        for i, name in enumerate(self.files, 1):
-            renamed[name] = f"model-{i:05d}-of-{total:05d}.safetensors"
-            os.replace(self.out_dir / name, self.out_dir / renamed[name])
-        self.weight_map = {k: renamed[v] for k, v in self.weight_map.items()}
-        total_size = sum((self.out_dir / f).stat().st_size for f in renamed.values())
-        index = {"metadata": {"total_size": total_size, **metadata}, "weight_map": self.weight_map}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-        return self.weight_map
-
-
-def write_composed_weights(
-    llada_dir: Path,
-    siglip_dir: Path,
-    out_dir: Path,
-    config: LladaVConfig,
-    fresh: dict[str, torch.Tensor],
-    dtype: torch.dtype,
-    max_shard_bytes: int,
-    progress: bool,
-) -> dict[str, str]:
-    """Stream, rename, cast and write both checkpoints plus the fresh tensors; returns the weight map."""
-    expected = expected_keys(config)
+def mapped_sources(
+    llada_dir: Path, siglip_dir: Path, config: LladaVConfig, fresh: dict[str, torch.Tensor], progress: bool
+) -> Iterator[MappedTensor]:
+    """Every tensor of both checkpoints with its new name (`map_compose_key`), then the fresh tensors."""
     stored_layers = config.vision_config.num_hidden_layers
-    writer = _ShardWriter(out_dir, max_shard_bytes)
-    dropped: dict[str, str] = {}
-    for source, key, tensor in _sources(llada_dir, siglip_dir, progress):
-        new_key, reason = map_compose_key(source, key, stored_layers)
-        if new_key is None:
-            dropped[f"{source}:{key}"] = reason
-            continue
-        if new_key not in expected:
-            raise ConversionError(f"{source} key {key!r} maps to {new_key!r}, which the model does not have")
-        if tuple(tensor.shape) != expected[new_key]:
-            raise ConversionError(
-                f"{source} key {key!r}: shape {tuple(tensor.shape)} does not match the model's {new_key} {expected[new_key]}"
-            )
-        writer.add(new_key, tensor.to(dtype).contiguous())
+    for source, folder in (("llada", llada_dir), ("siglip", siglip_dir)):
+        for key, tensor in iter_tensors(safetensors_shards(folder), progress):
+            new_key, reason = map_compose_key(source, key, stored_layers)
+            yield MappedTensor(f"{source}:{key}", new_key, reason, tensor)
     for key, tensor in fresh.items():
-        if tuple(tensor.shape) != expected[key]:
-            raise RuntimeError(f"fresh {key} has shape {tuple(tensor.shape)}, the model expects {expected[key]}")
-        writer.add(key, tensor.to(dtype).contiguous())
-    weight_map = writer.finish({"dropped_keys": dropped, "fresh_keys": dict(FRESH_KEYS)})
-    missing = sorted(set(expected) - set(weight_map) - _recomputed_buffers(expected))
-    if missing:
-        raise ConversionError(f"the source checkpoints lack {len(missing)} expected tensors: {missing[:10]}")
-    return weight_map
-
-
-def verify_composed(
-    out_dir: Path, llada_dir: Path, siglip_dir: Path, fresh: dict[str, torch.Tensor], dtype: torch.dtype, stored_layers: int
-) -> None:
-    """Every written tensor equals its (cast) source or fresh tensor; then a fresh process without `llada_v`
-    loads the folder with `trust_remote_code=True`, compares the loaded weights and runs a forward."""
-    weight_map = json.loads((out_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    checked = set()
-    with ExitStack() as stack:
-        handles = {
-            name: stack.enter_context(safe_open(str(out_dir / name), framework="pt")) for name in set(weight_map.values())
-        }
-        for source, key, tensor in _sources(llada_dir, siglip_dir, progress=False):
-            new_key, _ = map_compose_key(source, key, stored_layers)
-            if new_key is None:
-                continue
-            if not torch.equal(handles[weight_map[new_key]].get_tensor(new_key), tensor.to(dtype)):
-                raise ConversionError(f"written {new_key} differs from the {source} tensor {key}")
-            checked.add(new_key)
-        for key, tensor in fresh.items():
-            if not torch.equal(handles[weight_map[key]].get_tensor(key), tensor.to(dtype)):
-                raise ConversionError(f"written {key} differs from its fresh initialisation")
-            checked.add(key)
-    if checked != set(weight_map):
-        raise ConversionError(f"written tensors without a source: {sorted(set(weight_map) - checked)[:10]}")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    with tempfile.TemporaryDirectory() as modules_cache:
-        env["HF_MODULES_CACHE"] = modules_cache
-        result = subprocess.run(
-            [sys.executable, "-c", _VERIFY_SCRIPT, str(out_dir), str(dtype).removeprefix("torch.")],
-            cwd=modules_cache, env=env, capture_output=True, text=True,
-        )
-    if result.returncode != 0 or "verified" not in result.stdout:
-        detail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise ConversionError(f"verification of the composed folder failed: {detail}")
+        yield MappedTensor(f"fresh:{key}", key, "", tensor)
 
 
 def compose(
@@ -349,8 +235,8 @@ def compose(
         dtype: dtype of the written weights.
         seed: seed of the fresh projector and newline.
         max_shard_size: largest shard, e.g. `"5GB"`.
-        tokenizer_dir: released LLaDA tokenizer folder for the processor (default: `llada_dir` when it has a
-            `tokenizer.json`; without one no processor is written and a warning says so).
+        tokenizer_dir: released LLaDA tokenizer folder for the processor (default: `llada_dir` when it has one;
+            without one no processor is written and a warning says so).
         progress: show a progress bar over shards.
         overwrite: replace an existing `output_dir`.
         config_overrides: other `LladaVConfig` fields.
@@ -359,34 +245,24 @@ def compose(
     for folder, what in ((llada_dir, "LLaDA"), (siglip_dir, "SigLIP")):
         if not folder.is_dir():
             raise ConversionError(f"{what} directory {folder} does not exist")
-    if output_dir.exists() and not overwrite:
-        raise ConversionError(f"output directory {output_dir} already exists (pass --overwrite to replace it)")
+    check_new_folder(output_dir, overwrite)
     config = compose_config(_read_config(llada_dir, "LLaDA"), _read_config(siglip_dir, "SigLIP"), **config_overrides)
     fresh = fresh_tensors(config, seed)
-    if tokenizer_dir is None and (llada_dir / "tokenizer.json").is_file():
-        tokenizer_dir = llada_dir
+    tokenizer_dir = find_tokenizer_dir(llada_dir, None if tokenizer_dir is None else Path(tokenizer_dir))
+    if tokenizer_dir is None:
+        logger.warning("no tokenizer in %s and no tokenizer_dir: the composed folder has no processor", llada_dir)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        write_composed_weights(llada_dir, siglip_dir, tmp, config, fresh, dtype, _parse_size(max_shard_size), progress)
-        write_code_and_configs(config, tmp, dtype)
+    with atomic_folder(output_dir, overwrite=overwrite) as tmp:
+        write_mapped_weights(
+            mapped_sources(llada_dir, siglip_dir, config, fresh, progress), tmp, expected_keys(config), dtype,
+            parse_size(max_shard_size), metadata={"fresh_keys": dict(FRESH_KEYS)},
+        )  # fmt: skip
+        write_model_configs(config, tmp, dtype)
         if tokenizer_dir is not None:
-            write_processor(config, Path(tokenizer_dir), tmp)
-        else:
-            logger.warning("no tokenizer.json in %s: the composed folder has no processor (pass tokenizer_dir)", llada_dir)
-        verify_composed(tmp, llada_dir, siglip_dir, fresh, dtype, config.vision_config.num_hidden_layers)
-        _publishable_permissions(tmp)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_processor(config, tokenizer_dir, tmp)
+        check_written(tmp, mapped_sources(llada_dir, siglip_dir, config, fresh, progress=False), dtype)
+        finish_folder(tmp, dtype)
     return output_dir
-
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -395,14 +271,8 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     )
     parser.add_argument("--llada-dir", required=True, type=Path, help="LLaDA-8B-Instruct folder")
     parser.add_argument("--siglip-dir", required=True, type=Path, help="SigLIP folder (SiglipModel or SiglipVisionModel)")
-    parser.add_argument("--output-dir", required=True, type=Path, help="folder to create (must not exist)")
-    parser.add_argument("--tokenizer-dir", type=Path, default=None,
-                        help="released LLaDA tokenizer folder (default: --llada-dir if it has tokenizer.json)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="dtype of the written weights")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh projector and image newline")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 200MB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_arguments(parser)
     return parser
 
 
@@ -412,7 +282,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             args.llada_dir,
             args.siglip_dir,
             args.output_dir,
-            dtype=_DTYPES[args.dtype],
+            dtype=DTYPES[args.dtype],
             seed=args.seed,
             max_shard_size=args.max_shard_size,
             tokenizer_dir=args.tokenizer_dir,

@@ -1,6 +1,6 @@
 """Train the embedded demo model: a tiny LLaDA-V learns the synthetic shapes task from scratch.
 
-    python -m llada_v.train_demo --output-dir OUT [--seed 0] [--train-samples 32000] [--stage1-steps 300]
+    python -m llada_v.demo.train --output-dir OUT [--seed 0] [--train-samples 32000] [--stage1-steps 300]
         [--stage2-steps 4000] [--batch-size 16] [--vision-pretrain-steps 2400] [--description-every 3]
         [--description-order both] [--question-weights shape=3,leftmost=2]
         [--mask-sampling count]
@@ -37,7 +37,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import TrainingArguments, set_seed
 
-from .data import (
+from ..checkpoint_io import atomic_folder, write_remote_code
+from ..training.data import (
     IGNORE_INDEX,
     MASK_SAMPLING,
     LladaVDataCollator,
@@ -46,8 +47,8 @@ from .data import (
     TemplateTokens,
     find_turns,
 )
-from .demo_model import build_demo_processor, build_demo_tokenizer, demo_config
-from .demo_task import (
+from .model import build_demo_processor, build_demo_tokenizer, demo_config
+from .task import (
     COLORS,
     DESCRIPTION_ORDERS,
     QUESTION_TYPES,
@@ -58,10 +59,10 @@ from .demo_task import (
     draw_scene,
     make_sample,
 )
-from .generation_utils import LladaVGenerationConfig
-from .modeling_llada_v import LladaVModel
-from .processing_llada_v import LladaVProcessor
-from .training import LladaVTrainer, saving_remote_code, set_trainable
+from ..generation_utils import LladaVGenerationConfig
+from ..modeling_llada_v import LladaVModel
+from ..processing_llada_v import LladaVProcessor
+from ..training.trainer import LladaVTrainer, set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +85,17 @@ ORDER_CLASSES = ("background", "first", "second", "third")  # objects counted fr
 VISION_TAGS = (*SHAPES, *sorted(COLORS))
 VISION_PRETRAIN = {"steps": 2400, "batch_size": 16, "learning_rate": 1e-3}
 # One training sample in this many is a scene description ("red circle blue square"), naming every object with
-# its colour. Without descriptions, colour questions stayed at chance even on perfect vision features (docs/demo.md,
-# run 17); with them they are answered right (runs 19-23).
+# its colour. Without descriptions the model leaves colour questions at chance even with perfect vision
+# features; with them it answers them (docs/demo.md, "How it was trained").
 DESCRIPTION_EVERY = 3
 # "both": descriptions alternate between left-to-right ("Which shapes are there?") and colour-name order ("Which
 # colors are there?"). Colour order makes the model find each colour in the image and name the shape there, the
-# skill "Which shape is blue?" needs; left order keeps "Which shape is on the left?" (docs/demo.md, runs 22-25).
+# skill "Which shape is blue?" needs; left order keeps "Which shape is on the left?" (docs/demo.md).
 DESCRIPTION_MODES = (*DESCRIPTION_ORDERS, "both")
 DESCRIPTION_ORDER = "both"
 # Relative weights of the question types in the training questions (1 where not given); held-out sets ask every
 # type equally often. "Which shape is <colour>?" is the type the model learns last, "Which shape is on the left?"
-# the one that suffers most when shape questions dominate (docs/demo.md, runs 24-25).
+# the one that suffers most when shape questions dominate (docs/demo.md).
 QUESTION_WEIGHTS = {"shape": 3.0, "leftmost": 2.0}
 
 
@@ -249,12 +250,12 @@ class AnswerOnlyLabels(Dataset):
     """The demo's labels: only the assistant answers (words + `<|eot_id|>`) are supervised, and the last answer
     is followed by supervised EOS up to `canvas` tokens.
 
-    The SPEC rule also supervises every template token, so a one-word answer is about a tenth of each
+    The official rule (docs/parity.md Q20) also supervises every template token, so a one-word answer is about a tenth of each
     sample's loss and the model learns the (easy) template and the answer priors long before it learns to
     look at the image. The demo keeps the answer's share whole; the released model's rule is unchanged in
     `LladaVDataset`.
 
-    The EOS padding is what LLaDA's supervised EOS padding teaches (SPEC section 6): the sampler starts from
+    The EOS padding is what LLaDA's supervised EOS padding teaches (docs/parity.md Q21): the sampler starts from
     `max_new_tokens` masks at the end of the sequence, so the model has to know that masks after a short answer
     and its `<|eot_id|>` are filler. Without it a model trained on answers of different lengths (descriptions
     and one-word answers) reads the length of the answer from the number of masks and fills a 4-token canvas
@@ -338,28 +339,11 @@ def train_demo(
     `description_order` and `question_weights` (`write_training_data`'s) exist to measure what they bring
     (docs/demo.md).
     """
-    if mask_sampling not in MASK_SAMPLING:
-        raise ValueError(f"mask_sampling must be one of {MASK_SAMPLING}, got {mask_sampling!r}")
-    rates2 = dict(STAGE2_LEARNING_RATES)
-    for name, value in (learning_rates or {}).items():
-        if name not in rates2:
-            raise ValueError(f"unknown learning-rate group {name!r}; expected one of {sorted(rates2)}")
-        if not value > 0:
-            raise ValueError(f"learning rate for {name!r} must be positive, got {value}")
-        rates2[name] = value
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but torch sees no CUDA device")
-    if dataloader_workers < 0:
-        raise ValueError(f"dataloader_workers must be >= 0, got {dataloader_workers}")
-    if vision_pretrain_steps < 0:
-        raise ValueError(f"vision_pretrain_steps must be >= 0, got {vision_pretrain_steps}")
-    for name, value in (("train_samples", train_samples), ("stage2_steps", stage2_steps), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be positive, got {value}")
-    if stage1_steps < 0:
-        raise ValueError(f"stage1_steps must be >= 0, got {stage1_steps}")
+    rates2 = _check_settings(
+        learning_rates, device, dataloader_workers, vision_pretrain_steps, mask_sampling,
+        {"train_samples": train_samples, "stage2_steps": stage2_steps, "batch_size": batch_size},
+        stage1_steps,
+    )  # fmt: skip
     output_dir = Path(output_dir)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     set_seed(seed)
@@ -399,21 +383,10 @@ def train_demo(
         stages = [("1", stage1_steps, ("projector",), STAGE1_LEARNING_RATES),
                   ("2", stage2_steps, ("vision", "projector", "language"), rates2)]
         for stage, steps, groups, rates in stages:
-            if steps == 0:
-                continue
-            set_trainable(model, groups)
-            trainer = LladaVTrainer(
-                model=model,
-                args=_args(scratch / f"stage{stage}", steps, batch_size, seed, warmup=max(1, steps // 20),
-                           device=device, workers=dataloader_workers),
-                train_dataset=dataset,
-                data_collator=collator,
-                learning_rates=rates,
-            )
-            trainer.train()
-            losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-            history[f"stage{stage}"] = losses
-            logger.info("stage %s: loss %.3f -> %.3f", stage, losses[0], losses[-1])
+            if steps:
+                args = _args(scratch / f"stage{stage}", steps, batch_size, seed, warmup=max(1, steps // 20),
+                             device=device, workers=dataloader_workers)  # fmt: skip
+                history[f"stage{stage}"] = _train_stage(model, stage, groups, rates, args, dataset, collator)
         set_trainable(model, ("vision", "projector", "language"))
         model.to("cpu")
         save_demo(model, processor, output_dir)
@@ -423,22 +396,60 @@ def train_demo(
     return {"seconds": time.time() - started, "losses": history, "output_dir": str(output_dir)}
 
 
+def _check_settings(
+    learning_rates: dict[str, float] | None,
+    device: str,
+    dataloader_workers: int,
+    vision_pretrain_steps: int,
+    mask_sampling: str,
+    positive: dict[str, int],
+    stage1_steps: int,
+) -> dict[str, float]:
+    """Validate `train_demo`'s settings before anything runs; returns the Stage 2 learning rates."""
+    if mask_sampling not in MASK_SAMPLING:
+        raise ValueError(f"mask_sampling must be one of {MASK_SAMPLING}, got {mask_sampling!r}")
+    rates2 = dict(STAGE2_LEARNING_RATES)
+    for name, value in (learning_rates or {}).items():
+        if name not in rates2:
+            raise ValueError(f"unknown learning-rate group {name!r}; expected one of {sorted(rates2)}")
+        if not value > 0:
+            raise ValueError(f"learning rate for {name!r} must be positive, got {value}")
+        rates2[name] = value
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but torch sees no CUDA device")
+    if dataloader_workers < 0:
+        raise ValueError(f"dataloader_workers must be >= 0, got {dataloader_workers}")
+    if vision_pretrain_steps < 0:
+        raise ValueError(f"vision_pretrain_steps must be >= 0, got {vision_pretrain_steps}")
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if stage1_steps < 0:
+        raise ValueError(f"stage1_steps must be >= 0, got {stage1_steps}")
+    return rates2
+
+
+def _train_stage(model: LladaVModel, stage: str, groups: tuple[str, ...], rates: dict[str, float],
+                 args: TrainingArguments, dataset: Dataset, collator) -> list[float]:
+    """One Trainer stage on the module `groups` with per-group learning `rates`; returns its logged losses."""
+    set_trainable(model, groups)
+    trainer = LladaVTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                            learning_rates=rates)  # fmt: skip
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    logger.info("stage %s: loss %.3f -> %.3f", stage, losses[0], losses[-1])
+    return losses
+
+
 def save_demo(model: LladaVModel, processor: LladaVProcessor, output_dir: Path) -> None:
     """Save model, processor and remote code into `output_dir` via a temporary folder renamed into place."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir, overwrite=True) as tmp:
         model.config._attn_implementation = None  # let the loader pick (sdpa by default)
-        with saving_remote_code():  # the folder gets the remote code and auto_map entries
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_remote_code(tmp)
 
 
 def _format_weights(weights: dict[str, float]) -> str:

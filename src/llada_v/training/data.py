@@ -6,7 +6,7 @@ Package-only code (not shipped as remote code). Notable facts:
   `image_folder` / `video_folder`;
 - text goes through the processor's chat template and the processor expands every `<image>` / `<video>` to
   exactly the number of image tokens the model packs (`image_layout_llada_v`): nothing is recounted here;
-- labels follow the official `preprocess_llada` rule (SPEC section 6, golden quirk 20): assistant turns are
+- labels follow the official `preprocess_llada` rule (docs/parity.md Q20): assistant turns are
   supervised entirely, header included; in system/user turns only BOS, `<|start_header_id|>`,
   `<|end_header_id|>` and `<|eot_id|>` are supervised; image tokens never are;
 - padding (collator): `"official"` (default) reproduces the official batches exactly: every sample is
@@ -15,8 +15,8 @@ Package-only code (not shipped as remote code). Notable facts:
   `"masked"` pads with unsupervised, attention-masked tokens only;
 - a sample longer than `max_length` loses whole trailing text-only exchanges (`length_policy="drop_turns"`) or
   is a bad sample (`"reject"`); image tokens are never truncated;
-- which supervised tokens a training step masks: by default the model draws `t ~ U(0, 1)` per sample (SPEC
-  section 6); `MaskCountSampling` wraps the collator to draw the *number* of masked tokens instead (LLaDA's
+- which supervised tokens a training step masks: by default the model draws `t ~ U(0, 1)` per sample
+  (docs/parity.md Q19); `MaskCountSampling` wraps the collator to draw the *number* of masked tokens instead (LLaDA's
   equivalent lower-variance estimator), for short answers;
 - bad samples (missing files, placeholder/image mismatch, undecodable images, too long) are logged with their
   index and skipped, or raise `BadSampleError` (`on_bad_sample="raise"`).
@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +35,13 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from .image_layout_llada_v import LAYOUT_SINGLE
-from .processing_llada_v import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VIDEO_TOKEN
+from ..image_layout_llada_v import LAYOUT_SINGLE
+from ..image_processing_llada_v import VIDEO_FILE_SUFFIXES
+from ..modeling_llada_v import IGNORE_INDEX
+from ..modeling_llada_v import find_turns as chat_turns
+from ..processing_llada_v import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VIDEO_TOKEN
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 # Template tokens of the LLaDA chat template (`processing_llada_v.CHAT_TEMPLATE` writes these strings).
 START_HEADER = "<|start_header_id|>"
@@ -53,7 +53,6 @@ ON_BAD_SAMPLE = ("skip", "raise")
 LENGTH_POLICIES = ("drop_turns", "reject")
 PADDING_MODES = ("official", "masked")
 MASK_SAMPLING = ("time", "count")
-_VIDEO_FILE_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".wmv")
 _FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -92,7 +91,7 @@ class TemplateTokens:
 
     @property
     def always_supervised(self) -> frozenset[int]:
-        # The official rule unmasks these template tokens wherever they occur (golden quirk 20).
+        # The official rule unmasks these template tokens wherever they occur (docs/parity.md Q20).
         return frozenset((self.bos_id, self.start_header_id, self.end_header_id, self.eot_id))
 
     @classmethod
@@ -128,36 +127,24 @@ class Turn(NamedTuple):
 
 
 def find_turns(input_ids: Sequence[int], tokens: TemplateTokens) -> list[Turn]:
-    """Split tokenised conversation ids into turns.
-
-    A turn starts at `<|start_header_id|>`; its role is the ids up to `<|end_header_id|>`; it ends after its
-    `<|eot_id|>` (or where the next turn starts). Raises `ValueError` for a header without `<|end_header_id|>`.
-    """
+    """The turns of tokenised conversation ids (`modeling_llada_v.find_turns`), with their role and whether
+    they hold image tokens. Raises `ValueError` for a header without `<|end_header_id|>`."""
     ids = list(input_ids)
-    starts = [i for i, t in enumerate(ids) if t == tokens.start_header_id]
     turns = []
-    for k, start in enumerate(starts):
-        limit = starts[k + 1] if k + 1 < len(starts) else len(ids)
-        try:
-            header_end = ids.index(tokens.end_header_id, start + 1, limit)
-        except ValueError:
-            raise ValueError(f"the turn header at position {start} has no {END_HEADER} before position {limit}") from None
-        try:
-            end = ids.index(tokens.eot_id, header_end + 1, limit) + 1
-        except ValueError:
-            end = limit
-        role = tuple(ids[start + 1 : header_end])
-        has_image = tokens.image_token_id in ids[start:limit]
-        turns.append(Turn(start, end, role == tokens.assistant_role_ids, has_image))
+    for turn in chat_turns(ids, tokens.start_header_id, tokens.end_header_id, tokens.eot_id):
+        if turn.header_end is None:
+            raise ValueError(f"the turn header at position {turn.start} has no {END_HEADER} before position {turn.end}")
+        has_image = tokens.image_token_id in ids[turn.start : turn.end]
+        turns.append(Turn(turn.start, turn.end, turn.role == tokens.assistant_role_ids, has_image))
     return turns
 
 
 def build_labels(input_ids: Sequence[int], tokens: TemplateTokens) -> list[int]:
-    """Training labels of a tokenised conversation (the official `preprocess_llada` rule, SPEC section 6).
+    """Training labels of a tokenised conversation (the official `preprocess_llada` rule, docs/parity.md Q20).
 
     Assistant turns, from their `<|start_header_id|>` to their `<|eot_id|>`, are supervised entirely. Elsewhere
     only the template tokens BOS, `<|start_header_id|>`, `<|end_header_id|>` and `<|eot_id|>` are supervised
-    (golden quirk 20: the official code unmasks them in system and user turns too); everything else, and every
+    (docs/parity.md Q20: the official code unmasks them in system and user turns too); everything else, and every
     image token, is `IGNORE_INDEX`.
 
     Args:
@@ -463,7 +450,7 @@ class LladaVDataset(Dataset):
             frames = [str(self._resolve(p, self.video_folder)) for p in video]
         elif isinstance(video, str):
             path = self._resolve(video, self.video_folder)
-            if path.suffix.lower() in _VIDEO_FILE_SUFFIXES:
+            if path.suffix.lower() in VIDEO_FILE_SUFFIXES:
                 raise bad(f"video files are not decoded here ({path.name}); extract the frames into a folder")
             if not path.is_dir():
                 raise bad(f"video frame folder not found: {path}")
@@ -503,13 +490,13 @@ class LladaVDataCollator:
     `pixel_values` (all crops concatenated in sample order), `image_sizes`, `image_layouts`, `image_num_crops`.
 
     Padding modes:
-    - `"official"` (default, what the released model was trained with; SPEC section 6, golden quirk 21): the
+    - `"official"` (default, what the released model was trained with; docs/parity.md Q21): the
       official collator right-pads the *unexpanded* ids (each image placeholder one token) with EOS in both
       `input_ids` and `labels`, so every sample gets supervised EOS targets up to the longest sample; they count
       in the sample's loss normaliser and teach the model to fill the rest of a fixed-length canvas with EOS.
       Then the official merge pads the expanded sequences with zero embeddings and `-100` labels. We reproduce
       the first padding exactly (attention 1) and write the second as pad tokens with `-100` labels hidden by
-      `attention_mask` [fix: the official model attended those zero vectors]. Labels equal the official merged
+      `attention_mask` (docs/parity.md Q27: the official model attended those zero vectors). Labels equal the official merged
       labels (tested against the golden batch).
     - `"masked"`: plain padding: pad tokens with `-100` labels, hidden by `attention_mask`. The loss then does
       not depend on what else is in the batch, but the model is no longer taught to emit EOS after its answer.
@@ -528,7 +515,7 @@ class LladaVDataCollator:
             otherwise have no gradient at all, and data parallel training (DDP without
             `find_unused_parameters`, DeepSpeed ZeRO-3) needs every rank to use the same modules in the same
             order (the official code encodes a zero image for text-only samples for the same reason, golden
-            quirk 22). `from_processor` turns it on.
+            docs/parity.md Q22). `from_processor` turns it on.
         crop_size, dummy_image_tokens: size of the dummy crop and its number of image tokens (set by
             `from_processor` from the image processor).
     """

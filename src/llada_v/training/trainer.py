@@ -1,7 +1,7 @@
 """Fine-tuning LLaDA-V with the Hugging Face `Trainer`: stages, per-module learning rates, LoRA, launch entry.
 
 Package-only code. Notable facts:
-- the model's forward returns the official masked-diffusion loss (SPEC section 6) when `labels` are given,
+- the model's forward returns the official masked-diffusion loss (docs/parity.md Q19) when `labels` are given,
   so a plain `transformers.Trainer` trains it; `LladaVDataset` + `LladaVDataCollator` make the batches;
 - parameters fall in three groups, as in the official optimizer: `vision` (`vision_tower.*`), `projector`
   (`multi_modal_projector.*`) and `language` (everything else: the decoder, `lm_head` and `image_newline`);
@@ -24,8 +24,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +32,9 @@ import torch
 from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from .configuration_llada_v import LladaVConfig
+from ..checkpoint_io import DTYPES, write_remote_code
+from ..modeling_llada_v import LladaVModel
+from ..processing_llada_v import DEFAULT_SYSTEM_PROMPT, LladaVProcessor
 from .data import (
     LENGTH_POLICIES,
     MASK_SAMPLING,
@@ -43,9 +44,6 @@ from .data import (
     LladaVDataset,
     MaskCountSampling,
 )
-from .image_processing_llada_v import LladaVImageProcessor
-from .modeling_llada_v import LladaVModel
-from .processing_llada_v import DEFAULT_SYSTEM_PROMPT, LladaVProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +58,7 @@ class StagePreset:
     learning_rates: Mapping[str, float]
 
 
-# Paper Table 1 / the released training scripts (SPEC section 6). `image_newline` belongs to `language` (as in
+# Paper Table 1 / the released training scripts (docs/training.md). `image_newline` belongs to `language` (as in
 # the official optimizer grouping), so stage 1 leaves it at its initial value, as the official stage 1 did.
 STAGE_PRESETS: dict[str, StagePreset] = {
     "1": StagePreset(trainable=("projector",), learning_rates={"projector": 1e-3}),
@@ -117,11 +115,7 @@ def never_used_parameter_names(model: nn.Module) -> list[str]:
     """Parameters no forward ever uses: SigLIP's `post_layernorm`, a pooling head, encoder layers past the
     selected feature layer. Training them is a no-op (they never get a gradient) that breaks DDP without
     `find_unused_parameters`, so they are always frozen."""
-    base = _base_model(model)
-    config = base.config
-    n_layers = config.vision_config.num_hidden_layers
-    layer = config.vision_feature_layer
-    used = n_layers + 1 + layer if layer < 0 else layer
+    used = _base_model(model).config.num_vision_layers_used
     head = re.compile(r"(?:^|\.)vision_tower\.(?:post_layernorm|head)\.")
     encoder_layer = re.compile(r"(?:^|\.)vision_tower\.encoder\.layers\.(\d+)\.")
 
@@ -233,6 +227,8 @@ class LladaVTrainer(Trainer):
             draws. The data order is unaffected (accelerate synchronises the sampler's own generator), and
             checkpoints keep one RNG state per rank, so resuming stays exact.
         All other arguments are `Trainer`'s.
+
+    Every folder it saves also gets the remote code (`checkpoint_io.write_remote_code`).
     """
 
     def __init__(
@@ -259,6 +255,12 @@ class LladaVTrainer(Trainer):
         for group in groups:
             logger.info("optimizer group %s: %d tensors, lr %g", group["name"], len(group["params"]), group["lr"])
         return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Every folder the Trainer writes (checkpoints, the final model) loads with `trust_remote_code=True`.
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            write_remote_code(output_dir if output_dir is not None else self.args.output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,7 +353,7 @@ class DataArguments:
     padding: str = field(default="official", metadata={"help": f"padding mode: one of {PADDING_MODES}"})
     mask_sampling: str = field(
         default="time",
-        metadata={"help": f"one of {MASK_SAMPLING}: t ~ U(0,1) per sample (SPEC) or the number of masked tokens "
+        metadata={"help": f"one of {MASK_SAMPLING}: t ~ U(0,1) per sample (the released recipe) or the number of masked tokens "
                           "(same objective, lower variance; MaskCountSampling)"},
     )
     dummy_image: bool = field(
@@ -409,48 +411,18 @@ def _resume_arg(value: str | None) -> str | bool | None:
     return value
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@contextmanager
-def saving_remote_code() -> Iterator[None]:
-    """Register the classes for the Auto factories while training, so every checkpoint the Trainer writes
-    carries the remote code and `auto_map` (loadable with `trust_remote_code=True`); restored afterwards."""
-    classes = ((LladaVConfig, "AutoConfig"), (LladaVModel, "AutoModel"),
-               (LladaVImageProcessor, "AutoImageProcessor"), (LladaVProcessor, "AutoProcessor"))
-    previous = [(cls, cls.__dict__.get("_auto_class", _UNSET)) for cls, _ in classes]
-    for cls, auto_class in classes:
-        cls.register_for_auto_class(auto_class)
-    try:
-        yield
-    finally:
-        for cls, value in previous:
-            if value is _UNSET:
-                del cls._auto_class
-            else:
-                cls._auto_class = value
-
-
-_UNSET = object()
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrainingArguments) -> Trainer:
     """Fine-tune a checkpoint on LLaVA-format data; returns the finished trainer (model saved in output_dir)."""
-    if model_args.dtype not in _DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {model_args.dtype!r}")
+    if model_args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {model_args.dtype!r}")
     if args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the model needs pixel_values and image layouts")
     if data_args.mask_sampling not in MASK_SAMPLING:
         raise ValueError(f"--mask_sampling must be one of {MASK_SAMPLING}, got {data_args.mask_sampling!r}")
-    with saving_remote_code():
-        return _train(model_args, data_args, args)
-
-
-def _train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrainingArguments) -> Trainer:
     set_seed(args.seed)
     processor = LladaVProcessor.from_pretrained(model_args.processor_name_or_path or model_args.model_name_or_path)
     model = LladaVModel.from_pretrained(
-        model_args.model_name_or_path, dtype=_DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation
+        model_args.model_name_or_path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation
     )
     groups = _trainable_groups(args)
     set_trainable(model, groups)
@@ -491,6 +463,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTra
         merged_dir = os.path.join(args.output_dir, "merged")
         merge_lora(trainer.accelerator.unwrap_model(trainer.model)).save_pretrained(merged_dir)
         processor.save_pretrained(merged_dir)
+        write_remote_code(merged_dir)
     return trainer
 
 

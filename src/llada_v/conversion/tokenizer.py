@@ -4,7 +4,7 @@
   token at the next free id, 126349, and the LLaDA-V chat template. Generation can never emit it because the
   sampler only produces ids below the released tokenizer's size.
 - `build_processor`: the converted tokenizer and an image processor matching a `LladaVConfig`, as one
-  `LladaVProcessor` registered for `AutoProcessor` remote code.
+  `LladaVProcessor` (a folder it is saved to gets its remote code from `checkpoint_io.write_remote_code`).
 - `write_standin_released_tokenizer` / `build_standin_tokenizer`: the real `tokenizer.json` is not available
   here, so tests use a byte-level BPE whose 269 special tokens sit at their real ids (126080..126348) and whose
   template words (`system` 9125, `user` 882, `assistant` 598, `\\n` 198, `\\n\\n` 271) have their real ids.
@@ -18,8 +18,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .image_processing_llada_v import LladaVImageProcessor
-from .processing_llada_v import CHAT_TEMPLATE, IMAGE_TOKEN, LladaVProcessor
+from ..image_processing_llada_v import LladaVImageProcessor
+from ..processing_llada_v import CHAT_TEMPLATE, IMAGE_TOKEN, LladaVProcessor
 
 
 RELEASED_TOKENIZER_SIZE = 126349  # entries of the released LLaDA tokenizer (ids 0..126348)
@@ -131,9 +131,6 @@ def build_processor(
             f"tokenizer id of {IMAGE_TOKEN!r} ({tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}) differs from "
             f"config.image_token_id ({config.image_token_id})"
         )
-    # Saving writes the remote code and the auto_map entries of both classes.
-    LladaVImageProcessor.register_for_auto_class("AutoImageProcessor")
-    LladaVProcessor.register_for_auto_class("AutoProcessor")
     return LladaVProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 

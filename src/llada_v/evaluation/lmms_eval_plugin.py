@@ -7,7 +7,7 @@
 lmms-eval finds the model through the `lmms_eval.models` entry point of this package (`manifest`).
 
 - `generate_until`: any batch size (prompts left-padded; at temperature 0 each row gives what it gives alone).
-  The diffusion schedule comes from the official per-task settings (SPEC section 7) when the task is known
+  The diffusion schedule comes from the official per-task settings (docs/evaluation.md) when the task is known
   (`TASK_PRESETS`), else from the task's `max_new_tokens` with one token per step in one block (the released
   demo's shape, 128/128/128 when the task sets nothing). `<|eot_id|>` always stops the sampler; so do the
   preset's stop strings (ChartQA: "\n"), or, for a task without a preset, its `until` strings. The task's `until`
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .inference import (
+from ..inference import (
     InputError,
     chat_prompt,
     fit_schedule,
@@ -85,7 +85,7 @@ DEFAULT_GENERATION = 128  # the released demo: gen 128 / steps 128 / block 128, 
 
 @dataclass(frozen=True)
 class DiffusionPreset:
-    """One row of SPEC section 7's evaluation settings."""
+    """One row of the official evaluation settings (docs/evaluation.md)."""
 
     max_new_tokens: int
     steps: int
@@ -94,7 +94,7 @@ class DiffusionPreset:
 
 
 MULTIPLE_CHOICE = DiffusionPreset(2, 2, 2)
-# Official per-task settings (SPEC section 7), matched against the lmms-eval task name: the first entry whose key
+# Official per-task settings (docs/evaluation.md), matched against the lmms-eval task name: the first entry whose key
 # is a prefix of the task name wins (so `chartqa_lite`, `docvqa_val`, `mathvista_testmini` are covered). The
 # multiple-choice family is our reading of "multiple choice 2/2/2": the benchmarks whose answer is an option
 # letter (or yes/no).
@@ -334,7 +334,9 @@ class LladaV(lmms):
                 usable.append(stop)
         if self.cfg_scale is not None:
             overrides = {"cfg_scale": self.cfg_scale, **overrides}
-        config = generation_config_for(self.model, {**overrides, "stop_strings": usable or None}, fast=self.fast)
+        config = generation_config_for(
+            self.model.generation_config, {**overrides, "stop_strings": usable or None}, fast=self.fast
+        )
         return config
 
     # ------------------------------------------------------------------ generate_until
@@ -364,7 +366,7 @@ class LladaV(lmms):
                     visuals = self._visuals(doc_to_visual, task_name, split, doc_id)
                     texts.append(self._prompt(context, len(visuals)))
                     images.append(visuals)
-                answers, output, _ = generate_texts(self.model, self.processor, texts, images, config, seed=self.seed)
+                answers, output = generate_texts(self.model, self.processor, texts, images, config, seed=self.seed)
                 for row, i in enumerate(batch):
                     text = truncate_at_stops(answers[row], stops)
                     counts = TokenCounts(output_tokens=int(output.answer_lengths[row]))
@@ -423,17 +425,16 @@ class LladaV(lmms):
                 inputs.get("image_layouts"), inputs.get("image_num_crops"),
             )  # (1, P, D)
             self._prompt_cache = (cache_key, (inputs, prompt_embeds))
-        log_likelihood = self._mc_log_likelihood(prompt_embeds, torch.tensor(target, device=self.device))
+        target_ids = torch.tensor(target, device=self.device)
+        log_likelihood = self._mc_log_likelihood(inputs["input_ids"], prompt_embeds, target_ids)
         greedy = self._is_greedy(inputs, target) if self.check_greedy else False
         return log_likelihood, greedy
 
-    def _mc_log_likelihood(self, prompt_embeds: torch.Tensor, target: torch.Tensor) -> float:
+    def _mc_log_likelihood(self, prompt_ids: torch.Tensor, prompt_embeds: torch.Tensor, target: torch.Tensor) -> float:
         """Minus the average over `mc_num` samples of the 1/t-weighted masked cross-entropy of `target`."""
         length = target.shape[0]
         prompt_len = prompt_embeds.shape[1]
         mask_id = self.model.config.mask_token_id
-        embed = self.model.get_input_embeddings()
-        mask_embed = embed.weight[mask_id].to(prompt_embeds.dtype)
         cfg = float(self.cfg_scale or 0.0)
         generator = torch.Generator().manual_seed(self.seed)  # CPU: identical draws on every device
         # Stratified t in (0, 1]: t_j = (u + j) / n; k_j = ceil(t_j * L) masked tokens (uniform on 1..L).
@@ -448,15 +449,10 @@ class LladaV(lmms):
             order = torch.rand((b, length), generator=generator).argsort(-1)  # random positions per sample
             masked = (order < k[:, None]).to(self.device)  # (b, L) exactly k[i] True per row
             noisy = torch.where(masked, torch.full_like(masked, mask_id, dtype=torch.long), target.expand(b, -1))
-            answer_embeds = embed(noisy)  # (b, L, D)
-            embeds = torch.cat((prompt_embeds.expand(b, -1, -1), answer_embeds), dim=1)  # (b, P + L, D)
-            if cfg > 0:
-                uncond = torch.cat((mask_embed.expand(b, prompt_len, -1), answer_embeds), dim=1)
-                embeds = torch.cat((embeds, uncond), dim=0)  # (2b, P + L, D)
-            logits = self.model(inputs_embeds=embeds, logits_to_keep=positions).logits.float()  # (b or 2b, L, V)
-            if cfg > 0:
-                cond, uncond_logits = logits.chunk(2, dim=0)
-                logits = uncond_logits + (cfg + 1) * (cond - uncond_logits)
+            canvas = torch.cat((prompt_ids.expand(b, -1), noisy), dim=1)  # (b, P + L)
+            logits = self.model.diffusion_logits(
+                canvas, prompt_embeds.expand(b, -1, -1), positions, cfg_scale=cfg, mask_token_id=mask_id
+            )  # (b, L, V), guided with cfg
             ce = F.cross_entropy(logits[masked], target.expand(b, -1)[masked], reduction="none")  # (sum k,)
             weights = (length / k.to(self.device, torch.float32)).repeat_interleave(k.to(self.device))  # 1/t
             total += float((ce * weights).sum())
@@ -466,22 +462,21 @@ class LladaV(lmms):
         """Does the sampler, one token per step at temperature 0, answer exactly `target`?"""
         length = len(target)
         config = generation_config_for(
-            self.model,
+            self.model.generation_config,
             {"max_new_tokens": length, "steps": length, "block_length": length, "temperature": 0.0,
              "remasking": "low_confidence", "stop_token_ids": [], "stop_strings": None,
              "cfg_scale": float(self.cfg_scale or 0.0)},
         )
         config.return_dict_in_generate = True
         output = self.model.diffusion_generate(**inputs, generation_config=config)
-        prompt_len = inputs["input_ids"].shape[1]
-        return output.sequences[0, prompt_len : prompt_len + length].tolist() == list(target)
+        return output.answer_ids()[0] == list(target)
 
 
 def manifest() -> Any:
     """The `lmms_eval.models` entry point: registers the model name `llada_v`."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id="llada_v", simple_class_path="llada_v.lmms_eval_plugin.LladaV")
+    return ModelManifest(model_id="llada_v", simple_class_path="llada_v.evaluation.lmms_eval_plugin.LladaV")
 
 
 __all__ = ["LladaV", "LoglikelihoodResult", "DiffusionPreset", "TASK_PRESETS", "manifest", "resolve_generation", "task_preset",

@@ -4,8 +4,8 @@ measure held-out accuracy.
 - `llada-v demo [--image PATH] [--seed N] [--save-gif F | --save-png F]`
 - `llada-v eval-demo --seed N [--n 200]` (ends with a line `accuracy: 97.5%`)
 
-The shipped checkpoint (`llada_v/demo_checkpoint/`) is loaded like any Hub model:
-`AutoModel`/`AutoProcessor.from_pretrained(path, trust_remote_code=True)`.
+The shipped checkpoint (`llada_v/demo/checkpoint/`) is a complete checkpoint folder: it loads with
+`AutoModel`/`AutoProcessor.from_pretrained(path, trust_remote_code=True)` like any Hub model.
 """
 
 from __future__ import annotations
@@ -20,29 +20,22 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .demo_model import demo_model_dir
-from .demo_task import QUESTION_TYPES, SHAPES, ask, draw_scene, make_sample, normalise_answer
+from ..inference import chat_prompt, generate_texts, generation_config_for, load_pretrained, user_message
+from .model import demo_model_dir
+from .task import QUESTION_TYPES, SHAPES, ask, draw_scene, make_sample, normalise_answer
 
 HELD_OUT_PREFIX = "held-out"  # held-out scenes use string seeds, training scenes integer seeds >= 1e6
 
 
 def load_demo(path: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """The demo model and processor (eval mode) from `path` (default: the checkpoint shipped in the package)."""
-    from transformers import AutoModel, AutoProcessor
-
+    """The demo model and processor (eval mode, on the CPU) from `path` (default: the checkpoint shipped in
+    the package)."""
     path = Path(path) if path is not None else demo_model_dir()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"no demo checkpoint at {path}; train one with `python -m llada_v.train_demo --output-dir {path}`"
+            f"no demo checkpoint at {path}; train one with `python -m llada_v.demo.train --output-dir {path}`"
         )
-    model = AutoModel.from_pretrained(str(path), trust_remote_code=True, dtype=dtype).eval()
-    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
-    return model, processor
-
-
-def _prompt(processor, question: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, system_prompt="")
+    return load_pretrained(path, dtype=dtype, device="cpu")
 
 
 @dataclass
@@ -55,31 +48,25 @@ class Answer:
 @torch.no_grad()
 def answer_questions(model, processor, images: list[Image.Image], questions: list[str], trace: bool = False,
                      **generation_kwargs) -> list[Answer]:
-    """Answer `questions[i]` about `images[i]` in one batch; optionally record the denoising."""
+    """Answer `questions[i]` about `images[i]` in one batch (no system prompt, as the demo was trained);
+    optionally record the denoising. `generation_kwargs` override the checkpoint's generation settings."""
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images for {len(questions)} questions")
-    texts = [_prompt(processor, q) for q in questions]
-    inputs = processor(images=[[im] for im in images], text=texts, return_tensors="pt").to(model.device)
-    prompt_len = inputs["input_ids"].shape[1]
+    texts = [chat_prompt(processor, [user_message(q, 1)], system_prompt="") for q in questions]
     tokenizer = processor.tokenizer
-    mask_id = model.generation_config.mask_token_id
+    config = generation_config_for(model.generation_config, generation_kwargs)
     frames: list[list[list[str]]] = [[] for _ in questions]
 
     def record(step):
-        canvas = step.canvas[:, prompt_len:]
+        canvas = step.canvas[:, step.prompt_length :]
         for row in range(canvas.shape[0]):
             frames[row].append(
-                ["_" if t == mask_id else tokenizer.convert_ids_to_tokens(int(t)) for t in canvas[row].tolist()]
+                ["_" if t == config.mask_token_id else tokenizer.convert_ids_to_tokens(int(t)) for t in canvas[row].tolist()]
             )
 
-    out = model.diffusion_generate(
-        **inputs, step_callback=record if trace else None, return_dict_in_generate=True, **generation_kwargs
-    )
-    answers = []
-    for row, question in enumerate(questions):
-        ids = out.sequences[row, prompt_len : prompt_len + int(out.answer_lengths[row])]
-        answers.append(Answer(question, tokenizer.decode(ids, skip_special_tokens=True).strip(), frames[row]))
-    return answers
+    texts_out, _ = generate_texts(model, processor, texts, [[image] for image in images], config,
+                                  step_callback=record if trace else None)  # fmt: skip
+    return [Answer(question, text, frames[row]) for row, (question, text) in enumerate(zip(questions, texts_out))]
 
 
 def held_out_sample(seed: int, index: int) -> dict:

@@ -1,0 +1,1 @@
+../../configuration_llada_v.py

@@ -1,0 +1,1 @@
+../../image_layout_llada_v.py

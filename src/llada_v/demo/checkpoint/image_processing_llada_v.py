@@ -1,0 +1,1 @@
+../../image_processing_llada_v.py

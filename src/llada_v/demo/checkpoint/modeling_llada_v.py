@@ -1,0 +1,1 @@
+../../modeling_llada_v.py

@@ -1,0 +1,1 @@
+../../processing_llada_v.py

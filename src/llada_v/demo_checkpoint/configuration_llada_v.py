@@ -1,1 +1,0 @@
-../configuration_llada_v.py

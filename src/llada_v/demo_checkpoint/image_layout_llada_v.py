@@ -1,1 +1,0 @@
-../image_layout_llada_v.py

@@ -1,1 +1,0 @@
-../image_processing_llada_v.py

@@ -1,1 +1,0 @@
-../modeling_llada_v.py

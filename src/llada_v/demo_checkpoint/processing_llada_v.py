@@ -1,1 +1,0 @@
-../processing_llada_v.py

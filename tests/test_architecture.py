@@ -1,0 +1,179 @@
+"""The layout rules of `src/llada_v` (docs/architecture.md), read from the source with `ast`:
+
+- no import cycle anywhere in the package;
+- `checkpoint_io.REMOTE_CODE_FILES` is exactly the set of remote-code modules: what transformers copies for the
+  model and the processor, the repository root's links, the demo checkpoint's files and a converted folder's;
+- the remote-code modules import only the standard library, torch, transformers, PIL, numpy and each other;
+- no function is longer than 80 lines (docstring excluded) unless its first comment says why.
+"""
+
+import ast
+import os
+import sys
+from pathlib import Path
+
+from llada_v.checkpoint_io import REMOTE_CODE_FILES
+from llada_v.demo.model import demo_model_dir
+from paths import REPO
+
+SRC = REPO / "src" / "llada_v"
+ALLOWED_TOP_LEVEL = {"torch", "transformers", "PIL", "numpy"}
+MAX_FUNCTION_LINES = 80
+
+
+def _package_modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package (the demo checkpoint's links excluded)."""
+    modules = {}
+    for path in sorted(SRC.rglob("*.py")):
+        relative = path.relative_to(SRC.parent)
+        if "checkpoint" in relative.parts:
+            continue
+        parts = list(relative.with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Package modules that `name` imports anywhere in its file (function-level imports included)."""
+    is_package = path.name == "__init__.py"
+    package = name if is_package else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            # `from x import y` imports the module x.y when y is one, else x.
+            targets = [f"{prefix}.{alias.name}" if f"{prefix}.{alias.name}" in modules else prefix for alias in node.names]
+        else:
+            continue
+        found.update(target for target in targets if target in modules and target != name)
+    return found
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    modules = _package_modules()
+    graph = {name: _imported_modules(name, path, modules) for name, path in modules.items()}
+    assert "llada_v.modeling_llada_v" in graph["llada_v.training.trainer"]  # the walk sees real edges
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_remote_code_files_are_what_the_model_and_processor_reach():
+    # transformers copies a class's module and every module it reaches through `from .x import`.
+    todo, reached = ["modeling_llada_v.py", "processing_llada_v.py"], set()
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        for node in ast.walk(ast.parse((SRC / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                # transformers only follows `from .module import X` (no packages, no `from . import x`).
+                assert node.level == 1 and node.module and "." not in node.module, f"{name}: {ast.unparse(node)}"
+                todo.append(f"{node.module}.py")
+    assert reached == set(REMOTE_CODE_FILES)
+
+
+def test_remote_code_imports_nothing_package_only():
+    for name in REMOTE_CODE_FILES:
+        for node in ast.walk(ast.parse((SRC / name).read_text())):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                tops = [node.module.split(".")[0]]
+            elif isinstance(node, ast.ImportFrom):
+                assert f"{node.module}.py" in REMOTE_CODE_FILES, f"{name}: {ast.unparse(node)}"
+                continue
+            else:
+                continue
+            for top in tops:
+                assert top in ALLOWED_TOP_LEVEL or top in sys.stdlib_module_names, f"{name}: {ast.unparse(node)}"
+
+
+def test_package_only_flat_modules_are_not_remote_code():
+    flat = {p.name for p in SRC.glob("*.py")}
+    assert set(REMOTE_CODE_FILES) <= flat
+    assert flat - set(REMOTE_CODE_FILES) == {"__init__.py", "checkpoint_io.py", "cli.py", "inference.py"}
+
+
+def test_repository_root_links_every_remote_code_file():
+    links = {p.name for p in REPO.glob("*.py")}
+    assert links == set(REMOTE_CODE_FILES)
+    for name in REMOTE_CODE_FILES:
+        link = REPO / name
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link)), f"{name} must be a relative symlink"
+        assert link.resolve() == (SRC / name).resolve()
+
+
+def test_demo_checkpoint_holds_exactly_the_remote_code_files():
+    folder = demo_model_dir()
+    assert {p.name for p in folder.glob("*.py")} == set(REMOTE_CODE_FILES)
+    for name in REMOTE_CODE_FILES:  # links, so the shipped code is the package's own
+        assert (folder / name).resolve() == (SRC / name).resolve()
+
+
+def test_a_converted_folder_holds_exactly_the_remote_code_files(golden_checkpoint):
+    assert {p.name for p in Path(golden_checkpoint).glob("*.py")} == set(REMOTE_CODE_FILES)
+    for name in REMOTE_CODE_FILES:
+        assert (Path(golden_checkpoint) / name).read_bytes() == (SRC / name).read_bytes()
+
+
+def _long_functions() -> list[str]:
+    long = []
+    for path in sorted(_package_modules().values()):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = node.body
+            length = node.end_lineno - node.lineno + 1
+            if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
+                body[0].value.value, str
+            ):
+                length -= body[0].end_lineno - body[0].lineno + 1
+                body = body[1:] or body
+            first_code = lines[body[0].lineno - 2].strip() if body else ""
+            if length > MAX_FUNCTION_LINES and not first_code.startswith("#"):
+                long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({length} lines)")
+    return long
+
+
+def test_no_function_is_longer_than_80_lines_without_saying_why():
+    assert _long_functions() == []

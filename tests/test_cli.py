@@ -13,6 +13,7 @@ from PIL import Image
 from llada_v import LladaVModel, cli
 from llada_v.generation_utils import LladaVGenerationConfig
 from llada_v.inference import InputError, generation_config_for
+from paths import llada_v_command
 
 
 def build_demo_like_checkpoint(path):
@@ -71,12 +72,6 @@ def _no_progress_bars():
     hf_logging.disable_progress_bar()
     yield
     hf_logging.enable_progress_bar()
-
-
-def entry_point() -> list[str]:
-    """The installed `llada-v` script (beside this interpreter), else the module."""
-    script = Path(sys.executable).with_name("llada-v")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "llada_v.cli"]
 
 
 def run(capsys, *argv):
@@ -295,7 +290,7 @@ def test_hub_id_that_cannot_be_reached_is_one_line(capsys, monkeypatch):
 
 
 def test_entry_point_reports_one_line_without_traceback(tmp_path):
-    argv = [*entry_point(), "generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]
+    argv = [*llada_v_command(), "generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"llada-v generate: error: no such checkpoint folder: {tmp_path / 'missing'}"]
@@ -344,7 +339,7 @@ def test_chat_keeps_history_attaches_images_per_turn_and_resets(capsys, demo_ck,
 
 def test_chat_runs_the_model_from_piped_stdin(demo_ck, images):
     script = f"/image {images / 'red.png'}\nWhat color is the circle?\nHow many shapes are there?\n"
-    result = subprocess.run([*entry_point(), "chat", "--model", str(demo_ck), "--stream"], input=script,
+    result = subprocess.run([*llada_v_command(), "chat", "--model", str(demo_ck), "--stream"], input=script,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     answers = [line for line in result.stdout.splitlines() if line.startswith("assistant> ")]
@@ -358,3 +353,71 @@ def test_cuda_smoke_test_skips_cleanly_without_cuda():
     script = Path(__file__).resolve().parents[1] / "scripts" / "cuda_smoke_test.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("SKIP: CUDA is not available")
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+
+def _odd_images(folder):
+    """Images whose pixels depend on how they are decoded: 16-bit grey, RGBA, a palette with transparency."""
+    grey16 = Image.fromarray((torch.arange(40 * 30).reshape(30, 40) * 50).numpy().astype("uint16"))
+    rgba = Image.new("RGBA", (40, 30), (200, 30, 90, 255))
+    rgba.paste((10, 240, 20, 0), (0, 0, 20, 30))  # the left half fully transparent
+    palette = Image.new("P", (40, 30), 1)
+    palette.putpalette([0, 0, 0, 250, 10, 10] + [0] * 762)
+    palette.info["transparency"] = 1
+    paths = {"grey16": folder / "grey16.png", "rgba": folder / "rgba.png", "palette": folder / "palette.png"}
+    for (name, path), image in zip(paths.items(), (grey16, rgba, palette)):
+        image.save(path)
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["grey16", "rgba", "palette"])
+def test_the_cli_feeds_the_model_the_pixels_the_processor_makes(capsys, demo_ck, tmp_path, monkeypatch, kind):
+    import llada_v.inference as inference
+
+    path = _odd_images(tmp_path)[kind]
+    seen = []
+
+    def capture(model, processor, texts, image_lists, config, step_callback=None, seed=None):
+        seen.append(processor(images=image_lists, text=texts)["pixel_values"])
+        return ["x"], None
+
+    monkeypatch.setattr(inference, "generate_texts", capture)
+    code, _, err = run(capsys, "generate", "--model", demo_ck, "--image", path, "--prompt", "hi")
+    assert code == 0, err
+    processor = inference.load_pretrained(str(demo_ck), device="cpu")[1]
+    expected = processor(images=[[str(path)]], text=["<image>\nhi"])["pixel_values"]
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+
+
+def test_chat_survives_invalid_utf8_a_literal_placeholder_and_a_closed_stdin(demo_ck):
+    script = b"\xff\xfe broken\nWhat is <image> here?\nHow many shapes are there?\n"
+    result = subprocess.run([*llada_v_command(), "chat", "--model", str(demo_ck)], input=script,
+                            capture_output=True, timeout=300)  # fmt: skip
+    err = result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert "not valid UTF-8" in err and "cannot contain <image>" in err
+    assert sum(line.startswith(b"assistant> ") for line in result.stdout.splitlines()) == 1
+    closed = subprocess.run([*llada_v_command(), "chat", "--model", str(demo_ck)], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr
+
+
+def test_a_corrupt_generation_config_is_named_not_ignored(capsys, demo_ck, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_ck, broken)
+    (broken / "generation_config.json").write_text("{not json")
+    code, _, err = run(capsys, "generate", "--model", broken, "--prompt", "hi")
+    assert code == 2 and "generation_config.json cannot be loaded" in err
+    with pytest.raises(ValueError, match="generation_config.json cannot be loaded"):
+        LladaVModel.from_pretrained(broken)
+
+
+def test_demo_arguments_fail_before_the_demo_runs(capsys, tmp_path):
+    code, out, err = run(capsys, "demo", "--save-gif", tmp_path / "missing" / "x.gif")
+    assert code == 2 and "the folder" in err and "does not exist" in err and "Q:" not in out
+    code, _, err = run(capsys, "eval-demo", "--seed", "1", "--n", "0")
+    assert code == 2 and "must be a positive integer, got 0" in err and "Traceback" not in err

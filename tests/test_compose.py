@@ -211,3 +211,13 @@ def test_unsupported_configs_are_refused(sources, tmp_path):
         compose(llada, bad, tmp_path / "out", progress=False)
     with pytest.raises(ConversionError, match="does not exist"):
         compose(tmp_path / "missing", siglip, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("where", ["llada", "inside siglip", "above both"])
+def test_an_output_overlapping_an_input_is_refused_even_with_overwrite(sources, where):
+    llada, _, siglip, _ = sources
+    out = {"llada": llada, "inside siglip": siglip / "out", "above both": llada.parent}[where]
+    before = sorted(p.name for p in llada.iterdir()), sorted(p.name for p in siglip.iterdir())
+    with pytest.raises(ValueError, match="overlaps the input"):
+        compose(llada, siglip, out, progress=False, overwrite=True)
+    assert (sorted(p.name for p in llada.iterdir()), sorted(p.name for p in siglip.iterdir())) == before

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from paths import REPO
+from paths import REPO, llada_v_command
 from llada_v.conversion.official import KEY_TABLE, ConversionError, convert, map_key
 
 SCRIPT = REPO / "convert_checkpoints" / "convert_llada_v_official.py"
@@ -176,3 +176,74 @@ def test_converter_writes_a_processor_when_a_tokenizer_is_given(golden_dir, tmp_
 
 def test_converter_without_tokenizer_writes_model_only(golden_checkpoint):
     assert not (golden_checkpoint / "processor_config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_the_readme_command_works_with_a_relative_output_folder(golden_dir, tmp_path):
+    src = _official_copy(golden_dir, tmp_path)
+    result = subprocess.run(
+        [*llada_v_command(), "convert", "--input-dir", "official", "--output-dir", "llada-v-hf",
+         "--vision-config", "official/vision_config.json", "--no-progress"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "llada-v-hf" / "config.json").is_file() and src.is_dir()
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "above"])
+def test_no_flag_can_delete_or_alter_the_input(golden_dir, tmp_path, where):
+    src = _official_copy(golden_dir, tmp_path)
+    (tmp_path / "unrelated.txt").write_text("keep me")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    out = {"equal": src, "inside": src / "converted", "above": tmp_path}[where]
+    for extra in ([], ["--overwrite"]):
+        result = subprocess.run(
+            [*llada_v_command(), "convert", "--input-dir", str(src), "--output-dir", str(out),
+             "--vision-config", str(src / "vision_config.json"), "--no-progress", *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 2 and "overlaps the input" in result.stderr, result.stderr[-1000:]
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    assert (tmp_path / "unrelated.txt").read_text() == "keep me"
+
+
+def test_truncated_shard_is_named_and_exits_2(golden_dir, tmp_path):
+    src = _official_copy(golden_dir, tmp_path)
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    result = _run_cli(src, tmp_path / "ck")
+    assert result.returncode == 2 and "model.safetensors" in result.stderr and "truncated or corrupt" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize(
+    "config_text,message",
+    [('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}', "is a 'llama' checkpoint"),
+     ("{not json", "is not valid JSON")],
+)
+def test_foreign_or_malformed_config_is_named(golden_dir, tmp_path, config_text, message):
+    src = _official_copy(golden_dir, tmp_path)
+    (src / "config.json").write_text(config_text)
+    result = _run_cli(src, tmp_path / "ck")
+    assert result.returncode == 2 and message in result.stderr and "config.json" in result.stderr
+
+
+def test_zero_shard_size_is_refused(golden_dir, tmp_path):
+    src = _official_copy(golden_dir, tmp_path)
+    with pytest.raises(ValueError, match="shard size must be positive"):
+        convert(src, tmp_path / "ck", src / "vision_config.json", max_shard_size="0", progress=False)
+
+
+def test_a_killed_writers_temp_folder_is_cleaned_by_the_next_run(golden_dir, tmp_path):
+    src = _official_copy(golden_dir, tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / ".ck.tmp-stale"
+    stale.mkdir()
+    (stale / "model-00001.safetensors").write_bytes(b"partial")
+    (stale / ".llada_v-writer").write_text(f"{__import__('socket').gethostname()} {dead.stdout.strip()}\n")
+    foreign = tmp_path / ".ck.tmp-other"  # no owner record: named in a warning, never deleted
+    foreign.mkdir()
+    convert(src, tmp_path / "ck", src / "vision_config.json", dtype=torch.float32, progress=False)
+    assert not stale.exists() and foreign.exists() and (tmp_path / "ck" / "config.json").is_file()

@@ -9,10 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from llada_v import LladaVConfig, LladaVGenerationConfig, LladaVModel
 from llada_v.generation_utils import (
     LladaVGenerateOutput,
+    filter_top_k_top_p,
     find_stop,
     normalize_stop_sequences,
     sample_tokens,
@@ -431,8 +433,8 @@ def test_none_suppress_tokens_survive_a_round_trip(tmp_path):
         (dict(max_new_tokens=0), r"max_new_tokens must be a positive integer, got 0"),
         (dict(steps=-2), r"steps must be a positive integer, got -2"),
         (dict(block_length=0), r"block_length must be a positive integer, got 0"),
-        (dict(temperature=-0.5), r"temperature must be a number >= 0, got -0.5"),
-        (dict(cfg_scale=-1.0), r"cfg_scale must be a number >= 0, got -1.0"),
+        (dict(temperature=-0.5), r"temperature must be a finite number >= 0, got -0.5"),
+        (dict(cfg_scale=-1.0), r"cfg_scale must be a finite number >= 0, got -1.0"),
         (dict(remasking="top_p"), r"remasking must be one of .*'top_p'"),
         (dict(stop_token_ids=[[]]), r"non-empty list of ids, got \[\]"),
         (dict(suffix_token_ids=[1, -3]), r"suffix_token_ids must be a list of token ids"),
@@ -495,3 +497,94 @@ def test_stop_strings_and_text_suffix_are_encoded_with_the_tokenizer():
         generation_suffix="SUF", tokenizer=tokenizer,
     )  # fmt: skip
     assert out[0].tolist() == [3, 4, 5, 7, *targets[:3], 20, 21, 0, 0, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face generation settings: honoured where masked diffusion gives them a meaning, refused elsewhere
+
+
+def _scripted_run(targets, scores, **settings):
+    model = ScriptedModel(targets, scores)
+    n = len(targets)
+    kwargs = dict(max_new_tokens=n, steps=n, block_length=n, return_dict_in_generate=True) | settings
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return model.diffusion_generate(torch.tensor([[3, 4, 5, 6]]), **kwargs)
+
+
+def test_top_k_and_top_p_restrict_the_sampled_choice():
+    targets, scores = [2 + i for i in range(8)], [3.0] * 8  # each column: its target has p = e^3 / (e^3 + 39)
+    hot = dict(temperature=5.0, generator=torch.Generator().manual_seed(0))
+    free = _scripted_run(targets, scores, **hot).answer_ids()[0]
+    assert free != targets  # at temperature 5 the choice wanders off the likeliest id
+    for option in (dict(top_k=1), dict(top_p=0.1)):
+        hot["generator"] = torch.Generator().manual_seed(0)
+        assert _scripted_run(targets, scores, **hot, **option).answer_ids()[0] == targets
+
+
+def test_filter_top_k_top_p_keeps_the_likeliest_ids():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
+    assert torch.isinf(filter_top_k_top_p(logits.clone(), 2, None)).tolist() == [[False, True, False, True]]
+    probs = torch.softmax(logits, -1)[0].tolist()  # 0.64, 0.09, 0.24, 0.03
+    kept = ~torch.isinf(filter_top_k_top_p(logits.clone(), None, 0.8))
+    assert kept.tolist() == [[True, False, True, False]] and probs[0] < 0.8 <= probs[0] + probs[2]
+
+
+def test_eos_token_id_stops_and_bad_words_are_never_generated():
+    targets, scores = [2, 3, 33, 5, 6, 7], [1.0, 2.0, 9.0, 3.0, 4.0, 5.0]
+    stopped = _scripted_run(targets, scores, eos_token_id=33)
+    assert stopped.answer_ids()[0] == [2, 3] and int(stopped.answer_lengths[0]) == 2
+    banned = _scripted_run(targets, scores, bad_words_ids=[[33], [5]]).answer_ids()[0]
+    assert 33 not in banned and 5 not in banned and banned[:2] == [2, 3]
+
+
+def test_max_length_counts_the_prompt():
+    out = _scripted_run([2 + i for i in range(6)], [1.0] * 6, max_length=8, steps=4, block_length=4)
+    assert out.sequences.shape == (1, 8) and out.answer_ids()[0] == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match=r"max_length \(4\) leaves no room after the prompt \(4 tokens\)"):
+        _scripted_run([2], [1.0], max_length=4)
+
+
+@pytest.mark.parametrize(
+    "setting", [dict(num_beams=2), dict(repetition_penalty=1.2), dict(min_new_tokens=3), dict(use_cache=True),
+                dict(num_return_sequences=2), dict(no_repeat_ngram_size=3)],
+)
+def test_autoregressive_settings_are_refused_by_name(setting):
+    (name, value), = setting.items()
+    with pytest.raises(ValueError, match=rf"{name}={value!r} has no meaning in masked diffusion"):
+        _scripted_run([2, 3], [1.0, 1.0], **setting)
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [(dict(bad_words_ids=[[3, 4]]), "bad_words_ids must be a list of one-token lists"),
+     (dict(top_k=5), r"need temperature > 0"),
+     (dict(do_sample=True), r"do_sample=True contradicts temperature=0"),
+     (dict(top_p=1.5, temperature=1.0), r"top_p must be a number in \(0, 1\]")],
+)
+def test_sampling_settings_that_cannot_apply_are_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
+        _scripted_run([2, 3], [1.0, 1.0], **setting)
+
+
+@pytest.mark.parametrize("name", ["temperature", "cfg_scale"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_temperature_and_guidance_are_refused(name, value):
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0, got {value}"):
+        LladaVGenerationConfig(**{name: value})
+
+
+@pytest.mark.parametrize("temperature", [300.0, 1e4])
+def test_huge_temperatures_never_pick_suppressed_or_out_of_vocabulary_ids(temperature):
+    # exp(logits) / (-log u) ** T turns into 0/0 and inf/inf at such temperatures; the sample must stay valid.
+    for seed in range(5):
+        out = _scripted_run([2 + i for i in range(8)], [2.0] * 8, temperature=temperature,
+                            generator=torch.Generator().manual_seed(seed)).answer_ids()[0]  # fmt: skip
+        assert all(t != 1 and t < 38 for t in out), out  # 1 is suppressed, ids >= 38 are past the tokenizer
+
+
+def test_a_plain_generation_config_is_validated_after_the_call_overrides():
+    # What the plain config sets goes on top of the model's own settings, then the call's overrides.
+    model = ScriptedModel([2, 3, 4, 5], [1.0] * 4)
+    out = model.diffusion_generate(torch.tensor([[3, 4, 5, 6]]), generation_config=GenerationConfig(max_new_tokens=4),
+                                   steps=4, block_length=4, return_dict_in_generate=True)  # fmt: skip
+    assert out.answer_ids()[0] == [2, 3, 4, 5]

@@ -446,19 +446,27 @@ def test_exif_orientation_is_applied(tiny):
     assert tiny(images=plain.getvalue())["image_sizes"].tolist() == [[20, 40]]
 
 
-def test_decompression_bomb_limit(tiny, tmp_path, monkeypatch):
+def test_one_pixel_limit_for_every_source(tmp_path, monkeypatch):
+    image = _gradient(20, 20)  # 400 pixels
     path = tmp_path / "big.png"
-    _gradient(20, 20).save(path)  # 400 pixels
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # warning zone (1x..2x): an error here too
-    with pytest.raises(ValueError, match="exceeds PIL.Image.MAX_IMAGE_PIXELS"):
-        tiny(images=str(path))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # beyond 2x: Pillow's own error
-    with pytest.raises(ValueError, match="exceeds PIL.Image.MAX_IMAGE_PIXELS"):
-        tiny(images=path.read_bytes())
+    image.save(path)
+    sources = {"path": str(path), "bytes": path.read_bytes(), "PIL": image, "array": np.asarray(image)}
+    limited = LladaVImageProcessor(crop_size=28, max_image_pixels=300)
+    for kind, source in sources.items():
+        with pytest.raises(ValueError, match="more than the limit 300"):
+            limited(images=source)
+    # The default limit is Pillow's, in its warning zone (1x..2x) too, and beyond it (Pillow's own error).
+    default = LladaVImageProcessor(crop_size=28)
+    for pillow_limit in (300, 100):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
+        for kind, source in sources.items():
+            with pytest.raises(ValueError, match=f"than the limit {pillow_limit}"):
+                default(images=source)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
-        assert tiny(images=str(path))["image_sizes"].tolist() == [[20, 20]]
+        assert default(images=str(path))["image_sizes"].tolist() == [[20, 20]]
+    assert LladaVImageProcessor(crop_size=28, max_image_pixels=400)(images=image)["image_sizes"].tolist() == [[20, 20]]
 
 
 def test_video_with_zero_frames_raises(tiny):
@@ -599,3 +607,120 @@ def _best_hw(processor, height, width):
     from llada_v.image_layout_llada_v import select_best_resolution
 
     return select_best_resolution((height, width), processor.image_grid_pinpoints)
+
+
+# ---------------------------------------------------------------------------------------------- URLs
+
+
+class _Server:
+    """A real HTTP server on 127.0.0.1 in a thread: `/ok.png` serves `body`, `/big.png` more bytes than a limit,
+    anything else is a 404. Bounded: it stops with the test."""
+
+    def __init__(self, body: bytes):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server hook
+                payload = {"/ok.png": body, "/big.png": b"\0" * 5000}.get(self.path)
+                if payload is None:
+                    self.send_error(404, "Not Found")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_url_gives_the_pixels_of_the_same_file_by_path(tiny, tmp_path):
+    image = Image.new("RGBA", (30, 20), (200, 30, 90, 255))
+    image.paste((10, 240, 20, 0), (0, 0, 15, 20))  # half transparent: mode handling matters
+    path = tmp_path / "rgba.png"
+    image.save(path)
+    server = _Server(path.read_bytes())
+    try:
+        by_url = tiny(images=f"{server.url}/ok.png")["pixel_values"]
+    finally:
+        server.close()
+    torch.testing.assert_close(by_url, tiny(images=str(path))["pixel_values"], rtol=0, atol=0)
+
+
+def test_url_errors_name_the_url_and_respect_the_limits(tmp_path):
+    server = _Server(b"")
+    try:
+        with pytest.raises(ValueError, match=rf"cannot fetch {server.url}/missing.png: HTTP 404"):
+            load_image(f"{server.url}/missing.png")
+        with pytest.raises(ValueError, match=rf"{server.url}/big.png is 5000 bytes, more than the limit of 100"):
+            load_image(f"{server.url}/big.png", max_url_bytes=100)
+        with pytest.raises(ValueError, match=rf"cannot identify {server.url}/ok.png as an image"):
+            load_image(f"{server.url}/ok.png")  # an empty body
+    finally:
+        server.close()
+
+
+def test_a_url_that_never_answers_times_out():
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts the connection (backlog) and never answers
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/x.png"
+    start = time.monotonic()
+    try:
+        with pytest.raises(ValueError, match=rf"cannot fetch {url}: no answer within 0.5 s"):
+            load_image(url, url_timeout=0.5)
+    finally:
+        silent.close()
+    assert time.monotonic() - start < 10
+
+
+# ---------------------------------------------------------------------------------------------- other inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_image_tensors_are_accepted(tiny, dtype):
+    levels = torch.arange(0, 256, 17, dtype=torch.float32) / 255  # exactly representable in both dtypes
+    tensor = levels.repeat(3, 16, 1)[:, :, :16]  # (3, 16, 16) in [0, 1]
+    expected = tiny(images=tensor)["pixel_values"]
+    torch.testing.assert_close(tiny(images=tensor.to(dtype))["pixel_values"], expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- resizing
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+def test_the_resizer_equals_pillow_12_bicubic(mode):
+    # Whatever Pillow is installed, the image processor resizes with its own code (Pillow 13 changed bicubic);
+    # the golden pixel tests pin it to the official pixels. Where Pillow < 13 is installed, compare directly.
+    import PIL
+
+    from llada_v.image_resize_llada_v import resize_bicubic
+
+    if int(PIL.__version__.split(".")[0]) >= 13:
+        pytest.skip(f"Pillow {PIL.__version__} resizes differently; the golden pixel tests cover this environment")
+    rng = np.random.default_rng(len(mode))
+    channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[mode]
+    for _ in range(40):
+        h, w, oh, ow = (int(v) for v in rng.integers(1, 200, size=4))
+        pixels = rng.integers(0, 256, size=(h, w, channels), dtype=np.uint8)
+        if channels in (2, 4):
+            pixels[..., -1][rng.random((h, w)) < 0.3] = 0
+            pixels[..., -1][rng.random((h, w)) < 0.3] = 255
+        image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode)
+        expected = np.asarray(image.resize((ow, oh), Image.Resampling.BICUBIC)).reshape(oh, ow, channels)
+        got = resize_bicubic(pixels, (oh, ow), has_alpha=mode in ("LA", "RGBA"))
+        assert np.array_equal(got, expected), (mode, (h, w), (oh, ow))

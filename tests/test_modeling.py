@@ -365,3 +365,28 @@ def test_processor_token_count_equals_model_feature_count_fuzzed():
         assert [f.shape[0] for f in feats] == out["num_image_tokens"]
 
     check()
+
+
+# ---------------------------------------------------------------- bad input: one ValueError naming the values
+
+
+def test_forward_and_generate_check_their_inputs():
+    model = tiny_model()
+    vocab = model.config.text_config.vocab_size
+    ids = torch.tensor([[1, 2, 3, 4]])
+    cases = [
+        (dict(input_ids=torch.tensor([[1, vocab + 5, 3]])), rf"input_ids holds ids outside the vocabulary \(0..{vocab - 1}\): \[{vocab + 5}\]"),
+        (dict(input_ids=torch.tensor([[1, -3, 3]])), r"input_ids holds ids outside the vocabulary .*\[-3\]"),
+        (dict(input_ids=torch.tensor([1, 2, 3])), r"input_ids must be an integer tensor of shape \(batch, length\)"),
+        (dict(input_ids=ids, attention_mask=torch.ones(1, 7)), r"attention_mask shape \(1, 7\) must be \(batch, length\) = \(1, 4\)"),
+        (dict(input_ids=ids, labels=torch.tensor([[1, 2, vocab, -100]])), rf"labels holds ids outside the vocabulary .*\[{vocab}\]"),
+    ]  # fmt: skip
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(**kwargs)
+    crop = model.config.crop_size
+    for shape in [(1, 3, crop + 1, crop), (1, 4, crop, crop), (3, crop, crop)]:
+        with pytest.raises(ValueError, match=rf"pixel_values must be \(num_crops, 3, {crop}, {crop}\) crops"):
+            model.get_image_features(torch.zeros(shape), image_layouts=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"input_ids holds ids outside the vocabulary"):
+        model.diffusion_generate(torch.tensor([[1, vocab + 1]]), max_new_tokens=2, steps=2, block_length=2)

@@ -502,3 +502,9 @@ def test_processor_output_runs_through_the_converted_golden_checkpoint(golden_di
             logits = golden_model(**inputs, logits_to_keep=4).logits
         assert logits.shape[:2] == (inputs["input_ids"].shape[0], 4), name
         assert torch.isfinite(logits).all(), name
+
+
+def test_an_empty_conversation_is_a_clear_error(processor):
+    for empty in ([], [[]]):
+        with pytest.raises(ValueError, match="needs at least one message, got an empty conversation"):
+            processor.apply_chat_template(empty)

@@ -7,7 +7,8 @@
 - `DTYPES`: the dtype names accepted on command lines and in configs.
 - `parse_size`: shard sizes such as `"5GB"`; `ShardWriter`: sharded safetensors plus their index.
 - `atomic_folder`: build a folder under a temporary name next to its destination and rename it into place
-  only when everything succeeded.
+  only when everything succeeded; temporary folders of killed writers are cleaned up by the next write;
+  `check_output_outside_inputs` refuses an output that is, contains or lies inside an input.
 - `verify_in_fresh_process`: load a written folder with `AutoModel.from_pretrained(trust_remote_code=True)`
   in a new Python process that cannot import `llada_v`, compare its weights and run a text and an image
   forward.
@@ -18,13 +19,15 @@ Package-only code (never part of a checkpoint's remote code).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,10 +40,14 @@ REMOTE_CODE_FILES: tuple[str, ...] = (
     "generation_utils.py",
     "image_layout_llada_v.py",
     "image_processing_llada_v.py",
+    "image_resize_llada_v.py",
     "modeling_llada_v.py",
     "processing_llada_v.py",
 )
 SOURCE_DIR = Path(__file__).resolve().parent
+_OWNER_FILE = ".llada_v-writer"  # "<host> <pid>" of the process writing a temporary folder
+
+logger = logging.getLogger(__name__)
 
 # `auto_map` of each config file a llada-v folder can hold (file -> entries; "image_processor" is the entry
 # nested in processor_config.json).
@@ -90,12 +97,30 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def parse_size(text: str) -> int:
-    """`"5GB"`, `"500MB"`, `"64KB"` or a byte count -> bytes (decimal units, as transformers)."""
+    """`"5GB"`, `"500MB"`, `"64KB"` or a byte count -> bytes (decimal units, as transformers); must be > 0."""
     match = re.fullmatch(r"(\d+)\s*(B|KB|MB|GB)?", str(text).strip().upper())
     if not match:
         raise ValueError(f"invalid shard size {text!r}; use e.g. '5GB', '500MB'")
     unit = {"B": 1, None: 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)]
-    return int(match.group(1)) * unit
+    size = int(match.group(1)) * unit
+    if size <= 0:
+        raise ValueError(f"the shard size must be positive, got {text!r}")
+    return size
+
+
+def check_output_outside_inputs(output_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output folder that is, contains or lies inside one of the inputs (folders or files): writing
+    it would replace or delete them, whatever the flags."""
+    out = Path(output_dir).expanduser().resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        src = Path(source).expanduser().resolve()
+        if out == src or out in src.parents or src in out.parents:
+            raise ValueError(
+                f"the output folder {output_dir} overlaps the input {source}: it must not be the input, contain it "
+                "or lie inside it"
+            )
 
 
 class ShardWriter:
@@ -160,9 +185,12 @@ def atomic_folder(output_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     output_dir = Path(output_dir)
     check_new_folder(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_folders(output_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    (tmp / _OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     try:
         yield tmp
+        (tmp / _OWNER_FILE).unlink()
         _publishable_permissions(tmp)
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -170,6 +198,35 @@ def atomic_folder(output_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temp_folders(output_dir: Path) -> list[Path]:
+    """Remove the temporary folders an earlier writer of `output_dir` left when it was killed (its process is
+    gone); name, without touching them, the ones this code cannot attribute. Returns the folders removed."""
+    removed = []
+    for candidate in sorted(Path(output_dir).parent.glob(f".{Path(output_dir).name}.tmp-*")):
+        owner = candidate / _OWNER_FILE
+        try:
+            host, pid = owner.read_text().split()
+        except (OSError, ValueError):
+            logger.warning("%s looks like an unfinished write of %s but has no owner record: remove it by hand",
+                           candidate, output_dir)  # fmt: skip
+            continue
+        if host == socket.gethostname() and not _process_alive(int(pid)):
+            logger.warning("removing %s, left by an interrupted write of %s (process %s)", candidate, output_dir, pid)
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 def _publishable_permissions(folder: Path) -> None:
@@ -230,7 +287,7 @@ def verify_in_fresh_process(folder: str | os.PathLike, dtype: torch.dtype) -> No
     Raises:
         RuntimeError: naming the last line the check printed.
     """
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # the check runs in another working directory
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     with tempfile.TemporaryDirectory() as modules_cache:
@@ -253,6 +310,8 @@ __all__ = [
     "ShardWriter",
     "atomic_folder",
     "check_new_folder",
+    "check_output_outside_inputs",
+    "remove_stale_temp_folders",
     "parse_size",
     "verify_in_fresh_process",
     "write_remote_code",

@@ -19,7 +19,6 @@ import math
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 from .conversion import official
@@ -165,24 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def load_image(path: str | Path) -> Any:
-    """An RGB PIL image, or `InputError` naming the path."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .inference import InputError
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise InputError(f"no such image: {path}")
-    if not path.is_file():
-        raise InputError(f"not an image file: {path}")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"cannot read image {path}: {err}") from None
-
-
 def _model_name(args: argparse.Namespace) -> str:
     if args.model is not None:
         return args.model
@@ -300,64 +281,104 @@ def _answer(model: Any, processor: Any, config: Any, text: str, images: list, ar
 def run_generate(args: argparse.Namespace) -> int:
     from .inference import chat_prompt, user_message
 
-    images = [load_image(path) for path in args.image]  # before loading the model: fail fast
+    from .inference import read_image
+
+    images = [read_image(path) for path in args.image]  # before loading the model: fail fast
     model, processor, config = _load(args)
     text = chat_prompt(processor, [user_message(args.prompt, len(images))], args.system_prompt)
     print(_answer(model, processor, config, text, images, args))
     return 0
 
 
-def run_chat(args: argparse.Namespace) -> int:
-    from .inference import InputError, chat_prompt, user_message
+def _read_line() -> str | None:
+    """The next stdin line, stripped; None at the end of input (or when stdin is closed); "" for a line that
+    is not UTF-8 (reported, the session goes on)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    try:
+        raw = stream.readline() if stream is not None else sys.stdin.readline()
+    except ValueError:  # I/O on a closed stdin
+        return None
+    if not raw:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            print(f"error: the line is not valid UTF-8 ({err.reason} at byte {err.start}); it was skipped",
+                  file=sys.stderr)  # fmt: skip
+            return ""
+    return raw.strip()
 
+
+class _Chat:
+    """The state of `llada-v chat`: the conversation, its images, and the images attached to the next message."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.images: list = []  # every image of the conversation, in order
+        self.pending: list = []  # attached to the next user message
+
+    def command(self, line: str) -> bool:
+        """Run a `/command`; returns False for `/quit`."""
+        from .inference import InputError, read_image
+
+        command, _, rest = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return False
+        if command == "/reset":
+            self.__init__()
+            print("(conversation reset)")
+        elif command == "/image" and rest.strip():
+            try:
+                self.pending.append(read_image(rest.strip()))
+                print(f"(image attached to the next message: {rest.strip()})")
+            except InputError as err:
+                print(f"error: {err}", file=sys.stderr)
+        elif command == "/image":
+            print("error: /image needs a path", file=sys.stderr)
+        elif command == "/help":
+            print(EPILOG_CHAT.split("\n\n")[0])
+        else:
+            print(f"error: unknown command {command} (/image PATH, /reset, /quit)", file=sys.stderr)
+        return True
+
+    def say(self, line: str, model: Any, processor: Any, config: Any, args: argparse.Namespace) -> None:
+        from .inference import chat_prompt, user_message
+
+        placeholders = [token for token in (processor.image_token, processor.video_token) if token in line]
+        if placeholders:
+            print(f"error: a message cannot contain {' or '.join(placeholders)}: it is the placeholder the processor "
+                  "fills with an image; attach images with /image PATH", file=sys.stderr)  # fmt: skip
+            return
+        turn = [*self.messages, user_message(line, len(self.pending))]
+        text = chat_prompt(processor, turn, args.system_prompt)
+        try:
+            answer = _answer(model, processor, config, text, [*self.images, *self.pending], args)
+        except ValueError as err:  # e.g. the conversation no longer fits the context: the turn is dropped
+            print(f"error: {err} (the message was not added; /reset starts over)", file=sys.stderr)
+            return
+        self.messages = [*turn, {"role": "assistant", "content": answer}]
+        self.images, self.pending = [*self.images, *self.pending], []
+        print(f"assistant> {answer}", flush=True)
+
+
+def run_chat(args: argparse.Namespace) -> int:
     model, processor, config = _load(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print("llada-v chat: type a message; /image PATH attaches an image to the next one, /reset, /quit")
-    messages: list[dict] = []
-    images: list = []  # every image of the conversation, in order
-    pending: list = []  # attached to the next user message
+    chat = _Chat()
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        line = _read_line()
+        if line is None:
             break
-        line = line.strip()
-        if not line:
-            continue
         if line.startswith("/"):
-            command, _, rest = line.partition(" ")
-            if command in ("/quit", "/exit"):
+            if not chat.command(line):
                 break
-            if command == "/reset":
-                messages, images, pending = [], [], []
-                print("(conversation reset)")
-            elif command == "/image":
-                if not rest.strip():
-                    print("error: /image needs a path", file=sys.stderr)
-                    continue
-                try:
-                    pending.append(load_image(rest.strip()))
-                except InputError as err:
-                    print(f"error: {err}", file=sys.stderr)
-                    continue
-                print(f"(image attached to the next message: {rest.strip()})")
-            elif command == "/help":
-                print(EPILOG_CHAT.split("\n\n")[0])
-            else:
-                print(f"error: unknown command {command} (/image PATH, /reset, /quit)", file=sys.stderr)
-            continue
-        turn = [*messages, user_message(line, len(pending))]
-        text = chat_prompt(processor, turn, args.system_prompt)
-        try:
-            answer = _answer(model, processor, config, text, [*images, *pending], args)
-        except ValueError as err:  # e.g. the conversation no longer fits the context: the turn is dropped
-            print(f"error: {err} (the message was not added; /reset starts over)", file=sys.stderr)
-            continue
-        messages = [*turn, {"role": "assistant", "content": answer}]
-        images, pending = [*images, *pending], []
-        print(f"assistant> {answer}", flush=True)
+        elif line:
+            chat.say(line, model, processor, config, args)
     return 0
 
 

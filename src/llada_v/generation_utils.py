@@ -37,6 +37,8 @@ the output (`_assemble`).
 from __future__ import annotations
 
 import copy
+import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,33 @@ PROMPT_REFRESH_MODES = ("block", "once")
 # The recommended fast preset (`LladaVGenerationConfig.fast`): Fast-dLLM's dual cache and its 0.9 threshold.
 FAST_DECODING_PRESET: dict[str, Any] = {"kv_cache": "dual", "confidence_threshold": 0.9}
 DEFAULT_ANSWER_LENGTH = 128  # the official demo settings: steps 128 / gen 128 / block 128
+
+# GenerationConfig fields that only steer autoregressive search, with the values that leave it unchanged:
+# setting any other value is refused (`LladaVGenerationConfig.validate`) instead of being ignored.
+AUTOREGRESSIVE_ONLY: dict[str, tuple] = {
+    "num_beams": (1,),
+    "num_beam_groups": (1,),
+    "num_return_sequences": (1,),
+    "repetition_penalty": (1.0,),
+    "length_penalty": (1.0,),
+    "no_repeat_ngram_size": (0,),
+    "min_length": (0,),
+    "min_new_tokens": (0,),
+    "use_cache": (),
+    "typical_p": (1.0,),
+    "min_p": (),
+    "epsilon_cutoff": (0.0,),
+    "eta_cutoff": (0.0,),
+    "diversity_penalty": (0.0,),
+    "penalty_alpha": (),
+    "sequence_bias": (),
+    "forced_bos_token_id": (),
+    "forced_eos_token_id": (),
+    "begin_suppress_tokens": (),
+    "guidance_scale": (),
+    "prompt_lookup_num_tokens": (),
+    "max_time": (),
+}
 
 # Largest float64 block (in elements) the Gumbel noise and the softmax are computed on at once (64 MiB).
 _FLOAT64_CHUNK_ELEMENTS = 1 << 23
@@ -133,6 +162,17 @@ class LladaVGenerationConfig(GenerationConfig):
         pad_token_id (`int`, defaults to 126081): fills the positions after a found stop in `sequences`.
         output_history (`bool`, defaults to False): with `return_dict_in_generate`, return the canvas after
             every forward pass.
+        top_k (`int`, *optional*), top_p (`float`, *optional*): with `temperature > 0`, the token choice at each
+            position is sampled among its `top_k` most likely ids / its smallest set of ids of probability mass
+            >= `top_p`, and the confidence is the probability under that filtered distribution.
+        eos_token_id (`int` or `list[int]`, defaults to 126081): also one-token stop sequences, searched after
+            `stop_token_ids` and `stop_strings` (the released EOS is suppressed at masks, so it never fires).
+        bad_words_ids (`list[list[int]]`, *optional*): one-token entries are suppressed like `suppress_tokens`.
+        max_length (`int`, *optional*): prompt + answer length; when set, the answer has `max_length` minus the
+            prompt length tokens (`steps` and `block_length` must fit it).
+        do_sample (`bool`, *optional*): may be given, and must agree with `temperature` (sampling iff > 0).
+        Other GenerationConfig fields (`num_beams`, `repetition_penalty`, `use_cache`, ...) only steer
+        autoregressive search: setting them raises `ValueError` (`AUTOREGRESSIVE_ONLY`).
         return_dict_in_generate (`bool`, defaults to False): return a [`LladaVGenerateOutput`] instead of the
             sequences tensor.
 
@@ -220,13 +260,36 @@ class LladaVGenerationConfig(GenerationConfig):
     def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None) -> None:
         """Checks every sampler setting; raises `ValueError` naming the offending values.
 
-        GenerationConfig's own checks are about autoregressive sampling (e.g. `temperature` without
-        `do_sample`) and do not apply to this sampler, so they are not run.
+        GenerationConfig's own checks are about autoregressive sampling and are not run. Its fields that have a
+        meaning in masked diffusion are honoured (`top_k`, `top_p`, `eos_token_id`, `bad_words_ids`,
+        `max_length`, `do_sample`, see the class docstring); any other one set to a value that would change an
+        autoregressive search is refused (`AUTOREGRESSIVE_ONLY`), so nothing is ignored silently.
         """
+        self._check_schedule()
+        self._check_sampling()
+        self._check_ids_and_stops()
+        self._check_fast_decoding()
+        for name, neutral in AUTOREGRESSIVE_ONLY.items():
+            value = getattr(self, name, None)
+            if value is not None and value not in neutral:
+                raise ValueError(
+                    f"{name}={value!r} has no meaning in masked diffusion (every answer position is predicted at "
+                    f"every step); leave it unset. The sampler's settings are the fields of {type(self).__name__}"
+                )
+        for name in ("output_history", "return_dict_in_generate"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+
+    def _check_schedule(self) -> None:
+        if self.max_length is not None and (not _is_int(self.max_length) or self.max_length <= 0):
+            raise ValueError(f"max_length must be a positive integer (prompt + answer tokens), got {self.max_length!r}")
         for name in ("max_new_tokens", "steps", "block_length"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_length is not None:
+            return  # the answer length is known once the prompt is: checked then (`_answer_length_from_max_length`)
         n, b, s = self.max_new_tokens, self.block_length, self.steps
         if n % b != 0:
             raise ValueError(f"max_new_tokens ({n}) must be divisible by block_length ({b})")
@@ -238,12 +301,30 @@ class LladaVGenerationConfig(GenerationConfig):
             )
         if s > n:
             raise ValueError(f"steps ({s}) must not exceed max_new_tokens ({n}): every step commits at least one token")
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not isinstance(self.cfg_scale, (int, float)) or isinstance(self.cfg_scale, bool) or self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be a number >= 0, got {self.cfg_scale!r}")
+
+    def _check_sampling(self) -> None:
+        for name in ("temperature", "cfg_scale"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.remasking not in REMASKING_STRATEGIES:
             raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {self.remasking!r}")
+        if self.do_sample is not None and self.do_sample != (self.temperature > 0):
+            raise ValueError(
+                f"do_sample={self.do_sample} contradicts temperature={self.temperature}: this sampler samples exactly "
+                "when temperature > 0 (leave do_sample unset)"
+            )
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k <= 0):
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if (self.top_k is not None or self.top_p is not None) and self.temperature == 0:
+            raise ValueError(
+                f"top_k ({self.top_k}) / top_p ({self.top_p}) filter the sampled token choice and need temperature > 0 "
+                "(at temperature 0 the choice is the argmax)"
+            )
+
+    def _check_ids_and_stops(self) -> None:
         for name in ("mask_token_id", "pad_token_id"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
@@ -255,6 +336,19 @@ class LladaVGenerationConfig(GenerationConfig):
                 f"tokenizer_vocab_size must be a positive integer or None, got {self.tokenizer_vocab_size!r}"
             )
         _check_ids("suppress_tokens", self.suppress_tokens)
+        eos = self.eos_token_id
+        if eos is not None:
+            _check_ids("eos_token_id", [eos] if _is_int(eos) else eos)
+        bad = self.bad_words_ids
+        if bad is not None and (
+            isinstance(bad, (str, bytes)) or not all(isinstance(w, (list, tuple)) and len(w) == 1 for w in bad)
+        ):
+            raise ValueError(
+                f"bad_words_ids must be a list of one-token lists, got {bad!r}: a sequence of several tokens cannot be "
+                "banned position by position in masked diffusion"
+            )
+        if bad is not None:
+            _check_ids("bad_words_ids", [w[0] for w in bad])
         normalize_stop_sequences(self.stop_token_ids)
         if self.suffix_token_ids is not None:
             _check_ids("suffix_token_ids", self.suffix_token_ids)
@@ -267,6 +361,8 @@ class LladaVGenerationConfig(GenerationConfig):
             isinstance(self.stop_strings, str) or not all(isinstance(s, str) and s for s in self.stop_strings)
         ):
             raise ValueError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
+
+    def _check_fast_decoding(self) -> None:
         if self.kv_cache is not None and self.kv_cache not in KV_CACHE_MODES:
             raise ValueError(f"kv_cache must be None or one of {KV_CACHE_MODES}, got {self.kv_cache!r}")
         if self.kv_cache_prompt_refresh not in PROMPT_REFRESH_MODES:
@@ -280,17 +376,13 @@ class LladaVGenerationConfig(GenerationConfig):
             )
         threshold = self.confidence_threshold
         if threshold is not None:
-            if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
+            if not _is_number(threshold) or not 0 < threshold <= 1:
                 raise ValueError(f"confidence_threshold must be None or a number in (0, 1], got {threshold!r}")
             if self.remasking != "low_confidence":
                 raise ValueError(
                     f"confidence_threshold ({threshold}) compares softmax probabilities and needs "
                     f"remasking='low_confidence', got remasking={self.remasking!r}"
                 )
-        if not isinstance(self.output_history, bool):
-            raise ValueError(f"output_history must be a bool, got {self.output_history!r}")
-        if self.return_dict_in_generate is not None and not isinstance(self.return_dict_in_generate, bool):
-            raise ValueError(f"return_dict_in_generate must be a bool, got {self.return_dict_in_generate!r}")
 
     @classmethod
     def fast(cls, base: GenerationConfig | None = None, **overrides) -> "LladaVGenerationConfig":
@@ -306,8 +398,7 @@ class LladaVGenerationConfig(GenerationConfig):
         The result approximates exact decoding (see `kv_cache` and `confidence_threshold`). With `steps` equal to
         `max_new_tokens` (the demo default) a step commits at least one token; fewer steps raise that minimum.
         """
-        config = cls() if base is None else copy.deepcopy(_as_diffusion_config(base))
-        unknown = config.update(**{**FAST_DECODING_PRESET, **overrides})
+        config, unknown = resolve_generation_config(cls() if base is None else base, {**FAST_DECODING_PRESET, **overrides})
         if unknown:
             raise TypeError(f"unknown generation settings {sorted(unknown)}; they are the fields of {cls.__name__}")
         return config
@@ -321,20 +412,40 @@ class LladaVGenerationConfig(GenerationConfig):
         return self.steps // self.num_blocks
 
 
-def _as_diffusion_config(base: GenerationConfig) -> LladaVGenerationConfig:
-    """`base` as a `LladaVGenerationConfig` (itself when it already is one)."""
+def is_diffusion_config(config: GenerationConfig) -> bool:
+    """A `LladaVGenerationConfig`, of this module or of another copy of it (remote code loads it again)."""
+    return all(hasattr(config, name) for name in LladaVGenerationConfig._diffusion_defaults)
+
+
+def resolve_generation_config(
+    base: GenerationConfig, overrides: dict[str, Any] | None = None
+) -> tuple[LladaVGenerationConfig, dict[str, Any]]:
+    """`base` with `overrides` applied, as a new `LladaVGenerationConfig` validated once with both; returns it
+    and the overrides that are no setting of it.
+
+    `base` may be a `LladaVGenerationConfig`, the same class from another copy of this module (remote code
+    loads the module again: no `isinstance` across copies, but every field is there) or any other
+    `GenerationConfig` (what it sets, the released defaults for the rest).
+    """
+    overrides = dict(overrides or {})
     if isinstance(base, LladaVGenerationConfig):
-        return base
-    if all(hasattr(base, name) for name in LladaVGenerationConfig._diffusion_defaults):
-        # The same class from the other copy of this module (package vs. remote code): no isinstance across
-        # copies, but every field is there.
-        return LladaVGenerationConfig.from_dict(base.to_dict())
-    # A plain GenerationConfig (or one saved before a field existed): what it sets, our defaults for the rest.
-    return LladaVGenerationConfig.from_dict(base.to_diff_dict())
+        config = copy.deepcopy(base)
+        return config, config.update(**overrides)
+    if is_diffusion_config(base):
+        settings = base.to_dict()
+    else:
+        settings = base.to_diff_dict()
+    known = set(LladaVGenerationConfig().to_dict())
+    settings.update({k: v for k, v in overrides.items() if k in known})
+    return LladaVGenerationConfig.from_dict(settings), {k: v for k, v in overrides.items() if k not in known}
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_ids(name: str, ids: Any) -> None:
@@ -394,8 +505,32 @@ def sample_tokens(
     for start in range(0, logits.shape[0], chunk):
         part = logits[start : start + chunk].to(torch.float64)
         u = torch.rand(part.shape, dtype=torch.float64, device=part.device, generator=generator)
-        out[start : start + chunk] = (part.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+        gumbel = -torch.log(u)
+        scores = part.exp() / gumbel**temperature
+        choice = scores.argmax(-1)
+        # The official form overflows or underflows for large logits or temperatures (inf / inf, or every
+        # score 0, where argmax would pick a suppressed id); the same argmax in log space is safe there.
+        unsafe = ~(torch.isfinite(scores).all(-1) & (scores.amax(-1) > 0))
+        if bool(unsafe.any()):
+            log_scores = part - temperature * torch.log(gumbel)
+            choice = torch.where(unsafe, log_scores.argmax(-1), choice)
+        out[start : start + chunk] = choice
     return out
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """`(N, V)` logits with every id outside the `top_k` most likely and outside the smallest set of
+    probability mass >= `top_p` set to -inf (in place; ties at the k-th value are kept)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits.to(torch.float64), dim=-1)
+        before = probs.cumsum(-1) - probs  # mass of the more likely ids
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, before >= top_p)
+        logits.masked_fill_(drop, float("-inf"))
+    return logits
 
 
 def token_confidence(
@@ -727,6 +862,8 @@ def _predict(
         logits[..., vocab_limit:] = float("-inf")
     b, k_cols, vocab = logits.shape
     flat = logits.reshape(b * k_cols, vocab)
+    if config.temperature > 0 and (config.top_k is not None or config.top_p is not None):
+        filter_top_k_top_p(flat, config.top_k, config.top_p)
     tokens = sample_tokens(flat, config.temperature, generator).view(b, k_cols)
     confidence = token_confidence(flat, tokens.view(-1), config.remasking, generator).view(b, k_cols)
     return tokens, confidence
@@ -749,6 +886,19 @@ def _commit(
     previous = canvas[active.rows][:, active.positions]
     canvas[active.rows[:, None], active.positions[None, :]] = torch.where(committed, tokens, previous)
     return committed
+
+
+def _answer_length_from_max_length(config: LladaVGenerationConfig, prompt_length: int) -> None:
+    """`max_length` counts prompt and answer: the answer gets the rest (this call's config is a copy)."""
+    answer = config.max_length - prompt_length
+    if answer < 1:
+        raise ValueError(f"max_length ({config.max_length}) leaves no room after the prompt ({prompt_length} tokens)")
+    config.max_new_tokens = answer
+    config.max_length = None  # the answer length is set now
+    try:
+        config.validate()
+    except ValueError as err:
+        raise ValueError(f"max_length ({config.max_length}) - prompt ({prompt_length}) = {answer} new tokens: {err}") from None
 
 
 def _update_stops(state: _DenoisingState, rows: torch.Tensor, stop_sequences: list[list[int]]) -> None:
@@ -810,17 +960,26 @@ class LladaVGenerationMixin:
                     _from_pipeline=from_pipeline,
                     **repo_kwargs,
                 )
-            except OSError:
+            except OSError as err:
+                saved = os.path.join(str(pretrained_model_name_or_path), subfolder or "", "generation_config.json")
+                if os.path.isfile(saved):  # there, but unreadable: never fall back silently
+                    raise ValueError(f"{saved} cannot be loaded: {err}") from None
                 logger.info("No generation_config.json found: using the defaults derived from the model config.")
 
     def _resolve_generation_config(
         self, generation_config: GenerationConfig | None, overrides: dict[str, Any]
     ) -> LladaVGenerationConfig:
-        base = generation_config if generation_config is not None else getattr(self, "generation_config", None)
-        if base is None:
-            base = LladaVGenerationConfig.from_model_config(self.config)
-        config = copy.deepcopy(_as_diffusion_config(base))
-        unknown = config.update(**overrides)
+        model_config = getattr(self, "generation_config", None)
+        if model_config is None:
+            model_config = LladaVGenerationConfig.from_model_config(self.config)
+        base, settings = generation_config, {}
+        if generation_config is None:
+            base = model_config
+        elif not is_diffusion_config(generation_config):
+            # A plain GenerationConfig: what it sets, on top of this model's own settings (its special ids).
+            base = model_config
+            settings = {k: v for k, v in generation_config.to_diff_dict().items() if k != "transformers_version"}
+        config, unknown = resolve_generation_config(base, {**settings, **overrides})
         if unknown:
             raise TypeError(
                 f"diffusion_generate got unexpected keyword arguments {sorted(unknown)}; generation settings are the "
@@ -871,13 +1030,16 @@ class LladaVGenerationMixin:
         stop_sequences, suffix = self._stops_and_suffix(config, tokenizer)
         self._check_ids_in_vocab(config, stop_sequences, suffix, self.get_input_embeddings().num_embeddings)
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, config)
+        if config.max_length is not None:
+            _answer_length_from_max_length(config, input_ids.shape[1])
         # 2. The canvas (prompt | masks | suffix) and the prompt embeddings, images encoded once.
         state = self._prepare_canvas(
             input_ids, attention_mask, suffix, config, pixel_values, image_sizes, image_layouts, image_num_crops
         )
         num_layers = self.config.get_text_config().num_hidden_layers if config.kv_cache else 0
         windows = _DecoderWindows(config, num_layers, state.prompt_len, state.total_len)
-        suppress = torch.tensor(sorted(set(config.suppress_tokens)), dtype=torch.long, device=input_ids.device)
+        banned = {words[0] for words in config.bad_words_ids or []}
+        suppress = torch.tensor(sorted(set(config.suppress_tokens) | banned), dtype=torch.long, device=input_ids.device)
         # 3. Blocks left to right, each denoised in steps; a block starting after every row's stop is skipped.
         for block in range(config.num_blocks):
             if not self._denoise_block(state, block, config, stop_sequences, windows, suppress, generator, step_callback):
@@ -1082,6 +1244,10 @@ class LladaVGenerationMixin:
             if not ids:
                 raise ValueError(f"stop string {text!r} encodes to no tokens")
             stops.append(list(ids))
+        eos = config.eos_token_id
+        for token in [] if eos is None else [eos] if _is_int(eos) else eos:
+            if [token] not in stops:
+                stops.append([token])
         if config.generation_suffix:
             suffix = list(tokenizer.encode(config.generation_suffix, add_special_tokens=False))
         else:
@@ -1175,6 +1341,8 @@ __all__ = [
     "sample_tokens",
     "token_confidence",
     "select_top_k",
+    "filter_top_k_top_p",
     "find_stop",
     "normalize_stop_sequences",
+    "resolve_generation_config",
 ]

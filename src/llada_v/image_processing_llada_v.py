@@ -21,6 +21,10 @@ of each image comes from `image_layout_llada_v.num_image_tokens`, the function t
 import io
 import math
 import os
+import socket
+import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any, TypedDict
@@ -44,12 +48,15 @@ from .image_layout_llada_v import (
     prompt_image_layout,
     select_best_resolution,
 )
+from .image_resize_llada_v import resize_bicubic
 
 
 logger = logging.get_logger(__name__)
 
 # Modes the official path resizes as they are (converting to RGB only at the end). Everything else is
 # converted to one of these first (see `_normalize_mode`).
+DEFAULT_URL_TIMEOUT = 10.0  # seconds for a whole image download
+DEFAULT_MAX_URL_BYTES = 32 * 1024 * 1024  # the largest image download accepted
 _NATIVE_MODES = ("RGB", "L", "RGBA", "LA")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -66,6 +73,9 @@ class LladaVImagesKwargs(TypedDict, total=False):
     anyres_pool_threshold: float
     video_pool_stride: int
     max_frames: int
+    max_image_pixels: int
+    url_timeout: float
+    max_url_bytes: int
     image_mean: list
     image_std: list
     rescale_factor: float
@@ -122,6 +132,10 @@ class LladaVImageProcessor(BaseImageProcessor):
         anyres_pool_threshold (`float`, defaults to 1.1): the grid is pooled only above this factor.
         video_pool_stride (`int`, defaults to 2): video frames' patch grids are pooled by this stride.
         max_frames (`int`, defaults to 32): longer videos are sampled uniformly down to this many frames.
+        max_image_pixels (`int`, *optional*): the largest `width * height` accepted from any source (files, URLs,
+            bytes, PIL images, arrays); defaults to `PIL.Image.MAX_IMAGE_PIXELS` (89,478,485).
+        url_timeout (`float`, defaults to 10.0): seconds an image URL may take to download.
+        max_url_bytes (`int`, defaults to 33,554,432): the largest image download accepted.
         image_mean (`list[float]`, defaults to `[0.5, 0.5, 0.5]`), image_std (`list[float]`, defaults to
             `[0.5, 0.5, 0.5]`): SigLIP normalisation. The multi-image pad colour is `int(mean * 255)`.
         rescale_factor (`float`, defaults to `1/255`): uint8 to [0, 1], computed in float64.
@@ -144,6 +158,9 @@ class LladaVImageProcessor(BaseImageProcessor):
         anyres_pool_threshold: float = 1.1,
         video_pool_stride: int = 2,
         max_frames: int = 32,
+        max_image_pixels: int | None = None,
+        url_timeout: float = DEFAULT_URL_TIMEOUT,
+        max_url_bytes: int = DEFAULT_MAX_URL_BYTES,
         image_mean: list | None = None,
         image_std: list | None = None,
         rescale_factor: float = 1 / 255,
@@ -164,6 +181,9 @@ class LladaVImageProcessor(BaseImageProcessor):
         self.anyres_pool_threshold = anyres_pool_threshold
         self.video_pool_stride = video_pool_stride
         self.max_frames = max_frames
+        self.max_image_pixels = max_image_pixels
+        self.url_timeout = url_timeout
+        self.max_url_bytes = max_url_bytes
         self.image_mean = list(image_mean) if image_mean is not None else [0.5, 0.5, 0.5]
         self.image_std = list(image_std) if image_std is not None else [0.5, 0.5, 0.5]
         self.rescale_factor = rescale_factor
@@ -244,6 +264,17 @@ class LladaVImageProcessor(BaseImageProcessor):
         factor = self.rescale_factor
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
             raise ValueError(f"rescale_factor must be a positive number, got {factor!r}")
+        for name in ("max_image_pixels", "max_url_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        timeout = self.url_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"url_timeout must be a positive number of seconds, got {timeout!r}")
+
+    def load(self, image: Any) -> Image.Image:
+        """`load_image` with this processor's limits (pixels, URL timeout and size)."""
+        return load_image(image, self.max_image_pixels, self.url_timeout, self.max_url_bytes)
 
     # ------------------------------------------------------------------ public entry points
 
@@ -303,7 +334,7 @@ class LladaVImageProcessor(BaseImageProcessor):
             if layout == LAYOUT_VIDEO:
                 item_crops, size, frames = self._video_crops(visual)
             elif layout in (LAYOUT_ANYRES, LAYOUT_SINGLE):
-                image = load_image(visual)
+                image = self.load(visual)
                 size, frames = (image.height, image.width), 1
                 item_crops = self._anyres_crops(image) if layout == LAYOUT_ANYRES else self._pad_crop(image)
             else:
@@ -348,15 +379,15 @@ class LladaVImageProcessor(BaseImageProcessor):
             new_w, new_h = best_w, min(math.ceil(height * scale_w), best_h)
         else:
             new_w, new_h = min(math.ceil(width * scale_h), best_w), best_h
-        resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        # The canvas is RGB whatever the image mode: `paste` converts (the official order, docs/parity.md Q1).
-        canvas = Image.new("RGB", (best_w, best_h), (0, 0, 0))
-        canvas.paste(resized, ((best_w - new_w) // 2, (best_h - new_h) // 2))
-        base = image.resize((side, side), Image.Resampling.BICUBIC)
-        crops = [self._normalize(base)]
-        for top in range(0, best_h, side):
-            for left in range(0, best_w, side):
-                crops.append(self._normalize(canvas.crop((left, top, left + side, top + side))))
+        pixels, has_alpha = _pixels(image)
+        # Resized in the image's own mode, then placed on a black RGB canvas (the official order, Q1, Q29).
+        canvas = np.zeros((best_h, best_w, 3), dtype=np.uint8)
+        top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
+        canvas[top : top + new_h, left : left + new_w] = _to_rgb(resize_bicubic(pixels, (new_h, new_w), has_alpha))
+        crops = [self._normalize(_to_rgb(resize_bicubic(pixels, (side, side), has_alpha)))]
+        for row in range(0, best_h, side):
+            for col in range(0, best_w, side):
+                crops.append(self._normalize(canvas[row : row + side, col : col + side]))
         return crops
 
     def _pad_crop(self, image: Image.Image) -> list[np.ndarray]:
@@ -365,36 +396,52 @@ class LladaVImageProcessor(BaseImageProcessor):
         The official code padded in the image's own mode and converted to RGB before resizing; converting
         first gives the same pixels and also works for `L` images, where the official call crashed (docs/parity.md Q29).
         """
-        image = image.convert("RGB") if image.mode != "RGB" else image
-        width, height = image.size
+        rgb = _to_rgb(_pixels(image)[0])
+        height, width = rgb.shape[:2]
         if width != height:
             side = max(width, height)
-            square = Image.new("RGB", (side, side), self.pad_color)
-            square.paste(image, ((side - width) // 2, (side - height) // 2))
-            image = square
-        return [self._normalize(image.resize((self.crop_size, self.crop_size), Image.Resampling.BICUBIC))]
+            square = np.empty((side, side, 3), dtype=np.uint8)
+            square[...] = self.pad_color
+            top, left = (side - height) // 2, (side - width) // 2
+            square[top : top + height, left : left + width] = rgb
+            rgb = square
+        return [self._normalize(resize_bicubic(rgb, (self.crop_size, self.crop_size)))]
 
     def _video_crops(self, video: Any) -> tuple[list[np.ndarray], tuple[int, int], int]:
         frames = video_frames(video)
         kept = [frames[i] for i in sample_frame_indices(len(frames), self.max_frames)]
         crops, size = [], None
         for frame in kept:
-            image = load_image(frame)
+            image = self.load(frame)
             if size is None:
                 size = (image.height, image.width)
-            crops.append(self._normalize(image.resize((self.crop_size, self.crop_size), Image.Resampling.BICUBIC)))
+            pixels, has_alpha = _pixels(image)
+            crops.append(self._normalize(_to_rgb(resize_bicubic(pixels, (self.crop_size, self.crop_size), has_alpha))))
         return crops, size, len(kept)
 
-    def _normalize(self, crop: Image.Image) -> np.ndarray:
-        """RGB uint8 crop -> float32 (3, S, S): `x * rescale` in float64, float32, then `(x - mean) / std`."""
-        if crop.mode != "RGB":
-            crop = crop.convert("RGB")
-        array = np.asarray(crop, dtype=np.uint8)  # (S, S, 3)
-        scaled = (array.astype(np.float64) * self.rescale_factor).astype(np.float32)
+    def _normalize(self, crop: np.ndarray) -> np.ndarray:
+        """RGB uint8 `(S, S, 3)` crop -> float32 (3, S, S): `x * rescale` in float64, float32, `(x - mean) / std`."""
+        scaled = (crop.astype(np.float64) * self.rescale_factor).astype(np.float32)
         mean = np.array(self.image_mean, dtype=np.float32)
         std = np.array(self.image_std, dtype=np.float32)
         normalized = (scaled - mean) / std
         return np.ascontiguousarray(normalized.transpose(2, 0, 1))  # (3, S, S)
+
+
+def _pixels(image: Image.Image) -> tuple[np.ndarray, bool]:
+    """A loaded image in one of `_NATIVE_MODES` as uint8 `(H, W, C)` and whether its last channel is alpha."""
+    pixels = np.asarray(image, dtype=np.uint8)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    return pixels, image.mode in ("RGBA", "LA")
+
+
+def _to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """uint8 L, LA, RGB or RGBA pixels as RGB, as Pillow's `convert("RGB")` (grey replicated, alpha dropped)."""
+    channels = pixels.shape[-1]
+    if channels in (1, 2):
+        return np.repeat(pixels[..., :1], 3, axis=-1)
+    return pixels[..., :3]
 
 
 # ---------------------------------------------------------------------- input handling
@@ -457,22 +504,43 @@ def nest_images(images: Any) -> list[list]:
     return [[images]]
 
 
-def load_image(image: Any) -> Image.Image:
+def load_image(
+    image: Any,
+    max_pixels: int | None = None,
+    url_timeout: float = DEFAULT_URL_TIMEOUT,
+    max_url_bytes: int = DEFAULT_MAX_URL_BYTES,
+) -> Image.Image:
     """Decode and normalise one image to a loaded PIL image in RGB, L, RGBA or LA mode.
 
-    Accepts a PIL image, a numpy array / torch tensor, a file path (`str`/`Path`), an http(s) URL, or encoded
-    bytes. Applies the EXIF orientation. Raises `ValueError` for undecodable, truncated, empty or oversized
-    (beyond `PIL.Image.MAX_IMAGE_PIXELS`) input and `TypeError` for unsupported types.
+    Accepts a PIL image, a numpy array / torch tensor (any float dtype included), a file path (`str`/`Path`),
+    an http(s) URL, or encoded bytes. Files, URLs and bytes go through one decoder. Applies the EXIF
+    orientation.
+
+    Args:
+        image: the image.
+        max_pixels: the largest `width * height` accepted from any source (None: `PIL.Image.MAX_IMAGE_PIXELS`).
+        url_timeout: seconds a URL may take in total (connection and download).
+        max_url_bytes: the largest download accepted from a URL.
+
+    Raises:
+        ValueError: undecodable, truncated, empty or oversized input, or a URL that cannot be fetched (the error
+            names the file or URL); `TypeError` for unsupported types; `FileNotFoundError` for a missing file.
     """
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if isinstance(image, Image.Image):
+        name = f"the {image.format or 'PIL'} image"
+        _check_pixels(image.width, image.height, limit, name)
         try:
             image.load()
         except (OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"could not decode the image ({image.format or 'unknown format'}): {err}") from err
+            raise ValueError(f"could not decode {name}: {err}") from err
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         image = _array_to_pil(image)
+        _check_pixels(image.width, image.height, limit, "the image array")
+    elif isinstance(image, str) and image.startswith(("http://", "https://")):
+        image = _open_image(_fetch_url(image, url_timeout, max_url_bytes), limit, name=image)
     elif isinstance(image, (str, os.PathLike, bytes, bytearray)):
-        image = _open_image(image)
+        image = _open_image(image, limit)
     else:
         raise TypeError(
             f"unsupported image type {type(image).__name__}; expected a PIL image, a numpy array, a torch tensor, "
@@ -484,13 +552,43 @@ def load_image(image: Any) -> Image.Image:
     return _normalize_mode(image)
 
 
-def _open_image(source: str | os.PathLike | bytes | bytearray) -> Image.Image:
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        from transformers.image_utils import load_image as hf_load_image
+def _check_pixels(width: int, height: int, limit: int | None, name: str) -> None:
+    if limit is not None and width * height > limit:
+        raise ValueError(
+            f"{name} has {width} x {height} = {width * height} pixels, more than the limit {limit} (a decompression-bomb "
+            "guard): raise the image processor's max_image_pixels if you trust the input"
+        )
 
-        return hf_load_image(source)
+
+def _fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
+    """The body of an http(s) URL: at most `max_bytes`, within `timeout` seconds in all; errors name the URL."""
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers={"User-Agent": "llada-v"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise ValueError(f"{url} is {declared} bytes, more than the limit of {max_bytes} bytes")
+            body = bytearray()
+            while chunk := response.read(1 << 16):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ValueError(f"{url} is larger than the limit of {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise ValueError(f"{url} did not finish downloading within {timeout} s")
+            return bytes(body)
+    except urllib.error.HTTPError as err:
+        raise ValueError(f"cannot fetch {url}: HTTP {err.code} {err.reason}") from None
+    except (TimeoutError, socket.timeout):
+        raise ValueError(f"cannot fetch {url}: no answer within {timeout} s") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ValueError(f"cannot fetch {url}: {reason}") from None
+
+
+def _open_image(source: str | os.PathLike | bytes | bytearray, limit: int | None, name: str | None = None) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
-        name, handle = "<bytes>", io.BytesIO(bytes(source))
+        name, handle = name or "<bytes>", io.BytesIO(bytes(source))
     else:
         name = str(source)
         if name.lower().endswith(VIDEO_FILE_SUFFIXES):
@@ -500,15 +598,16 @@ def _open_image(source: str | os.PathLike | bytes | bytearray) -> Image.Image:
         handle = name
     try:
         with warnings.catch_warnings():
-            # Between 1x and 2x the limit Pillow only warns; treat every oversized file the same way.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow only warns between 1x and 2x its limit: the limit checked below is the one for every source.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             opened = Image.open(handle)
+            _check_pixels(opened.width, opened.height, limit, f"image {name}")
             opened.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:  # beyond twice Pillow's own limit, Pillow refuses to open it
         raise ValueError(
-            f"image {name} exceeds PIL.Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS}): {err}. "
-            "Raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
-        ) from err
+            f"image {name} has more pixels than the limit {limit} (Pillow: {err}); raise PIL.Image.MAX_IMAGE_PIXELS "
+            "and the image processor's max_image_pixels if you trust the input"
+        ) from None
     except UnidentifiedImageError as err:
         raise ValueError(f"cannot identify {name} as an image (corrupt or unsupported format)") from err
     except (OSError, SyntaxError) as err:
@@ -524,7 +623,10 @@ def _array_to_pil(array: np.ndarray | torch.Tensor) -> Image.Image:
     """
     channels_first_default = isinstance(array, torch.Tensor)
     if isinstance(array, torch.Tensor):
-        array = array.detach().cpu().numpy()
+        array = array.detach().cpu()
+        if array.dtype in (torch.bfloat16, torch.float16):
+            array = array.float()  # numpy has no bfloat16; values in [0, 1] are kept exactly
+        array = array.numpy()
     if array.ndim == 3:
         first_ok, last_ok = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
         if first_ok and (channels_first_default or not last_ok):

@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint_io import DTYPES
 from .configuration_llada_v import LladaVConfig
-from .generation_utils import LladaVGenerationConfig, _as_diffusion_config
+from .generation_utils import FAST_DECODING_PRESET, LladaVGenerationConfig, resolve_generation_config
 
 MODEL_TYPE = LladaVConfig.model_type
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -247,12 +247,15 @@ def fit_schedule(max_new_tokens: int, steps: int, block_length: int) -> tuple[in
 def checkpoint_generation_config(name: str, config: dict) -> LladaVGenerationConfig:
     """The sampler defaults a checkpoint loads with, read before its weights: its `generation_config.json`,
     else (none there, as `from_pretrained` does too) the released defaults with the special ids of `config`."""
+    saved = Path(name).expanduser() / "generation_config.json"
     try:
         return LladaVGenerationConfig.from_pretrained(name)
-    except OSError:
+    except OSError as err:
+        if saved.is_file():  # there, but unreadable: never fall back silently
+            raise InputError(f"{saved} cannot be loaded: {_first_line(err)}") from None
         return LladaVGenerationConfig.from_model_config(config)
     except ValueError as err:
-        raise InputError(f"{name}: invalid generation_config.json ({_first_line(err)})") from None
+        raise InputError(f"{saved}: invalid generation settings ({_first_line(err)})") from None
 
 
 def generation_config_for(
@@ -269,26 +272,42 @@ def generation_config_for(
         InputError: an invalid combination (the `LladaVGenerationConfig.validate` message).
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "max_new_tokens" in overrides:
+        defaults = LladaVGenerationConfig._diffusion_defaults
+        steps, block = fit_schedule(
+            overrides["max_new_tokens"],
+            overrides.get("steps", getattr(base, "steps", defaults["steps"])),
+            overrides.get("block_length", getattr(base, "block_length", defaults["block_length"])),
+        )
+        overrides.setdefault("steps", steps)
+        overrides.setdefault("block_length", block)
     try:
-        config = LladaVGenerationConfig.fast(base) if fast else copy.deepcopy(_as_diffusion_config(base))
-        if "max_new_tokens" in overrides:
-            steps, block = fit_schedule(
-                overrides["max_new_tokens"],
-                overrides.get("steps", config.steps),
-                overrides.get("block_length", config.block_length),
-            )
-            overrides.setdefault("steps", steps)
-            overrides.setdefault("block_length", block)
-        unknown = config.update(**overrides)
-        if unknown:
-            raise InputError(f"unknown generation settings {sorted(unknown)}")
-        config.validate()
+        config, unknown = resolve_generation_config(base, {**(FAST_DECODING_PRESET if fast else {}), **overrides})
     except (ValueError, TypeError) as err:
         raise InputError(str(err)) from None
+    if unknown:
+        raise InputError(f"unknown generation settings {sorted(unknown)}")
     return config
 
 
 # ---------------------------------------------------------------------------------------------- prompts
+
+
+def read_image(path: str | os.PathLike) -> Any:
+    """An image file decoded by the processor's own loader (`image_processing_llada_v.load_image`: EXIF
+    orientation, 16-bit and palette handling, the pixel limit), so it gives exactly the pixels of
+    `processor(images=[path])`; `InputError` naming the path otherwise."""
+    from .image_processing_llada_v import load_image
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"no such image: {path}")
+    if not path.is_file():
+        raise InputError(f"not an image file: {path}")
+    try:
+        return load_image(path)
+    except (ValueError, TypeError, OSError) as err:
+        raise InputError(f"cannot read image {path}: {_first_line(err)}") from None
 
 
 def user_message(text: str, num_images: int = 0) -> dict:
@@ -351,6 +370,7 @@ __all__ = [
     "load_pretrained",
     "chat_prompt",
     "prepare_inputs",
+    "read_image",
     "resolve_device",
     "resolve_dtype",
     "user_message",

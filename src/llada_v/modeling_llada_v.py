@@ -369,6 +369,21 @@ def default_position_ids(
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore: int | None = None) -> None:
+    """`ids` must be an integer `(batch, length)` tensor of ids in `0..vocab_size-1` (`ignore` allowed too);
+    a `ValueError` names the offending values instead of an `IndexError` deep in the embedding."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        dtype = f" {ids.dtype}" if isinstance(ids, torch.Tensor) else ""
+        raise ValueError(f"{name} must be an integer tensor of shape (batch, length), got{dtype} {shape}")
+    valid = (ids >= 0) & (ids < vocab_size)
+    if ignore is not None:
+        valid |= ids == ignore
+    if not bool(valid.all()):
+        bad = sorted(set(ids[~valid].tolist()))[:10]
+        raise ValueError(f"{name} holds ids outside the vocabulary (0..{vocab_size - 1}): {bad}")
+
+
 class ChatTurn(NamedTuple):
     """A header-delimited turn of a tokenised conversation (see `find_turns`)."""
 
@@ -519,13 +534,20 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
 
         Runs only the encoder layers that feed the selected feature (no post_layernorm, no head).
         """
-        if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be (num_crops, 3, H, W), got shape {tuple(pixel_values.shape)}")
+        self._check_pixel_values(pixel_values)
         vision = self.vision_tower
         hidden = vision.embeddings(pixel_values.to(dtype=vision.embeddings.patch_embedding.weight.dtype))
         for layer in vision.encoder.layers[: self.config.num_vision_layers_used]:
             hidden = layer(hidden, None)  # (N, patches, D_vision)
         return hidden
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        channels, side = self.config.vision_config.num_channels, self.config.crop_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (channels, side, side):
+            raise ValueError(
+                f"pixel_values must be (num_crops, {channels}, {side}, {side}) crops (the processor makes them), got "
+                f"shape {tuple(pixel_values.shape)}"
+            )
 
     def encode_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """SigLIP + projector on (N, 3, S, S) crops -> (N, patches, D_text)."""
@@ -547,6 +569,7 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             image_layouts: `(num_images,)` layout codes (0 anyres, 1 single crop, 2 video); default: anyres.
             image_num_crops: `(num_images,)` crops per image; required for video, checked otherwise.
         """
+        self._check_pixel_values(pixel_values)
         counts, layouts = self._crop_counts(pixel_values, image_sizes, image_layouts, image_num_crops)
         features = self.encode_crops(pixel_values)
         packed = []
@@ -649,6 +672,7 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
 
         Pass `image_features` (from `get_image_features`) to reuse already encoded images.
         """
+        check_token_ids("input_ids", input_ids, self.get_input_embeddings().num_embeddings)
         image_mask = input_ids == self.config.image_token_id
         embeds = self.get_input_embeddings()(input_ids)  # (B, L, D); image rows are overwritten below
         n_tokens = int(image_mask.sum())
@@ -714,6 +738,9 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None and pixel_values is not None:
             raise ValueError("pixel_values cannot be combined with inputs_embeds (merge images into the embeddings)")
+        if input_ids is not None:
+            check_token_ids("input_ids", input_ids, self.get_input_embeddings().num_embeddings)
+        self._check_masks(input_ids if input_ids is not None else inputs_embeds, attention_mask, labels, cache)
 
         if conversation_ids is None and self.config.dialogue_causal_attention and self.training and input_ids is not None:
             # From the clean ids: masking a header token must not move a turn boundary (docs/parity.md Q23).
@@ -752,6 +779,25 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             p_mask=p_mask,
         )
         return out if return_dict else out.to_tuple()
+
+    def _check_masks(
+        self,
+        inputs: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        cache: LladaVDiffusionCache | None,
+    ) -> None:
+        """Shapes of the attention mask and labels against the inputs, and the label ids."""
+        batch, length = inputs.shape[:2]
+        total = length if cache is None or cache.length == 0 else cache.length
+        if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (batch, total):
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} must be (batch, length) = {(batch, total)}"
+            )
+        if attention_mask is not None and attention_mask.dim() not in (2, 4):
+            raise ValueError(f"attention_mask must be (batch, length), got shape {tuple(attention_mask.shape)}")
+        if labels is not None:
+            check_token_ids("labels", labels, self.config.text_config.vocab_size, ignore=IGNORE_INDEX)
 
     def _mask_supervised(
         self,

@@ -289,6 +289,9 @@ class LladaVProcessor(ProcessorMixin):
         `system_prompt` (replaces the default system prompt; `""` drops it) and `enable_thinking`
         (`True` appends ` /think`, `False` ` /no_think` to the last user turn).
         """
+        conversations = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+        if not conversation or any(not c for c in conversations):
+            raise ValueError("apply_chat_template needs at least one message, got an empty conversation")
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
 

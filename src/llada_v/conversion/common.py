@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..checkpoint_io import DTYPES, ShardWriter, verify_in_fresh_process, write_remote_code
@@ -60,11 +60,26 @@ class MappedTensor(NamedTuple):
     tensor: torch.Tensor
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; `ConversionError` naming the file when it is missing or malformed."""
+    if not path.is_file():
+        raise ConversionError(f"{what} {path} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConversionError(f"{what} {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def safetensors_shards(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder: the shards of its index, or its single file."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index, "the weight index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"the weight index {index} has no weight_map")
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
@@ -77,10 +92,14 @@ def safetensors_shards(folder: Path) -> list[Path]:
 
 
 def iter_tensors(shards: list[Path], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the shards; `ConversionError` naming the shard when one is truncated or corrupt."""
     for shard in tqdm(shards, desc="shards", unit="shard", disable=not progress):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise ConversionError(f"cannot read {shard} (truncated or corrupt safetensors file): {err}") from None
 
 
 def expected_keys(config: LladaVConfig) -> dict[str, tuple[int, ...]]:
@@ -211,6 +230,7 @@ __all__ = [
     "find_tokenizer_dir",
     "finish_folder",
     "iter_tensors",
+    "read_json",
     "recomputed_buffers",
     "safetensors_shards",
     "write_mapped_weights",

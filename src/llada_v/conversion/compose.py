@@ -23,7 +23,6 @@ What it does, in order:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_io import DTYPES, atomic_folder, check_new_folder, parse_size
+from ..checkpoint_io import DTYPES, atomic_folder, check_new_folder, check_output_outside_inputs, parse_size
 from ..configuration_llada_v import LladaVConfig
 from .common import (
     TEXT_CONFIG_KEYS,
@@ -46,6 +45,7 @@ from .common import (
     find_tokenizer_dir,
     finish_folder,
     iter_tensors,
+    read_json,
     safetensors_shards,
     write_mapped_weights,
     write_model_configs,
@@ -122,10 +122,7 @@ def map_compose_key(source: str, key: str, stored_vision_layers: int) -> tuple[s
 
 
 def _read_config(folder: Path, what: str) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{what} config {path} is missing")
-    return json.loads(path.read_text())
+    return read_json(folder / "config.json", f"{what} config")
 
 
 def siglip_vision_config(siglip: dict) -> dict:
@@ -245,6 +242,7 @@ def compose(
     for folder, what in ((llada_dir, "LLaDA"), (siglip_dir, "SigLIP")):
         if not folder.is_dir():
             raise ConversionError(f"{what} directory {folder} does not exist")
+    check_output_outside_inputs(output_dir, (llada_dir, siglip_dir, tokenizer_dir))
     check_new_folder(output_dir, overwrite)
     config = compose_config(_read_config(llada_dir, "LLaDA"), _read_config(siglip_dir, "SigLIP"), **config_overrides)
     fresh = fresh_tensors(config, seed)

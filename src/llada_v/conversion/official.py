@@ -18,7 +18,6 @@ What it does, in order:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_io import DTYPES, atomic_folder, check_new_folder, parse_size
+from ..checkpoint_io import DTYPES, atomic_folder, check_new_folder, check_output_outside_inputs, parse_size
 from ..configuration_llada_v import SIGLIP_SO400M_VISION_DEFAULTS, LladaVConfig
 from .common import (
     TEXT_CONFIG_KEYS,
@@ -39,6 +38,7 @@ from .common import (
     find_tokenizer_dir,
     finish_folder,
     iter_tensors,
+    read_json,
     safetensors_shards,
     write_mapped_weights,
     write_model_configs,
@@ -97,6 +97,20 @@ def map_key(key: str) -> tuple[str | None, str]:
         if match:
             return (match.expand(template) if template is not None else None), reason
     raise ConversionError(f"unknown key in the official checkpoint: {key!r} (not in the conversion table)")
+
+
+def check_official_model_type(official: dict, input_dir: Path) -> None:
+    """The released LLaDA-V `config.json` is a LLaDA config with the LLaVA fields (`model_type` "llada",
+    `LlavaLLaDAModelLM`); refuse anything else with what it is."""
+    model_type, architectures = official.get("model_type"), official.get("architectures") or []
+    if model_type == "llada_v":
+        raise ConversionError(f"{input_dir} is already a llada-v checkpoint (model_type 'llada_v'): nothing to convert")
+    if model_type != "llada" and not any("LLaDA" in str(a) for a in architectures):
+        names = ", ".join(map(str, architectures)) or "no architectures"
+        raise ConversionError(
+            f"{input_dir}/config.json is a {model_type!r} checkpoint ({names}), not a released LLaDA-V one "
+            "(model_type 'llada', LlavaLLaDAModelLM)"
+        )
 
 
 def convert_config(official: dict, vision: dict | None) -> LladaVConfig:
@@ -171,14 +185,13 @@ def convert(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise ConversionError(f"input directory {input_dir} does not exist")
+    check_output_outside_inputs(output_dir, (input_dir, vision_config_path, tokenizer_dir))
     check_new_folder(output_dir, overwrite)
-    config_file = input_dir / "config.json"
-    if not config_file.is_file():
-        raise ConversionError(f"{config_file} is missing")
-    official = json.loads(config_file.read_text())
+    official = read_json(input_dir / "config.json", "the official config")
+    check_official_model_type(official, input_dir)
     vision = None
     if vision_config_path is not None:
-        vision = json.loads(Path(vision_config_path).read_text())
+        vision = read_json(Path(vision_config_path), "the vision config")
     config = convert_config(official, vision)
     shards = safetensors_shards(input_dir)
     expected = expected_keys(config)

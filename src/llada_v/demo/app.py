@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from ..inference import chat_prompt, generate_texts, generation_config_for, load_pretrained, user_message
+from ..inference import (
+    InputError,
+    chat_prompt,
+    generate_texts,
+    generation_config_for,
+    load_pretrained,
+    read_image,
+    user_message,
+)
 from .model import demo_model_dir
 from .task import QUESTION_TYPES, SHAPES, ask, draw_scene, make_sample, normalise_answer
 
@@ -121,10 +129,13 @@ def denoising_frames(image: Image.Image, answer: Answer, width: int = 360) -> li
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    for target in (args.save_gif, args.save_png):  # before the demo runs: fail fast
+        if target is not None and not target.expanduser().resolve().parent.is_dir():
+            raise InputError(f"cannot write {target}: the folder {target.parent} does not exist")
+    image = read_image(args.image) if args.image is not None else None
     model, processor = load_demo(args.model)
     rng = random.Random(args.seed)
-    if args.image is not None:
-        image = Image.open(args.image)
+    if image is not None:
         questions = [f"What color is the {shape}?" for shape in SHAPES] + ["How many shapes are there?"]
         truths = [None] * len(questions)
         print(f"image: {args.image} ({image.width}x{image.height})")
@@ -167,6 +178,16 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def add_demo_arguments(demo: argparse.ArgumentParser, evaluation: argparse.ArgumentParser) -> None:
     demo.add_argument("--image", type=Path, default=None, help="ask about this image instead of a rendered scene")
     demo.add_argument("--seed", type=int, default=0, help="seed of the rendered scene")
@@ -175,7 +196,7 @@ def add_demo_arguments(demo: argparse.ArgumentParser, evaluation: argparse.Argum
     demo.add_argument("--save-png", type=Path, default=None, help="write the denoising steps as one picture")
     demo.set_defaults(func=run_demo)
     evaluation.add_argument("--seed", type=int, required=True, help="seed of the held-out set")
-    evaluation.add_argument("--n", type=int, default=200, help="number of held-out questions")
+    evaluation.add_argument("--n", type=_positive_int, default=200, help="number of held-out questions (default 200)")
     evaluation.add_argument("--model", type=Path, default=None, help="demo checkpoint folder (default: the shipped one)")
     evaluation.set_defaults(func=run_eval)
 

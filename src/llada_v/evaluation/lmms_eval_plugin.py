@@ -314,7 +314,7 @@ class LladaV(lmms):
                 raise ValueError(
                     f"llada_v supports images only; task {task} gave a {type(visual).__name__} ({str(visual)[:80]!r})"
                 )
-        return [v.convert("RGB") for v in visuals]
+        return visuals  # decoded by the processor's own loader, as every other entry point
 
     def _prompt(self, context: str, num_images: int) -> str:
         image_token = self.processor.image_token

@@ -1,0 +1,1 @@
+src/llada_v/image_resize_llada_v.py

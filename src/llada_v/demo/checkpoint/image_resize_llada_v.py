@@ -1,0 +1,1 @@
+../../image_resize_llada_v.py

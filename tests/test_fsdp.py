@@ -43,8 +43,8 @@ def _flags(setup, out, *extra):
             "--lr_scheduler_type", "constant", *extra]
 
 
-def _run(command, timeout=300):
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+def _run(command, timeout=300, env=ENV):
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result
 
@@ -168,7 +168,7 @@ def test_fsdp2_export_loads_with_automodel_in_a_fresh_process_and_generates(runs
 
 def test_fsdp2_lora_with_bf16_trains_the_adapters_and_merges(setup):
     out = setup.root / "lora"
-    _run([*LAUNCH.copy(), str(RUNNER), *_flags(setup, out, "--max_steps", "2", "--per_device_train_batch_size", "1",
+    _run([*LAUNCH, str(RUNNER), *_flags(setup, out, "--max_steps", "2", "--per_device_train_batch_size", "1",
                                                "--save_strategy", "no", "--bf16", "--lora_r", "4",
                                                "--lora_modules_to_save", "multi_modal_projector",
                                                "--merge_lora_at_end", "true", "--fsdp", "--fsdp_config",

@@ -112,6 +112,11 @@ def _base_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _numel(param: nn.Parameter) -> int:
+    # Under DeepSpeed ZeRO-3 a parameter is an empty placeholder; `ds_numel` is its real size.
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def never_used_parameter_names(model: nn.Module) -> list[str]:
     """Parameters no forward ever uses: SigLIP's `post_layernorm`, a pooling head, encoder layers past the
     selected feature layer. Training them is a no-op (they never get a gradient) that breaks DDP without
@@ -148,7 +153,7 @@ def set_trainable(model: nn.Module, groups: Iterable[str]) -> dict[str, int]:
         trainable = group in groups and name not in never_used
         param.requires_grad_(trainable)
         if trainable:
-            counts[group] += param.numel()
+            counts[group] += _numel(param)
     logger.info("trainable parameters per group: %s", counts)
     return counts
 
@@ -163,7 +168,7 @@ def trainable_counts(model: nn.Module) -> dict[str, int]:
     counts = dict.fromkeys(MODULE_GROUPS, 0)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            counts[module_group(name)] += param.numel()
+            counts[module_group(name)] += _numel(param)
     return counts
 
 

@@ -130,6 +130,13 @@ def test_fsdp2_sharded_checkpoint_resumes_with_the_same_next_step_loss(setup, ru
     assert again[0]["losses"] == again[1]["losses"] == straight  # steps 1-2 from the checkpoint, 3-4 recomputed
     a, b = load_file(runs.fsdp / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # `accelerate merge-weights CKPT/pytorch_model_fsdp_0 CKPT` makes the sharded checkpoint a loadable one.
+    from accelerate.utils import merge_fsdp_weights
+
+    merge_fsdp_weights(str(checkpoint / "pytorch_model_fsdp_0"), str(checkpoint))
+    merged = load_file(checkpoint / "model.safetensors")
+    assert merged.keys() == a.keys() and any(not torch.equal(merged[k], a[k]) for k in a)  # step 2, not step 4
+    assert isinstance(LladaVModel.from_pretrained(checkpoint), LladaVModel)
 
 
 _FRESH_GENERATE = r"""

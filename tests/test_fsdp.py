@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from llada_v import LladaVModel
 from paths import REPO
-from test_data import tiny_processor, write_training_folder
+from test_data import write_tiny_checkpoint_and_data
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +56,8 @@ def _ranks(out, n):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    processor, config = tiny_processor()
-    torch.manual_seed(0)
-    LladaVModel(config).save_pretrained(root / "ck")
-    processor.save_pretrained(root / "ck")
-    data, images = write_training_folder(root / "data", n_records=8)
-    return SimpleNamespace(root=root, ck=root / "ck", data=data, images=images)
+    _, _, ck, data, images = write_tiny_checkpoint_and_data(root)
+    return SimpleNamespace(root=root, ck=ck, data=data, images=images)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ Package-only code. Notable facts:
   attention and MLP projections of `language_model.layers.N` and nothing in the vision tower (whose
   attention also has `q_proj`/`k_proj`/`v_proj`);
 - `python -m llada_v.training --model_name_or_path ... --data_path ... --output_dir ...` is the training
-  entry; it runs unchanged under `accelerate launch` (data parallel) and with `--deepspeed
-  configs/deepspeed_zero3.json`. See `docs/training.md`.
+  entry; it runs unchanged under `accelerate launch` (data parallel), with `--fsdp --fsdp_config
+  configs/fsdp2.json` (FSDP2, also on CPU processes; shard units and sharded checkpoints in `sharding.py`) and
+  with `--deepspeed configs/deepspeed_zero3.json` (GPUs only). See `docs/training.md`.
 """
 
 from __future__ import annotations

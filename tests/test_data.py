@@ -122,6 +122,19 @@ def write_training_folder(folder: Path, n_records: int = 8) -> tuple[Path, Path]
     return data, images
 
 
+def write_tiny_checkpoint_and_data(root: Path):
+    """The tiny model (seed 0) with its processor in `root/ck` and `write_training_folder` data in `root/data`.
+
+    Returns (processor, config, checkpoint folder, data file, image folder).
+    """
+    processor, config = tiny_processor()
+    torch.manual_seed(0)
+    LladaVModel(config).save_pretrained(root / "ck")
+    processor.save_pretrained(root / "ck")
+    data, images = write_training_folder(root / "data", n_records=8)
+    return processor, config, root / "ck", data, images
+
+
 @pytest.fixture(scope="module")
 def proc():
     return tiny_processor()

@@ -31,17 +31,13 @@ from llada_v.training.trainer import (
     stage_preset,
 )
 from paths import REPO
-from test_data import tiny_processor, write_training_folder
+from test_data import tiny_processor, write_tiny_checkpoint_and_data
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
-    processor, config = tiny_processor()
-    torch.manual_seed(0)
-    LladaVModel(config).save_pretrained(root / "ck")
-    processor.save_pretrained(root / "ck")
-    data, images = write_training_folder(root / "data", n_records=8)
+    processor, config, _, data, images = write_tiny_checkpoint_and_data(root)
     dataset = LladaVDataset(data, processor, image_folder=images)
     return SimpleNamespace(root=root, ck=root / "ck", data=data, images=images, processor=processor, config=config,
                            dataset=dataset, collator=LladaVDataCollator.from_processor(processor))

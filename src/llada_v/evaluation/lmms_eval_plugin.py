@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -265,8 +266,18 @@ class LladaV(lmms):
         from accelerate import Accelerator
 
         accelerator = Accelerator()
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if accelerator.num_processes != launched:
+            # Each process would evaluate every request and the evaluator's gathers would fail.
+            raise ValueError(
+                f"llada_v: {launched} processes were launched (WORLD_SIZE) but accelerate runs "
+                f"{accelerator.num_processes} ({accelerator.distributed_type}); without GPUs launch with "
+                "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m lmms_eval ...`"
+            )
         if accelerator.num_processes > 1:
-            device = f"cuda:{accelerator.local_process_index}"
+            # Data parallel: each process evaluates on its accelerator's device, cuda:{local rank} on GPUs, the CPU
+            # (gloo) without them.
+            device = str(accelerator.device)
             self.accelerator = accelerator
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         quantization = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None

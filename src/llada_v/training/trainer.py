@@ -13,8 +13,9 @@ Package-only code. Notable facts:
   attention and MLP projections of `language_model.layers.N` and nothing in the vision tower (whose
   attention also has `q_proj`/`k_proj`/`v_proj`);
 - `python -m llada_v.training --model_name_or_path ... --data_path ... --output_dir ...` is the training
-  entry; it runs unchanged under `accelerate launch` (data parallel) and with `--deepspeed
-  configs/deepspeed_zero3.json`. See `docs/training.md`.
+  entry; it runs unchanged under `accelerate launch` (data parallel), with `--fsdp --fsdp_config
+  configs/fsdp2.json` (FSDP2, also on CPU processes; shard units and sharded checkpoints in `sharding.py`) and
+  with `--deepspeed configs/deepspeed_zero3.json` (GPUs only). See `docs/training.md`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .data import (
     LladaVDataset,
     MaskCountSampling,
 )
+from .sharding import enable_fsdp_on_cpu, fsdp_wrap_classes, write_checkpoint_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,11 @@ def _base_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _numel(param: nn.Parameter) -> int:
+    # Under DeepSpeed ZeRO-3 a parameter is an empty placeholder; `ds_numel` is its real size.
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def never_used_parameter_names(model: nn.Module) -> list[str]:
     """Parameters no forward ever uses: SigLIP's `post_layernorm`, a pooling head, encoder layers past the
     selected feature layer. Training them is a no-op (they never get a gradient) that breaks DDP without
@@ -147,7 +154,7 @@ def set_trainable(model: nn.Module, groups: Iterable[str]) -> dict[str, int]:
         trainable = group in groups and name not in never_used
         param.requires_grad_(trainable)
         if trainable:
-            counts[group] += param.numel()
+            counts[group] += _numel(param)
     logger.info("trainable parameters per group: %s", counts)
     return counts
 
@@ -162,7 +169,7 @@ def trainable_counts(model: nn.Module) -> dict[str, int]:
     counts = dict.fromkeys(MODULE_GROUPS, 0)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            counts[module_group(name)] += param.numel()
+            counts[module_group(name)] += _numel(param)
     return counts
 
 
@@ -256,6 +263,51 @@ class LladaVTrainer(Trainer):
             logger.info("optimizer group %s: %d tensors, lr %g", group["name"], len(group["params"]), group["lr"])
         return self.optimizer
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        fsdp_requested = self.args.fsdp_plugin_args is not None
+        if fsdp_requested and not self.is_fsdp_enabled:
+            # accelerate drops the FSDP plugin on CPU processes (a `--fsdp` run would silently be DDP).
+            enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+            if self.accelerator.state.fsdp_plugin.activation_checkpointing and self.args.activation_checkpointing:
+                raise ValueError(
+                    "fsdp_config['activation_checkpointing'] and --activation_checkpointing are both set; "
+                    "use FSDP's (fsdp_config) under FSDP"
+                )
+        if self.is_fsdp_enabled and self.model is not None:
+            self._configure_fsdp_plugin(self.accelerator.state.fsdp_plugin)
+
+    def _configure_fsdp_plugin(self, plugin: Any) -> None:
+        """Shard units from the model's `_no_split_modules` (unless configured); LoRA keeps the model's own
+        activation checkpointing, because PEFT saves an adapter without its LoRA weights when FSDP's checkpoint
+        wrapper has renamed the adapted layers (`..._checkpoint_wrapped_module...`)."""
+        if plugin.transformer_cls_names_to_wrap is None:
+            plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(self.model)
+        if plugin.activation_checkpointing and hasattr(self.model, "peft_config"):
+            logger.warning("LoRA under FSDP: the model's activation checkpointing replaces fsdp_config's")
+            plugin.activation_checkpointing = False
+            self.args.activation_checkpointing = True
+        logger.info("FSDP%d units: %s", plugin.fsdp_version, plugin.transformer_cls_names_to_wrap)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As `Trainer.save_model`; under FSDP with sharded checkpoints (`SHARDED_STATE_DICT`) the final save
+        (`_internal_call=False`) gathers the full state dict and writes a normal checkpoint, and checkpoint
+        folders get everything but the weights (config, processor, remote code) beside the shards."""
+        if not (self.is_fsdp_enabled and "SHARDED" in str(self.accelerator.state.fsdp_plugin.state_dict_type)):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if _internal_call:
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+                write_checkpoint_metadata(self.model, self.processing_class, output_dir)
+            return None
+        state_dict = self.accelerator.get_state_dict(self.model)  # collective: every rank takes part
+        self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        return None
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Every folder the Trainer writes (checkpoints, the final model) loads with `trust_remote_code=True`.
         super()._save(output_dir, state_dict)
@@ -323,6 +375,13 @@ def merge_lora(peft_model: nn.Module) -> LladaVModel:
     if not hasattr(peft_model, "merge_and_unload"):
         raise TypeError(f"expected a PEFT model with LoRA adapters, got {type(peft_model).__name__}")
     return peft_model.merge_and_unload()
+
+
+def merge_saved_lora(base_model: LladaVModel, adapter_dir: str | os.PathLike) -> LladaVModel:
+    """Load the adapter saved in `adapter_dir` (with its `modules_to_save`) onto `base_model` and merge it."""
+    from peft import PeftModel
+
+    return merge_lora(PeftModel.from_pretrained(base_model, adapter_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,8 +519,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrai
     trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint))
     trainer.save_model()
     if args.lora_r > 0 and args.merge_lora_at_end and trainer.is_world_process_zero():
+        # From the saved adapter, not the live model: under FSDP the live weights are shards spread over the ranks.
+        base = LladaVModel.from_pretrained(
+            model_args.model_name_or_path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation
+        )
         merged_dir = os.path.join(args.output_dir, "merged")
-        merge_lora(trainer.accelerator.unwrap_model(trainer.model)).save_pretrained(merged_dir)
+        merge_saved_lora(base, args.output_dir).save_pretrained(merged_dir)
         processor.save_pretrained(merged_dir)
         write_remote_code(merged_dir)
     return trainer
@@ -498,6 +561,7 @@ __all__ = [
     "freeze_for_stage",
     "main",
     "merge_lora",
+    "merge_saved_lora",
     "module_group",
     "never_used_parameter_names",
     "parse_args",

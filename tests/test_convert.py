@@ -247,3 +247,12 @@ def test_a_killed_writers_temp_folder_is_cleaned_by_the_next_run(golden_dir, tmp
     foreign.mkdir()
     convert(src, tmp_path / "ck", src / "vision_config.json", dtype=torch.float32, progress=False)
     assert not stale.exists() and foreign.exists() and (tmp_path / "ck" / "config.json").is_file()
+
+
+def test_without_a_tokenizer_the_image_processor_is_written(golden_checkpoint):
+    # The converter's own fresh-process check loaded it with AutoProcessor; the full processor needs a tokenizer.
+    folder = golden_checkpoint
+    assert (folder / "preprocessor_config.json").is_file() and not (folder / "processor_config.json").exists()
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    assert config["auto_map"] == {"AutoImageProcessor": "image_processing_llada_v.LladaVImageProcessor"}
+    assert config["crop_size"] == 384

@@ -25,6 +25,7 @@ from llada_v.evaluation.lmms_eval_plugin import (
     task_preset,
     truncate_at_stops,
 )
+from paths import REPO
 
 COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
 
@@ -144,18 +145,21 @@ def test_loglikelihood_is_reproducible_and_order_independent(demo_ck, docs):
     reverse = model.loglikelihood(requests[::-1])[::-1]
     assert first == reverse
     for result in first:
-        log_likelihood, greedy = result  # unpacks like the (float, bool) tuple
-        assert isinstance(result, LoglikelihoodResult) and result[0] == log_likelihood
-        assert log_likelihood < 0 and isinstance(greedy, bool)
+        loss, greedy = result  # unpacks like the (float, bool) tuple
+        assert isinstance(result, LoglikelihoodResult) and result[0] == loss
+        assert loss > 0 and isinstance(greedy, bool)  # a loss: lmms-eval ranks options by argmin
     model.mc_batch_size = 4  # the Monte-Carlo samples in one forward instead of two
     other_batching = model.loglikelihood(requests)
     torch.testing.assert_close(torch.tensor([r[0] for r in other_batching]), torch.tensor([r[0] for r in first]))
 
 
 def test_one_token_continuation_is_exact_log_softmax(demo_ck, docs):
-    # With L = 1 every sample masks the one token with weight 1: the estimate is its exact log-probability.
+    # With L = 1 every sample masks the one token with weight 1: the estimate is its exact log-probability, and
+    # lmms-eval gets minus that (the loss per token) to rank with argmin.
     model = make_model(demo_ck, docs, mc_num=4, check_greedy=False)
-    (log_likelihood, _), = model.loglikelihood([request("What color?", " red", doc_to_visual, 0, "tiny", "test")])
+    (loss, _), = model.loglikelihood([request("What color?", " red", doc_to_visual, 0, "tiny", "test")])
+    log_likelihood = model.score("What color?", " red", [docs[0]["image"]]).log_likelihood
+    assert loss == pytest.approx(-log_likelihood)
     from llada_v.inference import chat_prompt, prepare_inputs, user_message
 
     text = chat_prompt(model.processor, [user_message("What color?", 1)])
@@ -293,3 +297,31 @@ def test_python_m_lmms_eval_runs_a_local_task_end_to_end(demo_ck, tmp_path):
     assert 0.0 <= results["tiny_colors_mc"]["acc,none"] <= 1.0
     samples = [json.loads(line) for line in next((tmp_path / "results").rglob("*_samples_tiny_colors_mc.jsonl")).open()]
     assert len(samples) == 3 and all(len(s["filtered_resps"]) == 3 for s in samples)
+
+
+@pytest.mark.slow
+def test_the_shipped_example_task_scores_the_demo_model_high_and_a_reversed_ranking_low(tmp_path):
+    # The example of docs/evaluation.md as a user runs it: from the repository root, on the shipped demo model.
+    if importlib.util.find_spec("lmms_eval") is None:
+        pytest.skip("lmms-eval is not installed (pip install 'llada-v[eval]', see docs/evaluation.md)")
+    from llada_v.demo.model import demo_model_dir
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--model", "llada_v",
+         "--model_args", f"pretrained={demo_model_dir()},device=cpu,system_prompt=",
+         "--tasks", "demo_scenes_gen,demo_scenes_mc", "--include_path", "examples/lmms_eval_task",
+         "--batch_size", "8", "--output_path", str(tmp_path / "results"), "--log_samples"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    results = json.loads(next((tmp_path / "results").rglob("*_results.json")).read_text())["results"]
+    assert results["demo_scenes_gen"]["exact_match,none"] >= 0.9
+    assert results["demo_scenes_mc"]["acc,none"] >= 0.9
+    # The same logged values ranked the other way (argmax: what returning a log-likelihood would do) score low.
+    samples = [json.loads(line) for line in next((tmp_path / "results").rglob("*_samples_demo_scenes_mc.jsonl")).open()]
+    losses = [[float(loss) for loss, _ in s["filtered_resps"]] for s in samples]
+    assert all(min(range(len(l)), key=l.__getitem__) == int(s["target"]) for l, s in zip(losses, samples) if s["acc"])
+    reversed_acc = sum(max(range(len(l)), key=l.__getitem__) == int(s["target"]) for l, s in zip(losses, samples))
+    assert len(samples) == 24 and reversed_acc / len(samples) <= 0.25

@@ -275,6 +275,13 @@ if os.path.isfile(os.path.join(folder, "processor_config.json")):
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     if image_id != cfg.image_token_id:
         sys.exit(f"the processor's <image> id {image_id} differs from config.image_token_id {cfg.image_token_id}")
+elif os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+    from transformers import AutoProcessor
+    image_processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    if type(image_processor).__name__ != "LladaVImageProcessor":
+        sys.exit(f"AutoProcessor gave a {type(image_processor).__name__}, not the image processor")
+    if image_processor.crop_size != side:
+        sys.exit(f"the image processor's crop size {image_processor.crop_size} differs from the model's {side}")
 print("verified")
 """
 
@@ -282,7 +289,8 @@ print("verified")
 def verify_in_fresh_process(folder: str | os.PathLike, dtype: torch.dtype) -> None:
     """Load `folder` with `trust_remote_code=True` in a new process that cannot import `llada_v`: the loaded
     parameters must equal the written ones, a text and an image forward must run, and the processor (when
-    the folder has one) must load from the folder's code with `<image>` at `config.image_token_id`.
+    the folder has one) must load from the folder's code with `<image>` at `config.image_token_id` (or the
+    image processor alone, with the model's crop size).
 
     Raises:
         RuntimeError: naming the last line the check printed.

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..checkpoint_io import DTYPES, ShardWriter, verify_in_fresh_process, write_remote_code
 from ..configuration_llada_v import LladaVConfig
 from ..generation_utils import LladaVGenerationConfig
+from ..image_processing_llada_v import LladaVImageProcessor
 from ..modeling_llada_v import LladaVModel
 
 logger = logging.getLogger(__name__)
@@ -187,9 +188,14 @@ def find_tokenizer_dir(input_dir: Path, tokenizer_dir: Path | None) -> Path | No
     return None
 
 
-def write_processor(config: LladaVConfig, tokenizer_dir: Path, out_dir: Path) -> None:
-    """The released tokenizer plus `<image>` (id `config.image_token_id`), the chat template and the image
-    processor for `config`."""
+def write_processor(config: LladaVConfig, tokenizer_dir: Path | None, out_dir: Path) -> None:
+    """The processor for `config`: with a tokenizer folder, the full processor (the released tokenizer plus
+    `<image>` at `config.image_token_id`, the chat template and the image processor); without one, the image
+    processor alone (`preprocessor_config.json`: `AutoImageProcessor`/`AutoProcessor` load it, and the full
+    processor can be added later with `--tokenizer-dir`)."""
+    if tokenizer_dir is None:
+        LladaVImageProcessor.from_model_config(config).save_pretrained(out_dir)
+        return
     from .tokenizer import build_processor
 
     build_processor(tokenizer_dir, config=config).save_pretrained(out_dir)

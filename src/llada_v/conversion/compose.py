@@ -248,7 +248,7 @@ def compose(
     fresh = fresh_tensors(config, seed)
     tokenizer_dir = find_tokenizer_dir(llada_dir, None if tokenizer_dir is None else Path(tokenizer_dir))
     if tokenizer_dir is None:
-        logger.warning("no tokenizer in %s and no tokenizer_dir: the composed folder has no processor", llada_dir)
+        logger.warning("no tokenizer in %s and no tokenizer_dir: the composed folder has the image processor only", llada_dir)
 
     with atomic_folder(output_dir, overwrite=overwrite) as tmp:
         write_mapped_weights(
@@ -256,8 +256,7 @@ def compose(
             parse_size(max_shard_size), metadata={"fresh_keys": dict(FRESH_KEYS)},
         )  # fmt: skip
         write_model_configs(config, tmp, dtype)
-        if tokenizer_dir is not None:
-            write_processor(config, tokenizer_dir, tmp)
+        write_processor(config, tokenizer_dir, tmp)
         check_written(tmp, mapped_sources(llada_dir, siglip_dir, config, fresh, progress=False), dtype)
         finish_folder(tmp, dtype)
     return output_dir

@@ -198,7 +198,8 @@ def convert(
     tokenizer_dir = find_tokenizer_dir(input_dir, tokenizer_dir)
     if tokenizer_dir is None:
         logger.warning(
-            "no tokenizer in %s and no --tokenizer-dir: writing the model only (no processor files)", input_dir
+            "no tokenizer in %s and no --tokenizer-dir: writing the image processor only (add the tokenizer with "
+            "--tokenizer-dir for the full processor)", input_dir
         )
 
     with atomic_folder(output_dir, overwrite=overwrite) as tmp:
@@ -206,8 +207,7 @@ def convert(
             mapped_official_tensors(shards, progress), tmp, expected, dtype, parse_size(max_shard_size)
         )
         write_model_configs(config, tmp, dtype)
-        if tokenizer_dir is not None:
-            write_processor(config, tokenizer_dir, tmp)
+        write_processor(config, tokenizer_dir, tmp)
         check_written(tmp, mapped_official_tensors(shards, progress=False), dtype)
         finish_folder(tmp, dtype)
     return output_dir

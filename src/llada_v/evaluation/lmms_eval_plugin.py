@@ -32,7 +32,7 @@ import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -182,8 +182,26 @@ def truncate_at_stops(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
+class ContinuationScore(NamedTuple):
+    """`LladaV.score`'s result: the estimated log-likelihood of the continuation (summed over its tokens), whether
+    the sampler's greedy answer is the continuation, and the continuation's token count."""
+
+    log_likelihood: float
+    is_greedy: bool
+    num_tokens: int
+
+    @property
+    def loss(self) -> float:
+        """Minus the log-likelihood per continuation token: what `loglikelihood` returns to lmms-eval."""
+        return -self.log_likelihood / max(1, self.num_tokens)
+
+
 class LoglikelihoodResult(GenerationResult):
-    """`(log_likelihood, is_greedy)` as `loglikelihood` returns it: unpacks and indexes like the 2-tuple.
+    """`(loss, is_greedy)` as `loglikelihood` returns it: unpacks and indexes like the 2-tuple.
+
+    The first value is a **loss**, minus the estimated log-likelihood per continuation token: lmms-eval 0.7.3
+    ranks the options of a `multiple_choice` task with `np.argmin` ("we just use the argmin here", its models
+    return their loss), so a log-likelihood would rank the worst option first.
 
     Why not a plain tuple: lmms-eval 0.7.3's evaluator passes every model output through
     `unwrap_generation_output`, which turns any tuple that does not start with a string into `str(tuple)`, so
@@ -191,8 +209,8 @@ class LoglikelihoodResult(GenerationResult):
     `text`, which here is the tuple itself.
     """
 
-    def __init__(self, log_likelihood: float, is_greedy: bool) -> None:
-        super().__init__(text=(float(log_likelihood), bool(is_greedy)))
+    def __init__(self, loss: float, is_greedy: bool) -> None:
+        super().__init__(text=(float(loss), bool(is_greedy)))
 
     def __iter__(self):
         return iter(self.text)
@@ -391,7 +409,8 @@ class LladaV(lmms):
     # ------------------------------------------------------------------ loglikelihood
 
     def loglikelihood(self, requests: list[Instance]) -> list[LoglikelihoodResult]:
-        """Per request `(log_likelihood, is_greedy)` (as `LoglikelihoodResult`, which unpacks like the tuple)."""
+        """Per request `(loss, is_greedy)` (as `LoglikelihoodResult`, which unpacks like the tuple): the loss is
+        minus the estimated log-likelihood per continuation token, which lmms-eval ranks with `argmin`."""
         results = []
         for request in requests:
             args = request.args
@@ -407,7 +426,8 @@ class LladaV(lmms):
                 continuation = continuation(doc)
             if isinstance(continuation, (list, tuple)):
                 continuation = continuation[0]
-            result = self.score(context, str(continuation), visuals, cache_key=key)
+            score = self.score(context, str(continuation), visuals, cache_key=key)
+            result = (score.loss, score.is_greedy)
             results.append(LoglikelihoodResult(*result))
             self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
         return results
@@ -415,8 +435,9 @@ class LladaV(lmms):
     @torch.no_grad()
     def score(
         self, context: str, continuation: str, images: list, cache_key: tuple | None = None
-    ) -> tuple[float, bool]:
-        """(log-likelihood estimate, is_greedy) of `continuation` as the answer to `context` about `images`.
+    ) -> ContinuationScore:
+        """The log-likelihood estimate of `continuation` as the answer to `context` about `images`, whether it is
+        the sampler's greedy answer, and its token count.
 
         The continuation is the assistant's answer: it is stripped (the chat template trims message content) and
         tokenised on its own, right after the assistant header; nothing follows it. `cache_key` names the prompt
@@ -425,7 +446,7 @@ class LladaV(lmms):
         """
         target = self.tokenizer.encode(continuation.strip(), add_special_tokens=False)
         if not target:
-            return 0.0, True
+            return ContinuationScore(0.0, True, 0)
         prompt_text = self._prompt(context, len(images))
         if cache_key is not None and self._prompt_cache is not None and self._prompt_cache[0] == cache_key:
             inputs, prompt_embeds = self._prompt_cache[1]
@@ -439,7 +460,7 @@ class LladaV(lmms):
         target_ids = torch.tensor(target, device=self.device)
         log_likelihood = self._mc_log_likelihood(inputs["input_ids"], prompt_embeds, target_ids)
         greedy = self._is_greedy(inputs, target) if self.check_greedy else False
-        return log_likelihood, greedy
+        return ContinuationScore(log_likelihood, greedy, len(target))
 
     def _mc_log_likelihood(self, prompt_ids: torch.Tensor, prompt_embeds: torch.Tensor, target: torch.Tensor) -> float:
         """Minus the average over `mc_num` samples of the 1/t-weighted masked cross-entropy of `target`."""
@@ -452,9 +473,12 @@ class LladaV(lmms):
         u = 1.0 - torch.rand((), generator=generator, dtype=torch.float64)
         t = (u + torch.arange(self.mc_num, dtype=torch.float64)) / self.mc_num
         num_masked = torch.ceil(t * length).clamp(1, length).long()  # (n,)
+        samples = self.mc_num
+        if length == 1:  # every sample masks the one token with weight 1: one forward gives the exact average
+            num_masked, samples = num_masked[:1], 1
         positions = torch.arange(prompt_len, prompt_len + length, device=self.device)
         total = 0.0
-        for start in range(0, self.mc_num, self.mc_batch_size):
+        for start in range(0, samples, self.mc_batch_size):
             k = num_masked[start : start + self.mc_batch_size]  # (b,)
             b = k.shape[0]
             order = torch.rand((b, length), generator=generator).argsort(-1)  # random positions per sample
@@ -467,7 +491,7 @@ class LladaV(lmms):
             ce = F.cross_entropy(logits[masked], target.expand(b, -1)[masked], reduction="none")  # (sum k,)
             weights = (length / k.to(self.device, torch.float32)).repeat_interleave(k.to(self.device))  # 1/t
             total += float((ce * weights).sum())
-        return -total / self.mc_num
+        return -total / samples
 
     def _is_greedy(self, inputs: dict, target: list[int]) -> bool:
         """Does the sampler, one token per step at temperature 0, answer exactly `target`?"""
@@ -490,5 +514,5 @@ def manifest() -> Any:
     return ModelManifest(model_id="llada_v", simple_class_path="llada_v.evaluation.lmms_eval_plugin.LladaV")
 
 
-__all__ = ["LladaV", "LoglikelihoodResult", "DiffusionPreset", "TASK_PRESETS", "manifest", "resolve_generation", "task_preset",
+__all__ = ["ContinuationScore", "LladaV", "LoglikelihoodResult", "DiffusionPreset", "TASK_PRESETS", "manifest", "resolve_generation", "task_preset",
            "truncate_at_stops"]

@@ -251,6 +251,23 @@ def client(server):
 # ---------------------------------------------------------------------------------------------- answers
 
 
+def test_the_example_config_is_a_valid_serve_config_for_app_builder():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from llada_v.serving import app
+    from llada_v.serving.options import ServeOptions
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    (application,) = schema.applications
+    assert application.import_path == "llada_v.serving.app:app_builder" and config["http_options"]["host"] == "127.0.0.1"
+    options = ServeOptions.from_dict(application.args)
+    assert (options.num_gpus_per_replica, options.deployment_options()["autoscaling_config"]["max_replicas"]) == (1, 4)
+    assert type(app.app_builder(application.args)).__name__ == "Application"
+    assert type(app.app_builder({"max_batch_size": "4"})).__name__ == "Application"  # `serve run ... key=value`
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     status, _, health = get_json(f"{server.url}/health")

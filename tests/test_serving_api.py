@@ -83,6 +83,32 @@ def test_demo_defaults_have_no_system_prompt_and_the_demo_name():
     assert ServeOptions(model="ck").default_system_prompt is None and ServeOptions(model="ck").model_id == "ck"
 
 
+def test_an_adapter_is_applied_to_the_served_model(tmp_path):
+    pytest.importorskip("peft", reason="adapters need peft")
+    import torch
+
+    from llada_v.demo.app import load_demo
+    from llada_v.training.trainer import apply_lora
+
+    base, processor = load_demo()
+    lora = apply_lora(base, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapter change the model
+                parameter.copy_(torch.randn_like(parameter) * 0.1)
+    lora.save_pretrained(tmp_path / "adapter")
+    served = ChatService(ServeOptions(adapter=str(tmp_path / "adapter"))).model
+    inputs = processor(text=["<|startoftext|>red square"], return_tensors="pt")
+    with torch.no_grad():
+        expected = lora(**inputs).logits
+        plain = load_demo()[0](**inputs).logits
+        got = served(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    with pytest.raises(InputError, match="has no adapter_config.json: not a PEFT adapter folder"):
+        ChatService(ServeOptions(adapter=str(tmp_path)))
+
+
 # ---------------------------------------------------------------------------------------------- requests
 
 

@@ -61,6 +61,7 @@ class ServiceStats:
     batches: int = 0  # calls of the @serve.batch method
     largest_batch: int = 0  # rows of the largest diffusion_generate call
     last_batch_seconds: float = 0.0
+    generate_seconds: float = 0.0  # in run_batch, summed over batches
 
 
 class ChatService:
@@ -118,6 +119,7 @@ class ChatService:
             self.stats.batches += 1
             self.stats.largest_batch = max([self.stats.largest_batch, *(r.batch_size for r in results)])
             self.stats.last_batch_seconds = time.perf_counter() - started
+            self.stats.generate_seconds += self.stats.last_batch_seconds
         return results
 
     def retry_after_seconds(self) -> int:

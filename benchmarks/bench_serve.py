@@ -1,0 +1,216 @@
+"""Throughput and latency of `llada-v serve` on the demo model: batching on vs `--max-batch-size 1`, measured in
+one run (docs/performance.md, "Serving").
+
+Two servers start side by side on 127.0.0.1 (separate local Ray instances, one replica each, the same CPU
+threads), then for each concurrency level the same requests (demo scenes as data URLs, the demo's default
+settings) go to one server and then the other, so both see the same machine load. Each level sends at most
+`--requests` requests and stops launching new ones after `--max-seconds`. Reported: requests/s, latency p50/p95,
+the mean rows per `diffusion_generate` call (the `x-llada-batch-size` header) and the share of the wall time
+the replica spent inside `generate_texts` (its `/health` counters). Both servers are stopped at the end and the
+script checks that none of their processes is left.
+
+    python benchmarks/bench_serve.py --concurrency 1,8,32 --requests 64 --json bench_serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+
+import psutil
+
+from llada_v.demo.task import make_sample
+
+MODEL = "llada-v-demo"
+
+
+@dataclass
+class LevelResult:
+    mode: str
+    concurrency: int
+    requests: int
+    failed: int
+    seconds: float
+    requests_per_s: float
+    p50_ms: float
+    p95_ms: float
+    mean_batch: float
+    generate_share: float  # of the wall time, inside generate_texts on the replica
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request_bodies(count: int) -> list[bytes]:
+    bodies = []
+    for index in range(count):
+        sample = make_sample(f"bench-{index}")
+        buffer = io.BytesIO()
+        sample["image"].save(buffer, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": sample["qa"][0][0]}]
+        bodies.append(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": content}]}).encode())
+    return bodies
+
+
+class ServerProcess:
+    def __init__(self, name: str, extra: list[str], threads: int, log_dir: str) -> None:
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(log_dir, f"{name}.log"), "w")
+        command = [sys.executable, "-m", "llada_v.cli", "serve", "--port", str(self.port),
+                   "--num-cpus-per-replica", str(threads), "--max-queued-requests", "256", *extra]  # fmt: skip
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.children: dict[int, psutil.Process] = {}
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited with {self.process.returncode} (see {self.log.name})")
+            try:
+                health(self.url)
+                self.children = {p.pid: p for p in psutil.Process(self.process.pid).children(recursive=True)}
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"{self.name} server not ready after {timeout} s (see {self.log.name})")
+
+    def stop(self) -> list[int]:
+        """SIGINT, wait, and return the pids of its processes still alive (should be none)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        time.sleep(2)
+        left = [pid for pid, p in self.children.items() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        for pid in left:
+            self.children[pid].kill()
+        self.log.close()
+        return left
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def post(url: str, body: bytes, timeout: float) -> tuple[float, int, int]:
+    """(latency s, status, batch size) of one chat completion."""
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+            return time.perf_counter() - started, response.status, int(response.headers["x-llada-batch-size"])
+    except urllib.error.HTTPError as err:
+        return time.perf_counter() - started, err.code, 0
+
+
+def run_level(server: ServerProcess, concurrency: int, bodies: list[bytes], max_seconds: float) -> LevelResult:
+    """`concurrency` clients each sending one request after another, until `bodies` or `max_seconds` run out."""
+    before = health(server.url)
+    results: list[tuple[float, int, int]] = []
+    queue = iter(range(len(bodies)))
+    started = time.perf_counter()
+
+    def client() -> None:
+        for index in queue:  # the iterator is shared: each request is sent once
+            if time.perf_counter() - started > max_seconds:
+                return
+            results.append(post(server.url, bodies[index], timeout=300))
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(concurrency)]:
+            future.result()
+    seconds = time.perf_counter() - started
+    after = health(server.url)
+    ok = [r for r in results if r[1] == 200]
+    latencies = sorted(r[0] * 1000 for r in ok)
+    return LevelResult(
+        mode=server.name, concurrency=concurrency, requests=len(ok), failed=len(results) - len(ok), seconds=seconds,
+        requests_per_s=len(ok) / seconds, p50_ms=statistics.median(latencies),
+        p95_ms=latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
+        mean_batch=statistics.mean(r[2] for r in ok),
+        generate_share=(after["generate_seconds"] - before["generate_seconds"]) / seconds,
+    )  # fmt: skip
+
+
+def print_table(results: list[LevelResult]) -> None:
+    print("| mode | concurrency | requests | failed | req/s | p50 ms | p95 ms | mean rows per generate call | "
+          "time in generate_texts |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r.mode} | {r.concurrency} | {r.requests} | {r.failed} | {r.requests_per_s:.2f} | {r.p50_ms:.0f} | "
+              f"{r.p95_ms:.0f} | {r.mean_batch:.1f} | {100 * r.generate_share:.0f}% |")  # fmt: skip
+    by_key = {(r.mode, r.concurrency): r for r in results}
+    for concurrency in sorted({r.concurrency for r in results}):
+        batched, single = by_key.get(("batched", concurrency)), by_key.get(("sequential", concurrency))
+        if batched and single:
+            print(f"concurrency {concurrency}: batched / sequential throughput = "
+                  f"{batched.requests_per_s / single.requests_per_s:.2f}x")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
+    parser.add_argument("--requests", type=int, default=64, help="requests per level and server (at most)")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="stop launching requests after this")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="of the batched server")
+    parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="of the batched server")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each replica")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if any(c < 1 for c in levels) or args.requests < 1:
+        parser.error(f"concurrency levels and --requests must be >= 1, got {levels} and {args.requests}")
+    bodies = request_bodies(args.requests)
+    log_dir = tempfile.mkdtemp(prefix="bench_serve_")
+    servers = [
+        ServerProcess("batched", ["--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
+                                  str(args.batch_wait_ms)], args.threads, log_dir),  # fmt: skip
+        ServerProcess("sequential", ["--max-batch-size", "1"], args.threads, log_dir),
+    ]
+    results: list[LevelResult] = []
+    try:
+        for server in servers:
+            server.wait_ready(300)
+            for body in bodies[:4]:  # warm-up
+                post(server.url, body, timeout=300)
+        for concurrency in levels:
+            for server in servers:
+                results.append(run_level(server, concurrency, bodies, args.max_seconds))
+                print(f"{server.name} c={concurrency}: {results[-1].requests_per_s:.2f} req/s", file=sys.stderr)
+    finally:
+        left = {server.name: server.stop() for server in servers}
+    print_table(results)
+    print(f"processes left after stopping: {left}; server logs in {log_dir}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "results": [asdict(r) for r in results], "left": left}, handle, indent=1)
+    return 0 if not any(left.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

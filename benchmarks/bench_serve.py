@@ -3,11 +3,12 @@ one run (docs/performance.md, "Serving").
 
 Two servers start side by side on 127.0.0.1 (separate local Ray instances, one replica each, the same CPU
 threads), then for each concurrency level the same requests (demo scenes as data URLs, the demo's default
-settings) go to one server and then the other, so both see the same machine load. Each level sends at most
-`--requests` requests and stops launching new ones after `--max-seconds`. Reported: requests/s, latency p50/p95,
+settings) go to both servers in `--rounds` parts, the servers taking turns, so both meet the same machine load.
+Each level sends at most `--requests` requests per server and stops launching new ones after `--max-seconds`. Reported: requests/s, latency p50/p95,
 the mean rows per `diffusion_generate` call (the `x-llada-batch-size` header) and the share of the wall time
 the replica spent inside `generate_texts` (its `/health` counters). Both servers are stopped at the end and the
-script checks that none of their processes is left.
+script checks that none of their processes is left. Last, the same prompts go through `generate_texts` in this
+process in batches of 1, 8 and 32 (no server): the ceiling that batching in a server can reach on this machine.
 
     python benchmarks/bench_serve.py --concurrency 1,8,32 --requests 64 --json bench_serve.json
 """
@@ -29,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import psutil
 
@@ -58,10 +59,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def bench_sample(index: int) -> dict:
+    return make_sample(f"bench-{index}")
+
+
 def request_bodies(count: int) -> list[bytes]:
     bodies = []
     for index in range(count):
-        sample = make_sample(f"bench-{index}")
+        sample = bench_sample(index)
         buffer = io.BytesIO()
         sample["image"].save(buffer, "PNG")
         url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -128,7 +133,18 @@ def post(url: str, body: bytes, timeout: float) -> tuple[float, int, int]:
         return time.perf_counter() - started, err.code, 0
 
 
-def run_level(server: ServerProcess, concurrency: int, bodies: list[bytes], max_seconds: float) -> LevelResult:
+@dataclass
+class Tally:
+    """What one server answered at one level, over the rounds."""
+
+    latencies: list = field(default_factory=list)
+    batches: list = field(default_factory=list)
+    failed: int = 0
+    seconds: float = 0.0
+    generate_seconds: float = 0.0
+
+
+def run_round(server: ServerProcess, concurrency: int, bodies: list[bytes], max_seconds: float, tally: Tally) -> None:
     """`concurrency` clients each sending one request after another, until `bodies` or `max_seconds` run out."""
     before = health(server.url)
     results: list[tuple[float, int, int]] = []
@@ -144,17 +160,60 @@ def run_level(server: ServerProcess, concurrency: int, bodies: list[bytes], max_
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(client) for _ in range(concurrency)]:
             future.result()
-    seconds = time.perf_counter() - started
-    after = health(server.url)
-    ok = [r for r in results if r[1] == 200]
-    latencies = sorted(r[0] * 1000 for r in ok)
-    return LevelResult(
-        mode=server.name, concurrency=concurrency, requests=len(ok), failed=len(results) - len(ok), seconds=seconds,
-        requests_per_s=len(ok) / seconds, p50_ms=statistics.median(latencies),
-        p95_ms=latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
-        mean_batch=statistics.mean(r[2] for r in ok),
-        generate_share=(after["generate_seconds"] - before["generate_seconds"]) / seconds,
-    )  # fmt: skip
+    tally.seconds += time.perf_counter() - started
+    tally.generate_seconds += health(server.url)["generate_seconds"] - before["generate_seconds"]
+    for latency, status, batch in results:
+        if status == 200:
+            tally.latencies.append(latency * 1000)
+            tally.batches.append(batch)
+        else:
+            tally.failed += 1
+
+
+def run_level(servers: list[ServerProcess], concurrency: int, bodies: list[bytes], rounds: int,
+              max_seconds: float) -> list[LevelResult]:  # fmt: skip
+    """The level in `rounds` parts, the servers taking turns (order alternating), so that both meet the same
+    machine load; per server the parts are added up."""
+    tallies = {server.name: Tally() for server in servers}
+    size = -(-len(bodies) // rounds)
+    for part in range(rounds):
+        order = servers if part % 2 == 0 else servers[::-1]
+        for server in order:
+            run_round(server, concurrency, bodies[part * size : (part + 1) * size], max_seconds / rounds,
+                      tallies[server.name])  # fmt: skip
+    results = []
+    for name, tally in tallies.items():
+        latencies = sorted(tally.latencies)
+        results.append(LevelResult(
+            mode=name, concurrency=concurrency, requests=len(latencies), failed=tally.failed, seconds=tally.seconds,
+            requests_per_s=len(latencies) / tally.seconds, p50_ms=statistics.median(latencies),
+            p95_ms=latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
+            mean_batch=statistics.mean(tally.batches), generate_share=tally.generate_seconds / tally.seconds,
+        ))  # fmt: skip
+    return results
+
+
+def model_only(batch_sizes: list[int], rows: int, threads: int) -> list[tuple[int, float]]:
+    """Rows/s of `generate_texts` in this process on the benchmark prompts, per batch size (no server)."""
+    import torch
+
+    from llada_v.demo.app import load_demo
+    from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message
+
+    torch.set_num_threads(threads)
+    model, processor = load_demo()
+    config = generation_config_for(model.generation_config, {})
+    samples = [bench_sample(index) for index in range(rows)]
+    texts = [chat_prompt(processor, [user_message(s["qa"][0][0], 1)], system_prompt="") for s in samples]
+    images = [[s["image"]] for s in samples]
+    generate_texts(model, processor, texts[:4], images[:4], config)  # warm-up
+    measured = []
+    for size in batch_sizes:
+        started = time.perf_counter()
+        for start in range(0, rows, size):
+            generate_texts(model, processor, texts[start : start + size], images[start : start + size], config)
+        measured.append((size, rows / (time.perf_counter() - started)))
+    return measured
 
 
 def print_table(results: list[LevelResult]) -> None:
@@ -176,15 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
     parser.add_argument("--requests", type=int, default=64, help="requests per level and server (at most)")
-    parser.add_argument("--max-seconds", type=float, default=60.0, help="stop launching requests after this")
+    parser.add_argument("--rounds", type=int, default=3, help="parts of each level, the servers taking turns")
+    parser.add_argument("--max-seconds", type=float, default=90.0, help="per level and server: stop launching after")
     parser.add_argument("--max-batch-size", type=int, default=32, help="of the batched server")
     parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="of the batched server")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each replica")
+    parser.add_argument("--model-only-rows", type=int, default=64, help="prompts for the no-server measurement (0: skip)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
-    if any(c < 1 for c in levels) or args.requests < 1:
-        parser.error(f"concurrency levels and --requests must be >= 1, got {levels} and {args.requests}")
+    if any(c < 1 for c in levels) or args.requests < 1 or args.rounds < 1:
+        parser.error(f"concurrency levels, --requests and --rounds must be >= 1, got {levels}, {args.requests}, "
+                     f"{args.rounds}")  # fmt: skip
     bodies = request_bodies(args.requests)
     log_dir = tempfile.mkdtemp(prefix="bench_serve_")
     servers = [
@@ -199,16 +261,20 @@ def main(argv: list[str] | None = None) -> int:
             for body in bodies[:4]:  # warm-up
                 post(server.url, body, timeout=300)
         for concurrency in levels:
-            for server in servers:
-                results.append(run_level(server, concurrency, bodies, args.max_seconds))
-                print(f"{server.name} c={concurrency}: {results[-1].requests_per_s:.2f} req/s", file=sys.stderr)
+            for result in run_level(servers, concurrency, bodies, args.rounds, args.max_seconds):
+                results.append(result)
+                print(f"{result.mode} c={concurrency}: {result.requests_per_s:.2f} req/s", file=sys.stderr)
     finally:
         left = {server.name: server.stop() for server in servers}
     print_table(results)
     print(f"processes left after stopping: {left}; server logs in {log_dir}")
+    ceiling = model_only([1, 8, 32], args.model_only_rows, args.threads) if args.model_only_rows else []
+    for size, rate in ceiling:
+        print(f"generate_texts in-process, batches of {size}: {rate:.2f} rows/s ({rate / ceiling[0][1]:.2f}x batch 1)")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "results": [asdict(r) for r in results], "left": left}, handle, indent=1)
+            json.dump({"args": vars(args), "results": [asdict(r) for r in results], "left": left,
+                       "model_only_rows_per_s": dict(ceiling)}, handle, indent=1)  # fmt: skip
     return 0 if not any(left.values()) else 1
 
 

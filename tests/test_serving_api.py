@@ -218,6 +218,22 @@ def test_data_urls_decode_and_bad_ones_name_the_part():
         assert info.value.status == 400 and info.value.param == "p" and expected in info.value.message
 
 
+def test_the_loader_gets_the_timeout_and_size_cap_when_it_takes_them(monkeypatch):
+    from llada_v.serving import media
+
+    calls = []
+
+    def hardened(image, max_pixels=None, url_timeout=10.0, max_url_bytes=1):
+        calls.append((image, url_timeout, max_url_bytes))
+        return Image.new("RGB", (2, 2))
+
+    monkeypatch.setattr(media, "load_image", hardened)
+    load_image_url("https://example.invalid/a.png", "p", MediaPolicy(fetch_timeout_s=3.0, max_image_bytes=500))
+    monkeypatch.setattr(media, "load_image", lambda image: calls.append((image,)) or Image.new("RGB", (2, 2)))
+    load_image_url("https://example.invalid/b.png", "p", MediaPolicy())
+    assert calls == [("https://example.invalid/a.png", 3.0, 500), ("https://example.invalid/b.png",)]
+
+
 def test_local_files_only_under_the_allowed_folder(tmp_path):
     allowed, outside = tmp_path / "media", tmp_path / "private"
     allowed.mkdir(), outside.mkdir()

@@ -25,7 +25,7 @@ from ray import serve
 
 from .batching import GenerationJob, JobResult
 from .http_app import Admission, build_asgi_app
-from .openai_api import ApiError, ChatRequest, invalid
+from .openai_api import ChatRequest, invalid
 from .options import ServeOptions, check_local_paths
 from .service import ChatService
 
@@ -40,9 +40,9 @@ class LladaVServer:
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = ServeOptions.from_dict(options)
-        if self.options.num_cpus_per_replica >= 1 and not torch.cuda.is_available():
-            torch.set_num_threads(int(self.options.num_cpus_per_replica))
         self.service = ChatService(self.options)
+        if self.service.model.device.type == "cpu" and self.options.num_cpus_per_replica >= 1:
+            torch.set_num_threads(int(self.options.num_cpus_per_replica))  # the CPUs Ray reserved for this replica
         self.admission = Admission(self.options.replica_capacity)
         # One thread generates (the model is not shared between batches); image fetches wait on their own threads.
         self._generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llada-v-generate")
@@ -68,7 +68,7 @@ class LladaVServer:
         """Queue `job` for the next batch; never raises for a failed generation (the result carries it)."""
         try:
             return await self.generate_batch(job)
-        except (ApiError, RuntimeError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - the batch machinery failed: this request gets a 500, not a hang
             return JobResult(error=err)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)

@@ -78,7 +78,8 @@ def _add_limits_group(parser: argparse.ArgumentParser) -> None:
                        help="per replica beyond the running batch; more get 503 + Retry-After")  # fmt: skip
     group.add_argument("--max-request-bytes", type=int, default=20 * 2**20, metavar="N", help="larger bodies get 413")
     group.add_argument("--max-images-per-request", type=int, default=8, metavar="N")
-    group.add_argument("--max-image-bytes", type=int, default=10 * 2**20, metavar="N", help="per data-URL image")
+    group.add_argument("--max-image-bytes", type=int, default=10 * 2**20, metavar="N",
+                       help="per image: decoded data URL (and URL download, where the loader caps it)")  # fmt: skip
     group.add_argument("--image-fetch-timeout-s", type=float, default=10.0, metavar="S", help="for http(s) image URLs")
     group.add_argument("--no-remote-images", dest="remote_images", action="store_false",
                        help="refuse http(s) image URLs")  # fmt: skip

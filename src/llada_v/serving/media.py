@@ -70,13 +70,14 @@ def load_image_url(url: str, param: str, policy: MediaPolicy) -> Any:
 
 
 def _load(source: Any, policy: MediaPolicy) -> Any:
-    """`load_image(source)`, with the fetch timeout and size cap when the loader takes them."""
+    """`load_image(source)`, with the fetch timeout and the size cap when the loader takes them (`url_timeout`,
+    `max_url_bytes`: the hardened loader's arguments; without them the caller's wait bounds the fetch)."""
     accepted = inspect.signature(load_image).parameters
     kwargs: dict[str, Any] = {}
-    if "timeout" in accepted:
-        kwargs["timeout"] = policy.fetch_timeout_s
-    if "max_bytes" in accepted:
-        kwargs["max_bytes"] = policy.max_image_bytes
+    if "url_timeout" in accepted:
+        kwargs["url_timeout"] = policy.fetch_timeout_s
+    if "max_url_bytes" in accepted:
+        kwargs["max_url_bytes"] = policy.max_image_bytes
     return load_image(source, **kwargs)
 
 

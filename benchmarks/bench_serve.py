@@ -193,8 +193,9 @@ def run_level(servers: list[ServerProcess], concurrency: int, bodies: list[bytes
     return results
 
 
-def model_only(batch_sizes: list[int], rows: int, threads: int) -> list[tuple[int, float]]:
-    """Rows/s of `generate_texts` in this process on the benchmark prompts, per batch size (no server)."""
+def model_only(batch_sizes: list[int], rows: int, threads: int, rounds: int) -> list[tuple[int, float]]:
+    """Rows/s of `generate_texts` in this process on the benchmark prompts, per batch size (no server); the batch
+    sizes take turns in `rounds` parts, as the servers do."""
     import torch
 
     from llada_v.demo.app import load_demo
@@ -207,13 +208,17 @@ def model_only(batch_sizes: list[int], rows: int, threads: int) -> list[tuple[in
     texts = [chat_prompt(processor, [user_message(s["qa"][0][0], 1)], system_prompt="") for s in samples]
     images = [[s["image"]] for s in samples]
     generate_texts(model, processor, texts[:4], images[:4], config)  # warm-up
-    measured = []
-    for size in batch_sizes:
-        started = time.perf_counter()
-        for start in range(0, rows, size):
-            generate_texts(model, processor, texts[start : start + size], images[start : start + size], config)
-        measured.append((size, rows / (time.perf_counter() - started)))
-    return measured
+    seconds = dict.fromkeys(batch_sizes, 0.0)
+    part = -(-rows // rounds)
+    for index in range(rounds):
+        lo, hi = index * part, min(rows, (index + 1) * part)
+        for size in batch_sizes if index % 2 == 0 else batch_sizes[::-1]:
+            started = time.perf_counter()
+            for start in range(lo, hi, size):
+                end = min(hi, start + size)
+                generate_texts(model, processor, texts[start:end], images[start:end], config)
+            seconds[size] += time.perf_counter() - started
+    return [(size, rows / seconds[size]) for size in batch_sizes]
 
 
 def print_table(results: list[LevelResult]) -> None:
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32, help="of the batched server")
     parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="of the batched server")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each replica")
-    parser.add_argument("--model-only-rows", type=int, default=64, help="prompts for the no-server measurement (0: skip)")
+    parser.add_argument("--model-only-rows", type=int, default=96, help="prompts for the no-server measurement (0: skip)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -268,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         left = {server.name: server.stop() for server in servers}
     print_table(results)
     print(f"processes left after stopping: {left}; server logs in {log_dir}")
-    ceiling = model_only([1, 8, 32], args.model_only_rows, args.threads) if args.model_only_rows else []
+    ceiling = model_only([1, 8, 32], args.model_only_rows, args.threads, args.rounds) if args.model_only_rows else []
     for size, rate in ceiling:
         print(f"generate_texts in-process, batches of {size}: {rate:.2f} rows/s ({rate / ceiling[0][1]:.2f}x batch 1)")
     if args.json:

@@ -78,6 +78,16 @@ def test_deployment_options_hand_every_request_to_a_replica():
     assert scaled["ray_actor_options"]["num_gpus"] == 1 and "num_replicas" not in scaled
 
 
+def test_llada_v_serve_reports_bad_options_in_one_line(capsys, tmp_path):
+    from llada_v import cli
+
+    pytest.importorskip("ray.serve", reason="llada-v serve imports Ray Serve once its options are valid")
+    assert cli.main(["serve", "--min-replicas", "3", "--max-replicas", "2"]) == 2
+    assert "llada-v serve: error: max_replicas (2) must be >= min_replicas (3)" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", str(tmp_path / "nope")]) == 2  # checked before Ray starts
+    assert f"llada-v serve: error: no such checkpoint folder: {tmp_path / 'nope'}" in capsys.readouterr().err
+
+
 def test_demo_defaults_have_no_system_prompt_and_the_demo_name():
     assert ServeOptions().default_system_prompt == "" and ServeOptions().model_id == MODEL
     assert ServeOptions(model="ck").default_system_prompt is None and ServeOptions(model="ck").model_id == "ck"

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from ..inference import InputError
 from .options import DTYPE_CHOICES, ServeOptions
 
 EPILOG = """\
@@ -97,6 +98,9 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .app import run_server
-
-    return run_server(options_from_args(args))
+    options = options_from_args(args)
+    try:
+        from .app import run_server
+    except ImportError as err:
+        raise InputError(f"llada-v serve needs Ray Serve: pip install 'llada-v[serve]' ({err})") from None
+    return run_server(options)

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo, evaluation)
     from .serving.command import add_serve_arguments
 
-    add_serve_arguments(sub)
+    add_serve_arguments(sub, _add_model_arguments)
     return parser
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from ..inference import InputError
-from .options import DTYPE_CHOICES, ServeOptions
+from .options import ServeOptions
 
 EPILOG = """\
 examples:
@@ -23,8 +24,14 @@ docs/serving.md has the API (curl and openai examples), clusters, GPUs and the l
 """
 
 
-def add_serve_arguments(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the `serve` command to the `llada-v` subparsers (its function imports Ray only when it runs)."""
+def add_serve_arguments(
+    subparsers: Any, add_model_arguments: Callable[[argparse.ArgumentParser], None]
+) -> argparse.ArgumentParser:
+    """Add the `serve` command to the `llada-v` subparsers (its function imports Ray only when it runs).
+
+    `add_model_arguments` is the CLI's own model group (`--model`, `--processor`, `--dtype`, `--load-in-4bit/8bit`,
+    `--device`, `--attn-implementation`), so those flags mean the same in every command.
+    """
     parser = subparsers.add_parser(
         "serve",
         help="an OpenAI-compatible chat server on Ray Serve (batching, replicas, streaming)",
@@ -32,24 +39,17 @@ def add_serve_arguments(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_model_group(parser)
+    add_model_arguments(parser)
+    _add_serving_model_group(parser)
     _add_server_group(parser)
     _add_limits_group(parser)
     parser.set_defaults(func=_run)
     return parser
 
 
-def _add_model_group(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", metavar="PATH_OR_ID", help="llada-v checkpoint (default: the embedded demo)")
-    group.add_argument("--processor", metavar="PATH_OR_ID", help="load the processor from here (default: --model)")
+def _add_serving_model_group(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (serving)")
     group.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter folder to apply (needs peft)")
-    group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="default: bfloat16 on CUDA, else float32")
-    quant = group.add_mutually_exclusive_group()
-    quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 language model")
-    quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 language model")
-    group.add_argument("--device", default="auto", help="cpu, cuda (default: cuda when the replica has a GPU)")
-    group.add_argument("--attn-implementation", metavar="NAME", help="eager, sdpa or flash_attention_2")
     group.add_argument("--fast", action="store_true", help="fast-decoding preset by default (requests may override)")
     group.add_argument("--system-prompt", metavar="TEXT", help="default system prompt (demo: none; else the template's)")
     group.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")

@@ -5,7 +5,8 @@
 - `chat`: a multi-turn conversation read from stdin (`/image PATH` attaches an image to the next turn, `/reset`,
   `/quit`);
 - `convert`: official checkpoint -> llada-v format, optional Hub upload;
-- `demo` / `eval-demo`: the embedded demo model.
+- `demo` / `eval-demo`: the embedded demo model;
+- `serve`: an OpenAI-compatible server on Ray Serve (`serving/`; Ray is imported only when it runs).
 
 Bad input (a path that does not exist, a checkpoint of another kind, missing files, an unreadable image,
 bitsandbytes missing, conflicting flags, an invalid generation setting) is reported as one line on stderr with
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation = sub.add_parser("eval-demo", help="held-out accuracy of the embedded demo model")
     add_demo_arguments(demo, evaluation)
+    from .serving.command import add_serve_arguments
+
+    add_serve_arguments(sub, _add_model_arguments)
     return parser
 
 

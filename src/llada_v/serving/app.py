@@ -1,0 +1,133 @@
+"""The Ray Serve application: the `LladaVServer` deployment, `app_builder` for `serve run` / `serve deploy`, and
+`run_server` behind `llada-v serve`.
+
+Each replica loads the model once and answers through `http_app.build_asgi_app`. Chat requests meet in
+`generate_batch` (`@serve.batch`: up to `max_batch_size` requests, waiting at most `batch_wait_ms` for them),
+which runs `ChatService.run` on the replica's one generating thread. Ray does the rest: replicas (a dead one is
+replaced), autoscaling, routing, several machines.
+
+    serve run llada_v.serving.app:app_builder                      # the demo, Ray's own CLI
+    serve deploy examples/serve_config.yaml                         # a running cluster
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from ray import serve
+
+from .batching import GenerationJob, JobResult
+from .http_app import Admission, build_asgi_app
+from .openai_api import ChatRequest, invalid
+from .options import ServeOptions, check_local_paths
+from .service import ChatService
+
+logger = logging.getLogger(__name__)
+MEDIA_THREADS = 4
+
+
+@serve.deployment(name="LladaVServer")
+@serve.ingress()
+class LladaVServer:
+    """One model replica: the ASGI routes, admission control and the `@serve.batch` queue."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = ServeOptions.from_dict(options)
+        self.service = ChatService(self.options)
+        if self.service.model.device.type == "cpu" and self.options.num_cpus_per_replica >= 1:
+            torch.set_num_threads(int(self.options.num_cpus_per_replica))  # the CPUs Ray reserved for this replica
+        self.admission = Admission(self.options.replica_capacity)
+        # One thread generates (the model is not shared between batches); image fetches wait on their own threads.
+        self._generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llada-v-generate")
+        self._media = ThreadPoolExecutor(max_workers=MEDIA_THREADS, thread_name_prefix="llada-v-media")
+        self.generate_batch.set_max_batch_size(self.options.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.options.batch_wait_ms / 1000)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_asgi_app(self)
+
+    async def load_images(self, request: ChatRequest) -> list:
+        """The request's images, fetched off the event loop within `image_fetch_timeout_s`."""
+        if not request.image_urls:
+            return []
+        loop = asyncio.get_running_loop()
+        timeout = self.options.image_fetch_timeout_s
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._media, self.service.load_images, request), timeout)
+        except asyncio.TimeoutError:
+            raise invalid(f"loading the request's images took longer than {timeout} s", "messages") from None
+
+    async def submit(self, job: GenerationJob) -> JobResult:
+        """Queue `job` for the next batch; never raises for a failed generation (the result carries it)."""
+        try:
+            return await self.generate_batch(job)
+        except Exception as err:  # noqa: BLE001 - the batch machinery failed: this request gets a 500, not a hang
+            return JobResult(error=err)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def generate_batch(self, jobs: list[GenerationJob]) -> list[JobResult]:
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._generator, self.service.run, jobs)
+        logger.info("batch of %d requests: generate calls of %s rows", len(jobs), sorted({r.batch_size for r in results}))
+        return results
+
+
+def build_app(options: ServeOptions) -> Any:
+    """The bound Ray Serve application for `options`."""
+    return LladaVServer.options(**options.deployment_options()).bind(options.to_dict())
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Entry point of `serve run llada_v.serving.app:app_builder key=value ...` and of the `import_path` of a Serve
+    config file: `args` are `ServeOptions` fields (strings from the command line are converted)."""
+    return build_app(ServeOptions.from_dict(dict(args), convert_strings=True))
+
+
+# ---------------------------------------------------------------------------------------------- llada-v serve
+
+
+def run_server(options: ServeOptions) -> int:
+    """`llada-v serve`: start (or join) Ray, serve the application on `host:port`, stop cleanly on Ctrl-C/SIGTERM."""
+    import ray
+
+    check_local_paths(options)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked for
+    stop = threading.Event()
+    own_cluster = options.address is None
+    previous: dict = {}
+    try:
+        ray.init(address=options.address or "local", include_dashboard=False)
+        # After ray.init, which installs its own handlers: Ctrl-C and SIGTERM both stop the server cleanly.
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        serve.start(http_options={"host": options.host, "port": options.port})
+        serve.run(build_app(options), name=options.app_name, route_prefix="/", blocking=False)
+        print(f"llada-v serve: {options.model_id} on http://{options.host}:{options.port}/v1 (Ctrl-C stops)", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("llada-v serve: stopping", flush=True)
+    finally:
+        _shutdown(options.app_name, own_cluster)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _shutdown(app_name: str, own_cluster: bool) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        if own_cluster:
+            serve.shutdown()
+        else:
+            serve.delete(app_name)  # leave the cluster and its other applications running
+    finally:
+        ray.shutdown()

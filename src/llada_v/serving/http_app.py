@@ -1,0 +1,207 @@
+"""The ASGI application of a replica: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`.
+
+`build_asgi_app(server)` takes the replica (`app.LladaVServer`): its `service` (`service.ChatService`), its
+`admission` and `submit(job)` (the `@serve.batch` entry). Every error is OpenAI-style JSON (`ApiError.body`):
+400 for an invalid request, 413 for a body over `max_request_bytes`, 503 with `Retry-After` when the replica
+already holds `max_batch_size + max_queued_requests` chat requests, 500 when generation itself failed.
+
+A streamed answer (`stream: true`) is sent as server-sent events once its first text (or canvas) exists, so a
+request the sampler rejects still gets a plain 400. The header `x-llada-batch-size` says how many rows the
+`diffusion_generate` call that produced the answer had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .batching import JobResult, StreamEvent
+from .openai_api import ApiError, chunk_body, completion_body, completion_id, invalid, models_body, usage
+
+BATCH_SIZE_HEADER = "x-llada-batch-size"
+
+
+class Admission:
+    """Counts the chat requests a replica holds; refuses more than `capacity` with 503 + Retry-After."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.active = 0
+
+    def enter(self, retry_after: int) -> "Slot":
+        if self.active >= self.capacity:
+            raise ApiError(
+                503,
+                f"server busy: this replica holds {self.active} requests (limit {self.capacity}); retry later",
+                code="queue_full",
+                headers={"Retry-After": str(retry_after)},
+            )
+        self.active += 1
+        return Slot(self)
+
+
+class Slot:
+    """One admitted request; `release` (idempotent) gives the place back."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission: Admission | None = admission
+
+    def release(self, *_: Any) -> None:
+        if self.admission is not None:
+            self.admission.active -= 1
+            self.admission = None
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def result_error(result: JobResult) -> ApiError:
+    """A failed job as an API error: the sampler or processor rejecting this request alone is a 400."""
+    err = result.error
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, ValueError):
+        return invalid(f"the request cannot be generated: {err}", code="invalid_request")
+    return ApiError(500, f"generation failed: {type(err).__name__}: {err}", code="generation_failed")
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The JSON body, refusing more than `max_bytes` (413) before reading it where Content-Length says so."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes",
+                       code="request_too_large")  # fmt: skip
+    received = bytearray()
+    async for chunk in request.stream():
+        received += chunk
+        if len(received) > max_bytes:
+            raise ApiError(413, f"request body exceeds the limit of {max_bytes} bytes", code="request_too_large")
+    try:
+        return json.loads(received)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise invalid(f"the request body is not valid JSON: {err}") from None
+
+
+def build_asgi_app(server: Any) -> Starlette:
+    """The replica's routes, bound to `server` (no module-level state)."""
+
+    async def chat_completions(request: Request) -> Response:
+        try:
+            return await _chat(server, request)
+        except ApiError as err:
+            return error_response(err)
+
+    async def models(request: Request) -> Response:
+        service = server.service
+        return JSONResponse(models_body(service.options.model_id, service.created))
+
+    async def health(request: Request) -> Response:
+        body = {"status": "ok", **server.service.health(), "active_requests": server.admission.active,
+                "capacity": server.admission.capacity}  # fmt: skip
+        return JSONResponse(body)
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ]
+    )
+
+
+async def _chat(server: Any, request: Request) -> Response:
+    service = server.service
+    body = await read_json(request, service.options.max_request_bytes)
+    parsed = service.parse(body)
+    config = service.settings(parsed)
+    slot = server.admission.enter(service.retry_after_seconds())
+    task = None
+    try:
+        images = await server.load_images(parsed)
+        job, prompt_tokens = await asyncio.to_thread(service.build_job, parsed, config, images)
+        request_id = completion_id()
+        if parsed.stream:
+            queue: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            job.sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+        task = asyncio.ensure_future(server.submit(job))
+        task.add_done_callback(slot.release)  # the place is free once the answer is generated
+        if parsed.stream:
+            return await _stream(queue, task, parsed, request_id, prompt_tokens)
+        result: JobResult = await task
+        if result.error is not None:
+            return error_response(result_error(result))
+        body = completion_body(request_id, parsed.model, result.text, result.finish_reason,
+                               usage(prompt_tokens, result.completion_tokens))  # fmt: skip
+        return JSONResponse(body, headers={BATCH_SIZE_HEADER: str(result.batch_size)})
+    finally:
+        if task is None:
+            slot.release()
+
+
+async def _next_event(queue: asyncio.Queue, task: asyncio.Future) -> StreamEvent | None:
+    """The job's next event, or None once its batch call has finished and every event was read."""
+    if not queue.empty():
+        return queue.get_nowait()
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    return None if queue.empty() else queue.get_nowait()
+
+
+async def _stream(queue: asyncio.Queue, task: asyncio.Future, parsed: Any, request_id: str,
+                  prompt_tokens: int) -> Response:  # fmt: skip
+    batch_size, first = 0, None
+    while first is None:  # wait for the first text or canvas: errors before it are plain responses
+        event = await _next_event(queue, task)
+        if event is None:
+            break
+        if event.kind == "started":
+            batch_size = event.batch_size
+        else:
+            first = event
+    if first is None:
+        result: JobResult = task.result()
+        if result.error is not None:
+            return error_response(result_error(result))
+        batch_size = result.batch_size
+    events = _sse(queue, task, first, parsed, request_id, prompt_tokens)
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={BATCH_SIZE_HEADER: str(batch_size), "Cache-Control": "no-cache"})  # fmt: skip
+
+
+def _data(body: dict, event: str | None = None) -> str:
+    prefix = f"event: {event}\n" if event else ""
+    return f"{prefix}data: {json.dumps(body)}\n\n"
+
+
+async def _sse(queue: asyncio.Queue, task: asyncio.Future, first: StreamEvent | None, parsed: Any,
+               request_id: str, prompt_tokens: int) -> AsyncIterator[str]:  # fmt: skip
+    """The event stream: role, text deltas (and `llada.canvas` events), the finish reason, usage, `[DONE]`."""
+    model = parsed.model
+    yield _data(chunk_body(request_id, model, {"role": "assistant", "content": ""}))
+    event = first
+    while event is not None:
+        if event.kind == "delta":
+            yield _data(chunk_body(request_id, model, {"content": event.text}))
+        elif event.kind == "canvas":
+            yield _data(chunk_body(request_id, model, llada_canvas=event.canvas), event="llada.canvas")
+        event = await _next_event(queue, task)
+    result: JobResult = task.result()
+    if result.error is not None:
+        yield _data(result_error(result).body())
+    else:
+        yield _data(chunk_body(request_id, model, {}, finish_reason=result.finish_reason))
+        if parsed.include_usage:
+            yield _data(chunk_body(request_id, model, usage=usage(prompt_tokens, result.completion_tokens)))
+    yield "data: [DONE]\n\n"

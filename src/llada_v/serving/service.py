@@ -1,0 +1,133 @@
+"""What a replica holds and does, without Ray: the model, a request body -> a `GenerationJob`, a list of jobs ->
+answers (`batching.run_batch`), and the counters `/health` shows.
+
+The checkpoint loads through `inference.load_pretrained` (its checks, one-line `InputError`s), sampler settings
+through `inference.generation_config_for`, prompts through `inference.chat_prompt`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..inference import InputError, chat_prompt, generation_config_for, load_pretrained, prepare_inputs
+from .batching import GenerationJob, JobResult, run_batch
+from .media import MediaPolicy, load_image_url
+from .openai_api import ChatRequest, invalid, parse_chat_request
+from .options import ServeOptions
+
+
+def load_model(options: ServeOptions) -> tuple[Any, Any]:
+    """The model (with `options.adapter` applied) and processor a replica serves."""
+    model, processor = load_pretrained(
+        options.model_path, options.processor, dtype=options.dtype, device=options.device,
+        quantization=options.quantization, attn_implementation=options.attn_implementation,
+    )  # fmt: skip
+    if options.adapter is not None:
+        model = apply_adapter(model, options.adapter, merge=options.quantization is None)
+    return model, processor
+
+
+def apply_adapter(model: Any, adapter: str, merge: bool = True) -> Any:
+    """`model` with the PEFT LoRA adapter in folder `adapter`: merged into the weights (`training.merge_lora`),
+    or, on quantised weights (which cannot absorb it), left active in the wrapped modules."""
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise InputError(f"adapter {adapter} has no adapter_config.json: not a PEFT adapter folder")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise InputError("--adapter needs peft: pip install 'llada-v[train]'") from None
+    from ..training.trainer import merge_lora
+
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(path))
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise InputError(f"cannot apply adapter {adapter}: {err}") from None
+    wrapped.eval()
+    return merge_lora(wrapped) if merge else wrapped.get_base_model()
+
+
+@dataclass
+class ServiceStats:
+    """Counters of one replica (shown by `/health`)."""
+
+    requests: int = 0
+    batches: int = 0  # calls of the @serve.batch method
+    largest_batch: int = 0  # rows of the largest diffusion_generate call
+    last_batch_seconds: float = 0.0
+    generate_seconds: float = 0.0  # in run_batch, summed over batches
+
+
+class ChatService:
+    """A loaded checkpoint answering chat requests; `run` is called from one generating thread at a time."""
+
+    def __init__(self, options: ServeOptions, model: Any = None, processor: Any = None) -> None:
+        self.options = options
+        if model is None:
+            model, processor = load_model(options)
+        self.model, self.processor = model, processor
+        # The processor's decompression-bomb limit applies to images from requests too.
+        self.media = MediaPolicy.from_options(options, getattr(processor.image_processor, "max_image_pixels", None))
+        self.base_config = generation_config_for(model.generation_config, {}, fast=options.fast)
+        self.created = int(time.time())
+        self.stats = ServiceStats()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ a request -> a job
+
+    def parse(self, body: Any) -> ChatRequest:
+        return parse_chat_request(
+            body, self.options.model_id, self.options.max_images_per_request, self.options.max_tokens_limit
+        )
+
+    def settings(self, request: ChatRequest) -> Any:
+        """The request's sampler settings, or `ApiError` 400 with the validation message."""
+        fast = self.options.fast if request.fast is None else request.fast
+        try:
+            return generation_config_for(self.model.generation_config, request.overrides, fast=fast)
+        except InputError as err:
+            raise invalid(f"invalid generation settings: {err}", code="invalid_settings") from None
+
+    def load_images(self, request: ChatRequest) -> list:
+        """The request's images (blocking: URL fetches), or `ApiError` 400 naming the part."""
+        return [load_image_url(url, param, self.media) for param, url in request.image_urls]
+
+    def build_job(self, request: ChatRequest, config: Any, images: list) -> tuple[GenerationJob, int]:
+        """The job and its prompt's token count (the processor runs once on this request alone to count it)."""
+        text = chat_prompt(self.processor, request.messages, system_prompt=self.options.default_system_prompt)
+        try:
+            inputs = prepare_inputs(self.processor, [text], [images], torch.device("cpu"))
+        except (ValueError, TypeError) as err:
+            raise invalid(f"cannot process the prompt and images: {err}", "messages") from None
+        job = GenerationJob(text=text, images=images, config=config, seed=request.seed, stream_canvas=request.stream_canvas)
+        return job, int(inputs["input_ids"].shape[1])
+
+    # ------------------------------------------------------------------ jobs -> answers
+
+    def run(self, jobs: list[GenerationJob]) -> list[JobResult]:
+        """Answer a batch of jobs (one `diffusion_generate` call per settings group) and count it."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            results = run_batch(self.model, self.processor, jobs)
+        with self._lock:
+            self.stats.requests += len(jobs)
+            self.stats.batches += 1
+            self.stats.largest_batch = max([self.stats.largest_batch, *(r.batch_size for r in results)])
+            self.stats.last_batch_seconds = time.perf_counter() - started
+            self.stats.generate_seconds += self.stats.last_batch_seconds
+        return results
+
+    def retry_after_seconds(self) -> int:
+        """Seconds a refused client should wait: the last batch's duration, at least 1."""
+        return max(1, int(self.stats.last_batch_seconds + 0.999))
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            stats = dict(vars(self.stats))
+        return {"model": self.options.model_id, **stats}

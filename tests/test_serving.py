@@ -1,0 +1,459 @@
+"""`llada-v serve` for real: the CLI starts Ray and the server on 127.0.0.1 with the demo model, the official
+`openai` client talks to it. Single and streamed chat with images (data, http and file URLs), 32 concurrent
+requests batched and each equal to its single call, every error case, a full queue (503), a killed replica
+and the clean shutdown, with no process left behind.
+
+The tests run in file order against one server (module fixture); the last two kill a replica and stop it.
+Expected answers come from plain `generate_texts` calls in this process, never from the server.
+"""
+
+import base64
+import concurrent.futures
+import http.server
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="the serving tests need Ray Serve: pip install -e '.[serve]'")
+openai = pytest.importorskip("openai", reason="the serving tests use the openai client: pip install -e '.[serve]'")
+psutil = pytest.importorskip("psutil", reason="the serving tests watch processes with psutil")
+
+from PIL import Image  # noqa: E402
+
+from llada_v.demo.app import load_demo  # noqa: E402
+from llada_v.demo.task import make_sample  # noqa: E402
+from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message  # noqa: E402
+
+MODEL = "llada-v-demo"
+MAX_BATCH, MAX_QUEUED, MAX_BODY, FETCH_TIMEOUT = 32, 8, 1_000_000, 15
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def messages(question: str, url: str | None) -> list[dict]:
+    content = [{"type": "text", "text": question}]
+    if url is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+    return [{"role": "user", "content": content}]
+
+
+class ImageHost:
+    """A loopback HTTP server for test images; `/slow.png` waits until `release` is set."""
+
+    def __init__(self, image: Image.Image) -> None:
+        body, self.release = png_bytes(image), threading.Event()
+        release = self.release
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server name
+                if self.path == "/slow.png":
+                    release.wait(60)
+                if self.path not in ("/scene.png", "/slow.png"):
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Server:
+    """The `llada-v serve` process, its descendants and how to reach it."""
+
+    def __init__(self, tmp: Path, media: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / "serve.log"
+        command = [
+            sys.executable, "-m", "llada_v.cli", "serve", "--port", str(self.port),
+            "--max-batch-size", str(MAX_BATCH), "--batch-wait-ms", "200", "--max-queued-requests", str(MAX_QUEUED),
+            "--max-request-bytes", str(MAX_BODY), "--allowed-local-media-path", str(media),
+            "--image-fetch-timeout-s", str(FETCH_TIMEOUT), "--num-cpus-per-replica", "1",
+        ]  # fmt: skip
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.seen: dict[int, psutil.Process] = {}
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"llada-v serve exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if get_json(f"{self.url}/health", timeout=5)[0] == 200:
+                    self.remember_processes()
+                    return
+            except OSError:
+                pass
+            time.sleep(1)
+        pytest.fail(f"llada-v serve not ready after {timeout} s:\n{self.log_tail()}")
+
+    def remember_processes(self) -> None:
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            self.seen.setdefault(child.pid, child)
+
+    def replica(self) -> psutil.Process:
+        self.remember_processes()
+        replicas = [p for p in self.seen.values() if _live(p) and "ServeReplica:llada-v" in " ".join(_cmdline(p))]
+        assert len(replicas) == 1, [(_cmdline(p), p.pid) for p in replicas]
+        return replicas[0]
+
+    def alive(self) -> list[str]:
+        left = []
+        for pid, process in self.seen.items():
+            if _live(process):
+                left.append(f"{pid} {' '.join(_cmdline(process))[:80]}")
+        return left
+
+    def kill_everything(self) -> None:
+        """Teardown after a failure: end the server and every process it started (by pid, nothing else)."""
+        if self.process.poll() is None:
+            self.remember_processes()
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        for process in self.seen.values():
+            if process.is_running():
+                process.kill()
+        self.log.close()
+
+
+def _live(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+def get_json(url: str, timeout: float = 30) -> tuple[int, Any, dict]:
+    return _request(urllib.request.Request(url), timeout)
+
+
+def post_raw(url: str, data: bytes, headers: dict | None = None, timeout: float = 60) -> tuple[int, Any, dict]:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    return _request(request, timeout)
+
+
+def _request(request: urllib.request.Request, timeout: float) -> tuple[int, Any, dict]:
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        body = err.read()
+        try:
+            parsed = json.loads(body)
+        except json.JSONDecodeError:
+            parsed = {"raw": body.decode(errors="replace")}
+        return err.code, err.headers, parsed  # headers: case-insensitive
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model, processor = load_demo()
+    return model, processor, generation_config_for(model.generation_config, {})
+
+
+def single_answer(demo, question: str, image: Image.Image | None) -> str:
+    """The plain one-prompt answer (no server code), as the server must reproduce it."""
+    model, processor, config = demo
+    images = [] if image is None else [image]
+    text = chat_prompt(processor, [user_message(question, len(images))], system_prompt="")
+    return generate_texts(model, processor, [text], [images], config)[0][0]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    allowed, outside = root / "media", root / "private"
+    allowed.mkdir(), outside.mkdir()
+    make_sample(5)["image"].save(allowed / "scene.png")
+    make_sample(6)["image"].save(outside / "secret.png")
+    os.symlink(outside / "secret.png", allowed / "link.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(media):
+    running = Server(media, media / "media")
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.kill_everything()
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    host = ImageHost(make_sample(7)["image"])
+    yield host
+    host.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+
+def test_the_example_config_is_a_valid_serve_config_for_app_builder():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from llada_v.serving import app
+    from llada_v.serving.options import ServeOptions
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    (application,) = schema.applications
+    assert application.import_path == "llada_v.serving.app:app_builder" and config["http_options"]["host"] == "127.0.0.1"
+    options = ServeOptions.from_dict(application.args)
+    assert (options.num_gpus_per_replica, options.deployment_options()["autoscaling_config"]["max_replicas"]) == (1, 4)
+    assert type(app.app_builder(application.args)).__name__ == "Application"
+    assert type(app.app_builder({"max_batch_size": "4"})).__name__ == "Application"  # `serve run ... key=value`
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    status, _, health = get_json(f"{server.url}/health")
+    assert status == 200 and health["status"] == "ok" and health["model"] == MODEL
+    assert health["capacity"] == MAX_BATCH + MAX_QUEUED
+
+
+def test_chat_with_an_image(server, client, demo):
+    sample = make_sample(3)
+    question = sample["qa"][0][0]
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages(question, data_url(sample["image"])))
+    completion = raw.parse()
+    assert completion.choices[0].message.content == single_answer(demo, question, sample["image"])
+    assert completion.choices[0].finish_reason == "stop" and raw.headers["x-llada-batch-size"] == "1"
+    _, processor, _ = demo
+    text = chat_prompt(processor, [user_message(question, 1)], system_prompt="")
+    prompt_tokens = processor(images=[[sample["image"]]], text=[text], return_tensors="pt")["input_ids"].shape[1]
+    assert completion.usage.prompt_tokens == prompt_tokens and completion.usage.completion_tokens >= 1
+
+
+def test_streamed_chat_with_an_image_and_the_canvas(server, client, demo):
+    sample = make_sample(4)
+    question = sample["qa"][0][0]
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages(question, data_url(sample["image"])), stream=True,
+        stream_options={"include_usage": True}, max_tokens=8, extra_body={"stream_canvas": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    model, processor, config = demo
+    expected_config = generation_config_for(model.generation_config, {"max_new_tokens": 8})
+    prompt = chat_prompt(processor, [user_message(question, 1)], system_prompt="")
+    expected = generate_texts(model, processor, [prompt], [[sample["image"]]], expected_config)[0][0]
+    assert text == expected and text
+    canvases = [c.model_extra["llada_canvas"] for c in chunks if not c.choices and "llada_canvas" in c.model_extra]
+    assert canvases and [c["step"] for c in canvases] == list(range(len(canvases)))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens >= 1 and chunks[-1].usage.prompt_tokens > 0
+
+
+def test_32_concurrent_requests_are_batched_and_equal_single_calls(server, client, demo):
+    samples = [make_sample(100 + i) for i in range(32)]
+    questions = [s["qa"][0][0] for s in samples]
+
+    def ask(index):
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages(questions[index], data_url(samples[index]["image"]))
+        )
+        return raw.parse().choices[0].message.content, int(raw.headers["x-llada-batch-size"])
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        answered = list(pool.map(ask, range(32)))
+    expected = [single_answer(demo, q, s["image"]) for q, s in zip(questions, samples)]
+    assert [text for text, _ in answered] == expected
+    sizes = [size for _, size in answered]
+    assert max(sizes) > 1, sizes
+    assert get_json(f"{server.url}/health")[2]["largest_batch"] >= max(sizes)
+
+
+def test_images_from_http_and_allowed_local_files(server, client, demo, media, image_host):
+    question = "Which colors are there?"
+    answer = client.chat.completions.create(model=MODEL, messages=messages(question, f"{image_host.url}/scene.png"))
+    assert answer.choices[0].message.content == single_answer(demo, question, make_sample(7)["image"])
+    local = client.chat.completions.create(model=MODEL, messages=messages(question, f"file://{media}/media/scene.png"))
+    assert local.choices[0].message.content == single_answer(demo, question, make_sample(5)["image"])
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def chat_error(client, **kwargs) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model=kwargs.pop("model", MODEL), **kwargs)
+    return info.value
+
+
+def test_bad_requests_get_400_naming_the_problem(server, client, media, image_host):
+    image = data_url(make_sample(1)["image"])
+    long_question = "What color is the triangle ? " * 170  # > the demo's 1024 positions
+    cases = [
+        ({"model": "gpt-4", "messages": messages("hi", None)}, "unknown model 'gpt-4'"),
+        ({"messages": messages("hi", "data:image/png;base64,aGVsbG8=")}, "messages[0].content[0].image_url: cannot load"),
+        ({"messages": messages("hi", f"{image_host.url}/missing.png")}, f"{image_host.url}/missing.png"),
+        ({"messages": messages("hi", f"file://{media}/media/../private/secret.png")}, "outside the allowed local media"),
+        ({"messages": messages("hi", f"file://{media}/media/link.png")}, "outside the allowed local media"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}] * 9}]},
+         "too many images: 9 in the request, at most 8"),
+        ({"messages": messages(long_question, image)}, "exceeds max_position_embeddings (1024)"),
+        ({"messages": messages(long_question, image), "stream": True}, "exceeds max_position_embeddings (1024)"),
+        ({"messages": messages("hi", image), "extra_body": {"steps": 5}}, "steps (5) must not exceed max_new_tokens (4)"),
+        ({"messages": messages("hi", image), "max_tokens": 4096}, "max_tokens (4096) exceeds this server's limit"),
+        ({"messages": messages("hi", image), "n": 2}, "n=2 is not supported"),
+    ]
+    for kwargs, message in cases:
+        error = chat_error(client, **kwargs)
+        assert error.status_code == 400 and message in error.message, (kwargs.get("model"), error.message)
+        assert error.body["type"] == "invalid_request_error"
+    status, _, body = post_raw(f"{server.url}/v1/chat/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+
+
+def test_an_oversized_body_gets_413(server):
+    body = json.dumps({"model": MODEL, "messages": messages("x" * (MAX_BODY + 10), None)}).encode()
+    status, _, error = post_raw(f"{server.url}/v1/chat/completions", body)
+    assert status == 413 and f"exceeds the limit of {MAX_BODY} bytes" in error["error"]["message"]
+
+
+def test_a_slow_image_url_times_out_with_400(server, client, image_host):
+    started = time.time()
+    error = chat_error(client, messages=messages("hi", f"{image_host.url}/slow.png"))
+    assert error.status_code == 400 and f"longer than {float(FETCH_TIMEOUT)} s" in error.message
+    assert time.time() - started < FETCH_TIMEOUT + 30
+
+
+def test_bad_requests_leave_the_replica_serving(server, client, demo):
+    pid = server.replica().pid
+    sample = make_sample(9)
+    question = sample["qa"][0][0]
+    answer = client.chat.completions.create(model=MODEL, messages=messages(question, data_url(sample["image"])))
+    assert answer.choices[0].message.content == single_answer(demo, question, sample["image"])
+    assert server.replica().pid == pid
+
+
+def test_a_full_replica_answers_503_with_retry_after(server, client, image_host):
+    image_host.release.clear()
+    capacity = MAX_BATCH + MAX_QUEUED
+    slow = messages("Which colors are there?", f"{image_host.url}/slow.png")
+    with concurrent.futures.ThreadPoolExecutor(capacity) as pool:
+        held = [pool.submit(client.chat.completions.create, model=MODEL, messages=slow) for _ in range(capacity)]
+        deadline = time.time() + FETCH_TIMEOUT - 2
+        while get_json(f"{server.url}/health")[2]["active_requests"] < capacity and time.time() < deadline:
+            time.sleep(0.1)
+        body = json.dumps({"model": MODEL, "messages": messages("hi", None)}).encode()
+        status, headers, error = post_raw(f"{server.url}/v1/chat/completions", body)
+        image_host.release.set()
+        answers = [future.result().choices[0].message.content for future in held]
+    assert status == 503 and error["error"]["code"] == "queue_full", (status, error)
+    assert int(headers["Retry-After"]) >= 1 and f"(limit {capacity})" in error["error"]["message"]
+    assert len(answers) == capacity and all(answers)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+
+def test_a_killed_replica_fails_its_requests_and_is_replaced(server, client, demo, image_host):
+    image_host.release.clear()
+    replica = server.replica()
+    slow = messages("Which colors are there?", f"{image_host.url}/slow.png")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(client.chat.completions.create, model=MODEL, messages=slow)
+        streamed = pool.submit(lambda: list(client.chat.completions.create(model=MODEL, messages=slow, stream=True)))
+        deadline = time.time() + FETCH_TIMEOUT - 2
+        while get_json(f"{server.url}/health")[2]["active_requests"] < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        replica.kill()  # SIGKILL: no chance to answer
+        started = time.time()
+        for future in (plain, streamed):
+            with pytest.raises((openai.APIStatusError, openai.APIConnectionError)) as info:
+                future.result(timeout=60)
+            assert not isinstance(info.value, openai.APIStatusError) or info.value.status_code >= 500
+    assert time.time() - started < 60
+    image_host.release.set()
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if get_json(f"{server.url}/health", timeout=10)[0] == 200 and server.replica().pid != replica.pid:
+                break
+        except (OSError, AssertionError):
+            pass
+        time.sleep(1)
+    sample = make_sample(11)
+    question = sample["qa"][0][0]
+    answer = client.chat.completions.create(model=MODEL, messages=messages(question, data_url(sample["image"])))
+    assert answer.choices[0].message.content == single_answer(demo, question, sample["image"])
+    assert server.replica().pid != replica.pid
+
+
+def test_ctrl_c_stops_the_server_and_every_process_it_started(server):
+    server.remember_processes()
+    assert len(server.seen) >= 4  # Ray's GCS, raylet, the Serve controller, proxy and replica at least
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(90) == 0, server.log_tail()
+    deadline = time.time() + 30
+    while server.alive() and time.time() < deadline:
+        time.sleep(0.5)
+    assert server.alive() == []
+    with pytest.raises(OSError):
+        get_json(f"{server.url}/health", timeout=5)
+    assert "llada-v serve: stopping" in server.log_path.read_text()

@@ -9,12 +9,14 @@
 
 import ast
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+from paths import REPO
+
 from llada_v.checkpoint_io import REMOTE_CODE_FILES
 from llada_v.demo.model import demo_model_dir
-from paths import REPO
 
 SRC = REPO / "src" / "llada_v"
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "PIL", "numpy"}
@@ -130,7 +132,29 @@ def test_remote_code_imports_nothing_package_only():
 def test_package_only_flat_modules_are_not_remote_code():
     flat = {p.name for p in SRC.glob("*.py")}
     assert set(REMOTE_CODE_FILES) <= flat
-    assert flat - set(REMOTE_CODE_FILES) == {"__init__.py", "checkpoint_io.py", "cli.py", "inference.py"}
+    assert flat - set(REMOTE_CODE_FILES) == {"__init__.py", "arguments.py", "checkpoint_io.py", "cli.py", "inference.py"}
+
+
+HELP_PROBE = """
+import sys
+from llada_v import cli
+try:
+    cli.build_parser().parse_args(sys.argv[1:])
+except SystemExit:
+    pass
+print("imported:", ",".join(m for m in ("torch", "transformers", "PIL", "numpy", "ray", "peft") if m in sys.modules))
+"""
+
+
+def test_the_command_line_parses_without_torch_or_transformers():
+    """`llada-v --help`, every command's `--help` and argument errors are answered by the standard library alone
+    (the start-up time docs/cli.md quotes)."""
+    for argv in (["--help"], *([c, "--help"] for c in ("generate", "chat", "convert", "demo", "eval-demo", "serve")),
+                 ["generate"], ["convert", "--bogus"]):  # fmt: skip
+        result = subprocess.run([sys.executable, "-c", HELP_PROBE, *argv], capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        last = result.stdout.rstrip("\n").split("\n")[-1]
+        assert last == "imported: ", f"llada-v {' '.join(argv)}: {last}"
 
 
 def test_repository_root_links_every_remote_code_file():

@@ -136,6 +136,28 @@ def test_demo_tokenizer_and_config_agree():
     assert tokenizer.unk_token_id not in inputs["input_ids"][0].tolist()
 
 
+def test_words_the_demo_tokenizer_does_not_know_are_named_in_a_warning():
+    import logging
+
+    tokenizer = build_demo_tokenizer()
+    processor = build_demo_processor(demo_config(tokenizer), tokenizer)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("llada_v.processing_llada_v")
+    logger.addHandler(handler)
+    try:
+        processor(text=["What color is the zyxwv ?", "What color is the circle ?"])
+        processor(text=["What color is the circle ?"])  # known words only: no warning
+        processor(text=["What color is the zyxwv ?"])  # the same unknown word again: warned once
+    finally:
+        logger.removeHandler(handler)
+    messages = [record.getMessage() for record in records]
+    assert messages == [
+        "the prompt has words the tokenizer does not know, read as [UNK]: zyxwv (the model sees no meaning in them)"
+    ]
+
+
 # ---------------------------------------------------------------- training
 
 

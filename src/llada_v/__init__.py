@@ -1,28 +1,68 @@
 """llada-v: LLaDA-V (a masked-diffusion multimodal LLM) for Hugging Face Transformers.
 
-The flat modules beside this file double as the checkpoint's remote code; importing the package also
-registers the classes with the Auto* factories, so `AutoModel.from_pretrained` works without
-`trust_remote_code` when `llada_v` is installed.
+The flat modules beside this file double as the checkpoint's remote code. `import llada_v` itself is light (the
+`llada-v` command answers `--help` without importing torch): the classes below load on first use, and the first
+use also registers them with the Auto* factories, so that after `from llada_v import LladaVModel` (or any
+class, or `llada_v.register_auto_classes()`) `AutoModel.from_pretrained` works without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
+from __future__ import annotations
 
-from .configuration_llada_v import LladaVConfig, LladaVTextConfig
-from .generation_utils import LladaVGenerationConfig
-from .image_processing_llada_v import LladaVImageProcessor
-from .modeling_llada_v import LladaVModel, LladaVModelOutput, LladaVTextModel
-from .processing_llada_v import LladaVProcessor
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-AutoConfig.register(LladaVConfig.model_type, LladaVConfig, exist_ok=True)
-AutoConfig.register(LladaVTextConfig.model_type, LladaVTextConfig, exist_ok=True)
-AutoModel.register(LladaVConfig, LladaVModel, exist_ok=True)
-AutoModel.register(LladaVTextConfig, LladaVTextModel, exist_ok=True)
-AutoImageProcessor.register(LladaVConfig, slow_image_processor_class=LladaVImageProcessor, exist_ok=True)
-AutoProcessor.register(LladaVConfig, LladaVProcessor, exist_ok=True)
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "LladaVConfig": "configuration_llada_v",
+    "LladaVTextConfig": "configuration_llada_v",
+    "LladaVGenerationConfig": "generation_utils",
+    "LladaVImageProcessor": "image_processing_llada_v",
+    "LladaVProcessor": "processing_llada_v",
+    "LladaVModel": "modeling_llada_v",
+    "LladaVModelOutput": "modeling_llada_v",
+    "LladaVTextModel": "modeling_llada_v",
+}
+_registered = False
 
-__all__ = [
+
+def register_auto_classes() -> None:
+    """Register the llada-v classes with `AutoConfig`, `AutoModel`, `AutoImageProcessor` and `AutoProcessor`
+    (idempotent; imports transformers and torch)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
+
+    from .configuration_llada_v import LladaVConfig, LladaVTextConfig
+    from .image_processing_llada_v import LladaVImageProcessor
+    from .modeling_llada_v import LladaVModel, LladaVTextModel
+    from .processing_llada_v import LladaVProcessor
+
+    AutoConfig.register(LladaVConfig.model_type, LladaVConfig, exist_ok=True)
+    AutoConfig.register(LladaVTextConfig.model_type, LladaVTextConfig, exist_ok=True)
+    AutoModel.register(LladaVConfig, LladaVModel, exist_ok=True)
+    AutoModel.register(LladaVTextConfig, LladaVTextModel, exist_ok=True)
+    AutoImageProcessor.register(LladaVConfig, slow_image_processor_class=LladaVImageProcessor, exist_ok=True)
+    AutoProcessor.register(LladaVConfig, LladaVProcessor, exist_ok=True)
+    _registered = True
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'llada_v' has no attribute {name!r}")
+    register_auto_classes()
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = [  # noqa: RUF022 - in the order of _EXPORTS
     "LladaVConfig",
     "LladaVTextConfig",
     "LladaVGenerationConfig",
@@ -31,4 +71,5 @@ __all__ = [
     "LladaVModel",
     "LladaVModelOutput",
     "LladaVTextModel",
+    "register_auto_classes",
 ]

@@ -4,7 +4,7 @@
   `trust_remote_code=True`; `write_remote_code(folder)` copies exactly them and writes the `auto_map`
   entries of every config file present (model, processor, image processor, tokenizer). Conversion,
   compose, the trainer's saves and the demo all call it; nothing else puts code into a checkpoint.
-- `DTYPES`: the dtype names accepted on command lines and in configs.
+- `DTYPES`: the dtype names accepted on command lines and in configs (`arguments.DTYPE_NAMES`) -> torch dtypes.
 - `parse_size`: shard sizes such as `"5GB"`; `ShardWriter`: sharded safetensors plus their index.
 - `atomic_folder`: build a folder under a temporary name next to its destination and rename it into place
   only when everything succeeded; temporary folders of killed writers are cleaned up by the next write;
@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .arguments import DTYPE_NAMES
+
 # The remote-code modules: flat files beside this one, importing each other only as `from .x import y`.
 REMOTE_CODE_FILES: tuple[str, ...] = (
     "configuration_llada_v.py",
@@ -58,7 +60,7 @@ _MODEL_AUTO_MAP = {
 _PROCESSOR = {"AutoProcessor": "processing_llada_v.LladaVProcessor"}
 _IMAGE_PROCESSOR = {"AutoImageProcessor": "image_processing_llada_v.LladaVImageProcessor"}
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def write_remote_code(folder: str | os.PathLike) -> list[str]:

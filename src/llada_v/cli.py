@@ -22,7 +22,17 @@ import sys
 import time
 from typing import Any, TextIO
 
-from .conversion import official
+from .arguments import (
+    CONVERT_DESCRIPTION,
+    Parser,
+    add_convert_arguments,
+    add_debug_argument,
+    add_demo_arguments,
+    add_generation_arguments,
+    add_model_arguments,
+    lazy_command,
+)
+from .serving.command import add_serve_arguments
 
 EPILOG_GENERATE = """\
 examples:
@@ -46,73 +56,14 @@ example:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit status 2) instead of the usage block."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# ---------------------------------------------------------------------------------------------- arguments
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model", default=None, metavar="PATH_OR_ID",
-        help="converted llada-v checkpoint folder or Hub id (default: the embedded demo checkpoint)",
-    )
-    group.add_argument(
-        "--processor", default=None, metavar="PATH_OR_ID", help="load the processor from here (default: --model)"
-    )
-    group.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-        help="weights and compute dtype (default: bfloat16 on CUDA, float32 on CPU)",
-    )
-    quant = group.add_mutually_exclusive_group()
-    quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 weights for the language model")
-    quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8 weights for the language model")
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    group.add_argument(
-        "--attn-implementation", default=None, metavar="NAME",
-        help="eager, sdpa or flash_attention_2 (default: the transformers choice)",
-    )
-
-
-def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation (default: the checkpoint's generation_config.json)")
-    group.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="answer length (gen_length)")
-    group.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps in total")
-    group.add_argument("--block-length", type=int, default=None, metavar="N", help="semi-autoregressive block size")
-    group.add_argument("--temperature", type=float, default=None, metavar="T", help="0 = argmax; > 0 = Gumbel-max sampling")
-    group.add_argument(
-        "--remasking", choices=["low_confidence", "random"], default=None, help="which predictions a step keeps"
-    )
-    group.add_argument("--cfg-scale", type=float, default=None, metavar="S", help="classifier-free guidance scale")
-    group.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (temperature > 0, random remasking)")
-    group.add_argument(
-        "--fast", action="store_true",
-        help="fast decoding preset: dual KV cache + confidence threshold 0.9 (approximate; docs/performance.md)",
-    )
-    group.add_argument(
-        "--system-prompt", default=None, metavar="TEXT", help="replace LLaDA-V's default system prompt ('' drops it)"
-    )
-    parser.add_argument(
-        "--stream", action="store_true", help="show the answer canvas (masks included) after every denoising step"
-    )
-
-
-def _add_debug_argument(parser: argparse.ArgumentParser, default: Any) -> None:
-    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks on errors")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    """The `llada-v` parser (standard library only: `--help` and argument errors never import torch)."""
+    parser = Parser(
         prog="llada-v",
         description="LLaDA-V (a masked-diffusion multimodal LLM) for Hugging Face Transformers.",
         epilog="run `llada-v COMMAND --help` for the options of a command",
     )
-    _add_debug_argument(parser, False)
+    add_debug_argument(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = sub.add_parser(
@@ -125,11 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--image", action="append", default=[], metavar="PATH",
         help="an image for the prompt (repeat for several; they go before the text)",
-    )
+    )  # fmt: skip
     generate.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction")
-    _add_model_arguments(generate)
-    _add_generation_arguments(generate)
-    _add_debug_argument(generate, argparse.SUPPRESS)
+    add_model_arguments(generate)
+    add_generation_arguments(generate)
+    add_debug_argument(generate, argparse.SUPPRESS)
     generate.set_defaults(func=run_generate)
 
     chat = sub.add_parser(
@@ -139,29 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_CHAT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_model_arguments(chat)
-    _add_generation_arguments(chat)
-    _add_debug_argument(chat, argparse.SUPPRESS)
+    add_model_arguments(chat)
+    add_generation_arguments(chat)
+    add_debug_argument(chat, argparse.SUPPRESS)
     chat.set_defaults(func=run_chat)
 
     convert = sub.add_parser(
         "convert",
         help="convert a released LLaDA-V checkpoint (GSAI-ML/LLaDA-V format) to the llada-v format",
-        description=official.__doc__,
+        description=CONVERT_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    official.build_arg_parser(convert)
-    convert.set_defaults(func=official.run_from_args)
-    from .demo.app import add_demo_arguments
-
+    add_convert_arguments(convert)
+    convert.set_defaults(func=lazy_command("conversion.official", "run_from_args"))
     demo = sub.add_parser(
         "demo", help="ask the embedded demo model about a scene and watch the answer emerge from masks"
     )
     evaluation = sub.add_parser("eval-demo", help="held-out accuracy of the embedded demo model")
     add_demo_arguments(demo, evaluation)
-    from .serving.command import add_serve_arguments
-
-    add_serve_arguments(sub, _add_model_arguments)
+    add_serve_arguments(sub)
     return parser
 
 
@@ -193,9 +140,15 @@ def _generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """Model, processor and generation settings; every check runs before the weights are read."""
-    from .inference import checkpoint_generation_config, generation_config_for, inspect_checkpoint, load_pretrained
+    from .inference import (
+        checkpoint_generation_config,
+        generation_config_for,
+        inspect_checkpoint,
+        load_pretrained,
+        resolve_adapter,
+    )
 
-    name = _model_name(args)
+    name, adapter = resolve_adapter(_model_name(args), args.adapter)  # --model may be a LoRA run's adapter folder
     checkpoint = inspect_checkpoint(name)  # path, model type, weights
     config = generation_config_for(
         checkpoint_generation_config(name, checkpoint), _generation_overrides(args), fast=args.fast
@@ -203,8 +156,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
     model, processor = load_pretrained(
         name, args.processor, dtype=args.dtype, device=args.device, quantization=quantization,
-        attn_implementation=args.attn_implementation, config=checkpoint,
-    )
+        attn_implementation=args.attn_implementation, config=checkpoint, adapter=adapter,
+    )  # fmt: skip
     return model, processor, config
 
 
@@ -283,9 +236,7 @@ def _answer(model: Any, processor: Any, config: Any, text: str, images: list, ar
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .inference import chat_prompt, user_message
-
-    from .inference import read_image
+    from .inference import chat_prompt, read_image, user_message
 
     images = [read_image(path) for path in args.image]  # before loading the model: fail fast
     model, processor, config = _load(args)
@@ -392,7 +343,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    if args.command in ("generate", "chat") and not debug and not sys.stderr.isatty():
+    if not debug and not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no weight-loading bars in logs and pipes

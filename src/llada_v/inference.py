@@ -4,7 +4,8 @@
 - `inspect_checkpoint` / `load_pretrained`: checks that turn the usual mistakes (a path that does not exist, an
   official or foreign checkpoint, missing weights or processor, bitsandbytes missing) into one `InputError`
   line each, then `LladaVModel`/`LladaVProcessor.from_pretrained` with dtype, device and bitsandbytes 4/8-bit
-  options. This package's own classes are used (the checkpoint's remote-code copies are for users without
+  options, and a PEFT LoRA adapter (`adapter=`, or `model` naming an adapter folder: `resolve_adapter`). This
+  package's own classes are used (the checkpoint's remote-code copies are for users without
   the package), so every object in a process has one class.
 - `checkpoint_generation_config` / `generation_config_for`: a checkpoint's sampler defaults (read before its
   weights, so bad settings fail fast) with per-call overrides, optionally on top of the fast-decoding preset,
@@ -21,15 +22,23 @@ import copy
 import importlib.util
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import register_auto_classes
 from .checkpoint_io import DTYPES
 from .configuration_llada_v import LladaVConfig
-from .generation_utils import FAST_DECODING_PRESET, LladaVGenerationConfig, resolve_generation_config
+from .generation_utils import (
+    FAST_DECODING_PRESET,
+    LladaVGenerationConfig,
+    resolve_generation_config,
+)
+
+register_auto_classes()  # the package's classes behind AutoConfig/AutoModel/AutoProcessor in every process that loads
 
 MODEL_TYPE = LladaVConfig.model_type
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -151,11 +160,12 @@ def load_pretrained(
     attn_implementation: str | None = None,
     need_processor: bool = True,
     config: dict | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> tuple[Any, Any]:
     """Load a llada-v checkpoint (folder or Hub id) and its processor in eval mode.
 
     Args:
-        model: checkpoint folder or Hub id.
+        model: checkpoint folder or Hub id (an adapter folder: see `resolve_adapter`).
         processor: where the processor lives (default: `model`).
         dtype: `"auto"` (bfloat16 on CUDA, float32 on CPU), `"float32"`, `"bfloat16"`, `"float16"` or a dtype.
         device: `"auto"`, `"cpu"`, `"cuda"`, `"cuda:1"`, ...
@@ -164,13 +174,15 @@ def load_pretrained(
         attn_implementation: `"eager"`, `"sdpa"`, `"flash_attention_2"`, ... (default: the transformers choice).
         need_processor: raise when no processor can be loaded (else return None for it).
         config: the checkpoint's `config.json` when the caller already has it from `inspect_checkpoint`.
+        adapter: a PEFT LoRA adapter folder applied on top (`apply_adapter`: merged into the weights, or kept
+            beside quantised ones).
 
     Raises:
         InputError: with a one-line reason for every input problem the checks can see.
     """
     from .modeling_llada_v import LladaVModel
 
-    name = str(model)
+    name, adapter = resolve_adapter(str(model), adapter)
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     if config is None:
@@ -192,11 +204,68 @@ def load_pretrained(
     except (OSError, ValueError, ImportError) as err:
         raise InputError(f"cannot load the model from {name}: {_first_line(err)}") from None
     loaded.eval()
+    if adapter is not None:
+        loaded = apply_adapter(loaded, adapter, merge=quantization_config is None)
 
     loaded_processor = None
     if processor is not None or need_processor:
         loaded_processor = _load_processor(processor_name, need_processor)
     return loaded, loaded_processor
+
+
+def resolve_adapter(model: str, adapter: str | os.PathLike | None) -> tuple[str, str | None]:
+    """`(base checkpoint, adapter folder or None)` for a `model` / `adapter` pair.
+
+    `model` may itself be a PEFT adapter folder (`adapter_config.json`, no `config.json`: what a LoRA run writes);
+    its base is then the `base_model_name_or_path` the adapter records, as `AutoModel.from_pretrained` on such a
+    folder does. Each adapter folder is checked here, before any weights load.
+    """
+    path = Path(model).expanduser()
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        if adapter is not None:
+            raise InputError(f"{model} is an adapter folder and --adapter {adapter} is another; pass the base "
+                             "checkpoint as --model")  # fmt: skip
+        base = _adapter_config(path).get("base_model_name_or_path")
+        if not base:
+            raise InputError(f"adapter {model} does not name its base model (base_model_name_or_path in "
+                             "adapter_config.json); pass the base as --model and this folder as --adapter")  # fmt: skip
+        return str(base), str(path)
+    if adapter is not None:
+        _adapter_config(Path(adapter).expanduser())
+        return model, str(adapter)
+    return model, None
+
+
+def _adapter_config(path: Path) -> dict:
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise InputError(f"adapter {path} has no adapter_config.json: not a PEFT adapter folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"cannot read {config_file}: {_first_line(err)}") from None
+    if config.get("peft_type") != "LORA":
+        raise InputError(f"adapter {path} is a {config.get('peft_type')!r} adapter; llada-v loads LoRA adapters")
+    return config
+
+
+def apply_adapter(model: Any, adapter: str | os.PathLike, merge: bool = True) -> Any:
+    """`model` with the PEFT LoRA adapter of folder `adapter`: merged into the weights (a plain `LladaVModel`
+    again), or, on quantised weights (which cannot absorb it), left active in the wrapped modules."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise InputError("loading an adapter needs peft: pip install 'llada-v[train]'") from None
+    path = Path(adapter).expanduser()
+    _adapter_config(path)
+    try:
+        with warnings.catch_warnings():  # PEFT 0.21 asks a deprecated transformers property: not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = PeftModel.from_pretrained(model, str(path))
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise InputError(f"cannot apply adapter {adapter}: {_first_line(err)}") from None
+    wrapped.eval()
+    return wrapped.merge_and_unload() if merge else wrapped.get_base_model()
 
 
 def _check_processor_folder(name: str) -> None:
@@ -361,6 +430,7 @@ def generate_texts(
 
 __all__ = [
     "InputError",
+    "apply_adapter",
     "check_checkpoint",
     "checkpoint_generation_config",
     "inspect_checkpoint",
@@ -371,6 +441,7 @@ __all__ = [
     "chat_prompt",
     "prepare_inputs",
     "read_image",
+    "resolve_adapter",
     "resolve_device",
     "resolve_dtype",
     "user_message",

@@ -23,7 +23,6 @@ from transformers.utils import logging
 from .image_layout_llada_v import LAYOUT_VIDEO, prompt_image_layout
 from .image_processing_llada_v import LladaVImageProcessor, flatten_videos
 
-
 logger = logging.get_logger(__name__)
 
 IMAGE_TOKEN = "<image>"
@@ -211,7 +210,26 @@ class LladaVProcessor(ProcessorMixin):
                 f"image tokens in input_ids per prompt {got} differ from the expected {expected_per_sample} "
                 "(truncation? raise max_length or disable truncation)"
             )
+        self._warn_unknown_words(texts, rows)
         return BatchFeature(data={**text_inputs, **visual_inputs})
+
+    def _warn_unknown_words(self, texts: list[str], rows: list) -> None:
+        """Warn (once per set of words) when the tokenizer mapped words to its unknown token: a word-level
+        tokenizer such as the demo's does so silently. The released byte-level tokenizer has no unknown token."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None or not any(unk in row for row in rows):
+            return
+        words = []
+        for text in texts:
+            if not getattr(self.tokenizer, "is_fast", False):
+                break
+            encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            words += [text[a:b] for token, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"]) if token == unk]
+        named = f": {', '.join(sorted(set(words)))}" if words else ""
+        logger.warning_once(
+            f"the prompt has words the tokenizer does not know, read as {self.tokenizer.unk_token}{named} "
+            "(the model sees no meaning in them)"
+        )
 
     def _placeholder_pattern(self) -> re.Pattern:
         return re.compile(f"{re.escape(self.image_token)}|{re.escape(self.video_token)}")

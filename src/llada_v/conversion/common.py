@@ -4,12 +4,11 @@ Both stream source tensors through a key table: each tensor maps to exactly one 
 on purpose with a reason (`MappedTensor`). `write_mapped_weights` checks names, shapes and completeness while
 writing the shards; `check_written` re-reads every written tensor against its source; `write_model_configs`,
 `write_processor` and `finish_folder` complete the folder (configs, processor, remote code, the fresh-process
-load check). `add_output_arguments` holds the command-line options both commands take.
+load check). Their command-line options are in `llada_v.arguments`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -21,7 +20,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ..checkpoint_io import DTYPES, ShardWriter, verify_in_fresh_process, write_remote_code
+from ..arguments import tqdm_disable
+from ..checkpoint_io import (
+    ShardWriter,
+    verify_in_fresh_process,
+    write_remote_code,
+)
 from ..configuration_llada_v import LladaVConfig
 from ..generation_utils import LladaVGenerationConfig
 from ..image_processing_llada_v import LladaVImageProcessor
@@ -92,9 +96,9 @@ def safetensors_shards(folder: Path) -> list[Path]:
     raise ConversionError(f"no model.safetensors or model.safetensors.index.json in {folder}")
 
 
-def iter_tensors(shards: list[Path], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(shards: list[Path], progress: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the shards; `ConversionError` naming the shard when one is truncated or corrupt."""
-    for shard in tqdm(shards, desc="shards", unit="shard", disable=not progress):
+    for shard in tqdm(shards, desc="shards", unit="shard", disable=tqdm_disable(progress)):
         try:
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():
@@ -210,27 +214,10 @@ def finish_folder(out_dir: Path, dtype: torch.dtype) -> None:
         raise ConversionError(f"verification of the written folder failed: {err}") from None
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--output-dir`, `--tokenizer-dir`, `--dtype`, `--max-shard-size`, `--overwrite`, `--no-progress`."""
-    parser.add_argument("--output-dir", required=True, type=Path, help="folder to create (must not exist)")
-    parser.add_argument(
-        "--tokenizer-dir",
-        type=Path,
-        default=None,
-        help="released LLaDA tokenizer folder (default: the input folder if it has one); the processor is "
-        "written only when a tokenizer is found",
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the written weights")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 200MB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 __all__ = [
     "TEXT_CONFIG_KEYS",
     "ConversionError",
     "MappedTensor",
-    "add_output_arguments",
     "check_written",
     "expected_keys",
     "find_tokenizer_dir",

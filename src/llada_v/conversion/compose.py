@@ -33,13 +33,19 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_io import DTYPES, atomic_folder, check_new_folder, check_output_outside_inputs, parse_size
+from ..arguments import add_output_arguments
+from ..checkpoint_io import (
+    DTYPES,
+    atomic_folder,
+    check_new_folder,
+    check_output_outside_inputs,
+    parse_size,
+)
 from ..configuration_llada_v import LladaVConfig
 from .common import (
     TEXT_CONFIG_KEYS,
     ConversionError,
     MappedTensor,
-    add_output_arguments,
     check_written,
     expected_keys,
     find_tokenizer_dir,
@@ -199,7 +205,7 @@ def fresh_tensors(config: LladaVConfig, seed: int) -> dict[str, torch.Tensor]:
 
 
 def mapped_sources(
-    llada_dir: Path, siglip_dir: Path, config: LladaVConfig, fresh: dict[str, torch.Tensor], progress: bool
+    llada_dir: Path, siglip_dir: Path, config: LladaVConfig, fresh: dict[str, torch.Tensor], progress: bool | None
 ) -> Iterator[MappedTensor]:
     """Every tensor of both checkpoints with its new name (`map_compose_key`), then the fresh tensors."""
     stored_layers = config.vision_config.num_hidden_layers
@@ -219,7 +225,7 @@ def compose(
     seed: int = 0,
     max_shard_size: str = "5GB",
     tokenizer_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     overwrite: bool = False,
     **config_overrides,
 ) -> Path:
@@ -234,7 +240,7 @@ def compose(
         max_shard_size: largest shard, e.g. `"5GB"`.
         tokenizer_dir: released LLaDA tokenizer folder for the processor (default: `llada_dir` when it has one;
             without one no processor is written and a warning says so).
-        progress: show a progress bar over shards.
+        progress: a progress bar over shards (None: only when stderr is a terminal).
         overwrite: replace an existing `output_dir`.
         config_overrides: other `LladaVConfig` fields.
     """
@@ -283,7 +289,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_shard_size=args.max_shard_size,
             tokenizer_dir=args.tokenizer_dir,
-            progress=not args.no_progress,
+            progress=args.progress,
             overwrite=args.overwrite,
         )
     except (ConversionError, ValueError, OSError) as err:

@@ -26,13 +26,19 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_io import DTYPES, atomic_folder, check_new_folder, check_output_outside_inputs, parse_size
+from ..arguments import CONVERT_DESCRIPTION, add_convert_arguments
+from ..checkpoint_io import (
+    DTYPES,
+    atomic_folder,
+    check_new_folder,
+    check_output_outside_inputs,
+    parse_size,
+)
 from ..configuration_llada_v import SIGLIP_SO400M_VISION_DEFAULTS, LladaVConfig
 from .common import (
     TEXT_CONFIG_KEYS,
     ConversionError,
     MappedTensor,
-    add_output_arguments,
     check_written,
     expected_keys,
     find_tokenizer_dir,
@@ -159,7 +165,7 @@ def convert_config(official: dict, vision: dict | None) -> LladaVConfig:
     )
 
 
-def mapped_official_tensors(shards: list[Path], progress: bool = True) -> Iterator[MappedTensor]:
+def mapped_official_tensors(shards: list[Path], progress: bool | None = None) -> Iterator[MappedTensor]:
     """Every tensor of the official shards with its new name (`map_key`)."""
     for key, tensor in iter_tensors(shards, progress):
         new_key, reason = map_key(key)
@@ -172,11 +178,13 @@ def convert(
     vision_config_path: Path | None = None,
     dtype: torch.dtype = torch.bfloat16,
     max_shard_size: str = "5GB",
-    progress: bool = True,
+    progress: bool | None = None,
     overwrite: bool = False,
     tokenizer_dir: Path | None = None,
 ) -> Path:
     """Convert `input_dir` into `output_dir` (created atomically). Returns the output path.
+
+    `progress`: a bar over the shards (None: only when stderr is a terminal).
 
     The processor (tokenizer + `<image>`, chat template, image processor) is written when a released
     tokenizer is found (`tokenizer_dir`, else `input_dir`); otherwise only the model files are written and a
@@ -235,17 +243,9 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False, token: str | 
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(
-        description="Convert a released LLaDA-V checkpoint (GSAI-ML/LLaDA-V format) to the llada-v format."
+        description=CONVERT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input-dir", required=True, type=Path, help="folder with the official config.json + safetensors")
-    parser.add_argument(
-        "--vision-config", type=Path, default=None, help="SigLIP vision config JSON (default: so400m-patch14-384)"
-    )
-    add_output_arguments(parser)
-    parser.add_argument(
-        "--push-to-hub", metavar="REPO", default=None, help="after converting, upload the folder to this Hub repo"
-    )
-    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    add_convert_arguments(parser)
     return parser
 
 
@@ -260,7 +260,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             args.vision_config,
             DTYPES[args.dtype],
             args.max_shard_size,
-            progress=not args.no_progress,
+            progress=args.progress,
             overwrite=args.overwrite,
             tokenizer_dir=args.tokenizer_dir,
         )

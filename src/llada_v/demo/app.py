@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
+from ..arguments import tqdm_disable
 from ..inference import (
     InputError,
     chat_prompt,
@@ -44,6 +46,12 @@ def load_demo(path: str | Path | None = None, dtype: torch.dtype = torch.float32
             f"no demo checkpoint at {path}; train one with `python -m llada_v.demo.train --output-dir {path}`"
         )
     return load_pretrained(path, dtype=dtype, device="cpu")
+
+
+DENOISING_LEGEND = (
+    "Each step shows the answer canvas: _ is a position still masked; <|eot_id|> ends the answer (the masks after "
+    "it are never filled: the sampler stops there, and A: is the text before it)."
+)
 
 
 @dataclass
@@ -81,12 +89,16 @@ def held_out_sample(seed: int, index: int) -> dict:
     return make_sample(f"{HELD_OUT_PREFIX}-{seed}-{index}")
 
 
-def evaluate(model, processor, seed: int, n: int = 200, batch_size: int = 32, **generation_kwargs) -> dict:
-    """Exact-match accuracy on `n` fresh held-out samples for `seed`, overall and per question type."""
+def evaluate(model, processor, seed: int, n: int = 200, batch_size: int = 32, progress: bool | None = False,
+             **generation_kwargs) -> dict:
+    """Exact-match accuracy on `n` fresh held-out samples for `seed`, overall and per question type.
+
+    `progress`: a bar over the questions on stderr (None: only when stderr is a terminal; default: none)."""
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     correct, total = defaultdict(int), defaultdict(int)
     samples = [held_out_sample(seed, i) for i in range(n)]
+    bar = tqdm(total=n, desc="eval-demo", unit="question", disable=tqdm_disable(progress))
     for start in range(0, n, batch_size):
         batch = samples[start : start + batch_size]
         answers = answer_questions(
@@ -96,6 +108,8 @@ def evaluate(model, processor, seed: int, n: int = 200, batch_size: int = 32, **
             kind = sample["types"][0]
             total[kind] += 1
             correct[kind] += normalise_answer(answer.text) == sample["qa"][0][1]
+        bar.update(len(batch))
+    bar.close()
     per_type = {kind: correct[kind] / total[kind] for kind in QUESTION_TYPES if total[kind]}
     return {"accuracy": sum(correct.values()) / n, "per_type": per_type, "n": n, "counts": dict(total)}
 
@@ -147,6 +161,7 @@ def run_demo(args: argparse.Namespace) -> int:
         described = ", ".join(f"a {o.color} {o.shape}" for o in scene.objects)
         print(f"scene {image.width}x{image.height} px (seed {args.seed}): {described}")
     answers = answer_questions(model, processor, [image] * len(questions), questions, trace=True)
+    print(f"\n{DENOISING_LEGEND}")
     for answer, truth in zip(answers, truths):
         print(f"\nQ: {answer.question}")
         for step, tokens in enumerate(answer.frames, 1):
@@ -171,34 +186,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     model, processor = load_demo(args.model)
-    result = evaluate(model, processor, args.seed, args.n)
+    result = evaluate(model, processor, args.seed, args.n, progress=args.progress)
     for kind, acc in result["per_type"].items():
         print(f"{kind:>9}: {100 * acc:5.1f}%  ({result['counts'][kind]} questions)")
     print(f"accuracy: {100 * result['accuracy']:.1f}%")
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def add_demo_arguments(demo: argparse.ArgumentParser, evaluation: argparse.ArgumentParser) -> None:
-    demo.add_argument("--image", type=Path, default=None, help="ask about this image instead of a rendered scene")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the rendered scene")
-    demo.add_argument("--model", type=Path, default=None, help="demo checkpoint folder (default: the shipped one)")
-    demo.add_argument("--save-gif", type=Path, default=None, help="write an animation of the denoising")
-    demo.add_argument("--save-png", type=Path, default=None, help="write the denoising steps as one picture")
-    demo.set_defaults(func=run_demo)
-    evaluation.add_argument("--seed", type=int, required=True, help="seed of the held-out set")
-    evaluation.add_argument("--n", type=_positive_int, default=200, help="number of held-out questions (default 200)")
-    evaluation.add_argument("--model", type=Path, default=None, help="demo checkpoint folder (default: the shipped one)")
-    evaluation.set_defaults(func=run_eval)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ lmms-eval finds the model through the `lmms_eval.models` entry point of this pac
 
 Model arguments: `pretrained`, `processor`, `device`, `dtype`, `batch_size`, `load_in_4bit`, `load_in_8bit`,
 `attn_implementation`, `fast` (the fast-decoding preset), `task_presets` (default True), `cfg_scale`,
-`system_prompt`, `mc_num` (128), `mc_batch_size` (32), `check_greedy` (True), `seed` (1234).
+`system_prompt`, `mc_num` (128), `mc_batch_size` (32), `check_greedy` (True), `seed` (1234), `adapter` (a PEFT
+LoRA folder applied to `pretrained`), `progress` (a bar over the requests on the first process; default: only when
+stderr is a terminal).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from ..arguments import tqdm_disable
 from ..inference import (
     InputError,
     chat_prompt,
@@ -267,6 +271,8 @@ class LladaV(lmms):
         check_greedy: bool = True,
         seed: int = 1234,
         max_batch_size: int | None = None,
+        adapter: str | None = None,
+        progress: bool | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -301,9 +307,11 @@ class LladaV(lmms):
         quantization = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
         self.model, self.processor = load_pretrained(
             pretrained, processor, dtype=dtype, device=device or "auto", quantization=quantization,
-            attn_implementation=attn_implementation,
-        )
+            attn_implementation=attn_implementation, adapter=adapter,
+        )  # fmt: skip
         self.tokenizer = self.processor.tokenizer
+        # A bar over the requests on the first process, only on a terminal unless progress=true/false says.
+        self.progress_disable = True if self._rank != 0 else tqdm_disable(progress)
         self.fast = bool(fast)
         self.task_presets = bool(task_presets)
         self.cfg_scale = cfg_scale
@@ -378,6 +386,7 @@ class LladaV(lmms):
             groups[key].append(index)
 
         results: list[Any] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="llada_v generate_until", unit="request", disable=self.progress_disable)
         for (task, _, _), indices in groups.items():
             gen_kwargs = copy.deepcopy(args[indices[0]][1])
             overrides, sampler_stops, stops = resolve_generation(task, gen_kwargs, self.task_presets)
@@ -401,6 +410,8 @@ class LladaV(lmms):
                     counts = TokenCounts(output_tokens=int(output.answer_lengths[row]))
                     results[i] = GenerationResult(text=text, token_counts=counts)
                     self.cache_hook.add_partial("generate_until", (args[i][0], args[i][1]), text)
+                bar.update(len(batch))
+        bar.close()
         return results
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
@@ -412,7 +423,7 @@ class LladaV(lmms):
         """Per request `(loss, is_greedy)` (as `LoglikelihoodResult`, which unpacks like the tuple): the loss is
         minus the estimated log-likelihood per continuation token, which lmms-eval ranks with `argmin`."""
         results = []
-        for request in requests:
+        for request in tqdm(requests, desc="llada_v loglikelihood", unit="request", disable=self.progress_disable):
             args = request.args
             if len(args) == 2:  # unconditional requests (acc_mutual_info): text only
                 context, continuation = args

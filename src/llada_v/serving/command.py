@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
-from ..inference import InputError
-from .options import ServeOptions
+from ..arguments import add_model_arguments
 
 EPILOG = """\
 examples:
@@ -24,13 +22,11 @@ docs/serving.md has the API (curl and openai examples), clusters, GPUs and the l
 """
 
 
-def add_serve_arguments(
-    subparsers: Any, add_model_arguments: Callable[[argparse.ArgumentParser], None]
-) -> argparse.ArgumentParser:
+def add_serve_arguments(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `serve` command to the `llada-v` subparsers (its function imports Ray only when it runs).
 
-    `add_model_arguments` is the CLI's own model group (`--model`, `--processor`, `--dtype`, `--load-in-4bit/8bit`,
-    `--device`, `--attn-implementation`), so those flags mean the same in every command.
+    The model group (`--model`, `--processor`, `--adapter`, `--dtype`, `--load-in-4bit/8bit`, `--device`,
+    `--attn-implementation`) is the one every command shares (`arguments.add_model_arguments`).
     """
     parser = subparsers.add_parser(
         "serve",
@@ -49,7 +45,6 @@ def add_serve_arguments(
 
 def _add_serving_model_group(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (serving)")
-    group.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter folder to apply (needs peft)")
     group.add_argument("--fast", action="store_true", help="fast-decoding preset by default (requests may override)")
     group.add_argument("--system-prompt", metavar="TEXT", help="default system prompt (demo: none; else the template's)")
     group.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
@@ -89,8 +84,10 @@ def _add_limits_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-tokens-limit", type=int, default=1024, metavar="N", help="largest max_tokens accepted")
 
 
-def options_from_args(args: argparse.Namespace) -> ServeOptions:
+def options_from_args(args: argparse.Namespace) -> Any:
     """`ServeOptions` from parsed `llada-v serve` arguments."""
+    from .options import ServeOptions
+
     names = {f.name for f in dataclasses.fields(ServeOptions)}
     values = {name: value for name, value in vars(args).items() if name in names}
     values["quantization"] = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
@@ -98,6 +95,8 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..inference import InputError
+
     options = options_from_args(args)
     try:
         from .app import run_server

@@ -10,12 +10,17 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..inference import InputError, chat_prompt, generation_config_for, load_pretrained, prepare_inputs
+from ..inference import (
+    InputError,
+    chat_prompt,
+    generation_config_for,
+    load_pretrained,
+    prepare_inputs,
+)
 from .batching import GenerationJob, JobResult, run_batch
 from .media import MediaPolicy, load_image_url
 from .openai_api import ChatRequest, invalid, parse_chat_request
@@ -24,33 +29,10 @@ from .options import ServeOptions
 
 def load_model(options: ServeOptions) -> tuple[Any, Any]:
     """The model (with `options.adapter` applied) and processor a replica serves."""
-    model, processor = load_pretrained(
+    return load_pretrained(
         options.model_path, options.processor, dtype=options.dtype, device=options.device,
-        quantization=options.quantization, attn_implementation=options.attn_implementation,
+        quantization=options.quantization, attn_implementation=options.attn_implementation, adapter=options.adapter,
     )  # fmt: skip
-    if options.adapter is not None:
-        model = apply_adapter(model, options.adapter, merge=options.quantization is None)
-    return model, processor
-
-
-def apply_adapter(model: Any, adapter: str, merge: bool = True) -> Any:
-    """`model` with the PEFT LoRA adapter in folder `adapter`: merged into the weights (`training.merge_lora`),
-    or, on quantised weights (which cannot absorb it), left active in the wrapped modules."""
-    path = Path(adapter).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise InputError(f"adapter {adapter} has no adapter_config.json: not a PEFT adapter folder")
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise InputError("--adapter needs peft: pip install 'llada-v[train]'") from None
-    from ..training.trainer import merge_lora
-
-    try:
-        wrapped = PeftModel.from_pretrained(model, str(path))
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise InputError(f"cannot apply adapter {adapter}: {err}") from None
-    wrapped.eval()
-    return merge_lora(wrapped) if merge else wrapped.get_base_model()
 
 
 @dataclass

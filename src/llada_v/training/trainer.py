@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from ..checkpoint_io import DTYPES, write_remote_code
+from ..checkpoint_io import DTYPES, atomic_folder, write_remote_code
+from ..inference import apply_adapter
 from ..modeling_llada_v import LladaVModel
 from ..processing_llada_v import DEFAULT_SYSTEM_PROMPT, LladaVProcessor
 from .data import (
@@ -379,9 +380,7 @@ def merge_lora(peft_model: nn.Module) -> LladaVModel:
 
 def merge_saved_lora(base_model: LladaVModel, adapter_dir: str | os.PathLike) -> LladaVModel:
     """Load the adapter saved in `adapter_dir` (with its `modules_to_save`) onto `base_model` and merge it."""
-    from peft import PeftModel
-
-    return merge_lora(PeftModel.from_pretrained(base_model, adapter_dir))
+    return apply_adapter(base_model, adapter_dir, merge=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -523,16 +522,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrai
         base = LladaVModel.from_pretrained(
             model_args.model_name_or_path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation
         )
-        merged_dir = os.path.join(args.output_dir, "merged")
-        merge_saved_lora(base, args.output_dir).save_pretrained(merged_dir)
-        processor.save_pretrained(merged_dir)
-        write_remote_code(merged_dir)
+        # Written whole or not at all; a rerun into the same output_dir replaces it, as the run replaced the adapter.
+        with atomic_folder(os.path.join(args.output_dir, "merged"), overwrite=True) as merged_dir:
+            merge_saved_lora(base, args.output_dir).save_pretrained(merged_dir)
+            processor.save_pretrained(merged_dir)
+            write_remote_code(merged_dir)
     return trainer
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LladaVTrainingArguments]:
     """Parse command-line flags, or one `.json`/`.yaml` file holding them all."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, LladaVTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, LladaVTrainingArguments), prog="python -m llada_v.training")
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])

@@ -256,3 +256,54 @@ def test_without_a_tokenizer_the_image_processor_is_written(golden_checkpoint):
     config = json.loads((folder / "preprocessor_config.json").read_text())
     assert config["auto_map"] == {"AutoImageProcessor": "image_processing_llada_v.LladaVImageProcessor"}
     assert config["crop_size"] == 384
+
+
+# ---------------------------------------------------------------------------------------------- model card
+
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n"), card[:200]
+    return yaml.safe_load(card.split("---\n", 2)[1])
+
+
+def test_the_converted_folder_has_a_model_card_with_hub_metadata(golden_checkpoint):
+    card = (golden_checkpoint / "README.md").read_text()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-text-to-text"
+    assert meta["base_model"] == "GSAI-ML/LLaDA-V" and meta["license"] == "other"
+    assert meta["license_link"] == "https://huggingface.co/GSAI-ML/LLaDA-V" and "llada-v" in meta["tags"]
+    # The presets come from the folder's generation_config.json and the official per-task table.
+    generation = json.loads((golden_checkpoint / "generation_config.json").read_text())
+    row = f"| {generation['max_new_tokens']} / {generation['steps']} / {generation['block_length']} |"
+    assert row in card and "| `chartqa*` (official evaluation setting) | 16 / 16 / 16 |" in card
+    assert "trust_remote_code=True" in card and "llada_v.conversion.official.convert(" in card
+    assert "image processor only" in card  # converted without a tokenizer
+    from llada_v import __version__
+
+    assert f"Converted with llada-v {__version__}" in card
+
+
+def test_huggingface_hub_reads_the_model_card(golden_checkpoint):
+    ModelCard = pytest.importorskip("huggingface_hub").ModelCard
+    card = ModelCard.load(golden_checkpoint / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.base_model == "GSAI-ML/LLaDA-V" and "masked-diffusion" in card.data.tags
+    assert "# LLaDA-V (llada-v format)" in card.text
+
+
+def test_the_cli_records_its_command_and_a_tokenizer_in_the_card(golden_dir, tmp_path):
+    from llada_v.conversion.tokenizer import write_standin_released_tokenizer
+
+    tokenizer_dir = write_standin_released_tokenizer(tmp_path / "released_tokenizer")
+    src = golden_dir / "official_tiny"
+    result = subprocess.run(
+        [*llada_v_command(), "convert", "--input-dir", str(src), "--output-dir", str(tmp_path / "ck"),
+         "--vision-config", str(src / "vision_config.json"), "--tokenizer-dir", str(tokenizer_dir), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = (tmp_path / "ck" / "README.md").read_text()
+    assert f"llada-v convert --input-dir {src} --output-dir {tmp_path / 'ck'}" in card
+    assert "holds the full processor" in card and _front_matter(card)["pipeline_tag"] == "image-text-to-text"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,10 +51,13 @@ from .common import (
     write_model_configs,
     write_processor,
 )
+from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
 
 _VISION = r"model\.vision_tower\.vision_tower\.vision_model\."
+
+RELEASED_REPO_ID = "GSAI-ML/LLaDA-V"  # the released checkpoint this converter reads: the card's base_model
 
 # (official key regex, our key template or None to drop, reason when dropped). First match wins.
 KEY_TABLE: list[tuple[str, str | None, str]] = [
@@ -181,10 +185,13 @@ def convert(
     progress: bool | None = None,
     overwrite: bool = False,
     tokenizer_dir: Path | None = None,
+    command: str | None = None,
 ) -> Path:
     """Convert `input_dir` into `output_dir` (created atomically). Returns the output path.
 
-    `progress`: a bar over the shards (None: only when stderr is a terminal).
+    `progress`: a bar over the shards (None: only when stderr is a terminal). `command`: how the conversion was
+    asked for, recorded in the folder's model card (`README.md`, `model_card.write_model_card`); default: this
+    call with its folders.
 
     The processor (tokenizer + `<image>`, chat template, image processor) is written when a released
     tokenizer is found (`tokenizer_dir`, else `input_dir`); otherwise only the model files are written and a
@@ -216,9 +223,16 @@ def convert(
         )
         write_model_configs(config, tmp, dtype)
         write_processor(config, tokenizer_dir, tmp)
+        write_model_card(tmp, RELEASED_REPO_ID, command or _python_call(input_dir, output_dir, tokenizer_dir, dtype))
         check_written(tmp, mapped_official_tensors(shards, progress=False), dtype)
         finish_folder(tmp, dtype)
     return output_dir
+
+
+def _python_call(input_dir: Path, output_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype) -> str:
+    tokenizer = f", tokenizer_dir={str(tokenizer_dir)!r}" if tokenizer_dir else ""
+    return (f"llada_v.conversion.official.convert({str(input_dir)!r}, {str(output_dir)!r}{tokenizer}, "
+            f"dtype={dtype})")
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -263,6 +277,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             progress=args.progress,
             overwrite=args.overwrite,
             tokenizer_dir=args.tokenizer_dir,
+            command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         )
     except (ConversionError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

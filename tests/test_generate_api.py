@@ -208,7 +208,7 @@ def test_drafts_come_after_every_forward_pass_with_the_answer_ahead(tiny):
 def test_streamer_holds_back_what_may_become_a_multi_token_stop():
     """Scripted steps: `[7, 8]` is the stop; `7` is committed before `8` and must not be streamed."""
     recorder = Recorder()
-    feed = _StreamerFeed(recorder, mask_token_id=0, stop_sequences=[[7, 8]], suffix_length=0)
+    feed = _StreamerFeed(recorder, mask_token_id=0, stop_sequences=[[7, 8]], suffix_length=0, block_length=4)
     steps = [([5, 7, 0, 0], None), ([5, 7, 8, 0], 1)]  # answer region after each step, the stop found
     for number, (answer, stop) in enumerate(steps):
         canvas = torch.tensor([[1, 2, *answer]])

@@ -934,9 +934,12 @@ class _StreamerFeed:
     before it (docs/parity.md Q15: only an earlier occurrence of the first criterion can still move a stop).
     """
 
-    def __init__(self, streamer: Any, mask_token_id: int, stop_sequences: list[list[int]], suffix_length: int):
+    def __init__(
+        self, streamer: Any, mask_token_id: int, stop_sequences: list[list[int]], suffix_length: int, block_length: int
+    ):
         self.streamer = streamer
         self.mask_token_id = mask_token_id
+        self.block_length = block_length
         self.hold = max((len(seq) for seq in stop_sequences), default=1) - 1
         self.suffix_length = suffix_length
         self.sent = 0  # answer tokens already `put`
@@ -961,15 +964,15 @@ class _StreamerFeed:
             self._put_draft(step, answer, stop)
 
     def _put_draft(self, step: LladaVDiffusionStep, answer: torch.Tensor, stop: int | None) -> None:
-        """The answer after what was sent, up to the last column predicted at this step (the block end, or the
-        stop): committed tokens, and this step's prediction at every position still masked. `(1, n)`, sent after
-        every pass (`n` is 0 when everything up to there was sent)."""
+        """The answer after what was sent, up to the end of the block being decoded (or the stop): committed
+        tokens, and this step's prediction at every position still masked (every mask there is a column this
+        pass predicted). `(1, n)`, sent after every pass (`n` is 0 when everything up to there was sent)."""
         draft = answer.clone()
         columns = step.positions - step.prompt_length  # (K,) answer indices of the predicted columns
         keep = columns < draft.shape[0]
         columns, predicted = columns[keep], step.tokens[0][keep]
         draft[columns] = torch.where(draft[columns] == self.mask_token_id, predicted, draft[columns])
-        end = int(columns.max()) + 1 if columns.numel() else self.sent
+        end = min((step.block + 1) * self.block_length, draft.shape[0])
         if stop is not None:
             end = min(end, stop)
         self.streamer.put_draft(value=draft[self.sent : max(end, self.sent)].cpu()[None])
@@ -1120,7 +1123,7 @@ class LladaVGenerationMixin:
                     f"{tuple(getattr(input_ids, 'shape', ()))}; call generate without streamer for a batch"
                 )
             stops, suffix = self._stops_and_suffix(config, tokenizer)
-            feed = _StreamerFeed(streamer, config.mask_token_id, stops, len(suffix))
+            feed = _StreamerFeed(streamer, config.mask_token_id, stops, len(suffix), config.block_length)
         output = self.diffusion_generate(
             input_ids,
             attention_mask=attention_mask,

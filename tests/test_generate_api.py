@@ -7,16 +7,14 @@ Every id is compared with `diffusion_generate`, the sampler the golden tests pin
 import io
 import shutil
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-from llada_v.generation_utils import LladaVDiffusionStep, _StreamerFeed
+from paths import llada_v_command
 from tiny import image_prompt, tiny_model
 
-from paths import llada_v_command
+from llada_v.generation_utils import LladaVDiffusionStep, _StreamerFeed
 
 EXACT = {}
 FAST = {"kv_cache": "dual", "confidence_threshold": 0.5}
@@ -267,9 +265,9 @@ def test_pipeline_on_the_demo_model_answers_as_diffusion_generate():
 
 
 def test_pipeline_on_a_converted_checkpoint_answers_as_diffusion_generate(tmp_path, golden_checkpoint):
+    from _tokenizer_standin import standin_tokenizer
     from PIL import Image
 
-    from _tokenizer_standin import standin_tokenizer
     from llada_v import LladaVConfig
     from llada_v.checkpoint_io import write_remote_code
     from llada_v.conversion.tokenizer import build_processor

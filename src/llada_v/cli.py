@@ -228,8 +228,8 @@ def _answer(model: Any, processor: Any, config: Any, text: str, images: list, ar
     """The answer to one prompt; with `--stream` it is also written (after `prefix`) as it is generated."""
     from .inference import generate_texts
 
-    streamer = StreamPrinter(processor.tokenizer, prefix=prefix) if args.stream else None
-    answers, _ = generate_texts(model, processor, [text], [images], config, seed=args.seed, streamer=streamer)
+    streaming = {"streamer": StreamPrinter(processor.tokenizer, prefix=prefix)} if args.stream else {}
+    answers, _ = generate_texts(model, processor, [text], [images], config, seed=args.seed, **streaming)
     return answers[0]
 
 

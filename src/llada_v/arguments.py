@@ -114,7 +114,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "--system-prompt", default=None, metavar="TEXT", help="replace LLaDA-V's default system prompt ('' drops it)"
     )
     parser.add_argument(
-        "--stream", action="store_true", help="show the answer canvas (masks included) after every denoising step"
+        "--stream", action="store_true",
+        help="write the answer as its tokens become final (on a terminal with the current draft after it)"
     )
 
 

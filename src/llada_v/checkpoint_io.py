@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 _MODEL_AUTO_MAP = {
     "AutoConfig": "configuration_llada_v.LladaVConfig",
     "AutoModel": "modeling_llada_v.LladaVModel",
+    # The class `pipeline("image-text-to-text", trust_remote_code=True)` loads (docs/generation.md#pipeline).
+    "AutoModelForImageTextToText": "modeling_llada_v.LladaVModel",
 }
 _PROCESSOR = {"AutoProcessor": "processing_llada_v.LladaVProcessor"}
 _IMAGE_PROCESSOR = {"AutoImageProcessor": "image_processing_llada_v.LladaVImageProcessor"}

@@ -1,7 +1,7 @@
 """The `llada-v` command line: one entry point with subcommands.
 
-- `generate`: answer one prompt about zero or more images, optionally watching the answer emerge from the masks
-  (`--stream`);
+- `generate`: answer one prompt about zero or more images, optionally streaming the answer as it is
+  decoded (`--stream`);
 - `chat`: a multi-turn conversation read from stdin (`/image PATH` attaches an image to the next turn, `/reset`,
   `/quit`);
 - `convert`: official checkpoint -> llada-v format, optional Hub upload;
@@ -16,8 +16,6 @@ exit status 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import math
-import shutil
 import sys
 import time
 from typing import Any, TextIO
@@ -68,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = sub.add_parser(
         "generate",
-        help="answer a prompt about images (optionally streaming the denoising)",
+        help="answer a prompt about images (optionally streaming the answer)",
         description="Answer one prompt about zero or more images with diffusion_generate.",
         epilog=EPILOG_GENERATE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -161,74 +159,77 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return model, processor, config
 
 
-class DenoisingPrinter:
-    """A `step_callback` that shows row 0's answer canvas after every step, masks drawn as `mask_symbol`.
+class StreamPrinter:
+    """The `--stream` output: a streamer for `model.generate` (put / put_draft / end, as transformers' streamers).
 
-    On a terminal the canvas is redrawn in place; otherwise every step is printed on its own line.
+    The answer's text is written as its tokens become final (`put`; the first `put` is the prompt and is
+    skipped). On a terminal the draft (the current predictions ahead of it) is drawn dim after it and replaced at
+    every step; elsewhere only the final text is written, so a pipe receives exactly the answer line that
+    `generate` prints without `--stream`. `prefix` is written before the answer (`assistant> ` in `chat`).
     """
 
-    def __init__(self, tokenizer: Any, mask_token_id: int, answer_length: int, total_steps: int,
-                 out: TextIO | None = None) -> None:
+    def __init__(self, tokenizer: Any, out: TextIO | None = None, prefix: str = "") -> None:
         self.tokenizer = tokenizer
-        self.mask_token_id = mask_token_id
-        self.answer_length = answer_length
-        self.total_steps = total_steps
         self.out = out if out is not None else sys.stdout
-        encoding = (getattr(self.out, "encoding", None) or "").lower().replace("-", "")
-        self.mask_symbol = "░" if encoding == "utf8" else "_"
+        self.prefix = prefix
         self.in_place = bool(getattr(self.out, "isatty", lambda: False)())
-        self._drawn_lines = 0
+        self.ids: list[int] = []
+        self.printed = ""  # answer text written so far
+        self.started = False  # the prompt was received (and the prefix written)
+        self._draft_shown = False
 
-    def render(self, answer_ids: list[int]) -> str:
-        """Committed runs decoded together (so multi-byte characters survive), one symbol per mask."""
-        parts, run = [], []
-        for token in answer_ids + [None]:
-            if token is not None and token != self.mask_token_id:
-                run.append(token)
-                continue
-            if run:
-                parts.append(self.tokenizer.decode(run, skip_special_tokens=True))
-                run = []
-            if token is not None:
-                parts.append(self.mask_symbol)
-        return "".join(parts)
+    def _text(self, ids: list[int]) -> str:
+        # Decoded as a whole, then cut: tokens decoded one by one lose the spaces between words.
+        return self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
 
-    def __call__(self, step: Any) -> None:
-        start = step.prompt_length  # the canvas is prompt | answer | suffix
-        answer = step.canvas[0, start : start + self.answer_length].tolist()
-        stop = step.stop_indices[0]
-        if stop is not None:
-            answer = answer[:stop]
-        text = self.render(answer)
-        label = f"[step {step.step + 1}/{self.total_steps}]"
-        if self.in_place:
-            if self._drawn_lines:
-                self.out.write(f"\x1b[{self._drawn_lines}F\x1b[J")
-            frame = f"{label} {text}"
-            width = max(1, shutil.get_terminal_size().columns)
-            self._drawn_lines = sum(max(1, math.ceil(len(line) / width)) for line in frame.split("\n"))
-            self.out.write(frame + "\n")
-        else:
-            self.out.write(f"{label} {text.replace(chr(10), chr(92) + 'n')}\n")
+    def _write(self, text: str) -> None:
+        """Write what `text` adds to what is already written (held back while it ends in a partial character
+        or differs from it: only text that stays is written)."""
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed) :])
+            self.printed = text
         self.out.flush()
 
-    def clear(self) -> None:
-        """Remove the in-place frame (before the final answer is printed)."""
-        if self.in_place and self._drawn_lines:
-            self.out.write(f"\x1b[{self._drawn_lines}F\x1b[J")
-            self.out.flush()
-        self._drawn_lines = 0
+    def _clear_draft(self) -> None:
+        if self._draft_shown:
+            self.out.write("\x1b8\x1b[J")  # back to the saved cursor, erase the draft
+            self._draft_shown = False
+
+    def put(self, value: Any) -> None:
+        if not self.started:
+            self.started = True
+            self.out.write(self.prefix)
+            return
+        self._clear_draft()
+        self.ids.extend(int(i) for i in value.reshape(-1).tolist())
+        self._write(self._text(self.ids).rstrip())  # trailing spaces wait: the final answer is stripped
+
+    def put_draft(self, value: Any) -> None:
+        if not self.in_place:
+            return
+        self._clear_draft()
+        text = self._text(self.ids + [int(i) for i in value.reshape(-1).tolist()])
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            self.out.write(f"\x1b7\x1b[2m{text[len(self.printed) :]}\x1b[0m")  # save cursor, dim draft
+            self._draft_shown = True
+        self.out.flush()
+
+    def end(self) -> None:
+        self._clear_draft()
+        if not self.started:
+            self.out.write(self.prefix)
+        self._write(self._text(self.ids).strip())
+        self.out.write("\n")
+        self.out.flush()
 
 
-def _answer(model: Any, processor: Any, config: Any, text: str, images: list, args: argparse.Namespace) -> str:
+def _answer(model: Any, processor: Any, config: Any, text: str, images: list, args: argparse.Namespace,
+            prefix: str = "") -> str:
+    """The answer to one prompt; with `--stream` it is also written (after `prefix`) as it is generated."""
     from .inference import generate_texts
 
-    printer = None
-    if args.stream:
-        printer = DenoisingPrinter(processor.tokenizer, config.mask_token_id, config.max_new_tokens, config.steps)
-    answers, _ = generate_texts(model, processor, [text], [images], config, step_callback=printer, seed=args.seed)
-    if printer is not None:
-        printer.clear()
+    streaming = {"streamer": StreamPrinter(processor.tokenizer, prefix=prefix)} if args.stream else {}
+    answers, _ = generate_texts(model, processor, [text], [images], config, seed=args.seed, **streaming)
     return answers[0]
 
 
@@ -241,7 +242,9 @@ def run_generate(args: argparse.Namespace) -> int:
     images = [read_image(path) for path in args.image]  # before loading the model: fail fast
     model, processor, config = _load(args)
     text = chat_prompt(processor, [user_message(args.prompt, len(images))], args.system_prompt)
-    print(_answer(model, processor, config, text, images, args))
+    answer = _answer(model, processor, config, text, images, args)
+    if not args.stream:  # streamed: already written
+        print(answer)
     return 0
 
 
@@ -308,13 +311,14 @@ class _Chat:
         turn = [*self.messages, user_message(line, len(self.pending))]
         text = chat_prompt(processor, turn, args.system_prompt)
         try:
-            answer = _answer(model, processor, config, text, [*self.images, *self.pending], args)
+            answer = _answer(model, processor, config, text, [*self.images, *self.pending], args, "assistant> ")
         except ValueError as err:  # e.g. the conversation no longer fits the context: the turn is dropped
             print(f"error: {err} (the message was not added; /reset starts over)", file=sys.stderr)
             return
         self.messages = [*turn, {"role": "assistant", "content": answer}]
         self.images, self.pending = [*self.images, *self.pending], []
-        print(f"assistant> {answer}", flush=True)
+        if not args.stream:  # streamed: already written
+            print(f"assistant> {answer}", flush=True)
 
 
 def run_chat(args: argparse.Namespace) -> int:

@@ -86,6 +86,9 @@ AUTOREGRESSIVE_ONLY: dict[str, tuple] = {
     "max_time": (),
 }
 
+# The image inputs of `LladaVModel` (what the processor returns besides the text), passed on by `generate`.
+_IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_layouts", "image_num_crops")
+
 # Largest float64 block (in elements) the Gumbel noise and the softmax are computed on at once (64 MiB).
 _FLOAT64_CHUNK_ELEMENTS = 1 << 23
 
@@ -720,7 +723,8 @@ class _DecoderWindows:
 @dataclass
 class LladaVGenerateOutput(ModelOutput):
     """
-    Output of [`LladaVGenerationMixin.diffusion_generate`] with `return_dict_in_generate=True`.
+    Output of [`LladaVGenerationMixin.generate`] and [`LladaVGenerationMixin.diffusion_generate`] with
+    `return_dict_in_generate=True`.
 
     Args:
         sequences (`torch.LongTensor` of shape `(batch, prompt_length + max_new_tokens + suffix_length)`): the
@@ -737,6 +741,9 @@ class LladaVGenerateOutput(ModelOutput):
             `batch x canvas length` it is the cost in units of one full forward.
         history (`tuple[torch.LongTensor]`, *optional*): with `output_history`, the canvas `(batch, length)`
             after every forward pass (masks are `mask_token_id`; nothing is padded or moved).
+        tokens_per_forward (`torch.FloatTensor` of shape `(batch,)`): per row, the answer tokens it returns
+            (`answer_lengths`: up to the stop, suffix excluded) divided by the forward passes it took part in
+            (`forward_passes_per_row`), as transformers' DiffusionGemma reports it (docs/generation.md).
     """
 
     sequences: torch.LongTensor | None = None
@@ -746,6 +753,7 @@ class LladaVGenerateOutput(ModelOutput):
     forward_passes_per_row: torch.LongTensor | None = None
     num_decoder_tokens: int | None = None
     history: tuple[torch.LongTensor, ...] | None = None
+    tokens_per_forward: torch.FloatTensor | None = None
 
     def answer_ids(self) -> list[list[int]]:
         """Each row's answer ids: after the prompt, up to the stop (suffix and padding excluded)."""
@@ -911,14 +919,97 @@ def _update_stops(state: _DenoisingState, rows: torch.Tensor, stop_sequences: li
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Streaming (`generate(streamer=...)`)
+
+
+class _StreamerFeed:
+    """A `step_callback` that feeds a transformers-style streamer from the denoising of a batch of one.
+
+    The streamer receives what transformers' DiffusionGemma sends (docs/generation.md#streaming):
+    `put(prompt ids)` once, then `put(ids)` with answer tokens that are final, left to right and never sent twice,
+    `put_draft(value=ids)` after every forward pass when the streamer has that method, and `end()` (called by
+    `generate`). A committed token never changes, but the answer is cut at the stop, which is searched in the
+    committed tokens: a token is sent once nothing before it is masked and no stop sequence can still start
+    at or before it (the last `longest stop - 1` tokens wait), or once the stop is known with nothing masked
+    before it (docs/parity.md Q15: only an earlier occurrence of the first criterion can still move a stop).
+    """
+
+    def __init__(
+        self, streamer: Any, mask_token_id: int, stop_sequences: list[list[int]], suffix_length: int, block_length: int
+    ):
+        self.streamer = streamer
+        self.mask_token_id = mask_token_id
+        self.block_length = block_length
+        self.hold = max((len(seq) for seq in stop_sequences), default=1) - 1
+        self.suffix_length = suffix_length
+        self.sent = 0  # answer tokens already `put`
+        self.started = False
+
+    def __call__(self, step: LladaVDiffusionStep) -> None:
+        canvas = step.canvas[0]  # (T,) batch of one (checked by `generate`)
+        if not self.started:
+            self.streamer.put(canvas[: step.prompt_length].cpu()[None])  # (1, P) the prompt, as DiffusionGemma
+            self.started = True
+        answer = canvas[step.prompt_length : canvas.shape[0] - self.suffix_length]  # (N,)
+        masked = (answer == self.mask_token_id).nonzero()
+        first_mask = int(masked[0, 0]) if masked.numel() else answer.shape[0]
+        stop = step.stop_indices[0]
+        ready = stop if stop is not None and first_mask >= stop else first_mask - self.hold
+        if stop is not None:
+            ready = min(ready, stop)
+        if ready > self.sent:
+            self.streamer.put(answer[self.sent : ready].cpu()[None])  # (1, n)
+            self.sent = ready
+        if hasattr(self.streamer, "put_draft"):
+            self._put_draft(step, answer, stop)
+
+    def _put_draft(self, step: LladaVDiffusionStep, answer: torch.Tensor, stop: int | None) -> None:
+        """The answer after what was sent, up to the end of the block being decoded (or the stop): committed
+        tokens, and this step's prediction at every position still masked (every mask there is a column this
+        pass predicted). `(1, n)`, sent after every pass (`n` is 0 when everything up to there was sent)."""
+        draft = answer.clone()
+        columns = step.positions - step.prompt_length  # (K,) answer indices of the predicted columns
+        keep = columns < draft.shape[0]
+        columns, predicted = columns[keep], step.tokens[0][keep]
+        draft[columns] = torch.where(draft[columns] == self.mask_token_id, predicted, draft[columns])
+        end = min((step.block + 1) * self.block_length, draft.shape[0])
+        if stop is not None:
+            end = min(end, stop)
+        self.streamer.put_draft(value=draft[self.sent : max(end, self.sent)].cpu()[None])
+
+    def finish(self, answer_ids: list[int], prompt: torch.Tensor) -> None:
+        """After the last pass: the rest of the answer (the tokens held back, or all of it when no pass ran)."""
+        if not self.started:
+            self.streamer.put(prompt.cpu())
+        if len(answer_ids) > self.sent:
+            self.streamer.put(torch.tensor([answer_ids[self.sent :]], dtype=torch.long))
+        self.sent = len(answer_ids)
+
+
+def _chain_callbacks(*callbacks: Callable[[LladaVDiffusionStep], None] | None) -> Callable | None:
+    present = [c for c in callbacks if c is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+
+    def chained(step: LladaVDiffusionStep) -> None:
+        for callback in present:
+            callback(step)
+
+    return chained
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The sampler
 
 
 class LladaVGenerationMixin:
-    """Adds `diffusion_generate` to `LladaVModel` (and loads `generation_config.json` at `from_pretrained`).
+    """Adds `generate` (transformers' diffusion-LM interface) and `diffusion_generate` to `LladaVModel`, and
+    loads `generation_config.json` at `from_pretrained`.
 
-    Deliberately not transformers' `GenerationMixin`: LLaDA-V is not autoregressive, and defining `generate`
-    would make `AutoModel` mix the autoregressive machinery in.
+    Deliberately not transformers' `GenerationMixin` (docs/generation.md#why-not-generationmixin): LLaDA-V is not
+    autoregressive. This class is a direct base of the model and its name ends in `GenerationMixin`, which is
+    what transformers checks (`can_generate`, and the Auto classes, which otherwise mix the autoregressive
+    `GenerationMixin` into a remote-code class that defines `generate`), as for DiffusionGemma.
     """
 
     def adjust_generation_fn(
@@ -986,6 +1077,66 @@ class LladaVGenerationMixin:
                 f"fields of LladaVGenerationConfig"
             )
         return config
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        streamer: Any = None,
+        step_callback: Callable[[LladaVDiffusionStep], None] | None = None,
+        generator: torch.Generator | None = None,
+        tokenizer: Any = None,
+        **kwargs,
+    ) -> torch.LongTensor | LladaVGenerateOutput:
+        r"""
+        Generate answers by masked diffusion with transformers' diffusion-LM interface (DiffusionGemma's):
+        `model.generate(**processor(...), max_new_tokens=..., streamer=...)`. The ids are exactly those of
+        [`diffusion_generate`] with the same settings, which this calls (docs/generation.md#generate).
+
+        Args:
+            input_ids, attention_mask: as in [`diffusion_generate`]; the image tensors the processor returns
+                (`pixel_values`, `image_sizes`, `image_layouts`, `image_num_crops`) go in `kwargs`.
+            generation_config (`LladaVGenerationConfig`, *optional*): defaults to `self.generation_config`;
+                `kwargs` that are fields of it override it (`max_new_tokens=64, steps=64`).
+            streamer (*optional*): batch of one. Receives `put(prompt ids)`, then `put(ids)` with each run of answer
+                tokens that is final (in order; their concatenation is the answer up to the stop), after every
+                forward pass `put_draft(value=ids)` with the answer ahead of them (committed tokens and the current
+                predictions) if it has that method, and `end()`. `transformers.TextStreamer` and
+                `TextDiffusionStreamer` work as they are.
+            step_callback, generator, tokenizer: as in [`diffusion_generate`].
+
+        Returns:
+            `torch.LongTensor` (the `sequences` of [`diffusion_generate`]), or with `return_dict_in_generate=True` a
+            [`LladaVGenerateOutput`] with `sequences` and `tokens_per_forward`.
+        """
+        images = {name: kwargs.pop(name) for name in _IMAGE_INPUTS if name in kwargs}
+        config = self._resolve_generation_config(generation_config, kwargs)
+        return_dict, config.return_dict_in_generate = config.return_dict_in_generate, True
+        feed = None
+        if streamer is not None:
+            batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else None
+            if batch != 1:
+                raise ValueError(
+                    f"a streamer needs a batch of one prompt (as in transformers), got input_ids of shape "
+                    f"{tuple(getattr(input_ids, 'shape', ()))}; call generate without streamer for a batch"
+                )
+            stops, suffix = self._stops_and_suffix(config, tokenizer)
+            feed = _StreamerFeed(streamer, config.mask_token_id, stops, len(suffix), config.block_length)
+        output = self.diffusion_generate(
+            input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            step_callback=_chain_callbacks(step_callback, feed),
+            generator=generator,
+            tokenizer=tokenizer,
+            **images,
+        )
+        if feed is not None:
+            feed.finish(output.answer_ids()[0], input_ids)
+            streamer.end()
+        return output if return_dict else output.sequences
 
     @torch.no_grad()
     def diffusion_generate(
@@ -1230,6 +1381,8 @@ class LladaVGenerationMixin:
             forward_passes_per_row=state.passes_per_row,
             num_decoder_tokens=state.decoder_tokens,
             history=tuple(state.history) if config.output_history else None,
+            # A row always takes at least one pass (max_new_tokens >= 1); the clamp only guards the division.
+            tokens_per_forward=answer_lengths.float() / state.passes_per_row.clamp(min=1),
         )
 
     # ------------------------------------------------------------------ settings and checks

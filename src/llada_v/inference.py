@@ -24,6 +24,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -407,9 +408,11 @@ def generate_texts(
     generation_config: LladaVGenerationConfig,
     step_callback: Callable[[Any], None] | None = None,
     seed: int | None = None,
+    streamer: Any = None,
 ) -> tuple[list[str], Any]:
     """Answer a batch of chat-template prompts. Returns the decoded answers (up to the stop, special tokens
-    removed) and the `LladaVGenerateOutput` (`answer_ids()`, `prompt_length`, counters)."""
+    removed) and the `LladaVGenerateOutput` (`answer_ids()`, `prompt_length`, counters). With a `streamer` (a
+    batch of one) the call goes through `model.generate`, which feeds it; the ids are the same."""
     device = model.device
     inputs = prepare_inputs(processor, texts, images, device)
     generator = None
@@ -417,7 +420,8 @@ def generate_texts(
         generator = torch.Generator(device=device).manual_seed(seed)
     config = copy.deepcopy(generation_config)
     config.return_dict_in_generate = True
-    output = model.diffusion_generate(
+    generate = model.diffusion_generate if streamer is None else partial(model.generate, streamer=streamer)
+    output = generate(
         **inputs,
         generation_config=config,
         step_callback=step_callback,

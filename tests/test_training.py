@@ -337,6 +337,7 @@ def _fixed_noise_loss(model, batch, draws: int = 4, seed: int = 123) -> float:
     return total / draws
 
 
+@pytest.mark.slow
 def test_lora_at_the_default_learning_rate_lowers_a_fixed_held_out_loss(tmp_path):
     # Issue #15 reported a 4-step LoRA run logging 9.06 -> 9.82 -> 10.87 -> 16.26. The logged losses are one draw
     # of t ~ U(0, 1) each, weighted 1 / t: here they are compared on a held-out batch with the noise fixed, which

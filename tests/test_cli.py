@@ -418,3 +418,87 @@ def test_demo_arguments_fail_before_the_demo_runs(capsys, tmp_path):
     assert code == 2 and "the folder" in err and "does not exist" in err and "Q:" not in out
     code, _, err = run(capsys, "eval-demo", "--seed", "1", "--n", "0")
     assert code == 2 and "must be a positive integer, got 0" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------- video
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """Three demo scenes as a frame folder and as an animated GIF (few colours: the GIF palette keeps them exact)."""
+    import random
+
+    from llada_v.demo.task import draw_scene
+
+    folder = tmp_path_factory.mktemp("video")
+    frames = [draw_scene(random.Random(seed)).image.resize((64, 48)) for seed in range(3)]
+    (folder / "frames").mkdir()
+    for i, frame in enumerate(frames):
+        frame.save(folder / "frames" / f"{i:03d}.png")
+    frames[0].save(folder / "clip.gif", save_all=True, append_images=frames[1:], duration=100)
+    (folder / "empty").mkdir()
+    (folder / "broken.gif").write_text("not a gif")
+    return SimpleNamespace(folder=folder, frames=frames)
+
+
+def reference_video_answer(path, prompt, frames):
+    """What `generate --video` should print: the processor's `videos=` and `diffusion_generate` called directly."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "<video>" in text
+    inputs = processor(text=[text], videos=[frames], return_tensors="pt")
+    config = generation_config_for(model.generation_config, {})
+    config.return_dict_in_generate = True
+    output = model.diffusion_generate(**inputs, generation_config=config)
+    return processor.tokenizer.decode(output.answer_ids()[0], skip_special_tokens=True).strip()
+
+
+def test_generate_video_from_a_gif_answers_like_the_processor_pipeline(demo_ck, video):
+    # The real `llada-v` command in a subprocess, as a user runs it.
+    prompt = "How many shapes are there?"
+    result = subprocess.run([*llada_v_command(), "generate", "--model", str(demo_ck), "--video",
+                             str(video.folder / "clip.gif"), "--prompt", prompt], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = reference_video_answer(demo_ck, prompt, [f.convert("RGB") for f in video.frames])
+    assert result.stdout.strip() == expected
+
+
+def test_generate_video_from_a_frame_folder_equals_the_gif(capsys, demo_ck, video):
+    prompt = "What color is the circle?"
+    code, from_folder, err = run(capsys, "generate", "--model", demo_ck, "--video", video.folder / "frames",
+                                 "--prompt", prompt)
+    assert code == 0, err
+    code, from_gif, err = run(capsys, "generate", "--model", demo_ck, "--video", video.folder / "clip.gif",
+                              "--prompt", prompt)
+    assert code == 0, err
+    assert from_folder == from_gif and from_folder.strip()
+
+
+def test_read_video_frames_in_name_order():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, value in (("b.png", 20), ("a.png", 10), ("c.png", 30)):
+            Image.new("RGB", (8, 8), (value, 0, 0)).save(Path(tmp) / name)
+        frames = cli.read_video(tmp)
+    assert [f.getpixel((0, 0))[0] for f in frames] == [10, 20, 30]
+
+
+@pytest.mark.parametrize("case", ["missing", "no frames", "unreadable", "with --image"])
+def test_bad_video_input_is_one_line_naming_the_value(capsys, demo_ck, images, video, case):
+    argv, message = {
+        "missing": (["--video", video.folder / "nope"], f"no such video: {video.folder / 'nope'}"),
+        "no frames": (["--video", video.folder / "empty"], f"the video folder {video.folder / 'empty'} holds no frame"),
+        "unreadable": (["--video", video.folder / "broken.gif"], f"could not read video {video.folder / 'broken.gif'}"),
+        "with --image": (["--video", video.folder / "clip.gif", "--image", images / "red.png"],
+                         f"--image and --video cannot be combined (got --image {images / 'red.png'}"),
+    }[case]
+    code, _, err = run(capsys, "generate", "--model", demo_ck, "--prompt", "hi", *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message in err

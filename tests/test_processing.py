@@ -228,6 +228,19 @@ def test_two_images_use_the_pad_layout_and_a_video_one_span(processor):
     assert out["image_layouts"].tolist() == [LAYOUT_VIDEO] and out["image_num_crops"].tolist() == [3]
 
 
+def test_a_video_array_equals_its_list_of_frames(processor):
+    # docs/video.md: a video is a list of frames or one (T, H, W, C) array; both give the same input.
+    frames = [_image(16, 12, s) for s in range(3)]
+    array = np.stack([np.asarray(frame.convert("RGB")) for frame in frames])
+    assert array.shape == (3, 12, 16, 3)
+    prompt = processor.apply_chat_template([_user("What happens?", "video")])
+    from_list = processor(videos=[[frame.convert("RGB") for frame in frames]], text=prompt)
+    from_array = processor(videos=[array], text=prompt)
+    assert from_list["input_ids"].tolist() == from_array["input_ids"].tolist()
+    torch.testing.assert_close(from_array["pixel_values"], from_list["pixel_values"], rtol=0, atol=0)
+    assert from_array["image_num_crops"].tolist() == [3]
+
+
 def test_mixed_image_and_video_follow_placeholder_order(processor):
     frames = np.zeros((2, 12, 16, 3), dtype=np.uint8)
     image = _image(40, 30)

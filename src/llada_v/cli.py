@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--image", action="append", default=[], metavar="PATH",
         help="an image for the prompt (repeat for several; they go before the text)",
     )  # fmt: skip
+    generate.add_argument(
+        "--video", metavar="PATH",
+        help="a video for the prompt: a folder of frame images (sorted by name) or a multi-frame image such as an "
+             "animated GIF; the processor keeps at most the model's max_frames, spread evenly",
+    )  # fmt: skip
     generate.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction")
     add_model_arguments(generate)
     add_generation_arguments(generate)
@@ -223,13 +228,44 @@ class StreamPrinter:
         self.out.flush()
 
 
+def read_video(path: str) -> list:
+    """The frames of `--video PATH`: a folder of frame images (sorted by name) or a multi-frame image file
+    (animated GIF, APNG, WebP, TIFF; a still image is a one-frame video). Every frame is decoded here, before
+    the model loads, so a bad file fails fast; `InputError` naming the path otherwise."""
+    from pathlib import Path
+
+    from PIL import Image, ImageSequence
+
+    from .inference import InputError, read_image
+
+    video = Path(path).expanduser()
+    if not video.exists():
+        raise InputError(f"no such video: {video}")
+    if video.is_dir():
+        files = sorted(f for f in video.iterdir() if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise InputError(f"the video folder {video} holds no frame files")
+        return [read_image(f) for f in files]
+    try:
+        with Image.open(video) as image:
+            frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(image)]
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise InputError(
+            f"could not read video {video}: {err} (give a folder of frames or a multi-frame image such as an "
+            "animated GIF; decode video files to frames first)"
+        ) from err
+    return frames
+
+
 def _answer(model: Any, processor: Any, config: Any, text: str, images: list, args: argparse.Namespace,
-            prefix: str = "") -> str:
+            prefix: str = "", videos: list | None = None) -> str:
     """The answer to one prompt; with `--stream` it is also written (after `prefix`) as it is generated."""
     from .inference import generate_texts
 
-    streaming = {"streamer": StreamPrinter(processor.tokenizer, prefix=prefix)} if args.stream else {}
-    answers, _ = generate_texts(model, processor, [text], [images], config, seed=args.seed, **streaming)
+    extra = {"streamer": StreamPrinter(processor.tokenizer, prefix=prefix)} if args.stream else {}
+    if videos is not None:
+        extra["videos"] = [videos]
+    answers, _ = generate_texts(model, processor, [text], [images], config, seed=args.seed, **extra)
     return answers[0]
 
 
@@ -237,12 +273,19 @@ def _answer(model: Any, processor: Any, config: Any, text: str, images: list, ar
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .inference import chat_prompt, read_image, user_message
+    from .inference import InputError, chat_prompt, read_image, user_message
 
+    if args.video is not None and args.image:
+        raise InputError(f"--image and --video cannot be combined (got --image {' '.join(args.image)} and --video "
+                         f"{args.video}): ask about one video or about images")
     images = [read_image(path) for path in args.image]  # before loading the model: fail fast
+    frames = read_video(args.video) if args.video is not None else None
     model, processor, config = _load(args)
-    text = chat_prompt(processor, [user_message(args.prompt, len(images))], args.system_prompt)
-    answer = _answer(model, processor, config, text, images, args)
+    message = user_message(args.prompt, len(images))
+    if frames is not None:
+        message["content"].insert(0, {"type": "video"})
+    text = chat_prompt(processor, [message], args.system_prompt)
+    answer = _answer(model, processor, config, text, images, args, videos=None if frames is None else [frames])
     if not args.stream:  # streamed: already written
         print(answer)
     return 0

@@ -391,12 +391,27 @@ def chat_prompt(processor: Any, messages: list[dict], system_prompt: str | None 
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
 
 
-def prepare_inputs(processor: Any, texts: list[str], images: Sequence[Sequence[Any]], device: torch.device) -> dict:
-    """Processor outputs for `texts` (left-padded) with `images[i]` for prompt i, as tensors on `device`."""
+def prepare_inputs(
+    processor: Any,
+    texts: list[str],
+    images: Sequence[Sequence[Any]],
+    device: torch.device,
+    videos: Sequence[Sequence[Any]] | None = None,
+) -> dict:
+    """Processor outputs for `texts` (left-padded) with `images[i]` (and `videos[i]`, videos for the `<video>`
+    placeholders) for prompt i, as tensors on `device`."""
     if len(images) != len(texts):
         raise ValueError(f"got image lists for {len(images)} prompts but {len(texts)} prompts")
+    if videos is not None and len(videos) != len(texts):
+        raise ValueError(f"got video lists for {len(videos)} prompts but {len(texts)} prompts")
     has_images = any(len(row) for row in images)
-    inputs = processor(images=[list(row) for row in images] if has_images else None, text=texts, return_tensors="pt")
+    has_videos = videos is not None and any(len(row) for row in videos)
+    inputs = processor(
+        images=[list(row) for row in images] if has_images else None,
+        videos=[list(row) for row in videos] if has_videos else None,
+        text=texts,
+        return_tensors="pt",
+    )
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
@@ -409,12 +424,14 @@ def generate_texts(
     step_callback: Callable[[Any], None] | None = None,
     seed: int | None = None,
     streamer: Any = None,
+    videos: Sequence[Sequence[Any]] | None = None,
 ) -> tuple[list[str], Any]:
     """Answer a batch of chat-template prompts. Returns the decoded answers (up to the stop, special tokens
-    removed) and the `LladaVGenerateOutput` (`answer_ids()`, `prompt_length`, counters). With a `streamer` (a
-    batch of one) the call goes through `model.generate`, which feeds it; the ids are the same."""
+    removed) and the `LladaVGenerateOutput` (`answer_ids()`, `prompt_length`, counters). `videos[i]` holds the
+    videos (lists of frames) of prompt i's `<video>` placeholders. With a `streamer` (a batch of one) the call
+    goes through `model.generate`, which feeds it; the ids are the same."""
     device = model.device
-    inputs = prepare_inputs(processor, texts, images, device)
+    inputs = prepare_inputs(processor, texts, images, device, videos)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)

@@ -38,7 +38,6 @@ done
 ((${#parts[@]})) || parts=(env latency batch quant attention)
 mkdir -p "$out"
 python=${PYTHON:-python}
-shared=${LLADA_V_SHARED:-../shared}
 
 if ((reduced)); then
     device=(--device cpu --dtype float32 --threads "${THREADS:-2}")

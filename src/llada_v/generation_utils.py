@@ -207,6 +207,13 @@ class LladaVGenerationConfig(GenerationConfig):
             commits extra tokens and is exactly the default sampler. **Approximation**: tokens committed in the
             same step are predicted independently of one another (the joint choice the schedule would have made
             one by one can differ). Needs `remasking="low_confidence"`.
+        lm_head_shortlist (`int`, *optional*, defaults to None): a cheaper LM head (docs/generation.md, "LM head
+            shortlist"). The first pass of every block computes logits over the whole vocabulary; the ids among
+            the `lm_head_shortlist` likeliest of any candidate column (suppressed ids excluded) form the block's
+            shortlist, and the block's later passes compute the LM head, the token choice and the float64
+            softmax over those ids only. **Approximation**: an id outside the shortlist is never chosen later
+            in the block, and a confidence is the probability within the shortlist (at least the full one).
+            Needs `temperature=0` and `remasking="low_confidence"`. `None`: the whole vocabulary (exact).
 
     The recommended fast combination is [`LladaVGenerationConfig.fast`].
     """
@@ -227,6 +234,7 @@ class LladaVGenerationConfig(GenerationConfig):
         "kv_cache": None,
         "confidence_threshold": None,
         "kv_cache_prompt_refresh": "block",
+        "lm_head_shortlist": None,
     }
     # GenerationConfig fields whose default differs here.
     _inherited_defaults: dict[str, Any] = {
@@ -383,6 +391,19 @@ class LladaVGenerationConfig(GenerationConfig):
                     f"confidence_threshold ({threshold}) compares softmax probabilities and needs "
                     f"remasking='low_confidence', got remasking={self.remasking!r}"
                 )
+        self._check_shortlist()
+
+    def _check_shortlist(self) -> None:
+        size = self.lm_head_shortlist
+        if size is None:
+            return
+        if not _is_int(size) or size < 1:
+            raise ValueError(f"lm_head_shortlist must be None or a positive integer, got {size!r}")
+        if self.temperature != 0 or self.remasking != "low_confidence":
+            raise ValueError(
+                f"lm_head_shortlist ({size}) ranks ids by their logits and needs temperature=0 and "
+                f"remasking='low_confidence', got temperature={self.temperature!r}, remasking={self.remasking!r}"
+            )
 
     @classmethod
     def fast(cls, base: GenerationConfig | None = None, **overrides) -> "LladaVGenerationConfig":
@@ -852,10 +873,32 @@ def _active(state: _DenoisingState, block_start: int, block_end: int) -> _Active
     return _Active(rows, positions, candidate[rows][:, positions])
 
 
+def build_shortlist(logits: torch.Tensor, candidate: torch.Tensor, size: int) -> torch.Tensor:
+    """The block's LM-head shortlist (`lm_head_shortlist`): the sorted ids among the `size` likeliest of any
+    candidate column, from `(b, K, V)` logits with the suppressed ids already -inf (they are left out) and the
+    `(b, K)` bool candidates. Returns `(U,)` int64, U <= b * K * size."""
+    top = logits.topk(min(size, logits.shape[-1]), dim=-1)  # (b, K, size)
+    keep = (top.values > float("-inf")) & candidate[..., None]
+    return top.indices[keep].unique()  # sorted
+
+
 def _predict(
-    logits: torch.Tensor, suppress: torch.Tensor, config: LladaVGenerationConfig, generator: torch.Generator | None
+    logits: torch.Tensor,
+    suppress: torch.Tensor,
+    config: LladaVGenerationConfig,
+    generator: torch.Generator | None,
+    shortlist: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Suppress ids in place, then the token choice and its confidence at every column: `(b, K)` each."""
+    """Suppress ids in place, then the token choice and its confidence at every column: `(b, K)` each.
+
+    With a `shortlist` `(U,)` the logits are `(b, K, U)` over those ids, which hold no suppressed id (see
+    `build_shortlist`): the choice is mapped back to vocabulary ids."""
+    if shortlist is not None:
+        b, k_cols, size = logits.shape
+        flat = logits.reshape(b * k_cols, size)
+        local = flat.argmax(-1)  # temperature 0 (checked by the config)
+        confidence = token_confidence(flat, local, config.remasking, generator).view(b, k_cols)
+        return shortlist[local].view(b, k_cols), confidence
     logits[..., suppress] = float("-inf")
     vocab_limit = config.tokenizer_vocab_size
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
@@ -1116,6 +1159,7 @@ class LladaVGenerationMixin:
         masks = (state.canvas[:, block_start:block_end] == config.mask_token_id).sum(-1)  # (B,)
         schedule = transfer_schedule(masks, config.steps_per_block)  # (B, steps_per_block)
         windows.start_block()
+        shortlist = None  # `lm_head_shortlist`: built by the block's first pass
         for block_step in range(config.steps_per_block):
             active = _active(state, block_start, block_end)
             if active is None:
@@ -1130,8 +1174,11 @@ class LladaVGenerationMixin:
                 attention_mask=None if state.attention_mask is None else state.attention_mask[active.rows],
                 cache=window.cache,
                 window=(window.start, window.end),
-            )  # (b, K, V) float32
-            tokens, confidence = _predict(logits, suppress, config, generator)
+                vocab_ids=shortlist,
+            )  # (b, K, V) float32, (b, K, U) over a shortlist
+            tokens, confidence = _predict(logits, suppress, config, generator, shortlist)
+            if config.lm_head_shortlist is not None and shortlist is None:
+                shortlist = build_shortlist(logits, active.candidate, config.lm_head_shortlist)
             committed = _commit(
                 state.canvas, active, tokens, confidence, schedule[active.rows, block_step], config.confidence_threshold
             )
@@ -1172,6 +1219,7 @@ class LladaVGenerationMixin:
         attention_mask: torch.Tensor | None = None,
         cache: LladaVDiffusionCache | None = None,
         window: tuple[int, int] | None = None,
+        vocab_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One denoiser pass: float32 logits `(b, K, V)` of the canvas columns `positions`, guided when
         `cfg_scale > 0` (docs/parity.md Q17: the unconditional copy has every prompt position, image
@@ -1186,6 +1234,7 @@ class LladaVGenerationMixin:
             cache, window: with an empty `LladaVDiffusionCache` the full canvas runs and fills it (a refresh);
                 with a filled one only the canvas columns `window = (start, end)` (after the prompt) go through
                 the decoder, attending over the cache.
+            vocab_ids: `(U,)` ids: the logits `(b, K, U)` of these ids only (`lm_head_shortlist`); None: all.
         """
         prompt_len = prompt_embeds.shape[1]
         cache_kwargs = {} if cache is None else {"cache": cache, "cache_start": window[0]}
@@ -1206,9 +1255,15 @@ class LladaVGenerationMixin:
             attention_mask = torch.cat((attention_mask, attention_mask), dim=0)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded in these rows: the unmasked path, as the official loop
-        logits = self(
-            inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions, **cache_kwargs
-        ).logits.float()
+        if vocab_ids is None:
+            logits = self(
+                inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions, **cache_kwargs
+            ).logits.float()
+        else:
+            # The decoder alone (the forward would apply the full LM head), then the shortlist's rows of it.
+            hidden, _ = self.language_model(embeds, attention_mask=attention_mask, **cache_kwargs)  # (b, W, D)
+            rows = self.get_output_embeddings().weight[vocab_ids]  # (U, D)
+            logits = torch.nn.functional.linear(hidden[:, positions.to(hidden.device)], rows).float()  # (b, K, U)
         if cfg_scale > 0:
             cond, uncond = logits.chunk(2, dim=0)
             logits = uncond + (cfg_scale + 1) * (cond - uncond)

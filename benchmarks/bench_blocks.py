@@ -163,6 +163,58 @@ def benchmark(model, processor, n: int, seed: int = 0, objects: int = 3, methods
     return result
 
 
+@torch.no_grad()
+def cost_ratios(hidden: int = 1024, layers: int = 2, heads: int = 8, prompt: int = 700, shortlist: int = 4,
+                settings: dict | None = None, repeats: int = 2, seed: int = 0) -> dict:  # fmt: skip
+    """Wall time of exact, dual and the fast preset, each with and without `lm_head_shortlist`, on a random
+    text-only model of width `hidden` with the real vocabulary (126464) and a `prompt`-token prompt; each mode
+    `repeats` times in alternating order, the fastest run kept. Random weights: the threshold never fires."""
+    from llada_v import LladaVConfig, LladaVGenerationConfig, LladaVModel
+
+    config = LladaVConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LladaVModel(config).eval()
+    ids = torch.randint(0, 100_000, (1, prompt))  # ordinary text ids, below every special id
+    settings = {"max_new_tokens": 16, "steps": 16, "block_length": 4, "stop_token_ids": None, **(settings or {})}
+    base = LladaVGenerationConfig.from_model_config(config)
+    modes = {}
+    for name, options in (("exact", {}), ("dual", {"kv_cache": "dual"}), (FAST, None)):
+        for size in (None, shortlist):
+            extra = {**settings, "lm_head_shortlist": size}
+            label = name if size is None else f"{name} + shortlist {size}"
+            modes[label] = LladaVGenerationConfig.fast(base, **extra) if options is None else copy.deepcopy(base)
+            if options is not None:
+                modes[label].update(**options, **extra)
+                modes[label].validate()
+    seconds = {label: float("inf") for label in modes}
+    answers = {}
+    for _ in range(repeats):
+        for label, generation_config in modes.items():
+            start = time.perf_counter()
+            out = model.diffusion_generate(ids, generation_config=generation_config)
+            seconds[label] = min(seconds[label], time.perf_counter() - start)
+            answers[label] = out[0, prompt:].tolist()
+    return {"seconds": seconds, "answers": answers, "hidden": hidden, "layers": layers, "prompt": prompt,
+            "settings": settings, "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def cost_table(cost: dict) -> str:
+    lines = ["| mode | seconds | with the shortlist / without | answer equal to the mode without |", "|---|---|---|---|"]
+    plain = None
+    for label, seconds in cost["seconds"].items():
+        if "shortlist" not in label:
+            plain = label
+            lines.append(f"| {label} | {seconds:.2f} | | |")
+        else:
+            same = cost["answers"][label] == cost["answers"][plain]
+            lines.append(f"| {label} | {seconds:.2f} | {seconds / cost['seconds'][plain]:.2f} | {'yes' if same else 'no'} |")
+    return "\n".join(lines)
+
+
 def markdown_table(result: dict) -> str:
     exact = result["methods"]["exact"]
     lines = [
@@ -208,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", action="store_true", help="also run the official loop per scene")
     parser.add_argument("--model", type=Path, default=None, help="demo checkpoint (default: the shipped one)")
     parser.add_argument("--json", type=Path, default=None, help="write the results (ids included) here")
+    parser.add_argument("--cost", action="store_true",
+                        help="instead: time exact/dual/fast with and without lm_head_shortlist on a wide random model")  # fmt: skip
+    parser.add_argument("--hidden", type=int, default=1024, help="--cost: model width")
+    parser.add_argument("--prompt-length", type=int, default=700, help="--cost: prompt tokens")
+    parser.add_argument("--shortlist", type=int, default=4, help="--cost: lm_head_shortlist")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -215,10 +272,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    settings = {"max_new_tokens": args.gen_length, "steps": args.steps, "block_length": args.block_length}
+    if args.cost:
+        cost = cost_ratios(args.hidden, prompt=args.prompt_length, shortlist=args.shortlist, settings=settings)
+        print(f"hidden {cost['hidden']}, {cost['layers']} layers, vocabulary 126464, prompt {cost['prompt']} tokens, "
+              f"{cost['settings']}, {cost['threads']} threads, fastest of 2")  # fmt: skip
+        print(cost_table(cost))
+        return 0
     from llada_v.demo.app import load_demo
 
     model, processor = load_demo(args.model)
-    settings = {"max_new_tokens": args.gen_length, "steps": args.steps, "block_length": args.block_length}
     extra = dict(_options(text) for text in args.extra)
     result = benchmark(model, processor, args.n, args.seed, args.objects, methods, settings, extra,
                        args.batch_size, args.reference)  # fmt: skip

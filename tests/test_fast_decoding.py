@@ -359,9 +359,9 @@ def test_build_shortlist_takes_the_top_ids_of_candidate_columns_without_suppress
     )  # (b=2, K=2, V=5)
     candidate = torch.tensor([[True, False], [True, True]])
     # row 0 col 0: ids 1, 2; row 0 col 1 is no candidate; row 1 col 0: only id 3 is finite; row 1 col 1: 2, 3
-    assert build_shortlist(logits, candidate, 2).tolist() == [1, 2, 3]
-    assert build_shortlist(logits, candidate, 1).tolist() == [1, 2, 3]
-    assert build_shortlist(logits, candidate, 10).tolist() == [0, 1, 2, 3, 4]
+    assert build_shortlist(logits, candidate, 2).tolist() == [[-1, -1, 1, 2], [-1, 2, 3, -1]]  # 3 twice: once
+    assert build_shortlist(logits, candidate, 1).tolist() == [[-1, 1], [2, 3]]
+    assert build_shortlist(logits, candidate, 5).tolist() == [[-1] * 6 + [0, 1, 2, 4], [-1] * 4 + [0, 1, 2, 3, -1, 4]]
 
 
 @pytest.mark.parametrize(
@@ -387,7 +387,18 @@ def test_lm_head_shortlist_runs_later_passes_of_a_block_over_the_shortlist_only(
         if step.block_step == 0:  # the block's first pass: the whole vocabulary, the shortlist from its top 2
             assert step.logits.shape[-1] == vocab
             shortlist = set(step.logits[0].topk(2, dim=-1).indices.flatten().tolist())  # every column a candidate
+            slots = 2 * step.positions.shape[0]
         else:
-            assert step.logits.shape[-1] == len(shortlist) < vocab
+            assert step.logits.shape[-1] == slots < vocab
+            assert int(torch.isfinite(step.logits[0, 0]).sum()) == len(shortlist)
             committed = step.tokens[0][step.committed[0]].tolist()
             assert set(committed) <= shortlist
+
+
+def test_lm_head_shortlist_batch_equals_single_runs(confident):
+    batch, singles, width = _batch(confident)
+    settings = dict(steps=24, max_new_tokens=24, block_length=8, kv_cache="dual", lm_head_shortlist=3)
+    out = _run(confident, batch, **settings)
+    for r, inputs in enumerate(singles):
+        single = _run(confident, inputs, **settings)
+        assert out.sequences[r, width:].tolist() == single.sequences[0, inputs["input_ids"].shape[1] :].tolist()

@@ -874,12 +874,19 @@ def _active(state: _DenoisingState, block_start: int, block_end: int) -> _Active
 
 
 def build_shortlist(logits: torch.Tensor, candidate: torch.Tensor, size: int) -> torch.Tensor:
-    """The block's LM-head shortlist (`lm_head_shortlist`): the sorted ids among the `size` likeliest of any
-    candidate column, from `(b, K, V)` logits with the suppressed ids already -inf (they are left out) and the
-    `(b, K)` bool candidates. Returns `(U,)` int64, U <= b * K * size."""
+    """Each row's LM-head shortlist for the rest of the block (`lm_head_shortlist`): the ids among the `size`
+    likeliest of any of its candidate columns, from `(b, K, V)` logits whose suppressed ids are already -inf
+    (left out) and the `(b, K)` bool candidates. Per row, so a row's result does not depend on its batch.
+
+    Returns `(b, K * size)` int64: ids in increasing order, -1 in the unused slots (repeats, -inf ids, other
+    columns).
+    """
     top = logits.topk(min(size, logits.shape[-1]), dim=-1)  # (b, K, size)
     keep = (top.values > float("-inf")) & candidate[..., None]
-    return top.indices[keep].unique()  # sorted
+    ids = torch.where(keep, top.indices, -1).flatten(1).sort(dim=-1).values  # (b, K * size)
+    repeated = torch.zeros_like(ids, dtype=torch.bool)
+    repeated[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return ids.masked_fill(repeated, -1)
 
 
 def _predict(
@@ -891,14 +898,14 @@ def _predict(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Suppress ids in place, then the token choice and its confidence at every column: `(b, K)` each.
 
-    With a `shortlist` `(U,)` the logits are `(b, K, U)` over those ids, which hold no suppressed id (see
-    `build_shortlist`): the choice is mapped back to vocabulary ids."""
+    With a `shortlist` `(b, S)` the logits are `(b, K, S)` over each row's ids, which hold no suppressed id
+    (see `build_shortlist`; unused slots are -inf): the choice is mapped back to vocabulary ids."""
     if shortlist is not None:
         b, k_cols, size = logits.shape
         flat = logits.reshape(b * k_cols, size)
         local = flat.argmax(-1)  # temperature 0 (checked by the config)
         confidence = token_confidence(flat, local, config.remasking, generator).view(b, k_cols)
-        return shortlist[local].view(b, k_cols), confidence
+        return shortlist.gather(1, local.view(b, k_cols)), confidence
     logits[..., suppress] = float("-inf")
     vocab_limit = config.tokenizer_vocab_size
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
@@ -1159,7 +1166,7 @@ class LladaVGenerationMixin:
         masks = (state.canvas[:, block_start:block_end] == config.mask_token_id).sum(-1)  # (B,)
         schedule = transfer_schedule(masks, config.steps_per_block)  # (B, steps_per_block)
         windows.start_block()
-        shortlist = None  # `lm_head_shortlist`: built by the block's first pass
+        shortlist = None  # `lm_head_shortlist`: (B, S) ids, built by the block's first pass
         for block_step in range(config.steps_per_block):
             active = _active(state, block_start, block_end)
             if active is None:
@@ -1174,11 +1181,14 @@ class LladaVGenerationMixin:
                 attention_mask=None if state.attention_mask is None else state.attention_mask[active.rows],
                 cache=window.cache,
                 window=(window.start, window.end),
-                vocab_ids=shortlist,
-            )  # (b, K, V) float32, (b, K, U) over a shortlist
-            tokens, confidence = _predict(logits, suppress, config, generator, shortlist)
+                vocab_ids=None if shortlist is None else shortlist[active.rows],
+            )  # (b, K, V) float32, (b, K, S) over a shortlist
+            tokens, confidence = _predict(
+                logits, suppress, config, generator, None if shortlist is None else shortlist[active.rows]
+            )
             if config.lm_head_shortlist is not None and shortlist is None:
-                shortlist = build_shortlist(logits, active.candidate, config.lm_head_shortlist)
+                built = build_shortlist(logits, active.candidate, config.lm_head_shortlist)  # (b, S)
+                shortlist = built.new_full((state.canvas.shape[0], built.shape[1]), -1).index_copy_(0, active.rows, built)
             committed = _commit(
                 state.canvas, active, tokens, confidence, schedule[active.rows, block_step], config.confidence_threshold
             )
@@ -1234,7 +1244,8 @@ class LladaVGenerationMixin:
             cache, window: with an empty `LladaVDiffusionCache` the full canvas runs and fills it (a refresh);
                 with a filled one only the canvas columns `window = (start, end)` (after the prompt) go through
                 the decoder, attending over the cache.
-            vocab_ids: `(U,)` ids: the logits `(b, K, U)` of these ids only (`lm_head_shortlist`); None: all.
+            vocab_ids: `(b, S)` ids per row, -1 unused: the logits `(b, K, S)` of these ids only, -inf at the
+                unused slots (`lm_head_shortlist`); None: the whole vocabulary.
         """
         prompt_len = prompt_embeds.shape[1]
         cache_kwargs = {} if cache is None else {"cache": cache, "cache_start": window[0]}
@@ -1262,11 +1273,14 @@ class LladaVGenerationMixin:
         else:
             # The decoder alone (the forward would apply the full LM head), then the shortlist's rows of it.
             hidden, _ = self.language_model(embeds, attention_mask=attention_mask, **cache_kwargs)  # (b, W, D)
-            rows = self.get_output_embeddings().weight[vocab_ids]  # (U, D)
-            logits = torch.nn.functional.linear(hidden[:, positions.to(hidden.device)], rows).float()  # (b, K, U)
+            copies = 2 if cfg_scale > 0 else 1  # the unconditional copy uses the same ids
+            rows = self.get_output_embeddings().weight[vocab_ids.clamp(min=0).repeat(copies, 1)]  # (b, S, D)
+            logits = torch.einsum("bkd,bsd->bks", hidden[:, positions.to(hidden.device)], rows).float()  # (b, K, S)
         if cfg_scale > 0:
             cond, uncond = logits.chunk(2, dim=0)
             logits = uncond + (cfg_scale + 1) * (cond - uncond)
+        if vocab_ids is not None:
+            logits = logits.masked_fill(vocab_ids[:, None, :] < 0, float("-inf"))  # unused slots, after CFG
         return logits
 
     def _finalize(

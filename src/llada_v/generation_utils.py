@@ -26,7 +26,9 @@ Fast decoding (opt-in, docs/performance.md; exact mode stays the default and is 
   block and everything after it ("prefix") and attend over the cached rest. Approximate;
 - `confidence_threshold`: a step also commits every candidate whose confidence exceeds the threshold
   (Fast-dLLM parallel decoding); the fixed schedule stays the minimum, so 1.0 is exact mode. Approximate;
-- `LladaVGenerationConfig.fast(...)`: the recommended combination.
+- `LladaVGenerationConfig.fast(...)`: the recommended combination;
+- `lm_head_shortlist`: a block's later passes compute the LM head only over the ids among the top few of its
+  first pass, per row (a cheaper LM head and softmax; not in the preset). Approximate.
 
 The loop reads top to bottom as named steps (`LladaVGenerationMixin.diffusion_generate`): settings, canvas,
 then per block and step: active rows and columns (`_active`), the decoder window (`_DecoderWindows.plan`),
@@ -783,7 +785,8 @@ class LladaVDiffusionStep:
         block, block_step: the block being decoded and the step inside it.
         rows: `(b,)` batch rows that took part in this pass (finished rows are left out).
         positions: `(K,)` canvas columns whose logits were computed.
-        logits: `(b, K, V)` float32 logits at those columns (after guidance and suppression).
+        logits: `(b, K, V)` float32 logits at those columns (after guidance and suppression); `(b, K, S)` over
+            each row's shortlist in the later passes of a block with `lm_head_shortlist`.
         tokens: `(b, K)` the predicted ids there.
         committed: `(b, K)` bool, which predictions were written to the canvas.
         canvas: `(B, length)` the whole canvas after this step (the live tensor: clone it to keep it).
@@ -905,7 +908,8 @@ def _predict(
         flat = logits.reshape(b * k_cols, size)
         local = flat.argmax(-1)  # temperature 0 (checked by the config)
         confidence = token_confidence(flat, local, config.remasking, generator).view(b, k_cols)
-        return shortlist.gather(1, local.view(b, k_cols)), confidence
+        tokens = shortlist.gather(1, local.view(b, k_cols))
+        return tokens, confidence.masked_fill(tokens < 0, float("-inf"))  # an empty shortlist commits nothing
     logits[..., suppress] = float("-inf")
     vocab_limit = config.tokenizer_vocab_size
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
@@ -1188,7 +1192,8 @@ class LladaVGenerationMixin:
             )
             if config.lm_head_shortlist is not None and shortlist is None:
                 built = build_shortlist(logits, active.candidate, config.lm_head_shortlist)  # (b, S)
-                shortlist = built.new_full((state.canvas.shape[0], built.shape[1]), -1).index_copy_(0, active.rows, built)
+                shortlist = built.new_full((state.canvas.shape[0], built.shape[1]), -1)  # (B, S)
+                shortlist.index_copy_(0, active.rows, built)  # rows not stepping now are done for the block
             committed = _commit(
                 state.canvas, active, tokens, confidence, schedule[active.rows, block_step], config.confidence_threshold
             )

@@ -323,3 +323,82 @@ def test_batch_equals_single_runs_for_fast_modes(confident, options):
         assert out.sequences[r, width:].tolist() == single.sequences[0, p:].tolist(), f"row {r}"
         assert out.forward_passes_per_row[r] == single.num_forward_passes
     assert len({int(n) for n in out.forward_passes_per_row}) > 1  # rows really finished at different steps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LM head shortlist
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(lm_head_shortlist=0), r"lm_head_shortlist must be None or a positive integer, got 0"),
+        (dict(lm_head_shortlist=2.5), r"lm_head_shortlist must be None or a positive integer, got 2.5"),
+        (dict(lm_head_shortlist=True), r"lm_head_shortlist must be None or a positive integer, got True"),
+        (dict(lm_head_shortlist=8, temperature=0.5), r"needs temperature=0 .*got temperature=0.5"),
+        (dict(lm_head_shortlist=8, remasking="random"), r"needs temperature=0 and .*remasking='random'"),
+    ],
+)
+def test_bad_lm_head_shortlist_raises_value_error_naming_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LladaVGenerationConfig(**kwargs)
+
+
+def test_lm_head_shortlist_is_off_by_default_and_round_trips(tmp_path):
+    assert LladaVGenerationConfig().lm_head_shortlist is None
+    LladaVGenerationConfig(lm_head_shortlist=64).save_pretrained(tmp_path)
+    assert LladaVGenerationConfig.from_pretrained(tmp_path).lm_head_shortlist == 64
+
+
+def test_build_shortlist_takes_the_top_ids_of_candidate_columns_without_suppressed_ids():
+    from llada_v.generation_utils import build_shortlist
+
+    inf = float("-inf")
+    logits = torch.tensor(
+        [[[0.0, 5.0, 4.0, inf, 1.0], [9.0, 0.0, 0.0, 0.0, 8.0]], [[inf, inf, inf, 7.0, inf], [0.0, 0.0, 3.0, 2.0, 0.0]]]
+    )  # (b=2, K=2, V=5)
+    candidate = torch.tensor([[True, False], [True, True]])
+    # row 0 col 0: ids 1, 2; row 0 col 1 is no candidate; row 1 col 0: only id 3 is finite; row 1 col 1: 2, 3
+    assert build_shortlist(logits, candidate, 2).tolist() == [[-1, -1, 1, 2], [-1, 2, 3, -1]]  # 3 twice: once
+    assert build_shortlist(logits, candidate, 1).tolist() == [[-1, 1], [2, 3]]
+    assert build_shortlist(logits, candidate, 5).tolist() == [[-1] * 6 + [0, 1, 2, 4], [-1] * 4 + [0, 1, 2, 3, -1, 4]]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(kv_cache="dual"), dict(kv_cache="prefix", confidence_threshold=0.5), dict(cfg_scale=1.5)],
+)
+def test_lm_head_shortlist_of_the_whole_vocabulary_equals_the_full_lm_head(confident, options):
+    inputs = _image_inputs(confident)
+    settings = dict(MULTI_BLOCK, **options)
+    full = _run(confident, inputs, **settings)
+    vocab = confident.get_output_embeddings().weight.shape[0]
+    _same(_run(confident, inputs, lm_head_shortlist=vocab, **settings), full)
+
+
+def test_lm_head_shortlist_runs_later_passes_of_a_block_over_the_shortlist_only(confident):
+    inputs = _image_inputs(confident)
+    vocab = confident.get_output_embeddings().weight.shape[0]
+    steps = []
+    out = _run(confident, inputs, lm_head_shortlist=2, kv_cache="dual", step_callback=steps.append, **MULTI_BLOCK)
+    assert len(steps) == 8 and out.num_forward_passes == 8
+    shortlist = None
+    for step in steps:
+        if step.block_step == 0:  # the block's first pass: the whole vocabulary, the shortlist from its top 2
+            assert step.logits.shape[-1] == vocab
+            shortlist = set(step.logits[0].topk(2, dim=-1).indices.flatten().tolist())  # every column a candidate
+            slots = 2 * step.positions.shape[0]
+        else:
+            assert step.logits.shape[-1] == slots < vocab
+            assert int(torch.isfinite(step.logits[0, 0]).sum()) == len(shortlist)
+            committed = step.tokens[0][step.committed[0]].tolist()
+            assert set(committed) <= shortlist
+
+
+def test_lm_head_shortlist_batch_equals_single_runs(confident):
+    batch, singles, width = _batch(confident)
+    settings = dict(steps=24, max_new_tokens=24, block_length=8, kv_cache="dual", lm_head_shortlist=3)
+    out = _run(confident, batch, **settings)
+    for r, inputs in enumerate(singles):
+        single = _run(confident, inputs, **settings)
+        assert out.sequences[r, width:].tolist() == single.sequences[0, inputs["input_ids"].shape[1] :].tolist()

@@ -26,7 +26,9 @@ Fast decoding (opt-in, docs/performance.md; exact mode stays the default and is 
   block and everything after it ("prefix") and attend over the cached rest. Approximate;
 - `confidence_threshold`: a step also commits every candidate whose confidence exceeds the threshold
   (Fast-dLLM parallel decoding); the fixed schedule stays the minimum, so 1.0 is exact mode. Approximate;
-- `LladaVGenerationConfig.fast(...)`: the recommended combination.
+- `LladaVGenerationConfig.fast(...)`: the recommended combination;
+- `lm_head_shortlist`: a block's later passes compute the LM head only over the ids among the top few of its
+  first pass, per row (a cheaper LM head and softmax; not in the preset). Approximate.
 
 The loop reads top to bottom as named steps (`LladaVGenerationMixin.diffusion_generate`): settings, canvas,
 then per block and step: active rows and columns (`_active`), the decoder window (`_DecoderWindows.plan`),
@@ -210,6 +212,13 @@ class LladaVGenerationConfig(GenerationConfig):
             commits extra tokens and is exactly the default sampler. **Approximation**: tokens committed in the
             same step are predicted independently of one another (the joint choice the schedule would have made
             one by one can differ). Needs `remasking="low_confidence"`.
+        lm_head_shortlist (`int`, *optional*, defaults to None): a cheaper LM head (docs/generation.md, "LM head
+            shortlist"). The first pass of every block computes logits over the whole vocabulary; the ids among
+            the `lm_head_shortlist` likeliest of any candidate column (suppressed ids excluded) form the block's
+            shortlist, and the block's later passes compute the LM head, the token choice and the float64
+            softmax over those ids only. **Approximation**: an id outside the shortlist is never chosen later
+            in the block, and a confidence is the probability within the shortlist (at least the full one).
+            Needs `temperature=0` and `remasking="low_confidence"`. `None`: the whole vocabulary (exact).
 
     The recommended fast combination is [`LladaVGenerationConfig.fast`].
     """
@@ -230,6 +239,7 @@ class LladaVGenerationConfig(GenerationConfig):
         "kv_cache": None,
         "confidence_threshold": None,
         "kv_cache_prompt_refresh": "block",
+        "lm_head_shortlist": None,
     }
     # GenerationConfig fields whose default differs here.
     _inherited_defaults: dict[str, Any] = {
@@ -386,6 +396,19 @@ class LladaVGenerationConfig(GenerationConfig):
                     f"confidence_threshold ({threshold}) compares softmax probabilities and needs "
                     f"remasking='low_confidence', got remasking={self.remasking!r}"
                 )
+        self._check_shortlist()
+
+    def _check_shortlist(self) -> None:
+        size = self.lm_head_shortlist
+        if size is None:
+            return
+        if not _is_int(size) or size < 1:
+            raise ValueError(f"lm_head_shortlist must be None or a positive integer, got {size!r}")
+        if self.temperature != 0 or self.remasking != "low_confidence":
+            raise ValueError(
+                f"lm_head_shortlist ({size}) ranks ids by their logits and needs temperature=0 and "
+                f"remasking='low_confidence', got temperature={self.temperature!r}, remasking={self.remasking!r}"
+            )
 
     @classmethod
     def fast(cls, base: GenerationConfig | None = None, **overrides) -> "LladaVGenerationConfig":
@@ -770,7 +793,8 @@ class LladaVDiffusionStep:
         block, block_step: the block being decoded and the step inside it.
         rows: `(b,)` batch rows that took part in this pass (finished rows are left out).
         positions: `(K,)` canvas columns whose logits were computed.
-        logits: `(b, K, V)` float32 logits at those columns (after guidance and suppression).
+        logits: `(b, K, V)` float32 logits at those columns (after guidance and suppression); `(b, K, S)` over
+            each row's shortlist in the later passes of a block with `lm_head_shortlist`.
         tokens: `(b, K)` the predicted ids there.
         committed: `(b, K)` bool, which predictions were written to the canvas.
         canvas: `(B, length)` the whole canvas after this step (the live tensor: clone it to keep it).
@@ -860,10 +884,40 @@ def _active(state: _DenoisingState, block_start: int, block_end: int) -> _Active
     return _Active(rows, positions, candidate[rows][:, positions])
 
 
+def build_shortlist(logits: torch.Tensor, candidate: torch.Tensor, size: int) -> torch.Tensor:
+    """Each row's LM-head shortlist for the rest of the block (`lm_head_shortlist`): the ids among the `size`
+    likeliest of any of its candidate columns, from `(b, K, V)` logits whose suppressed ids are already -inf
+    (left out) and the `(b, K)` bool candidates. Per row, so a row's result does not depend on its batch.
+
+    Returns `(b, K * size)` int64: ids in increasing order, -1 in the unused slots (repeats, -inf ids, other
+    columns).
+    """
+    top = logits.topk(min(size, logits.shape[-1]), dim=-1)  # (b, K, size)
+    keep = (top.values > float("-inf")) & candidate[..., None]
+    ids = torch.where(keep, top.indices, -1).flatten(1).sort(dim=-1).values  # (b, K * size)
+    repeated = torch.zeros_like(ids, dtype=torch.bool)
+    repeated[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return ids.masked_fill(repeated, -1)
+
+
 def _predict(
-    logits: torch.Tensor, suppress: torch.Tensor, config: LladaVGenerationConfig, generator: torch.Generator | None
+    logits: torch.Tensor,
+    suppress: torch.Tensor,
+    config: LladaVGenerationConfig,
+    generator: torch.Generator | None,
+    shortlist: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Suppress ids in place, then the token choice and its confidence at every column: `(b, K)` each."""
+    """Suppress ids in place, then the token choice and its confidence at every column: `(b, K)` each.
+
+    With a `shortlist` `(b, S)` the logits are `(b, K, S)` over each row's ids, which hold no suppressed id
+    (see `build_shortlist`; unused slots are -inf): the choice is mapped back to vocabulary ids."""
+    if shortlist is not None:
+        b, k_cols, size = logits.shape
+        flat = logits.reshape(b * k_cols, size)
+        local = flat.argmax(-1)  # temperature 0 (checked by the config)
+        confidence = token_confidence(flat, local, config.remasking, generator).view(b, k_cols)
+        tokens = shortlist.gather(1, local.view(b, k_cols))
+        return tokens, confidence.masked_fill(tokens < 0, float("-inf"))  # an empty shortlist commits nothing
     logits[..., suppress] = float("-inf")
     vocab_limit = config.tokenizer_vocab_size
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
@@ -1267,6 +1321,7 @@ class LladaVGenerationMixin:
         masks = (state.canvas[:, block_start:block_end] == config.mask_token_id).sum(-1)  # (B,)
         schedule = transfer_schedule(masks, config.steps_per_block)  # (B, steps_per_block)
         windows.start_block()
+        shortlist = None  # `lm_head_shortlist`: (B, S) ids, built by the block's first pass
         for block_step in range(config.steps_per_block):
             active = _active(state, block_start, block_end)
             if active is None:
@@ -1281,8 +1336,15 @@ class LladaVGenerationMixin:
                 attention_mask=None if state.attention_mask is None else state.attention_mask[active.rows],
                 cache=window.cache,
                 window=(window.start, window.end),
-            )  # (b, K, V) float32
-            tokens, confidence = _predict(logits, suppress, config, generator)
+                vocab_ids=None if shortlist is None else shortlist[active.rows],
+            )  # (b, K, V) float32, (b, K, S) over a shortlist
+            tokens, confidence = _predict(
+                logits, suppress, config, generator, None if shortlist is None else shortlist[active.rows]
+            )
+            if config.lm_head_shortlist is not None and shortlist is None:
+                built = build_shortlist(logits, active.candidate, config.lm_head_shortlist)  # (b, S)
+                shortlist = built.new_full((state.canvas.shape[0], built.shape[1]), -1)  # (B, S)
+                shortlist.index_copy_(0, active.rows, built)  # rows not stepping now are done for the block
             committed = _commit(
                 state.canvas, active, tokens, confidence, schedule[active.rows, block_step], config.confidence_threshold
             )
@@ -1323,6 +1385,7 @@ class LladaVGenerationMixin:
         attention_mask: torch.Tensor | None = None,
         cache: LladaVDiffusionCache | None = None,
         window: tuple[int, int] | None = None,
+        vocab_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One denoiser pass: float32 logits `(b, K, V)` of the canvas columns `positions`, guided when
         `cfg_scale > 0` (docs/parity.md Q17: the unconditional copy has every prompt position, image
@@ -1337,6 +1400,8 @@ class LladaVGenerationMixin:
             cache, window: with an empty `LladaVDiffusionCache` the full canvas runs and fills it (a refresh);
                 with a filled one only the canvas columns `window = (start, end)` (after the prompt) go through
                 the decoder, attending over the cache.
+            vocab_ids: `(b, S)` ids per row, -1 unused: the logits `(b, K, S)` of these ids only, -inf at the
+                unused slots (`lm_head_shortlist`); None: the whole vocabulary.
         """
         prompt_len = prompt_embeds.shape[1]
         cache_kwargs = {} if cache is None else {"cache": cache, "cache_start": window[0]}
@@ -1357,12 +1422,21 @@ class LladaVGenerationMixin:
             attention_mask = torch.cat((attention_mask, attention_mask), dim=0)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded in these rows: the unmasked path, as the official loop
-        logits = self(
-            inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions, **cache_kwargs
-        ).logits.float()
+        if vocab_ids is None:
+            logits = self(
+                inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=positions, **cache_kwargs
+            ).logits.float()
+        else:
+            # The decoder alone (the forward would apply the full LM head), then the shortlist's rows of it.
+            hidden, _ = self.language_model(embeds, attention_mask=attention_mask, **cache_kwargs)  # (b, W, D)
+            copies = 2 if cfg_scale > 0 else 1  # the unconditional copy uses the same ids
+            rows = self.get_output_embeddings().weight[vocab_ids.clamp(min=0).repeat(copies, 1)]  # (b, S, D)
+            logits = torch.einsum("bkd,bsd->bks", hidden[:, positions.to(hidden.device)], rows).float()  # (b, K, S)
         if cfg_scale > 0:
             cond, uncond = logits.chunk(2, dim=0)
             logits = uncond + (cfg_scale + 1) * (cond - uncond)
+        if vocab_ids is not None:
+            logits = logits.masked_fill(vocab_ids[:, None, :] < 0, float("-inf"))  # unused slots, after CFG
         return logits
 
     def _finalize(

@@ -39,6 +39,7 @@ examples:
   llada-v generate --model llada-v-hf --image cat.jpg --prompt "What is in the picture?"
   llada-v generate --model llada-v-hf --image a.png --image b.png --prompt "What differs?" --stream
   llada-v generate --model you/llada-v-hf --load-in-4bit --fast --image cat.jpg --prompt "Describe it."
+  llada-v generate --model llada-v-hf --video frames/ --prompt "What happens in the video?"
 
 Without --model the embedded demo checkpoint is used. When only --max-new-tokens is given, the checkpoint's
 steps and block length are kept if they fit the new length; otherwise they become --max-new-tokens (one block,
@@ -261,8 +262,9 @@ def _answer(model: Any, processor: Any, config: Any, text: str, images: list, ar
     printer = None
     if args.stream:
         printer = DenoisingPrinter(processor.tokenizer, config.mask_token_id, config.max_new_tokens, config.steps)
+    video_kwargs = {} if videos is None else {"videos": [videos]}  # image-only calls stay as they were
     answers, _ = generate_texts(model, processor, [text], [images], config, step_callback=printer, seed=args.seed,
-                                videos=None if videos is None else [videos])
+                                **video_kwargs)
     if printer is not None:
         printer.clear()
     return answers[0]

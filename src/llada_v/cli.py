@@ -37,6 +37,7 @@ examples:
   llada-v generate --model llada-v-hf --image cat.jpg --prompt "What is in the picture?"
   llada-v generate --model llada-v-hf --image a.png --image b.png --prompt "What differs?" --stream
   llada-v generate --model you/llada-v-hf --load-in-4bit --fast --image cat.jpg --prompt "Describe it."
+  llada-v generate --model llada-v-hf --video frames/ --prompt "What happens in the video?"
 
 Without --model the embedded demo checkpoint is used. When only --max-new-tokens is given, the checkpoint's
 steps and block length are kept if they fit the new length; otherwise they become --max-new-tokens (one block,

@@ -83,7 +83,9 @@ def method_config(model, method: str, settings: dict, extra: dict | None = None)
     if method.startswith(FAST):
         return LladaVGenerationConfig.fast(model.generation_config, **options)
     config = copy.deepcopy(model.generation_config)
-    config.update(**options)
+    unused = config.update(**options)
+    if unused:
+        raise ValueError(f"unknown generation settings {sorted(unused)} for method {method!r}")
     config.validate()
     return config
 

@@ -16,8 +16,13 @@ with exact mode (answer positions, `<|eot_id|>` included, that hold the same id,
 answers), answers identical to exact mode's, forward passes and wall time. `--reference` also runs the
 official loop (tests/official_sampler.py) per scene and counts the scenes where exact mode's ids differ.
 
+`--cost` instead times exact, dual and the fast preset with and without `lm_head_shortlist` on a random model
+of `--hidden` width with the real vocabulary and a `--prompt-length` text prompt (docs/performance.md).
+
     python benchmarks/bench_blocks.py --n 500 --threads 1
     python benchmarks/bench_blocks.py --n 8 --reference --json out.json
+    python benchmarks/bench_blocks.py --n 150 --extra fast_shortlist:lm_head_shortlist=4
+    python benchmarks/bench_blocks.py --cost --threads 1 --gen-length 16 --steps 16 --block-length 4
 """
 
 from __future__ import annotations
@@ -78,7 +83,9 @@ def method_config(model, method: str, settings: dict, extra: dict | None = None)
     if method.startswith(FAST):
         return LladaVGenerationConfig.fast(model.generation_config, **options)
     config = copy.deepcopy(model.generation_config)
-    config.update(**options)
+    unused = config.update(**options)
+    if unused:
+        raise ValueError(f"unknown generation settings {sorted(unused)} for method {method!r}")
     config.validate()
     return config
 

@@ -44,6 +44,13 @@ def test_held_out_scenes_have_the_asked_shape_count_and_alternate_orders(bench):
         bench.held_out_scenes(0)
 
 
+def test_method_config_refuses_unknown_settings(bench, demo):
+    model, _ = demo
+    with pytest.raises(ValueError, match=r"unknown generation settings \['shortlist'\] for method 'x'"):
+        bench.method_config(model, "x", bench.SETTINGS, {"shortlist": 4})
+    assert bench.method_config(model, "x", bench.SETTINGS, {"lm_head_shortlist": 4}).lm_head_shortlist == 4
+
+
 def test_token_agreement_counts_positions_over_the_longer_answer(bench):
     assert bench.token_agreement([[1, 2, 3]], [[1, 2, 3]]) == 1.0
     assert bench.token_agreement([[1, 2, 9]], [[1, 2, 3, 4]]) == 0.5

@@ -20,21 +20,7 @@ from llada_v.demo.train import write_training_data
 from llada_v.modeling_llada_v import LladaVModel
 from llada_v.processing_llada_v import LladaVProcessor
 from llada_v.training.data import LladaVDataCollator, LladaVDataset
-from llada_v.training.trainer import apply_lora, build_param_groups
-
-
-def fixed_noise_loss(model, batch, draws=4, seed=123):
-    generator = torch.Generator().manual_seed(seed)
-    labels = batch["labels"]
-    total = 0.0
-    model.eval()
-    with torch.no_grad():
-        for _ in range(draws):
-            t = torch.rand(labels.shape[0], generator=generator)
-            masked = (torch.rand(labels.shape, generator=generator) < t[:, None]) & (labels != -100)
-            total += float(model(**batch, masking_t=t, masked_indices=masked).loss)
-    model.train()
-    return total / draws
+from llada_v.training.trainer import apply_lora, build_param_groups, fixed_noise_loss
 
 
 def main():

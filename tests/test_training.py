@@ -22,6 +22,7 @@ from llada_v.training.trainer import (
     LladaVTrainer,
     apply_lora,
     build_param_groups,
+    fixed_noise_loss,
     freeze_for_stage,
     main,
     merge_lora,
@@ -323,20 +324,6 @@ def test_deepspeed_zero3_config_leaves_optimizer_and_batch_sizes_to_the_trainer(
         assert config[key] == "auto", key
 
 
-def _fixed_noise_loss(model, batch, draws: int = 4, seed: int = 123) -> float:
-    """The diffusion loss of `batch` averaged over `draws` fixed (t, mask) draws: comparable between models."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = batch["labels"]
-    total = 0.0
-    model.eval()
-    with torch.no_grad():
-        for _ in range(draws):
-            t = torch.rand(labels.shape[0], generator=generator)
-            masked = (torch.rand(labels.shape, generator=generator) < t[:, None]) & (labels != -100)
-            total += float(model(**batch, masking_t=t, masked_indices=masked).loss)
-    return total / draws
-
-
 @pytest.mark.slow
 def test_lora_at_the_default_learning_rate_lowers_a_fixed_held_out_loss(tmp_path):
     # Issue #15 reported a 4-step LoRA run logging 9.06 -> 9.82 -> 10.87 -> 16.26. The logged losses are one draw
@@ -352,13 +339,13 @@ def test_lora_at_the_default_learning_rate_lowers_a_fixed_held_out_loss(tmp_path
     processor = LladaVProcessor.from_pretrained(demo_model_dir())
     held_out = LladaVDataset(held_out_json, processor, image_folder=tmp_path / "held_out")
     batch = LladaVDataCollator.from_processor(processor)([held_out[i] for i in range(len(held_out))])
-    before = _fixed_noise_loss(LladaVModel.from_pretrained(demo_model_dir()), batch)
+    before = fixed_noise_loss(LladaVModel.from_pretrained(demo_model_dir()), batch)
     trainer = main(["--model_name_or_path", str(demo_model_dir()), "--data_path", str(train_json),
                     "--image_folder", str(tmp_path / "train"), "--output_dir", str(tmp_path / "lora"),
                     "--lora_r", "8", "--max_steps", "8", "--per_device_train_batch_size", "4",
                     "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true"])
     assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {LORA_DEFAULT_LEARNING_RATE}
-    after = _fixed_noise_loss(trainer.model, batch)
+    after = fixed_noise_loss(trainer.model, batch)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert after < before, (before, after, logged)
 

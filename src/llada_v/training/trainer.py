@@ -35,7 +35,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from ..checkpoint_io import DTYPES, atomic_folder, write_remote_code
 from ..inference import apply_adapter
-from ..modeling_llada_v import LladaVModel
+from ..modeling_llada_v import IGNORE_INDEX, LladaVModel
 from ..processing_llada_v import DEFAULT_SYSTEM_PROMPT, LladaVProcessor
 from .data import (
     LENGTH_POLICIES,
@@ -385,6 +385,27 @@ def merge_saved_lora(base_model: LladaVModel, adapter_dir: str | os.PathLike) ->
 
 # ----------------------------------------------------------------------------------------------------------
 # Training entry
+
+
+def fixed_noise_loss(model: nn.Module, batch: dict, draws: int = 4, seed: int = 123) -> float:
+    """The diffusion loss of `batch` averaged over `draws` fixed `(t, mask)` draws, in `eval()` mode.
+
+    A training step's logged loss is one random draw of the mask level `t ~ U(0, 1)` weighted by `1 / t`, so it
+    swings by several units while the weights barely move (docs/training.md, "Reading a LoRA loss curve"); this
+    loss uses the same draws for every model, so it is comparable between checkpoints. The model's train/eval mode
+    is restored."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = batch["labels"]
+    was_training = model.training
+    total = 0.0
+    model.eval()
+    with torch.no_grad():
+        for _ in range(draws):
+            t = torch.rand(labels.shape[0], generator=generator)
+            masked = (torch.rand(labels.shape, generator=generator) < t[:, None]) & (labels != IGNORE_INDEX)
+            total += float(model(**batch, masking_t=t, masked_indices=masked).loss)
+    model.train(was_training)
+    return total / draws
 
 
 @dataclass

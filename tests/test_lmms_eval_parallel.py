@@ -8,6 +8,7 @@ runs `python -m lmms_eval` unchanged.
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,6 +73,24 @@ def _evaluate(tmp_path, name, launcher, demo_ck, task_dir, **env):
     return scores, responses, calls
 
 
+def _same_responses(left: dict, right: dict) -> bool:
+    """Equal documents and answers; number-like strings (the losses) equal up to a relative 1e-6."""
+
+    def same(a, b) -> bool:
+        if isinstance(a, list) or isinstance(b, list):
+            return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(map(same, a, b))
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-6)
+        except (TypeError, ValueError):
+            return a == b
+
+    return left.keys() == right.keys() and all(
+        [doc for doc, _ in left[task]] == [doc for doc, _ in right[task]]
+        and all(same(json.loads(x), json.loads(y)) for (_, x), (_, y) in zip(left[task], right[task]))
+        for task in left
+    )
+
+
 @pytest.mark.slow
 def test_two_process_evaluation_equals_one_process(tmp_path):
     if importlib.util.find_spec("lmms_eval") is None:
@@ -86,7 +105,9 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
 
     scores, responses, calls = parallel
     assert scores == single[0]
-    assert responses == single[1]  # every document: the same answer text, the same log-likelihoods
+    # Every document: the same answer text, the same greedy flags, and the same losses up to float32 rounding (the
+    # ranks are other processes, whose first forward may take another kernel path: seen 4.2535739 vs 4.2535734).
+    assert _same_responses(responses, single[1]), (responses, single[1])
     assert len(responses["tiny_colors_mc"]) == 3 and len(responses["tiny_colors_gen"]) == 3
     # The work was split: each rank answered part of the requests on the CPU (3 questions, 3 options each).
     assert sorted(calls) == [0, 1]

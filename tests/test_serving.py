@@ -7,10 +7,8 @@ The tests run in file order against one server (module fixture); the last two ki
 Expected answers come from plain `generate_texts` calls in this process, never from the server.
 """
 
-import base64
 import concurrent.futures
 import http.server
-import io
 import json
 import os
 import signal
@@ -35,6 +33,7 @@ from PIL import Image  # noqa: E402
 from llada_v.demo.app import load_demo  # noqa: E402
 from llada_v.demo.task import make_sample  # noqa: E402
 from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message  # noqa: E402
+from test_serving_api import png_bytes, png_data_url  # noqa: E402
 
 MODEL = "llada-v-demo"
 MAX_BATCH, MAX_QUEUED, MAX_BODY, FETCH_TIMEOUT = 32, 8, 1_000_000, 15
@@ -45,16 +44,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def data_url(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 def messages(question: str, url: str | None) -> list[dict]:
@@ -278,7 +267,7 @@ def test_models_and_health(server, client):
 def test_chat_with_an_image(server, client, demo):
     sample = make_sample(3)
     question = sample["qa"][0][0]
-    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages(question, data_url(sample["image"])))
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages(question, png_data_url(sample["image"])))
     completion = raw.parse()
     assert completion.choices[0].message.content == single_answer(demo, question, sample["image"])
     assert completion.choices[0].finish_reason == "stop" and raw.headers["x-llada-batch-size"] == "1"
@@ -292,7 +281,7 @@ def test_streamed_chat_with_an_image_and_the_canvas(server, client, demo):
     sample = make_sample(4)
     question = sample["qa"][0][0]
     stream = client.chat.completions.create(
-        model=MODEL, messages=messages(question, data_url(sample["image"])), stream=True,
+        model=MODEL, messages=messages(question, png_data_url(sample["image"])), stream=True,
         stream_options={"include_usage": True}, max_tokens=8, extra_body={"stream_canvas": True},
     )  # fmt: skip
     chunks = list(stream)
@@ -314,7 +303,7 @@ def test_32_concurrent_requests_are_batched_and_equal_single_calls(server, clien
 
     def ask(index):
         raw = client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=messages(questions[index], data_url(samples[index]["image"]))
+            model=MODEL, messages=messages(questions[index], png_data_url(samples[index]["image"]))
         )
         return raw.parse().choices[0].message.content, int(raw.headers["x-llada-batch-size"])
 
@@ -345,7 +334,7 @@ def chat_error(client, **kwargs) -> openai.APIStatusError:
 
 
 def test_bad_requests_get_400_naming_the_problem(server, client, media, image_host):
-    image = data_url(make_sample(1)["image"])
+    image = png_data_url(make_sample(1)["image"])
     long_question = "What color is the triangle ? " * 170  # > the demo's 1024 positions
     cases = [
         ({"model": "gpt-4", "messages": messages("hi", None)}, "unknown model 'gpt-4'"),
@@ -386,7 +375,7 @@ def test_bad_requests_leave_the_replica_serving(server, client, demo):
     pid = server.replica().pid
     sample = make_sample(9)
     question = sample["qa"][0][0]
-    answer = client.chat.completions.create(model=MODEL, messages=messages(question, data_url(sample["image"])))
+    answer = client.chat.completions.create(model=MODEL, messages=messages(question, png_data_url(sample["image"])))
     assert answer.choices[0].message.content == single_answer(demo, question, sample["image"])
     assert server.replica().pid == pid
 
@@ -440,7 +429,7 @@ def test_a_killed_replica_fails_its_requests_and_is_replaced(server, client, dem
         time.sleep(1)
     sample = make_sample(11)
     question = sample["qa"][0][0]
-    answer = client.chat.completions.create(model=MODEL, messages=messages(question, data_url(sample["image"])))
+    answer = client.chat.completions.create(model=MODEL, messages=messages(question, png_data_url(sample["image"])))
     assert answer.choices[0].message.content == single_answer(demo, question, sample["image"])
     assert server.replica().pid != replica.pid
 

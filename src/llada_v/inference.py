@@ -88,6 +88,14 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _read_json(path: Path) -> dict:
+    """A checkpoint folder's JSON file; `InputError` naming it when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"cannot read {path}: {_first_line(err)}") from None
+
+
 def check_checkpoint(name: str) -> dict | None:
     """Validate a local checkpoint folder and return its `config.json` (None for a Hub id, checked on load)."""
     path = Path(name).expanduser()
@@ -100,10 +108,7 @@ def check_checkpoint(name: str) -> dict | None:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise InputError(f"{name} has no config.json: not a transformers checkpoint folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"cannot read {config_file}: {_first_line(err)}") from None
+    config = _read_json(config_file)
     check_model_type(name, config)
     if not any((path / f).is_file() for f in _WEIGHT_FILES) and not list(path.glob("*.safetensors")):
         raise InputError(f"{name} has no weights (model.safetensors or an index of shards)")
@@ -241,10 +246,7 @@ def _adapter_config(path: Path) -> dict:
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         raise InputError(f"adapter {path} has no adapter_config.json: not a PEFT adapter folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"cannot read {config_file}: {_first_line(err)}") from None
+    config = _read_json(config_file)
     if config.get("peft_type") != "LORA":
         raise InputError(f"adapter {path} is a {config.get('peft_type')!r} adapter; llada-v loads LoRA adapters")
     return config

@@ -2,7 +2,8 @@
 
 One file, top to bottom: the LLaDA decoder (RMSNorm, RoPE, attention without a causal mask, SwiGLU),
 the anyres image packing, the multimodal merge, and `LladaVModel` with the masked-diffusion training
-loss. Generation lives in `generation_utils.py` (`diffusion_generate`).
+loss. Generation lives in `generation_utils.py` (`diffusion_generate`); the attention layers read and write
+the key/value cache of fast decoding (`cache_llada_v.py`).
 
 Notable choices:
 - our own decoder stack: transformers' LlamaModel with `is_causal=False` is not bidirectional;
@@ -28,8 +29,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
+from .cache_llada_v import LladaVDiffusionCache
 from .configuration_llada_v import LladaVConfig, LladaVTextConfig
-from .generation_utils import LladaVDiffusionCache, LladaVGenerationConfig, LladaVGenerationMixin
+from .generation_config_llada_v import LladaVGenerationConfig
+from .generation_utils import LladaVGenerationMixin
 from .image_layout_llada_v import (
     LAYOUT_ANYRES,
     LAYOUT_NAMES,

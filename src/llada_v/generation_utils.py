@@ -267,15 +267,16 @@ def _commit(
 
 def _answer_length_from_max_length(config: LladaVGenerationConfig, prompt_length: int) -> None:
     """`max_length` counts prompt and answer: the answer gets the rest (this call's config is a copy)."""
-    answer = config.max_length - prompt_length
+    max_length = config.max_length
+    answer = max_length - prompt_length
     if answer < 1:
-        raise ValueError(f"max_length ({config.max_length}) leaves no room after the prompt ({prompt_length} tokens)")
+        raise ValueError(f"max_length ({max_length}) leaves no room after the prompt ({prompt_length} tokens)")
     config.max_new_tokens = answer
     config.max_length = None  # the answer length is set now
     try:
         config.validate()
     except ValueError as err:
-        raise ValueError(f"max_length ({config.max_length}) - prompt ({prompt_length}) = {answer} new tokens: {err}") from None
+        raise ValueError(f"max_length ({max_length}) - prompt ({prompt_length}) = {answer} new tokens: {err}") from None
 
 
 def _update_stops(state: _DenoisingState, rows: torch.Tensor, stop_sequences: list[list[int]]) -> None:

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import doc_files
 from paths import REPO
 
 BASH_TAGS = {"bash", "sh", "shell", "console"}
 PYTHON_TAGS = {"python", "py"}
-ARCHIVES = ("docs/history/",)  # not collected: see the module docstring
 BLOCK_TIMEOUT_S = 300
 MARKER = re.compile(r"^\s*<!--\s*docs-test:(?P<body>.*?)-->\s*$")
 SKIP = re.compile(r"^\s*skip:(?P<reason>.*)$")
@@ -111,11 +111,6 @@ def parse_blocks(text: str, path: str) -> list[Block]:
     if pending is not None:
         raise MarkerError(f"{path}:{pending[0]}: a docs-test marker must be on the line right before a fence")
     return blocks
-
-
-def doc_files(root: Path = REPO) -> list[Path]:
-    files = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
-    return [f for f in files if f.is_file() and not any(f.relative_to(root).as_posix().startswith(a) for a in ARCHIVES)]
 
 
 def collect(root: Path = REPO) -> tuple[list[Block], list[str]]:

@@ -32,7 +32,7 @@ from llada_v.training.trainer import (
     stage_preset,
 )
 from paths import REPO
-from test_data import tiny_processor, write_tiny_checkpoint_and_data
+from helpers import tiny_processor, write_tiny_checkpoint_and_data
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,13 @@
-"""The fast tier's guard (slow_report.py, registered by conftest.py): unmarked tests over the limit are listed in
-the terminal summary as a warning, marked and quick ones are not, and the run still passes."""
+"""The test suite's own rules.
 
+- The fast tier's guard (slow_report.py, registered by conftest.py): unmarked tests over the limit are listed in
+  the terminal summary as a warning, marked and quick ones are not, and the run still passes.
+- Test modules share helpers through helpers.py (and tiny.py, paths.py, ...), never by importing another test
+  module: that runs the other module's module-level code and ties the two together, so one cannot be edited,
+  moved or deleted without breaking the other.
+"""
+
+import ast
 import os
 import subprocess
 import sys
@@ -125,3 +132,14 @@ def test_a_bad_limit_is_refused_naming_the_value(monkeypatch, raw, message):
     monkeypatch.setenv(LIMIT_ENV, raw)
     with pytest.raises(ValueError, match=message):
         limit_seconds()
+
+
+def test_no_test_module_imports_another():
+    offenders = []
+    for module in sorted((REPO / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{module.name}:{node.lineno} imports {name}" for name in names
+                          if name.split(".")[0].startswith("test_")]
+    assert not offenders, "move shared helpers to tests/helpers.py:\n" + "\n".join(offenders)

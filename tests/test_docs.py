@@ -4,7 +4,8 @@ The rule (also in README.md, "Documentation blocks are tested"):
 
 - Blocks: fences tagged ```bash, ```sh, ```shell, ```console (the `$ ` lines are the commands, the other lines
   their output, not compared), ```python or ```py, in README.md and docs/**/*.md. docs/history/ is not
-  collected: it is an archive of past demo-training runs whose commands used the code of their time.
+  collected: it is an archive of past runs (demo training, benchmarks, training) whose commands used the code
+  of their time.
   Other tags (yaml, json, text, untagged diagrams) are not run.
 - A block that cannot run on a CPU here (GPU, the 8B weights, the Hub or the network, placeholders to fill in,
   a long run) carries `<!-- docs-test: skip: <reason> -->` on the line right before its opening fence. That is

@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the golden fixtures live, tiny configs, the converted golden checkpoint."""
+"""Shared test fixtures: where the golden fixtures live, tiny configs, the converted golden checkpoint; the report of
+unmarked slow tests (slow_report.py)."""
 
 from pathlib import Path
 
@@ -6,8 +7,14 @@ import pytest
 import torch
 
 from paths import GOLDEN
+from slow_report import UnmarkedSlowTests, limit_seconds
 
 torch.set_num_threads(2)  # the golden outputs were produced with 2 threads
+
+
+def pytest_configure(config):
+    # A warning line in the terminal summary for each unmarked test over 10 s (slow_report.py).
+    config.pluginmanager.register(UnmarkedSlowTests(limit_seconds()), "unmarked-slow-tests")
 
 
 def require_golden() -> Path:

@@ -11,27 +11,9 @@ import torch
 from PIL import Image
 
 from llada_v import LladaVModel, cli
-from llada_v.generation_utils import LladaVGenerationConfig
 from llada_v.inference import InputError, generation_config_for
+from helpers import build_demo_like_checkpoint
 from paths import llada_v_command
-
-
-def build_demo_like_checkpoint(path):
-    """A random-weight model with the demo's tokenizer, processor and sampler defaults (4/4/4).
-
-    The language model is 64 wide so that bitsandbytes' packed CPU 4-bit kernel can run it.
-    """
-    from llada_v.demo.model import build_demo_processor, build_demo_tokenizer, demo_config
-    from llada_v.demo.train import DEMO_GENERATION, save_demo
-
-    tokenizer = build_demo_tokenizer()
-    config = demo_config(tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
-    torch.manual_seed(0)
-    model = LladaVModel(config).eval()
-    model.generation_config = LladaVGenerationConfig.from_model_config(config)
-    model.generation_config.update(**DEMO_GENERATION)
-    save_demo(model, build_demo_processor(config, tokenizer), path)
-    return path
 
 
 @pytest.fixture(scope="module")

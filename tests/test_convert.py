@@ -293,6 +293,7 @@ def test_huggingface_hub_reads_the_model_card(golden_checkpoint):
     assert "# LLaDA-V (llada-v format)" in card.text
 
 
+@pytest.mark.slow
 def test_the_cli_records_its_command_and_a_tokenizer_in_the_card(golden_dir, tmp_path):
     from llada_v.conversion.tokenizer import write_standin_released_tokenizer
 

@@ -1,19 +1,16 @@
 """Training data: the official label rule (golden), the padding modes, the LLaVA dataset, bad samples, length policy.
 
-Also holds the helpers `tiny_processor` / `write_training_folder` that test_training.py reuses: a ~280-token
-byte-level tokenizer with the LLaDA special tokens and chat template, matched to a tiny model with 28-px crops.
+The tiny processor (a ~280-token byte-level tokenizer with the LLaDA special tokens and chat template, matched to
+a tiny model with 28-px crops) and the training folders come from helpers.py.
 """
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from llada_v import LladaVConfig, LladaVModel
 from llada_v.training.data import (
@@ -26,114 +23,7 @@ from llada_v.training.data import (
     find_turns,
 )
 from llada_v.image_layout_llada_v import LAYOUT_ANYRES, LAYOUT_SINGLE, LAYOUT_VIDEO, num_image_tokens
-from llada_v.image_processing_llada_v import LladaVImageProcessor
-from llada_v.processing_llada_v import CHAT_TEMPLATE, LladaVProcessor
-from llada_v.conversion.tokenizer import _SPLIT_PATTERN, _byte_level_alphabet
-from tiny import tiny_config
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-            "<|mdm_mask|>", "<image>"]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE: 256 bytes, `\\n\\n`, the role words as single tokens, then the LLaDA special tokens."""
-    vocab = {char: i for i, char in enumerate(_byte_level_alphabet())}
-    merges = [("Ċ", "Ċ")]
-    vocab["ĊĊ"] = len(vocab)
-    for word in ("system", "user", "assistant"):
-        prefix = word[0]
-        for char in word[1:]:
-            merges.append((prefix, char))
-            prefix += char
-            vocab.setdefault(prefix, len(vocab))
-    first = len(vocab)
-    vocab.update({token: first + i for i, token in enumerate(SPECIALS)})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=SPECIALS[0], eos_token=SPECIALS[1], pad_token=SPECIALS[1]
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_processor(**config_overrides):
-    """A `LladaVProcessor` on `tiny_tokenizer` and the matching tiny `LladaVConfig` (vocab 320, 28-px crops)."""
-    tok = tiny_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
-    config = tiny_config(
-        text_config=dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-        image_token_id=ids["<image>"],
-        mask_token_id=ids["<|mdm_mask|>"],
-        bos_token_id=ids["<|startoftext|>"],
-        eos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        start_header_token_id=ids["<|start_header_id|>"],
-        end_header_token_id=ids["<|end_header_id|>"],
-        eot_token_id=ids["<|eot_id|>"],
-        user_role_token_id=tok.convert_tokens_to_ids("user"),
-        assistant_role_token_id=tok.convert_tokens_to_ids("assistant"),
-        tokenizer_vocab_size=len(tok),
-        **config_overrides,
-    )
-    processor = LladaVProcessor(image_processor=LladaVImageProcessor.from_model_config(config), tokenizer=tok)
-    return processor, config
-
-
-def write_image(path: Path, size_wh, color=(200, 30, 30)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", size_wh, (20, 20, 20))
-    image.paste(color, (0, 0, size_wh[0] // 2, size_wh[1] // 2))
-    image.save(path)
-    return path
-
-
-def write_training_folder(folder: Path, n_records: int = 8) -> tuple[Path, Path]:
-    """Images (several sizes) and a LLaVA JSON mixing single-image, multi-turn, two-image and text-only samples."""
-    images = folder / "images"
-    sizes = [(40, 30), (30, 60), (28, 28), (70, 30)]
-    colors = [(220, 20, 20), (20, 220, 20), (20, 20, 220), (220, 220, 20)]
-    names = ["red", "green", "blue", "yellow"]
-    for i, (size, color) in enumerate(zip(sizes, colors)):
-        write_image(images / f"img{i}.png", size, color)
-    records = []
-    for i in range(n_records):
-        k = i % 4
-        if i % 4 == 3:
-            records.append({"id": f"t{i}", "conversations": [
-                {"from": "human", "value": f"Say {names[k]}."}, {"from": "gpt", "value": names[k]}]})
-        elif i % 4 == 2:
-            records.append({"id": f"m{i}", "image": [f"img{k}.png", f"img{(k + 1) % 4}.png"], "conversations": [
-                {"from": "human", "value": "<image> <image>\nColours?"},
-                {"from": "gpt", "value": f"{names[k]} {names[(k + 1) % 4]}"}]})
-        else:
-            records.append({"id": f"s{i}", "image": f"img{k}.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": names[k]},
-                {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "yes"}]})
-    data = folder / "data.json"
-    data.write_text(json.dumps(records))
-    return data, images
-
-
-def write_tiny_checkpoint_and_data(root: Path):
-    """The tiny model (seed 0) with its processor in `root/ck` and `write_training_folder` data in `root/data`.
-
-    Returns (processor, config, checkpoint folder, data file, image folder).
-    """
-    processor, config = tiny_processor()
-    torch.manual_seed(0)
-    LladaVModel(config).save_pretrained(root / "ck")
-    processor.save_pretrained(root / "ck")
-    data, images = write_training_folder(root / "data", n_records=8)
-    return processor, config, root / "ck", data, images
-
+from helpers import tiny_processor, write_image, write_training_folder
 
 @pytest.fixture(scope="module")
 def proc():

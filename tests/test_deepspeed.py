@@ -1,9 +1,9 @@
 """DeepSpeed ZeRO-3 through the Trainer with the shipped `configs/deepspeed_zero3.json`: on GPUs only.
 
-DeepSpeed cannot run this entry on CPU processes (docs/training.md, "Scaling out", has the errors), so without
-CUDA and deepspeed this test is skipped; on a GPU machine (`pip install -e ".[test,deepspeed]"`) it runs one
-process per GPU (at most 2) and checks the losses against one process without DeepSpeed on the same global
-batches, and that the final export loads and generates.
+DeepSpeed cannot run this entry on CPU processes (docs/training.md, "Scaling out"; the errors are in
+docs/history/training-runs.md), so without CUDA and deepspeed this test is skipped; on a GPU machine
+(`pip install -e ".[test,deepspeed]"`) it runs one process per GPU (at most 2) and checks the losses against one
+process without DeepSpeed on the same global batches, and that the final export loads and generates.
 """
 
 import importlib.util
@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from llada_v import LladaVModel
+from helpers import SCALE_ENV as ENV, rank_logs, run_ok, scale_flags, scale_setup
 from paths import REPO
-from test_fsdp import ENV, _flags, _ranks, _run, setup  # noqa: F401 - setup is a fixture
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,26 +26,31 @@ pytestmark = [
 RUNNER = REPO / "tests" / "scale_runner.py"
 
 
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return scale_setup(tmp_path_factory.mktemp("zero3"))
+
+
 def test_zero3_matches_one_process_and_exports_a_loadable_model(setup, tmp_path):
     gpus = min(2, torch.cuda.device_count())
     common = ["--stage", "2", "--vision_lr", "1e-2", "--projector_lr", "3e-2", "--language_lr", "5e-3",
               "--max_steps", "4", "--save_strategy", "no"]
     single = tmp_path / "single"
-    flags = _flags(setup, single, *common, "--per_device_train_batch_size", str(gpus))
+    flags = scale_flags(setup, single, *common, "--per_device_train_batch_size", str(gpus))
     flags.remove("--use_cpu")
     env_gpus = {**ENV, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
-    _run([sys.executable, str(RUNNER), *flags], env=env_gpus)  # one process, no DeepSpeed, on cuda:0
+    run_ok([sys.executable, str(RUNNER), *flags], env=env_gpus)  # one process, no DeepSpeed, on cuda:0
     zero3 = tmp_path / "zero3"
-    flags = _flags(setup, zero3, *common, "--per_device_train_batch_size", "1",
+    flags = scale_flags(setup, zero3, *common, "--per_device_train_batch_size", "1",
                    "--deepspeed", str(REPO / "configs" / "deepspeed_zero3.json"))
     flags.remove("--use_cpu")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     if gpus > 1:
         launch.insert(3, "--multi_gpu")
-    _run([*launch, str(RUNNER), *flags], env=env_gpus)
-    (reference,) = _ranks(single, 1)
-    ranks = _ranks(zero3, gpus)
+    run_ok([*launch, str(RUNNER), *flags], env=env_gpus)
+    (reference,) = rank_logs(single, 1)
+    ranks = rank_logs(zero3, gpus)
     assert all(r["world_size"] == gpus for r in ranks)
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=0)
     a, b = load_file(single / "model.safetensors"), load_file(zero3 / "model.safetensors")

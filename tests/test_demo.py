@@ -271,6 +271,7 @@ def test_stage0_trains_only_the_vision_tower_and_learns_the_patch_labels(tmp_pat
     assert not any("post_layernorm" in name for name in changed)
 
 
+@pytest.mark.slow
 def test_train_demo_runs_stage0_first(tmp_path):
     from llada_v.demo.train import train_demo
 

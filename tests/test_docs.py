@@ -4,7 +4,8 @@ The rule (also in README.md, "Documentation blocks are tested"):
 
 - Blocks: fences tagged ```bash, ```sh, ```shell, ```console (the `$ ` lines are the commands, the other lines
   their output, not compared), ```python or ```py, in README.md and docs/**/*.md. docs/history/ is not
-  collected: it is an archive of past demo-training runs whose commands used the code of their time.
+  collected: it is an archive of past runs (demo training, benchmarks, training) whose commands used the code
+  of their time.
   Other tags (yaml, json, text, untagged diagrams) are not run.
 - A block that cannot run on a CPU here (GPU, the 8B weights, the Hub or the network, placeholders to fill in,
   a long run) carries `<!-- docs-test: skip: <reason> -->` on the line right before its opening fence. That is
@@ -34,11 +35,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import doc_files
 from paths import REPO
 
 BASH_TAGS = {"bash", "sh", "shell", "console"}
 PYTHON_TAGS = {"python", "py"}
-ARCHIVES = ("docs/history/",)  # not collected: see the module docstring
 BLOCK_TIMEOUT_S = 300
 MARKER = re.compile(r"^\s*<!--\s*docs-test:(?P<body>.*?)-->\s*$")
 SKIP = re.compile(r"^\s*skip:(?P<reason>.*)$")
@@ -111,11 +112,6 @@ def parse_blocks(text: str, path: str) -> list[Block]:
     if pending is not None:
         raise MarkerError(f"{path}:{pending[0]}: a docs-test marker must be on the line right before a fence")
     return blocks
-
-
-def doc_files(root: Path = REPO) -> list[Path]:
-    files = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
-    return [f for f in files if f.is_file() and not any(f.relative_to(root).as_posix().startswith(a) for a in ARCHIVES)]
 
 
 def collect(root: Path = REPO) -> tuple[list[Block], list[str]]:

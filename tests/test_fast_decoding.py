@@ -216,7 +216,9 @@ def test_cache_with_one_step_per_block_is_exact_mode(tiny, mode):
     "options",
     [dict(kv_cache="dual"), dict(kv_cache="prefix"), dict(kv_cache="dual", kv_cache_prompt_refresh="once")],
 )
-@pytest.mark.parametrize("extra", [{}, dict(suffix_token_ids=[7, 8]), dict(cfg_scale=1.0)])
+@pytest.mark.parametrize(
+    "extra", [{}, dict(suffix_token_ids=[7, 8]), pytest.param(dict(cfg_scale=1.0), marks=pytest.mark.slow)]
+)
 def test_cache_on_a_one_layer_model_equals_exact_mode(one_layer, options, extra):
     # One layer: every cached key/value depends only on its own position's token, which does not change while
     # it is cached (the prompt, finished blocks, masks of later blocks, the suffix).
@@ -305,8 +307,8 @@ def _batch(model):
 @pytest.mark.parametrize(
     "options",
     [
-        dict(kv_cache="dual", confidence_threshold=0.5),
-        dict(kv_cache="prefix"),
+        pytest.param(dict(kv_cache="dual", confidence_threshold=0.5), marks=pytest.mark.slow),
+        pytest.param(dict(kv_cache="prefix"), marks=pytest.mark.slow),
         dict(kv_cache="dual", kv_cache_prompt_refresh="once", confidence_threshold=0.4),
         dict(kv_cache="dual", confidence_threshold=0.5, cfg_scale=1.0),
     ],

@@ -8,8 +8,6 @@ else is in its per-device batch (the official padding supervises EOS up to the l
 2 x 1 and 1 x 2 samples are different objectives by design).
 """
 
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from llada_v import LladaVModel
+from helpers import SCALE_ENV as ENV, rank_logs, run_ok, scale_flags, scale_setup
 from paths import REPO
-from test_data import write_tiny_checkpoint_and_data
 
 pytestmark = pytest.mark.slow
 
@@ -31,33 +29,13 @@ FSDP_CONFIG = REPO / "configs" / "fsdp2.json"
 UNITS = ["LladaVDecoderLayer", "SiglipEncoderLayer", "SiglipVisionEmbeddings"]
 # Different rates per module group, large enough that a group updated with another group's rate changes the losses.
 RATES = {"vision": 1e-2, "projector": 3e-2, "language": 5e-3}
-ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
 
 
-def _flags(setup, out, *extra):
-    return ["--model_name_or_path", str(setup.ck), "--data_path", str(setup.data), "--image_folder", str(setup.images),
-            "--output_dir", str(out), "--logging_steps", "1", "--report_to", "none", "--use_cpu",
-            "--disable_tqdm", "true", "--seed", "0", "--padding", "masked", "--train_sampling_strategy", "sequential",
-            "--lr_scheduler_type", "constant", *extra]
-
-
-def _run(command, timeout=300, env=ENV):
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result
-
-
-def _ranks(out, n):
-    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(n)]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
-    _, _, ck, data, images = write_tiny_checkpoint_and_data(root)
-    return SimpleNamespace(root=root, ck=ck, data=data, images=images)
+    return scale_setup(tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +44,18 @@ def runs(setup):
     each, sharded checkpoint every 2 steps, the shipped config: activation checkpointing, sharded state dicts)."""
     rates = ["--stage", "2", *(x for g, lr in RATES.items() for x in (f"--{g}_lr", str(lr))), "--max_steps", "4"]
     single = setup.root / "single"
-    _run([sys.executable, str(RUNNER), *_flags(setup, single, *rates, "--per_device_train_batch_size", "2",
+    run_ok([sys.executable, str(RUNNER), *scale_flags(setup, single, *rates, "--per_device_train_batch_size", "2",
                                                "--save_strategy", "no")])
     fsdp = setup.root / "fsdp"
     fsdp_flags = [*rates, "--per_device_train_batch_size", "1", "--save_steps", "2", "--fsdp",
                   "--fsdp_config", str(FSDP_CONFIG)]
-    _run([*LAUNCH, str(RUNNER), *_flags(setup, fsdp, *fsdp_flags)])
+    run_ok([*LAUNCH, str(RUNNER), *scale_flags(setup, fsdp, *fsdp_flags)])
     return SimpleNamespace(single=single, fsdp=fsdp, fsdp_flags=fsdp_flags)
 
 
 def test_fsdp2_two_processes_give_the_one_process_losses_and_weights(runs):
-    (single,) = _ranks(runs.single, 1)
-    ranks = _ranks(runs.fsdp, 2)
+    (single,) = rank_logs(runs.single, 1)
+    ranks = rank_logs(runs.fsdp, 2)
     assert not single["fsdp"] and single["world_size"] == 1
     assert [r["world_size"] for r in ranks] == [2, 2] and all(r["fsdp"] for r in ranks)
     assert len(single["losses"]) == 4 and ranks[0]["losses"] == ranks[1]["losses"]
@@ -92,8 +70,8 @@ def test_fsdp2_two_processes_give_the_one_process_losses_and_weights(runs):
 
 
 def test_fsdp2_shards_by_layer_and_keeps_the_per_module_learning_rates(runs):
-    (single,) = _ranks(runs.single, 1)
-    rank = _ranks(runs.fsdp, 2)[0]
+    (single,) = rank_logs(runs.single, 1)
+    rank = rank_logs(runs.fsdp, 2)[0]
     # The shard units come from the model's _no_split_modules (only those it holds), one FSDP group per layer.
     assert rank["units"] == UNITS
     sharded = rank["sharded_modules"]
@@ -120,9 +98,9 @@ def test_fsdp2_sharded_checkpoint_resumes_with_the_same_next_step_loss(setup, ru
     resumed = setup.root / "resumed"
     resumed.mkdir()
     shutil.copytree(checkpoint, resumed / "checkpoint-2")
-    _run([*LAUNCH, str(RUNNER), *_flags(setup, resumed, *runs.fsdp_flags, "--resume_from_checkpoint", "last")])
-    straight = _ranks(runs.fsdp, 2)[0]["losses"]
-    again = _ranks(resumed, 2)
+    run_ok([*LAUNCH, str(RUNNER), *scale_flags(setup, resumed, *runs.fsdp_flags, "--resume_from_checkpoint", "last")])
+    straight = rank_logs(runs.fsdp, 2)[0]["losses"]
+    again = rank_logs(resumed, 2)
     assert again[0]["losses"] == again[1]["losses"] == straight  # steps 1-2 from the checkpoint, 3-4 recomputed
     a, b = load_file(runs.fsdp / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -171,12 +149,12 @@ def test_fsdp2_export_loads_with_automodel_in_a_fresh_process_and_generates(runs
 
 def test_fsdp2_lora_with_bf16_trains_the_adapters_and_merges(setup):
     out = setup.root / "lora"
-    _run([*LAUNCH, str(RUNNER), *_flags(setup, out, "--max_steps", "2", "--per_device_train_batch_size", "1",
+    run_ok([*LAUNCH, str(RUNNER), *scale_flags(setup, out, "--max_steps", "2", "--per_device_train_batch_size", "1",
                                                "--save_strategy", "no", "--bf16", "--lora_r", "4",
                                                "--lora_modules_to_save", "multi_modal_projector",
                                                "--merge_lora_at_end", "true", "--fsdp", "--fsdp_config",
                                                str(FSDP_CONFIG))])
-    ranks = _ranks(out, 2)
+    ranks = rank_logs(out, 2)
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 2
     assert ranks[0]["mixed_precision"] == "bf16" and ranks[0]["fsdp"]
     # LoRA uses the model's own activation checkpointing: FSDP's wrapper would make PEFT save no LoRA weights.

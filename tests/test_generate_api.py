@@ -106,6 +106,7 @@ def test_generate_equals_diffusion_generate_on_a_padded_batch(tiny):
     assert torch.equal(tiny.generate(**inputs, **settings), tiny.diffusion_generate(**inputs, **settings))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [EXACT, {"kv_cache": "dual", "confidence_threshold": 0.9}], ids=["exact", "fast"])
 def test_generate_equals_diffusion_generate_on_the_demo_model(demo, mode):
     model, processor = demo
@@ -264,6 +265,7 @@ def test_pipeline_on_the_demo_model_answers_as_diffusion_generate():
     assert _pipeline_matches_diffusion_generate(demo_model_dir(), messages) == expected_answer
 
 
+@pytest.mark.slow
 def test_pipeline_on_a_converted_checkpoint_answers_as_diffusion_generate(tmp_path, golden_checkpoint):
     from _tokenizer_standin import standin_tokenizer
     from PIL import Image
@@ -284,6 +286,7 @@ def test_pipeline_on_a_converted_checkpoint_answers_as_diffusion_generate(tmp_pa
 # ---------------------------------------------------------------------------------------------- CLI --stream
 
 
+@pytest.mark.slow
 def test_cli_stream_in_a_pipe_prints_the_same_line_as_without(tmp_path):
     from llada_v.demo.model import demo_model_dir
     from llada_v.demo.task import make_sample

@@ -61,7 +61,9 @@ CASE_IDS = [
 ]
 
 
-@pytest.mark.parametrize("case_id", CASE_IDS)
+@pytest.mark.parametrize(
+    "case_id", [pytest.param(c, marks=pytest.mark.slow) if c.startswith("test_jpg") else c for c in CASE_IDS]
+)  # the real-shaped image (3.6k tokens) is slow; every other case runs in the fast tier
 def test_golden_generation_ids_and_trace(golden_dir, golden_model, case_id):
     case = _cases(golden_dir)[case_id]
     model = golden_model
@@ -89,6 +91,7 @@ def test_golden_generation_ids_and_trace(golden_dir, golden_model, case_id):
             assert filled_at == call, f"position {position}: committed at pass {filled_at}, official {call}"
 
 
+@pytest.mark.slow
 def test_golden_batch_of_four_prompts_equals_single_runs(golden_dir, golden_model):
     """Two image prompts and two text prompts of different lengths, left-padded into one batch."""
     model = golden_model

@@ -34,7 +34,9 @@ def _wide_pixels(golden_dir):
 FORWARD_IDS = ["test_jpg", "wide_300x100", "text_only", "two_images_pad_list", "video_3_frames"]
 
 
-@pytest.mark.parametrize("case_id", FORWARD_IDS)
+@pytest.mark.parametrize(
+    "case_id", [pytest.param(c, marks=pytest.mark.slow) if c == "test_jpg" else c for c in FORWARD_IDS]
+)  # the real-shaped image (3.6k tokens) is slow; every other case runs in the fast tier
 def test_golden_forward_logits(golden_dir, golden_model, case_id):
     case = next(c for c in _cases(golden_dir, "forward") if c["id"] == case_id)
     tensors = load_file(golden_dir / case["tensors_file"])

@@ -555,6 +555,7 @@ def test_fuzz_token_count_matches_official_packing(width, height):
 _FUZZ_PROCESSOR = LladaVImageProcessor(crop_size=28, patch_size=14)
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(width=8000, height=1500, layout=LAYOUT_ANYRES)
 @example(width=8000, height=1, layout=LAYOUT_ANYRES)

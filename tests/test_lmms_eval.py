@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_cli import build_demo_like_checkpoint
 
 from llada_v.evaluation.lmms_eval_plugin import (
     LladaV,
@@ -25,9 +24,9 @@ from llada_v.evaluation.lmms_eval_plugin import (
     task_preset,
     truncate_at_stops,
 )
+from helpers import COLORS, build_demo_like_checkpoint, write_local_task
 from paths import REPO
 
-COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
 
 
 @pytest.fixture(scope="module")
@@ -205,75 +204,6 @@ def test_unknown_model_args_and_videos_are_refused(demo_ck, docs):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-
-TASK_UTILS = '''
-import os
-from PIL import Image
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def doc_to_visual(doc):
-    return [Image.open(os.path.join(HERE, doc["image"])).convert("RGB")]
-
-
-def doc_to_text(doc):
-    return doc["question"]
-
-
-def process_results(doc, results):
-    return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
-'''
-
-TASK_GEN = """task: tiny_colors_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_visual: !function tiny_utils.doc_to_visual
-doc_to_text: !function tiny_utils.doc_to_text
-doc_to_target: answer
-generation_kwargs:
-  max_new_tokens: 4
-  until: ["\\n\\n"]
-process_results: !function tiny_utils.process_results
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-
-TASK_MC = """task: tiny_colors_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_visual: !function tiny_utils.doc_to_visual
-doc_to_text: !function tiny_utils.doc_to_text
-doc_to_choice: choices
-doc_to_target: label
-metric_list:
-  - metric: acc
-"""
-
-
-def write_local_task(folder):
-    """Two tasks over three local images, loaded by `datasets` from a JSON-lines file (no Hub access)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "data.jsonl", "w") as f:
-        for i, (name, rgb) in enumerate(COLORS.items()):
-            Image.new("RGB", (40, 30), rgb).save(folder / f"img{i}.png")
-            f.write(json.dumps({"image": f"img{i}.png", "question": "What color is the circle?", "answer": name,
-                                "choices": list(COLORS), "label": i}) + "\n")
-    (folder / "tiny_utils.py").write_text(TASK_UTILS)
-    (folder / "tiny_colors_gen.yaml").write_text(TASK_GEN.format(data=folder / "data.jsonl"))
-    (folder / "tiny_colors_mc.yaml").write_text(TASK_MC.format(data=folder / "data.jsonl"))
-    return folder
-
 
 @pytest.mark.slow
 def test_python_m_lmms_eval_runs_a_local_task_end_to_end(demo_ck, tmp_path):

@@ -14,8 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import build_demo_like_checkpoint
-from test_lmms_eval import write_local_task
+from helpers import build_demo_like_checkpoint, write_local_task
 
 from llada_v.evaluation.lmms_eval_plugin import LladaV
 

@@ -48,6 +48,7 @@ def test_rows_without_supervised_tokens_mask_nothing_and_seeds_reproduce():
         MaskCountSampling(None)
 
 
+@pytest.mark.slow
 def test_count_form_has_the_expectation_of_the_default_t_form_with_lower_variance():
     """The model's own loss, averaged over the sampler's masks, equals the exact expectation of the SPEC form
     (t ~ U(0, 1), Bernoulli masks, weight 1 / p_mask) computed by enumerating every mask and integrating t."""

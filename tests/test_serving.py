@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 from llada_v.demo.app import load_demo  # noqa: E402
 from llada_v.demo.task import make_sample  # noqa: E402
 from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message  # noqa: E402
-from test_serving_api import png_bytes, png_data_url  # noqa: E402
+from helpers import png_bytes, png_data_url  # noqa: E402
 
 MODEL = "llada-v-demo"
 MAX_BATCH, MAX_QUEUED, MAX_BODY, FETCH_TIMEOUT = 32, 8, 1_000_000, 15

@@ -5,7 +5,6 @@ The served application itself (Ray Serve, HTTP, the openai client) is tested in 
 """
 
 import base64
-import io
 import os
 
 import pytest
@@ -18,18 +17,9 @@ from llada_v.serving.media import MediaPolicy, load_image_url
 from llada_v.serving.openai_api import ApiError, parse_chat_request
 from llada_v.serving.options import ServeOptions
 from llada_v.serving.service import ChatService
+from helpers import png_bytes, png_data_url
 
 MODEL = "llada-v-demo"
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def png_data_url(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 def chat_body(question: str, url: str | None = None, **fields) -> dict:

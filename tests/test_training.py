@@ -32,7 +32,7 @@ from llada_v.training.trainer import (
     stage_preset,
 )
 from paths import REPO
-from test_data import tiny_processor, write_tiny_checkpoint_and_data
+from helpers import tiny_processor, write_tiny_checkpoint_and_data
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +286,7 @@ with open(f"{trainer.args.output_dir}/rank{trainer.args.process_index}.json", "w
 """
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes_agree_on_loss_and_weights(setup, tmp_path):
     # Mostly text-only samples, one per rank and step: ranks often hold batches without images, which only
     # work in DDP (find_unused_parameters=False) thanks to the collator's dummy crop.

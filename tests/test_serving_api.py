@@ -92,6 +92,38 @@ def test_llada_v_serve_reports_bad_options_in_one_line(capsys, tmp_path):
     assert f"llada-v serve: error: no such checkpoint folder: {tmp_path / 'nope'}" in capsys.readouterr().err
 
 
+def test_the_api_key_comes_from_the_option_or_the_environment_and_a_public_host_without_one_warns(monkeypatch):
+    monkeypatch.delenv("LLADA_V_API_KEY", raising=False)
+    assert ServeOptions().api_key is None and ServeOptions().security_warnings() == []
+    assert "secret" not in repr(ServeOptions(api_key="secret"))
+    monkeypatch.setenv("LLADA_V_API_KEY", "from-env")
+    assert ServeOptions().api_key == "from-env" and ServeOptions(api_key="given").api_key == "given"
+    assert ServeOptions(host="0.0.0.0").security_warnings() == []
+    monkeypatch.delenv("LLADA_V_API_KEY")
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert ServeOptions(host=host).security_warnings() == [], host
+    (warning,) = ServeOptions(host="0.0.0.0", port=9000).security_warnings()
+    assert "--host 0.0.0.0 accepts connections from other machines and no API key is set" in warning
+    assert "port 9000" in warning and "--api-key" in warning
+    with pytest.raises(InputError, match="api_key must be a non-empty string, got ' '"):
+        ServeOptions(api_key=" ")
+    with pytest.raises(InputError, match="max_prompt_chars must be an integer >= 1, got 0"):
+        ServeOptions(max_prompt_chars=0)
+
+
+def test_llada_v_serve_warns_on_a_public_host_without_a_key(capsys, tmp_path, monkeypatch):
+    from llada_v import cli
+
+    pytest.importorskip("ray.serve", reason="llada-v serve imports Ray Serve once its options are valid")
+    monkeypatch.delenv("LLADA_V_API_KEY", raising=False)
+    # The warning comes first; the missing model then stops the command before Ray starts.
+    assert cli.main(["serve", "--host", "0.0.0.0", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "llada-v serve: warning: --host 0.0.0.0 accepts connections from other machines" in err
+    assert cli.main(["serve", "--host", "0.0.0.0", "--api-key", "k", "--model", str(tmp_path / "nope")]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_demo_defaults_have_no_system_prompt_and_the_demo_name():
     assert ServeOptions().default_system_prompt == "" and ServeOptions().model_id == MODEL
     assert ServeOptions(model="ck").default_system_prompt is None and ServeOptions(model="ck").model_id == "ck"
@@ -159,7 +191,6 @@ def test_a_request_becomes_template_messages_images_and_settings():
 @pytest.mark.parametrize(
     "change, param, message",
     [
-        ({"model": "gpt-4"}, "model", "unknown model 'gpt-4'; this server serves 'llada-v-demo'"),
         ({"messages": []}, "messages", "messages must be a non-empty list"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "got 'robot'"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "the last message must be a user message"),
@@ -175,6 +206,11 @@ def test_a_request_becomes_template_messages_images_and_settings():
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "a list of 1-4 of them"),
         ({"seed": 1.5}, "seed", "seed must be an integer, got 1.5"),
         ({"n": 2}, "n", "n=2 is not supported (only 1)"),
+        ({"n": True}, "n", "n=True is not supported (only 1)"),  # a bool is not an int, whatever Python says
+        ({"logprobs": 0}, "logprobs", "logprobs=0 is not supported (only False)"),
+        ({"response_format": {"type": "json_object"}}, "response_format",
+         "response_format type 'json_object' is not supported (only 'text'"),
+        ({"response_format": "text"}, "response_format", "response_format type 'text' is not supported"),
         ({"top_p": 0.5}, "top_p", "top_p=0.5 is not supported"),
         ({"tools": []}, "tools", "unsupported fields ['tools']"),
         ({"stream_canvas": True}, "stream_canvas", "stream_canvas needs stream: true"),
@@ -187,6 +223,25 @@ def test_bad_requests_are_400_naming_the_field(change, param, message):
         parse(body)
     assert info.value.status == 400 and info.value.param == param
     assert message in info.value.message, info.value.message
+
+
+def test_an_unknown_model_is_404_model_not_found_and_plain_text_format_is_accepted():
+    with pytest.raises(ApiError) as info:
+        parse({**chat_body("hi"), "model": "gpt-4"})
+    assert (info.value.status, info.value.param, info.value.code) == (404, "model", "model_not_found")
+    assert info.value.message == "the model 'gpt-4' does not exist; this server serves 'llada-v-demo'"
+    assert info.value.body()["error"]["type"] == "invalid_request_error"
+    assert parse({**chat_body("hi"), "response_format": {"type": "text"}, "n": 1, "top_p": 1.0}).messages
+
+
+def test_the_prompt_text_is_capped_before_tokenising():
+    body = {"model": MODEL, "messages": [{"role": "system", "content": "x" * 6},
+                                         {"role": "user", "content": [{"type": "text", "text": "y" * 5}]}]}  # fmt: skip
+    assert parse_chat_request(body, MODEL, 1, 64, max_prompt_chars=11).messages
+    with pytest.raises(ApiError) as info:
+        parse_chat_request(body, MODEL, 1, 64, max_prompt_chars=10)
+    assert info.value.status == 400 and info.value.code == "prompt_too_long"
+    assert "the messages hold 11 characters of text, more than this server's limit of 10" in info.value.message
 
 
 def test_too_many_images_names_the_count_and_the_limit():
@@ -319,11 +374,22 @@ def test_seeded_random_jobs_run_alone_and_repeat(service):
     assert first[0].text == second[0].text and first[0].batch_size == 1
 
 
+def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_queued(service):
+    long_question = "What color is the triangle ? " * 170  # > the demo's 1024 positions
+    request = parse_chat_request(chat_body(long_question), MODEL, 1, 64)
+    with pytest.raises(ApiError) as info:
+        service.build_job(request, service.settings(request), [])
+    assert info.value.status == 400 and info.value.code == "prompt_too_long"
+    assert "+ max_new_tokens (4) + suffix (0) =" in info.value.message
+    assert "tokens exceeds max_position_embeddings (1024)" in info.value.message
+
+
 def test_a_failing_row_is_split_off_and_its_batch_mates_still_answer(service):
     jobs, _ = demo_jobs(service, 4)
     long_question = "What color is the triangle ? " * 170  # > the demo's 1024 positions with the image
-    request = parse_chat_request(chat_body(long_question), MODEL, 1, 64)
-    bad, _ = service.build_job(request, jobs[0].config, [])
+    # Built by hand: the server refuses such a prompt before queueing it (test above); a batch still copes.
+    text = chat_prompt(service.processor, [user_message(long_question)], system_prompt="")
+    bad = GenerationJob(text=text, images=[], config=jobs[0].config)
     batch = [jobs[0], bad, jobs[1], jobs[2], jobs[3]]
     results = run_batch(service.model, service.processor, batch)
     assert isinstance(results[1].error, ValueError) and "max_position_embeddings (1024)" in str(results[1].error)
@@ -367,6 +433,69 @@ def test_streamed_deltas_add_up_to_the_answers_of_a_plain_call(service):
     last_canvas = [e.canvas for e in events[0] if e.kind == "canvas"][-1]
     assert " ".join(t for t in last_canvas["tokens"][: last_canvas["stop"]]) == results[0].text
     assert all(not events[i] for i in range(1, len(jobs), 2))
+
+
+def test_stop_strings_end_the_text_before_the_first_one():
+    from llada_v.inference import Answer, cut_at_stop_strings, decode_answer, stop_string_prefix_length
+
+    text = "yellow triangle yellow circle blue square"
+    assert cut_at_stop_strings(text, ["triangle"]) == ("yellow", "triangle")
+    assert cut_at_stop_strings(text, ["square", "circle"]) == ("yellow triangle yellow", "circle")
+    # where a left-to-right generation stops first: "circle" is complete before "circle blue" would be
+    assert cut_at_stop_strings(text, ["circle blue", "circle"]) == ("yellow triangle yellow", "circle")
+    assert cut_at_stop_strings(text, ["green"]) == (text, None) and cut_at_stop_strings(text, None) == (text, None)
+    assert stop_string_prefix_length("yellow tri", ["triangle"]) == 3
+    assert stop_string_prefix_length("yellow tri", ["circle", "w tr"]) == 0  # "w tr" is whole: a cut, not a hold
+    assert stop_string_prefix_length("yellow tri", ["w triangle", "ri"]) == 5
+
+    class Words:  # a tokenizer whose id i is word i
+        words = ["yellow", "triangle", "yellow", "circle"]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(self.words[i] for i in ids)
+
+    assert decode_answer(Words(), [0, 1, 2, 3], ["circle"]) == Answer("yellow triangle yellow", 4, "circle")
+    assert decode_answer(Words(), [0, 1, 2, 3], ["tri"]) == Answer("yellow", 2, "tri")
+    assert decode_answer(Words(), [0, 1, 2, 3], ["blue"]) == Answer("yellow triangle yellow circle", 4, None)
+
+
+def test_streamed_text_never_passes_a_stop_string(service):
+    tokenizer = service.processor.tokenizer
+    mask = service.base_config.mask_token_id
+    yellow, triangle, circle = (tokenizer.convert_tokens_to_ids(w) for w in ("yellow", "triangle", "circle"))
+    text = CommittedText(tokenizer, mask, stop_strings=["triangle yellow"])
+    assert text.update([yellow, triangle, mask, mask], None) == "yellow"  # "triangle" may start the stop string
+    assert text.update([yellow, triangle, yellow, circle], None) == ""  # the stop string: nothing after "yellow"
+    assert text.finish("yellow") == ""
+    streamed = CommittedText(tokenizer, mask, stop_strings=["circle"])
+    assert streamed.update([yellow, triangle, mask, mask], None) == "yellow triangle"
+    assert streamed.update([yellow, triangle, yellow, circle], None) == " yellow"
+
+
+def test_a_stop_string_cuts_the_served_answer_and_finishes_with_stop(service):
+    def describe_job(**fields):
+        url = png_data_url(make_sample(0)["image"])
+        request = parse_chat_request(chat_body("Which colors are there?", url, max_tokens=16, **fields), MODEL, 1, 64)
+        return service.build_job(request, service.settings(request), service.load_images(request))[0]
+
+    full = single_answer(service, describe_job())
+    assert len(full.split()) >= 3, full
+    word = full.split()[1]
+    stopped = [describe_job(stop=word, stream=True)]
+    events = []
+    stopped[0].sink = events.append
+    (result,) = run_batch(service.model, service.processor, stopped)
+    assert result.text == full[: full.index(word)].rstrip() and result.finish_reason == "stop"
+    assert "".join(e.text for e in events if e.kind == "delta") == result.text
+    assert 1 <= result.completion_tokens <= 16
+
+
+def test_retry_after_follows_the_queue(service):
+    service.stats.batches, service.stats.generate_seconds = 4, 10.0  # 2.5 s per batch of up to 16 rows
+    assert service.retry_after_seconds(1) == 3 and service.retry_after_seconds(16) == 3
+    assert service.retry_after_seconds(17) == 5 and service.retry_after_seconds(80) == 13
+    service.stats.batches, service.stats.generate_seconds = 0, 0.0
+    assert service.retry_after_seconds(80) == 1
 
 
 def test_build_job_counts_the_prompt_tokens_the_processor_makes(service):

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -97,6 +98,8 @@ def run_server(options: ServeOptions) -> int:
     """`llada-v serve`: start (or join) Ray, serve the application on `host:port`, stop cleanly on Ctrl-C/SIGTERM."""
     import ray
 
+    for warning in options.security_warnings():
+        print(f"llada-v serve: warning: {warning}", file=sys.stderr, flush=True)
     check_local_paths(options)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked for
     stop = threading.Event()

@@ -54,6 +54,9 @@ def _add_server_group(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server and replicas")
     group.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1: this machine only)")
     group.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    group.add_argument("--api-key", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: the LLADA_V_API_KEY "
+                            "environment variable; unset: no key, fine on 127.0.0.1 only)")  # fmt: skip
     group.add_argument("--address", metavar="RAY_ADDRESS", help="join this Ray cluster ('auto': the running one)")
     group.add_argument("--num-replicas", type=int, metavar="N", help="fixed number of model replicas (default 1)")
     group.add_argument("--min-replicas", type=int, metavar="N", help="autoscaling lower bound")
@@ -82,6 +85,9 @@ def _add_limits_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allowed-local-media-path", metavar="DIR",
                        help="allow file:// image URLs under this folder (default: none)")  # fmt: skip
     group.add_argument("--max-tokens-limit", type=int, default=1024, metavar="N", help="largest max_tokens accepted")
+    group.add_argument("--max-prompt-chars", type=int, default=256 * 1024, metavar="N",
+                       help="characters of all message texts together, refused before tokenising (the token "
+                            "count is then checked against the model's context)")  # fmt: skip
 
 
 def options_from_args(args: argparse.Namespace) -> Any:

@@ -2,8 +2,11 @@
 
 `build_asgi_app(server)` takes the replica (`app.LladaVServer`): its `service` (`service.ChatService`), its
 `admission` and `submit(job)` (the `@serve.batch` entry). Every error is OpenAI-style JSON (`ApiError.body`):
-400 for an invalid request, 413 for a body over `max_request_bytes`, 503 with `Retry-After` when the replica
-already holds `max_batch_size + max_queued_requests` chat requests, 500 when generation itself failed.
+400 for an invalid request, 401 without the API key (when one is set; `/health` needs none), 404 for an
+unknown route or model, 413 for a body over `max_request_bytes`, 415 for a POST that is not
+`Content-Type: application/json` (a cross-site form or `text/plain` post needs no CORS preflight, so a web page
+could otherwise drive the server from a local browser), 503 with `Retry-After` when the replica already holds
+`max_batch_size + max_queued_requests` chat requests, 500 when generation itself failed.
 
 A streamed answer (`stream: true`) is sent as server-sent events once its first text (or canvas) exists, so a
 request the sampler rejects still gets a plain 400. The header `x-llada-batch-size` says how many rows the
@@ -13,11 +16,14 @@ request the sampler rejects still gets a plain 400. The header `x-llada-batch-si
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -26,6 +32,8 @@ from .batching import JobResult, StreamEvent
 from .openai_api import ApiError, chunk_body, completion_body, completion_id, invalid, models_body, usage
 
 BATCH_SIZE_HEADER = "x-llada-batch-size"
+JSON_MEDIA_TYPE = "application/json"
+logger = logging.getLogger(__name__)
 
 
 class Admission:
@@ -73,6 +81,26 @@ def result_error(result: JobResult) -> ApiError:
     return ApiError(500, f"generation failed: {type(err).__name__}: {err}", code="generation_failed")
 
 
+def check_api_key(request: Request, api_key: str | None) -> None:
+    """401 unless the request carries `Authorization: Bearer <api_key>` (OpenAI's convention); no key: open."""
+    if api_key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        what = "no API key given" if not given else "incorrect API key"
+        raise ApiError(401, f"{what}: send the server's key as 'Authorization: Bearer KEY'", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+
+def check_json_content_type(request: Request) -> None:
+    """415 unless the body is declared as JSON: browsers send cross-site `text/plain` and form posts without
+    asking the server first (no CORS preflight), `application/json` only after a preflight this server refuses."""
+    declared = request.headers.get("content-type", "")
+    if declared.split(";", 1)[0].strip().lower() != JSON_MEDIA_TYPE:
+        raise ApiError(415, f"Content-Type must be {JSON_MEDIA_TYPE}, got {declared or 'none'!r}",
+                       code="unsupported_media_type")  # fmt: skip
+
+
 async def read_json(request: Request, max_bytes: int) -> Any:
     """The JSON body, refusing more than `max_bytes` (413) before reading it where Content-Length says so."""
     declared = request.headers.get("content-length")
@@ -88,6 +116,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         return json.loads(received)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise invalid(f"the request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise invalid("the request body is nested too deeply to be a chat request") from None
 
 
 def build_asgi_app(server: Any) -> Starlette:
@@ -95,12 +125,18 @@ def build_asgi_app(server: Any) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         try:
+            check_api_key(request, server.service.options.api_key)
+            check_json_content_type(request)
             return await _chat(server, request)
         except ApiError as err:
             return error_response(err)
 
     async def models(request: Request) -> Response:
         service = server.service
+        try:
+            check_api_key(request, service.options.api_key)
+        except ApiError as err:
+            return error_response(err)
         return JSONResponse(models_body(service.options.model_id, service.created))
 
     async def health(request: Request) -> Response:
@@ -113,8 +149,22 @@ def build_asgi_app(server: Any) -> Starlette:
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
-        ]
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (unknown route 404, wrong method 405) in the OpenAI error shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """A bug, not the client's fault: still JSON, and logged with its traceback."""
+    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
 
 
 async def _chat(server: Any, request: Request) -> Response:
@@ -122,7 +172,7 @@ async def _chat(server: Any, request: Request) -> Response:
     body = await read_json(request, service.options.max_request_bytes)
     parsed = service.parse(body)
     config = service.settings(parsed)
-    slot = server.admission.enter(service.retry_after_seconds())
+    slot = server.admission.enter(service.retry_after_seconds(server.admission.active))
     task = None
     try:
         images = await server.load_images(parsed)

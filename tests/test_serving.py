@@ -274,6 +274,16 @@ def test_models_and_health(server, client):
     assert health["capacity"] == MAX_BATCH + MAX_QUEUED
 
 
+def test_the_node_agent_exports_no_metrics_on_every_interface(server):
+    # Ray's node agent serves Prometheus metrics on 0.0.0.0 without authentication unless metrics collection is
+    # off; `llada-v serve` turns it off for the Ray it starts (its gRPC port, protected by Ray's token, stays).
+    server.remember_processes()
+    agents = {pid for pid, p in server.seen.items() if _live(p) and "DashboardAgent" in " ".join(_cmdline(p))}
+    assert agents, [" ".join(_cmdline(p))[:60] for p in server.seen.values()]
+    listening = [c.laddr for c in psutil.net_connections("tcp") if c.pid in agents and c.status == psutil.CONN_LISTEN]
+    assert listening and not [a for a in listening if a.ip == "0.0.0.0"], listening
+
+
 def test_chat_with_an_image(server, client, demo):
     sample = make_sample(3)
     question = sample["qa"][0][0]

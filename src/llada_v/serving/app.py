@@ -104,6 +104,10 @@ def run_server(options: ServeOptions) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked for
     stop = threading.Event()
     own_cluster = options.address is None
+    if own_cluster:
+        # The node agent's Prometheus export listens on every interface without authentication and Ray cannot
+        # bind it to loopback; nothing here reads it (docs/serving.md, "Limits and security").
+        os.environ.setdefault("RAY_enable_metrics_collection", "0")
     previous: dict = {}
     try:
         ray.init(address=options.address or "local", include_dashboard=False)

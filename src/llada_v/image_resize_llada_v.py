@@ -20,6 +20,8 @@ import torch
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point: 8-bit results, sign and overflow headroom
 _BICUBIC_SUPPORT = 2.0
 _BICUBIC_A = -0.5
+# float64 values of one slice of columns in a resize pass (32 MiB): bounds the memory of resizing a huge image.
+_SLICE_ELEMENTS = 1 << 22
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -75,27 +77,36 @@ def _resample_leading(source: torch.Tensor, out_size: int) -> torch.Tensor:
     exactly, so the result does not depend on the summation order: it is Pillow's integer arithmetic. Then
     Pillow's `clip((sum + 2**21) >> 22, 0, 255)`, in place: clipping the sum first, adding the half and scaling
     by 2**-22 are exact in float64, and the cast truncates the now non-negative values (the floor of the shift).
+    Columns are independent, so they go through in slices of at most `_SLICE_ELEMENTS` float64 values: the
+    memory beyond the uint8 input and output stays bounded whatever the image size.
     """
-    acc = torch.sparse.mm(_tap_matrix(source.shape[0], out_size), source.to(torch.float64))
+    taps = _tap_matrix(source.shape[0], out_size)
+    out = torch.empty((out_size, source.shape[1]), dtype=torch.uint8)
+    step = max(1, _SLICE_ELEMENTS // max(source.shape[0], out_size))
     half = 1 << (PRECISION_BITS - 1)
-    acc.clamp_(-half, (256 << PRECISION_BITS) - 1 - half).add_(half).mul_(1.0 / (1 << PRECISION_BITS))
-    return acc.to(torch.uint8)
+    for start in range(0, source.shape[1], step):
+        acc = torch.sparse.mm(taps, source[:, start : start + step].to(torch.float64))
+        acc.clamp_(-half, (256 << PRECISION_BITS) - 1 - half).add_(half).mul_(1.0 / (1 << PRECISION_BITS))
+        out[:, start : start + step] = acc.to(torch.uint8)
+    return out
 
 
 def _premultiply(pixels: np.ndarray) -> np.ndarray:
-    alpha = pixels[..., -1:].astype(np.int64)
-    t = pixels[..., :-1].astype(np.int64) * alpha + 128
+    # uint16 holds every intermediate exactly: c * a + 128 <= 65153 and ((t >> 8) + t) <= 65407.
+    alpha = pixels[..., -1:].astype(np.uint16)
+    t = pixels[..., :-1].astype(np.uint16) * alpha + 128
     colour = ((t >> 8) + t) >> 8
-    return np.concatenate((colour, alpha), axis=-1).astype(np.uint8)
+    return np.concatenate((colour.astype(np.uint8), pixels[..., -1:]), axis=-1)
 
 
 def _unpremultiply(pixels: np.ndarray) -> np.ndarray:
-    alpha = pixels[..., -1:].astype(np.int64)
-    colour = pixels[..., :-1].astype(np.int64)
+    # uint16 holds 255 * c <= 65025 exactly.
+    alpha = pixels[..., -1:].astype(np.uint16)
+    colour = pixels[..., :-1].astype(np.uint16)
     divided = np.minimum(255 * colour // np.maximum(alpha, 1), 255)
     keep = (alpha == 0) | (alpha == 255)
     colour = np.where(keep, colour, divided)
-    return np.concatenate((colour, alpha), axis=-1).astype(np.uint8)
+    return np.concatenate((colour.astype(np.uint8), pixels[..., -1:]), axis=-1)
 
 
 def resize_bicubic(pixels: np.ndarray, size_hw: tuple[int, int], has_alpha: bool = False) -> np.ndarray:

@@ -14,6 +14,8 @@ The algorithm is Pillow's separable convolution (its `libImaging/Resample.c`, re
   un-premultiplied after (`min(255, 255 * c // a)`, unchanged where `a` is 0 or 255).
 """
 
+import functools
+
 import numpy as np
 import torch
 
@@ -56,6 +58,7 @@ def resize_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.nda
     return first, np.where(window, fixed, 0)
 
 
+@functools.lru_cache(maxsize=16)  # the bands of one pass share it; read-only
 def _tap_matrix(in_size: int, out_size: int) -> torch.Tensor:
     """The fixed-point taps of a 1-D resize as a sparse float64 `(out, in)` matrix (exact integers)."""
     first, weights = resize_coefficients(in_size, out_size)
@@ -88,6 +91,19 @@ def _resample_leading(source: torch.Tensor, out_size: int) -> torch.Tensor:
         acc = torch.sparse.mm(taps, source[:, start : start + step].to(torch.float64))
         acc.clamp_(-half, (256 << PRECISION_BITS) - 1 - half).add_(half).mul_(1.0 / (1 << PRECISION_BITS))
         out[:, start : start + step] = acc.to(torch.uint8)
+    return out
+
+
+def _resample_rows(image: torch.Tensor, out_width: int) -> torch.Tensor:
+    """The horizontal pass of a uint8 `(H, W, C)` tensor -> uint8 `(H, W', C)`, in bands of rows, so that the
+    transposed copy a pass along the width needs is one band at a time, not the whole image."""
+    in_height, in_width, channels = image.shape
+    out = torch.empty((in_height, out_width, channels), dtype=torch.uint8)
+    band = max(1, _SLICE_ELEMENTS // (max(in_width, out_width) * channels))
+    for top in range(0, in_height, band):
+        rows = image[top : top + band]
+        columns = rows.permute(1, 0, 2).reshape(in_width, rows.shape[0] * channels)  # (W, band*C)
+        out[top : top + band] = _resample_leading(columns, out_width).reshape(out_width, -1, channels).permute(1, 0, 2)
     return out
 
 
@@ -124,12 +140,13 @@ def resize_bicubic(pixels: np.ndarray, size_hw: tuple[int, int], has_alpha: bool
         raise ValueError(f"the output size must be positive, got (height={height}, width={width})")
     if (height, width) == pixels.shape[:2]:
         return pixels.copy()
-    # A writable copy: arrays of PIL images are read-only, which torch.from_numpy warns about.
-    out = torch.from_numpy(np.array(_premultiply(pixels) if has_alpha else pixels, order="C"))  # (H, W, C)
+    source = _premultiply(pixels) if has_alpha else pixels
+    if not source.flags.writeable:  # arrays of PIL images are read-only, which torch.from_numpy warns about
+        source = np.array(source, order="C")
+    out = torch.from_numpy(source)  # (H, W, C); never written to: each pass makes new tensors
     in_height, in_width, channels = out.shape
     if width != in_width:  # horizontal pass first, as Pillow
-        columns = out.permute(1, 0, 2).reshape(in_width, in_height * channels)  # (W, H*C)
-        out = _resample_leading(columns, width).reshape(width, in_height, channels).permute(1, 0, 2)
+        out = _resample_rows(out, width)  # (H, W', C)
     if height != in_height:
         rows = out.reshape(in_height, width * channels)  # (H, W'*C)
         out = _resample_leading(rows, height).reshape(height, width, channels)

@@ -17,7 +17,8 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 QUANTIZATION_CHOICES = (None, "4bit", "8bit")
 INT_OPTIONS = {
     "port", "num_replicas", "min_replicas", "max_replicas", "max_batch_size", "max_queued_requests",
-    "max_request_bytes", "max_images_per_request", "max_image_bytes", "max_tokens_limit",
+    "max_request_bytes", "max_images_per_request", "max_image_bytes", "max_tokens_limit", "max_request_pixels",
+    "max_queued_pixels",
 }  # fmt: skip
 FLOAT_OPTIONS = {"target_ongoing_requests", "num_cpus_per_replica", "num_gpus_per_replica", "batch_wait_ms",
                  "image_fetch_timeout_s"}  # fmt: skip
@@ -42,7 +43,10 @@ class ServeOptions:
     Batching and limits: `max_batch_size`, `batch_wait_ms`, `max_queued_requests` (per replica, beyond the rows
     being generated; more gets 503), `max_request_bytes` (413 above), `max_images_per_request`,
     `max_image_bytes` (a data URL's decoded size), `image_fetch_timeout_s`, `remote_images` (http(s) URLs),
-    `allowed_local_media_path` (file:// URLs only under it), `max_tokens_limit` (the largest `max_tokens`).
+    `allowed_local_media_path` (file:// URLs only under it), `max_tokens_limit` (the largest `max_tokens`),
+    `max_request_pixels` (the pixels one request's images may cost the image processor, read from their headers
+    before decoding; more gets 400), `max_queued_pixels` (the same, summed over the requests a replica holds;
+    more gets 503 + Retry-After).
     """
 
     model: str | None = None
@@ -77,6 +81,8 @@ class ServeOptions:
     remote_images: bool = True
     allowed_local_media_path: str | None = None
     max_tokens_limit: int = 1024
+    max_request_pixels: int = 50_000_000
+    max_queued_pixels: int = 100_000_000
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,6 +99,13 @@ class ServeOptions:
         _non_negative_int("max_images_per_request", self.max_images_per_request)
         _positive_int("max_image_bytes", self.max_image_bytes)
         _positive_int("max_tokens_limit", self.max_tokens_limit)
+        _positive_int("max_request_pixels", self.max_request_pixels)
+        _positive_int("max_queued_pixels", self.max_queued_pixels)
+        if self.max_queued_pixels < self.max_request_pixels:
+            raise InputError(
+                f"max_queued_pixels ({self.max_queued_pixels}) must be >= max_request_pixels "
+                f"({self.max_request_pixels})"
+            )
         _non_negative("num_cpus_per_replica", self.num_cpus_per_replica)
         _non_negative("num_gpus_per_replica", self.num_gpus_per_replica)
         if not isinstance(self.image_fetch_timeout_s, (int, float)) or self.image_fetch_timeout_s <= 0:

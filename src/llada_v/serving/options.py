@@ -42,7 +42,8 @@ class ServeOptions:
 
     Batching and limits: `max_batch_size`, `batch_wait_ms`, `max_queued_requests` (per replica, beyond the rows
     being generated; more gets 503), `max_request_bytes` (413 above), `max_images_per_request`,
-    `max_image_bytes` (a data URL's decoded size), `image_fetch_timeout_s`, `remote_images` (http(s) URLs),
+    `max_image_bytes` (per image: a data URL's decoded size, a download, a local file), `image_fetch_timeout_s`
+    (all of a request's http(s) downloads), `remote_images` (http(s) URLs),
     `allowed_local_media_path` (file:// URLs only under it), `max_tokens_limit` (the largest `max_tokens`),
     `max_request_pixels` (the pixels one request's images may cost the image processor, read from their headers
     before decoding; more gets 400), `max_queued_pixels` (the same, summed over the requests a replica holds;

@@ -105,7 +105,7 @@ def image_part(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def test_a_data_url_request_is_answered_while_trickling_downloads_are_in_flight(server, client, demo, trickler):
+def test_a_data_url_request_is_answered_while_trickling_downloads_are_in_flight(server, client, demo, trickler):  # noqa: F811
     def slow(index):
         started = time.monotonic()
         try:
@@ -159,7 +159,7 @@ def test_malformed_file_urls_are_json_400s(server, client, media_root):
         assert "unusable file URL" in error.message and reason in error.message
 
 
-def test_the_budgets_are_given_back_and_the_server_still_answers(server, client, demo):
+def test_the_budgets_are_given_back_and_the_server_still_answers(server, client, demo):  # noqa: F811
     health = get_json(f"{server.url}/health")[2]
     assert (health["active_requests"], health["queued_pixels"]) == (0, 0)
     sample = make_sample(22)

@@ -631,9 +631,7 @@ def fetch_url(url: str, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int = D
     except urllib.error.HTTPError as err:
         raise ValueError(f"cannot fetch {url}: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-        if watchdog.expired or isinstance(err, (TimeoutError, socket.timeout)) or isinstance(
-            getattr(err, "reason", None), (TimeoutError, socket.timeout)
-        ):
+        if watchdog.expired or isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None), TimeoutError):
             if response is None:
                 raise ValueError(f"cannot fetch {url}: no answer within {timeout} s") from None
             raise ValueError(f"{url} did not finish downloading within {timeout} s") from None

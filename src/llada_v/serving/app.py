@@ -70,9 +70,9 @@ class LladaVServer:
         loop = asyncio.get_running_loop()
         timeout = self.options.image_fetch_timeout_s
         deadline = time.monotonic() + timeout
+        policy = self.service.media
         reads = [
-            loop.run_in_executor(self._fetch if is_remote(url) else self._media, read_image_url, url, param,
-                                 self.service.media, deadline)  # fmt: skip
+            loop.run_in_executor(self._pool_for(url), read_image_url, url, param, policy, deadline)
             for param, url in request.image_urls
         ]
         try:
@@ -85,6 +85,10 @@ class LladaVServer:
         pixels = await loop.run_in_executor(self._media, self.service.image_pixels, request, results)
         slot.reserve_pixels(pixels, self.service.retry_after_seconds())
         return results
+
+    def _pool_for(self, url: str) -> ThreadPoolExecutor:
+        """Downloads on the fetch threads; data URLs and files on the media threads, never behind a download."""
+        return self._fetch if is_remote(url) else self._media
 
     async def submit(self, job: GenerationJob) -> JobResult:
         """Queue `job` for the next batch; never raises for a failed generation (the result carries it)."""

@@ -8,7 +8,7 @@
   between the check and its use.
 
 The result is the image's encoded bytes: a request holds those while it waits (not decoded pixels), and the image
-processor decodes them with the library's one loader. `image_sizes` reads only the headers, so a request's pixel
+processor decodes them with the library's one loader. `header_pixels` reads only the headers, so a request's pixel
 budget is checked before anything is decoded. Every refusal is an `ApiError` (400) naming the message part and
 the URL.
 """
@@ -95,7 +95,7 @@ def load_image_url(url: str, param: str, policy: MediaPolicy) -> Any:
         raise invalid(f"{param}: cannot load image {describe_url(url)}: {err}", param) from None
 
 
-def image_sizes(sources: list[bytes], params: list[str], urls: list[str], image_processor: Any) -> list[int]:
+def header_pixels(sources: list[bytes], params: list[str], urls: list[str], image_processor: Any) -> list[int]:
     """The pixels each encoded image will cost the image processor (`working_pixels`), read from the headers alone.
 
     An image over the processor's own limit (`max_image_pixels`, the padded square of a thin image included) is an

@@ -22,7 +22,7 @@ from ..inference import (
     prepare_inputs,
 )
 from .batching import GenerationJob, JobResult, run_batch
-from .media import MediaPolicy, check_request_pixels, image_sizes, read_image_url
+from .media import MediaPolicy, check_request_pixels, header_pixels, read_image_url
 from .openai_api import ChatRequest, invalid, parse_chat_request
 from .options import ServeOptions
 
@@ -85,7 +85,7 @@ class ChatService:
         an image over the processor's limit or a request over `max_request_pixels`."""
         params = [param for param, _ in request.image_urls]
         urls = [url for _, url in request.image_urls]
-        pixels = image_sizes(images, params, urls, self.processor.image_processor)
+        pixels = header_pixels(images, params, urls, self.processor.image_processor)
         check_request_pixels(pixels, params, self.options.max_request_pixels)
         return sum(pixels)
 

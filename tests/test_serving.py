@@ -95,7 +95,7 @@ class ImageHost:
 class Server:
     """The `llada-v serve` process, its descendants and how to reach it."""
 
-    def __init__(self, tmp: Path, media: Path) -> None:
+    def __init__(self, tmp: Path, media: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "serve.log"
@@ -104,7 +104,7 @@ class Server:
             "--max-batch-size", str(MAX_BATCH), "--batch-wait-ms", "200", "--max-queued-requests", str(MAX_QUEUED),
             "--max-request-bytes", str(MAX_BODY), "--allowed-local-media-path", str(media),
             "--image-fetch-timeout-s", str(FETCH_TIMEOUT), "--num-cpus-per-replica", "1",
-            "--max-prompt-chars", str(MAX_PROMPT_CHARS),
+            "--max-prompt-chars", str(MAX_PROMPT_CHARS), *extra_args,
         ]  # fmt: skip
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "LLADA_V_API_KEY": API_KEY}
         self.log = open(self.log_path, "w")

@@ -296,10 +296,11 @@ def test_url_images_are_fetched_with_the_timeout_and_size_cap(monkeypatch):
         calls.append((url, timeout, max_bytes))
         return png_bytes(Image.new("RGB", (3, 2)))
 
-    monkeypatch.setattr(loader, "_fetch_url", fetch)
+    monkeypatch.setattr(loader, "fetch_url", fetch)
     policy = MediaPolicy(fetch_timeout_s=3.0, max_image_bytes=500, max_pixels=6)
     assert load_image_url("https://example.invalid/a.png", "p", policy).size == (3, 2)
-    assert calls == [("https://example.invalid/a.png", 3.0, 500)]
+    ((url, timeout, max_bytes),) = calls
+    assert (url, max_bytes) == ("https://example.invalid/a.png", 500) and 2.0 < timeout <= 3.0  # what is left of 3 s
     with pytest.raises(ApiError, match="3 x 2 = 6 pixels, more than the limit 5"):
         load_image_url("https://example.invalid/a.png", "p", MediaPolicy(max_pixels=5))
 
@@ -505,3 +506,90 @@ def test_build_job_counts_the_prompt_tokens_the_processor_makes(service):
     expected = service.processor(images=[[sample["image"]]], text=[job.text], return_tensors="pt")["input_ids"]
     assert prompt_tokens == expected.shape[1]
     assert job.text == chat_prompt(service.processor, [user_message("What color is the triangle?", 1)], system_prompt="")
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+
+
+def test_malformed_file_urls_are_400_naming_the_part(tmp_path):
+    allowed = tmp_path / "media"
+    allowed.mkdir()
+    policy = MediaPolicy(local_root=allowed.resolve())
+    cases = [
+        (f"file://{allowed}/a%00b.png", "embedded null byte"),
+        (f"file://{allowed}/" + "a/" * 3000 + "x.png", "File name too long"),
+        (f"file://{allowed}/" + "n" * 5000 + ".png", "File name too long"),
+    ]
+    for url, reason in cases:
+        with pytest.raises(ApiError) as info:
+            load_image_url(url, "p", policy)
+        assert info.value.status == 400 and info.value.param == "p", info.value.message
+        shown = url if len(url) <= 100 else f"{url[:100]}... ({len(url)} characters)"
+        assert f"p: unusable file URL {shown}: {reason}" in info.value.message
+
+
+def test_a_local_file_over_the_byte_limit_is_refused(tmp_path):
+    Image.effect_noise((64, 64), 50).save(tmp_path / "noise.png")
+    size = (tmp_path / "noise.png").stat().st_size
+    with pytest.raises(ApiError, match=rf"noise.png is larger than the limit of {size - 1} bytes"):
+        load_image_url(f"file://{tmp_path}/noise.png", "p", MediaPolicy(local_root=tmp_path, max_image_bytes=size - 1))
+
+
+def image_request(*images: Image.Image):
+    body = chat_body("?")
+    body["messages"][0]["content"][:0] = [{"type": "image_url", "image_url": {"url": png_data_url(i)}} for i in images]
+    return parse_chat_request(body, MODEL, 8, 64)
+
+
+def test_a_request_over_its_pixel_budget_is_400_from_the_headers(service, monkeypatch):
+    from llada_v.image_processing_llada_v import LladaVImageProcessor
+
+    budgeted = ChatService(ServeOptions(max_request_pixels=1_000_000), service.model, service.processor)
+    request, thin = image_request(Image.new("RGB", (1100, 1000), (0, 0, 255))), Image.new("RGB", (1, 2000))
+    thin_pair, thin_alone = image_request(thin, thin), image_request(thin)
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size))  # nothing may be decoded
+    with pytest.raises(ApiError) as info:
+        budgeted.image_pixels(request, budgeted.load_images(request))
+    assert info.value.status == 400 and info.value.code == "image_too_large"
+    assert ("the request's images need 1100000 pixels (messages[0].content[0].image_url: 1100000), more than this "
+            "server's limit of 1000000 pixels per request (max_request_pixels)") in info.value.message  # fmt: skip
+    # Two thin images: 2 x 2000 pixels decoded, but each is padded to a 2000 x 2000 square.
+    request = thin_pair
+    with pytest.raises(ApiError, match=r"need 8000000 pixels \(messages\[0\]\.content\[0\]\.image_url: 4000000, "):
+        budgeted.image_pixels(request, budgeted.load_images(request))
+    assert decoded == []
+    # Over the image processor's own limit: refused by name, before decoding too.
+    limited = ChatService(ServeOptions(), service.model, service.processor)
+    image_processor = LladaVImageProcessor(max_image_pixels=3_000_000)
+    limited.processor = type(service.processor)(image_processor, service.processor.tokenizer)
+    part = r"messages\[0\]\.content\[0\]\.image_url"
+    with pytest.raises(ApiError, match=rf"{part}: the image at {part} of height 2000 and width 1 is padded to a"):
+        limited.image_pixels(request, limited.load_images(request))
+    assert decoded == []
+    monkeypatch.undo()
+    assert budgeted.image_pixels(thin_alone, budgeted.load_images(thin_alone)) == 2000
+
+
+def test_the_queue_pixel_budget_is_503_and_freed_with_the_request():
+    from llada_v.serving.http_app import Admission
+
+    admission = Admission(capacity=8, pixel_capacity=1000)
+    first, second = admission.enter(1), admission.enter(1)
+    first.reserve_pixels(600, retry_after=3)
+    with pytest.raises(ApiError) as info:
+        second.reserve_pixels(500, retry_after=3)
+    assert info.value.status == 503 and info.value.headers == {"Retry-After": "3"}
+    assert "this replica's requests hold 600 pixels of images and this one needs 500 (limit 1000)" in info.value.message
+    first.release()
+    second.reserve_pixels(500, retry_after=3)
+    assert admission.pixels == 500
+    second.release(), second.release()  # idempotent
+    assert (admission.pixels, admission.active) == (0, 0)
+
+
+def test_pixel_budget_options_are_checked():
+    with pytest.raises(InputError, match=r"max_queued_pixels \(10\) must be >= max_request_pixels \(20\)"):
+        ServeOptions(max_request_pixels=20, max_queued_pixels=10)
+    with pytest.raises(InputError, match="max_request_pixels must be an integer >= 1, got 0"):
+        ServeOptions(max_request_pixels=0)

@@ -78,8 +78,9 @@ def _add_limits_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-request-bytes", type=int, default=20 * 2**20, metavar="N", help="larger bodies get 413")
     group.add_argument("--max-images-per-request", type=int, default=8, metavar="N")
     group.add_argument("--max-image-bytes", type=int, default=10 * 2**20, metavar="N",
-                       help="per image: decoded data URL (and URL download, where the loader caps it)")  # fmt: skip
-    group.add_argument("--image-fetch-timeout-s", type=float, default=10.0, metavar="S", help="for http(s) image URLs")
+                       help="per image: a data URL's decoded bytes, a download, a local file")  # fmt: skip
+    group.add_argument("--image-fetch-timeout-s", type=float, default=10.0, metavar="S",
+                       help="a request's http(s) image downloads, in all (default 10)")  # fmt: skip
     group.add_argument("--no-remote-images", dest="remote_images", action="store_false",
                        help="refuse http(s) image URLs")  # fmt: skip
     group.add_argument("--allowed-local-media-path", metavar="DIR",
@@ -88,6 +89,10 @@ def _add_limits_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-prompt-chars", type=int, default=256 * 1024, metavar="N",
                        help="characters of all message texts together, refused before tokenising (the token "
                             "count is then checked against the model's context)")  # fmt: skip
+    group.add_argument("--max-request-pixels", type=int, default=50_000_000, metavar="N",
+                       help="pixels one request's images may cost (from their headers; more gets 400)")  # fmt: skip
+    group.add_argument("--max-queued-pixels", type=int, default=100_000_000, metavar="N",
+                       help="the same, over all requests a replica holds (more gets 503 + Retry-After)")  # fmt: skip
 
 
 def options_from_args(args: argparse.Namespace) -> Any:

@@ -38,11 +38,14 @@ logger = logging.getLogger(__name__)
 
 
 class Admission:
-    """Counts the chat requests a replica holds; refuses more than `capacity` with 503 + Retry-After."""
+    """Counts the chat requests a replica holds and the pixels of their images; refuses more than `capacity`
+    requests or `pixel_capacity` pixels with 503 + Retry-After."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, pixel_capacity: int | None = None) -> None:
         self.capacity = capacity
         self.active = 0
+        self.pixel_capacity = pixel_capacity
+        self.pixels = 0
 
     def enter(self, retry_after: int) -> "Slot":
         if self.active >= self.capacity:
@@ -61,10 +64,28 @@ class Slot:
 
     def __init__(self, admission: Admission) -> None:
         self.admission: Admission | None = admission
+        self.pixels = 0
+
+    def reserve_pixels(self, pixels: int, retry_after: int) -> None:
+        """Hold `pixels` of images until `release`; 503 when the replica's requests would hold more than its limit."""
+        admission = self.admission
+        if admission is None or admission.pixel_capacity is None:
+            return
+        if admission.pixels + pixels > admission.pixel_capacity:
+            raise ApiError(
+                503,
+                f"server busy: this replica's requests hold {admission.pixels} pixels of images and this one needs "
+                f"{pixels} (limit {admission.pixel_capacity}); retry later",
+                code="queue_full",
+                headers={"Retry-After": str(retry_after)},
+            )
+        admission.pixels += pixels
+        self.pixels += pixels
 
     def release(self, *_: Any) -> None:
         if self.admission is not None:
             self.admission.active -= 1
+            self.admission.pixels -= self.pixels
             self.admission = None
 
 
@@ -144,7 +165,7 @@ def build_asgi_app(server: Any) -> Starlette:
 
     async def health(request: Request) -> Response:
         body = {"status": "ok", **server.service.health(), "active_requests": server.admission.active,
-                "capacity": server.admission.capacity}  # fmt: skip
+                "capacity": server.admission.capacity, "queued_pixels": server.admission.pixels}  # fmt: skip
         return JSONResponse(body)
 
     return Starlette(
@@ -178,7 +199,7 @@ async def _chat(server: Any, request: Request) -> Response:
     slot = server.admission.enter(service.retry_after_seconds(server.admission.active))
     task = None
     try:
-        images = await server.load_images(parsed)
+        images = await server.load_images(parsed, slot)
         job, prompt_tokens = await asyncio.to_thread(service.build_job, parsed, config, images)
         request_id = completion_id()
         if parsed.stream:

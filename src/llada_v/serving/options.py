@@ -21,6 +21,7 @@ QUANTIZATION_CHOICES = (None, "4bit", "8bit")
 INT_OPTIONS = {
     "port", "num_replicas", "min_replicas", "max_replicas", "max_batch_size", "max_queued_requests",
     "max_request_bytes", "max_images_per_request", "max_image_bytes", "max_tokens_limit", "max_prompt_chars",
+    "max_request_pixels", "max_queued_pixels",
 }  # fmt: skip
 FLOAT_OPTIONS = {"target_ongoing_requests", "num_cpus_per_replica", "num_gpus_per_replica", "batch_wait_ms",
                  "image_fetch_timeout_s"}  # fmt: skip
@@ -44,8 +45,12 @@ class ServeOptions:
 
     Batching and limits: `max_batch_size`, `batch_wait_ms`, `max_queued_requests` (per replica, beyond the rows
     being generated; more gets 503), `max_request_bytes` (413 above), `max_images_per_request`,
-    `max_image_bytes` (a data URL's decoded size), `image_fetch_timeout_s`, `remote_images` (http(s) URLs),
+    `max_image_bytes` (per image: a data URL's decoded size, a download, a local file), `image_fetch_timeout_s`
+    (all of a request's http(s) downloads), `remote_images` (http(s) URLs),
     `allowed_local_media_path` (file:// URLs only under it), `max_tokens_limit` (the largest `max_tokens`),
+    `max_request_pixels` (the pixels one request's images may cost the image processor, read from their headers
+    before decoding; more gets 400), `max_queued_pixels` (the same, summed over the requests a replica holds;
+    more gets 503 + Retry-After),
     `max_prompt_chars` (the characters of all message texts together, refused before tokenising).
 
     Security: `api_key` (clients send `Authorization: Bearer KEY`; None: read `LLADA_V_API_KEY`, unset: no key).
@@ -85,6 +90,8 @@ class ServeOptions:
     max_tokens_limit: int = 1024
     max_prompt_chars: int = 256 * 1024
     api_key: str | None = dataclasses.field(default=None, repr=False)  # never in logs
+    max_request_pixels: int = 50_000_000
+    max_queued_pixels: int = 100_000_000
 
     def __post_init__(self) -> None:
         if self.api_key is None:
@@ -106,6 +113,13 @@ class ServeOptions:
         _positive_int("max_prompt_chars", self.max_prompt_chars)
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise InputError(f"api_key must be a non-empty string, got {self.api_key!r}")
+        _positive_int("max_request_pixels", self.max_request_pixels)
+        _positive_int("max_queued_pixels", self.max_queued_pixels)
+        if self.max_queued_pixels < self.max_request_pixels:
+            raise InputError(
+                f"max_queued_pixels ({self.max_queued_pixels}) must be >= max_request_pixels "
+                f"({self.max_request_pixels})"
+            )
         _non_negative("num_cpus_per_replica", self.num_cpus_per_replica)
         _non_negative("num_gpus_per_replica", self.num_gpus_per_replica)
         if not isinstance(self.image_fetch_timeout_s, (int, float)) or self.image_fetch_timeout_s <= 0:

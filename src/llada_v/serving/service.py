@@ -24,7 +24,7 @@ from ..inference import (
     prepare_inputs,
 )
 from .batching import GenerationJob, JobResult, run_batch
-from .media import MediaPolicy, load_image_url
+from .media import MediaPolicy, check_request_pixels, header_pixels, read_image_url
 from .openai_api import ChatRequest, invalid, parse_chat_request
 from .options import ServeOptions
 
@@ -80,8 +80,17 @@ class ChatService:
             raise invalid(f"invalid generation settings: {err}", code="invalid_settings") from None
 
     def load_images(self, request: ChatRequest) -> list:
-        """The request's images (blocking: URL fetches), or `ApiError` 400 naming the part."""
-        return [load_image_url(url, param, self.media) for param, url in request.image_urls]
+        """The request's encoded images (blocking: URL fetches), or `ApiError` 400 naming the part."""
+        return [read_image_url(url, param, self.media) for param, url in request.image_urls]
+
+    def image_pixels(self, request: ChatRequest, images: list[bytes]) -> int:
+        """The pixels the request's images will cost the image processor, from their headers; `ApiError` 400 for
+        an image over the processor's limit or a request over `max_request_pixels`."""
+        params = [param for param, _ in request.image_urls]
+        urls = [url for _, url in request.image_urls]
+        pixels = header_pixels(images, params, urls, self.processor.image_processor)
+        check_request_pixels(pixels, params, self.options.max_request_pixels)
+        return sum(pixels)
 
     def build_job(self, request: ChatRequest, config: Any, images: list) -> tuple[GenerationJob, int]:
         """The job and its prompt's token count (the processor runs once on this request alone to count it).

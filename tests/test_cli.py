@@ -289,6 +289,23 @@ def test_generate_without_model_uses_the_embedded_demo(capsys):
         assert code == 2 and "no --model given" in err
 
 
+def test_generate_stop_ends_the_answer_before_the_stop_string(capsys):
+    # The embedded demo describes scene00 as "blue blue red square yellow" with 16 new tokens; `--stop square`
+    # must print what comes before the first "square" (the stop string excluded), streamed or not.
+    scene = Path(__file__).resolve().parents[1] / "examples" / "lmms_eval_task" / "images" / "scene00.png"
+    argv = ("generate", "--prompt", "Which colors are there?", "--image", scene, "--max-new-tokens", "16")
+    code, full, err = run(capsys, *argv)
+    assert code == 0 and " square" in full, (full, err)
+    expected = full[: full.index("square")].rstrip() + "\n"
+    for extra in ((), ("--stream",)):
+        code, out, err = run(capsys, *argv, "--stop", "square", *extra)
+        assert code == 0 and out == expected, (extra, out, err)
+    code, out, err = run(capsys, *argv, "--stop", "no such words", "--stop", "red")  # the earliest of several
+    assert code == 0 and out == full[: full.index("red")].rstrip() + "\n", (out, err)
+    code, _, err = run(capsys, *argv, "--stop", "")
+    assert code == 2 and "stop_strings must be a list of non-empty strings" in err
+
+
 # ---------------------------------------------------------------------------------------------- chat
 
 

@@ -725,3 +725,102 @@ def test_the_resizer_equals_pillow_12_bicubic(mode):
         expected = np.asarray(image.resize((ow, oh), Image.Resampling.BICUBIC)).reshape(oh, ow, channels)
         got = resize_bicubic(pixels, (oh, ow), has_alpha=mode in ("LA", "RGBA"))
         assert np.array_equal(got, expected), (mode, (h, w), (oh, ow))
+
+
+# ---------------------------------------------------------------------------------------------- memory bounds
+
+
+def test_a_thin_image_is_refused_before_its_padded_square_is_allocated():
+    import tracemalloc
+
+    # Two 1 x 2000 images in one prompt: each is padded to a 2000 x 2000 square (4,000,000 pixels, 12 MB) before
+    # the resize. The limit bounds that square, not just the 2000 pixels of the input, and is checked first.
+    processor = LladaVImageProcessor(crop_size=28, max_image_pixels=1_000_000)
+    thin = Image.new("RGB", (2000, 1), (10, 200, 30))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as info:
+            processor(images=[thin, thin])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert "image 0 of height 1 and width 2000 is padded to a 2000 x 2000 square (4000000 pixels)" in message
+    assert "more than the limit 1000000 (max_image_pixels)" in message
+    assert peak < 2_000_000, peak  # nothing of the 12 MB square (nor its float64 resize) was made
+    # The same image alone (anyres: no square) and thin images whose square fits are processed.
+    assert processor(images=thin)["image_sizes"].tolist() == [[1, 2000]]
+    small = Image.new("RGB", (1000, 1), (10, 200, 30))
+    assert processor(images=[small, small])["pixel_values"].shape == (2, 3, 28, 28)
+
+
+def test_the_default_limit_bounds_the_square_too(monkeypatch):
+    # Without max_image_pixels the limit is Pillow's (89,478,485 unless changed): 1 x 10000 would pad to 10^8.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    thin = Image.new("L", (1, 2000), 255)
+    with pytest.raises(ValueError, match=r"2000 x 2000 square \(4000000 pixels\).*more than the limit 1000000"):
+        LladaVImageProcessor(crop_size=28)(images=[thin, thin])
+
+
+def test_slices_of_a_resize_pass_give_the_same_pixels(monkeypatch):
+    from llada_v import image_resize_llada_v
+
+    rng = np.random.default_rng(0)
+    cases = [((97, 61, 3), (384, 384), False), ((300, 40, 4), (23, 384), True), ((50, 700, 2), (384, 11), True)]
+    for shape, size, has_alpha in cases:
+        pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        whole = image_resize_llada_v.resize_bicubic(pixels, size, has_alpha)
+        monkeypatch.setattr(image_resize_llada_v, "_SLICE_ELEMENTS", 7 * max(shape[0], shape[1], *size))
+        sliced = image_resize_llada_v.resize_bicubic(pixels, size, has_alpha)
+        monkeypatch.undo()
+        assert np.array_equal(sliced, whole), (shape, size)
+
+
+class _TricklingServer:
+    """A real HTTP server on 127.0.0.1 in a thread that sends its headers (a 1000-byte body promised), then one
+    byte per second for `seconds` seconds, then closes."""
+
+    def __init__(self, seconds: int = 20):
+        import http.server
+        import threading
+        import time
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server hook
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                for _ in range(seconds):
+                    try:
+                        self.wfile.write(b"\0")
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        return
+                    time.sleep(1)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/trickle.png"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_trickling_url_is_cut_off_at_the_deadline():
+    import time
+
+    server = _TricklingServer(seconds=20)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ValueError, match=rf"{server.url} did not finish downloading within 2 s"):
+            load_image(server.url, url_timeout=2)
+        elapsed = time.monotonic() - start
+    finally:
+        server.close()
+    assert 1.9 < elapsed < 3.5, elapsed  # the whole download, not one read, is bounded

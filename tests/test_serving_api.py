@@ -82,6 +82,38 @@ def test_llada_v_serve_reports_bad_options_in_one_line(capsys, tmp_path):
     assert f"llada-v serve: error: no such checkpoint folder: {tmp_path / 'nope'}" in capsys.readouterr().err
 
 
+def test_the_api_key_comes_from_the_option_or_the_environment_and_a_public_host_without_one_warns(monkeypatch):
+    monkeypatch.delenv("LLADA_V_API_KEY", raising=False)
+    assert ServeOptions().api_key is None and ServeOptions().security_warnings() == []
+    assert "secret" not in repr(ServeOptions(api_key="secret"))
+    monkeypatch.setenv("LLADA_V_API_KEY", "from-env")
+    assert ServeOptions().api_key == "from-env" and ServeOptions(api_key="given").api_key == "given"
+    assert ServeOptions(host="0.0.0.0").security_warnings() == []
+    monkeypatch.delenv("LLADA_V_API_KEY")
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert ServeOptions(host=host).security_warnings() == [], host
+    (warning,) = ServeOptions(host="0.0.0.0", port=9000).security_warnings()
+    assert "--host 0.0.0.0 accepts connections from other machines and no API key is set" in warning
+    assert "port 9000" in warning and "--api-key" in warning
+    with pytest.raises(InputError, match="api_key must be a non-empty string, got ' '"):
+        ServeOptions(api_key=" ")
+    with pytest.raises(InputError, match="max_prompt_chars must be an integer >= 1, got 0"):
+        ServeOptions(max_prompt_chars=0)
+
+
+def test_llada_v_serve_warns_on_a_public_host_without_a_key(capsys, tmp_path, monkeypatch):
+    from llada_v import cli
+
+    pytest.importorskip("ray.serve", reason="llada-v serve imports Ray Serve once its options are valid")
+    monkeypatch.delenv("LLADA_V_API_KEY", raising=False)
+    # The warning comes first; the missing model then stops the command before Ray starts.
+    assert cli.main(["serve", "--host", "0.0.0.0", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "llada-v serve: warning: --host 0.0.0.0 accepts connections from other machines" in err
+    assert cli.main(["serve", "--host", "0.0.0.0", "--api-key", "k", "--model", str(tmp_path / "nope")]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_demo_defaults_have_no_system_prompt_and_the_demo_name():
     assert ServeOptions().default_system_prompt == "" and ServeOptions().model_id == MODEL
     assert ServeOptions(model="ck").default_system_prompt is None and ServeOptions(model="ck").model_id == "ck"
@@ -149,7 +181,6 @@ def test_a_request_becomes_template_messages_images_and_settings():
 @pytest.mark.parametrize(
     "change, param, message",
     [
-        ({"model": "gpt-4"}, "model", "unknown model 'gpt-4'; this server serves 'llada-v-demo'"),
         ({"messages": []}, "messages", "messages must be a non-empty list"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "got 'robot'"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "the last message must be a user message"),
@@ -165,6 +196,11 @@ def test_a_request_becomes_template_messages_images_and_settings():
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "a list of 1-4 of them"),
         ({"seed": 1.5}, "seed", "seed must be an integer, got 1.5"),
         ({"n": 2}, "n", "n=2 is not supported (only 1)"),
+        ({"n": True}, "n", "n=True is not supported (only 1)"),  # a bool is not an int, whatever Python says
+        ({"logprobs": 0}, "logprobs", "logprobs=0 is not supported (only False)"),
+        ({"response_format": {"type": "json_object"}}, "response_format",
+         "response_format type 'json_object' is not supported (only 'text'"),
+        ({"response_format": "text"}, "response_format", "response_format type 'text' is not supported"),
         ({"top_p": 0.5}, "top_p", "top_p=0.5 is not supported"),
         ({"tools": []}, "tools", "unsupported fields ['tools']"),
         ({"stream_canvas": True}, "stream_canvas", "stream_canvas needs stream: true"),
@@ -177,6 +213,25 @@ def test_bad_requests_are_400_naming_the_field(change, param, message):
         parse(body)
     assert info.value.status == 400 and info.value.param == param
     assert message in info.value.message, info.value.message
+
+
+def test_an_unknown_model_is_404_model_not_found_and_plain_text_format_is_accepted():
+    with pytest.raises(ApiError) as info:
+        parse({**chat_body("hi"), "model": "gpt-4"})
+    assert (info.value.status, info.value.param, info.value.code) == (404, "model", "model_not_found")
+    assert info.value.message == "the model 'gpt-4' does not exist; this server serves 'llada-v-demo'"
+    assert info.value.body()["error"]["type"] == "invalid_request_error"
+    assert parse({**chat_body("hi"), "response_format": {"type": "text"}, "n": 1, "top_p": 1.0}).messages
+
+
+def test_the_prompt_text_is_capped_before_tokenising():
+    body = {"model": MODEL, "messages": [{"role": "system", "content": "x" * 6},
+                                         {"role": "user", "content": [{"type": "text", "text": "y" * 5}]}]}  # fmt: skip
+    assert parse_chat_request(body, MODEL, 1, 64, max_prompt_chars=11).messages
+    with pytest.raises(ApiError) as info:
+        parse_chat_request(body, MODEL, 1, 64, max_prompt_chars=10)
+    assert info.value.status == 400 and info.value.code == "prompt_too_long"
+    assert "the messages hold 11 characters of text, more than this server's limit of 10" in info.value.message
 
 
 def test_too_many_images_names_the_count_and_the_limit():
@@ -231,10 +286,11 @@ def test_url_images_are_fetched_with_the_timeout_and_size_cap(monkeypatch):
         calls.append((url, timeout, max_bytes))
         return png_bytes(Image.new("RGB", (3, 2)))
 
-    monkeypatch.setattr(loader, "_fetch_url", fetch)
+    monkeypatch.setattr(loader, "fetch_url", fetch)
     policy = MediaPolicy(fetch_timeout_s=3.0, max_image_bytes=500, max_pixels=6)
     assert load_image_url("https://example.invalid/a.png", "p", policy).size == (3, 2)
-    assert calls == [("https://example.invalid/a.png", 3.0, 500)]
+    ((url, timeout, max_bytes),) = calls
+    assert (url, max_bytes) == ("https://example.invalid/a.png", 500) and 2.0 < timeout <= 3.0  # what is left of 3 s
     with pytest.raises(ApiError, match="3 x 2 = 6 pixels, more than the limit 5"):
         load_image_url("https://example.invalid/a.png", "p", MediaPolicy(max_pixels=5))
 
@@ -309,11 +365,22 @@ def test_seeded_random_jobs_run_alone_and_repeat(service):
     assert first[0].text == second[0].text and first[0].batch_size == 1
 
 
+def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_queued(service):
+    long_question = "What color is the triangle ? " * 170  # > the demo's 1024 positions
+    request = parse_chat_request(chat_body(long_question), MODEL, 1, 64)
+    with pytest.raises(ApiError) as info:
+        service.build_job(request, service.settings(request), [])
+    assert info.value.status == 400 and info.value.code == "prompt_too_long"
+    assert "+ max_new_tokens (4) + suffix (0) =" in info.value.message
+    assert "tokens exceeds max_position_embeddings (1024)" in info.value.message
+
+
 def test_a_failing_row_is_split_off_and_its_batch_mates_still_answer(service):
     jobs, _ = demo_jobs(service, 4)
     long_question = "What color is the triangle ? " * 170  # > the demo's 1024 positions with the image
-    request = parse_chat_request(chat_body(long_question), MODEL, 1, 64)
-    bad, _ = service.build_job(request, jobs[0].config, [])
+    # Built by hand: the server refuses such a prompt before queueing it (test above); a batch still copes.
+    text = chat_prompt(service.processor, [user_message(long_question)], system_prompt="")
+    bad = GenerationJob(text=text, images=[], config=jobs[0].config)
     batch = [jobs[0], bad, jobs[1], jobs[2], jobs[3]]
     results = run_batch(service.model, service.processor, batch)
     assert isinstance(results[1].error, ValueError) and "max_position_embeddings (1024)" in str(results[1].error)
@@ -359,6 +426,69 @@ def test_streamed_deltas_add_up_to_the_answers_of_a_plain_call(service):
     assert all(not events[i] for i in range(1, len(jobs), 2))
 
 
+def test_stop_strings_end_the_text_before_the_first_one():
+    from llada_v.inference import Answer, cut_at_stop_strings, decode_answer, stop_string_prefix_length
+
+    text = "yellow triangle yellow circle blue square"
+    assert cut_at_stop_strings(text, ["triangle"]) == ("yellow", "triangle")
+    assert cut_at_stop_strings(text, ["square", "circle"]) == ("yellow triangle yellow", "circle")
+    # where a left-to-right generation stops first: "circle" is complete before "circle blue" would be
+    assert cut_at_stop_strings(text, ["circle blue", "circle"]) == ("yellow triangle yellow", "circle")
+    assert cut_at_stop_strings(text, ["green"]) == (text, None) and cut_at_stop_strings(text, None) == (text, None)
+    assert stop_string_prefix_length("yellow tri", ["triangle"]) == 3
+    assert stop_string_prefix_length("yellow tri", ["circle", "w tr"]) == 0  # "w tr" is whole: a cut, not a hold
+    assert stop_string_prefix_length("yellow tri", ["w triangle", "ri"]) == 5
+
+    class Words:  # a tokenizer whose id i is word i
+        words = ["yellow", "triangle", "yellow", "circle"]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(self.words[i] for i in ids)
+
+    assert decode_answer(Words(), [0, 1, 2, 3], ["circle"]) == Answer("yellow triangle yellow", 4, "circle")
+    assert decode_answer(Words(), [0, 1, 2, 3], ["tri"]) == Answer("yellow", 2, "tri")
+    assert decode_answer(Words(), [0, 1, 2, 3], ["blue"]) == Answer("yellow triangle yellow circle", 4, None)
+
+
+def test_streamed_text_never_passes_a_stop_string(service):
+    tokenizer = service.processor.tokenizer
+    mask = service.base_config.mask_token_id
+    yellow, triangle, circle = (tokenizer.convert_tokens_to_ids(w) for w in ("yellow", "triangle", "circle"))
+    text = CommittedText(tokenizer, mask, stop_strings=["triangle yellow"])
+    assert text.update([yellow, triangle, mask, mask], None) == "yellow"  # "triangle" may start the stop string
+    assert text.update([yellow, triangle, yellow, circle], None) == ""  # the stop string: nothing after "yellow"
+    assert text.finish("yellow") == ""
+    streamed = CommittedText(tokenizer, mask, stop_strings=["circle"])
+    assert streamed.update([yellow, triangle, mask, mask], None) == "yellow triangle"
+    assert streamed.update([yellow, triangle, yellow, circle], None) == " yellow"
+
+
+def test_a_stop_string_cuts_the_served_answer_and_finishes_with_stop(service):
+    def describe_job(**fields):
+        url = png_data_url(make_sample(0)["image"])
+        request = parse_chat_request(chat_body("Which colors are there?", url, max_tokens=16, **fields), MODEL, 1, 64)
+        return service.build_job(request, service.settings(request), service.load_images(request))[0]
+
+    full = single_answer(service, describe_job())
+    assert len(full.split()) >= 3, full
+    word = full.split()[1]
+    stopped = [describe_job(stop=word, stream=True)]
+    events = []
+    stopped[0].sink = events.append
+    (result,) = run_batch(service.model, service.processor, stopped)
+    assert result.text == full[: full.index(word)].rstrip() and result.finish_reason == "stop"
+    assert "".join(e.text for e in events if e.kind == "delta") == result.text
+    assert 1 <= result.completion_tokens <= 16
+
+
+def test_retry_after_follows_the_queue(service):
+    service.stats.batches, service.stats.generate_seconds = 4, 10.0  # 2.5 s per batch of up to 16 rows
+    assert service.retry_after_seconds(1) == 3 and service.retry_after_seconds(16) == 3
+    assert service.retry_after_seconds(17) == 5 and service.retry_after_seconds(80) == 13
+    service.stats.batches, service.stats.generate_seconds = 0, 0.0
+    assert service.retry_after_seconds(80) == 1
+
+
 def test_build_job_counts_the_prompt_tokens_the_processor_makes(service):
     sample = make_sample(0)
     request = parse_chat_request(chat_body("What color is the triangle?", png_data_url(sample["image"])), MODEL, 1, 64)
@@ -366,3 +496,90 @@ def test_build_job_counts_the_prompt_tokens_the_processor_makes(service):
     expected = service.processor(images=[[sample["image"]]], text=[job.text], return_tensors="pt")["input_ids"]
     assert prompt_tokens == expected.shape[1]
     assert job.text == chat_prompt(service.processor, [user_message("What color is the triangle?", 1)], system_prompt="")
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+
+
+def test_malformed_file_urls_are_400_naming_the_part(tmp_path):
+    allowed = tmp_path / "media"
+    allowed.mkdir()
+    policy = MediaPolicy(local_root=allowed.resolve())
+    cases = [
+        (f"file://{allowed}/a%00b.png", "embedded null byte"),
+        (f"file://{allowed}/" + "a/" * 3000 + "x.png", "File name too long"),
+        (f"file://{allowed}/" + "n" * 5000 + ".png", "File name too long"),
+    ]
+    for url, reason in cases:
+        with pytest.raises(ApiError) as info:
+            load_image_url(url, "p", policy)
+        assert info.value.status == 400 and info.value.param == "p", info.value.message
+        shown = url if len(url) <= 100 else f"{url[:100]}... ({len(url)} characters)"
+        assert f"p: unusable file URL {shown}: {reason}" in info.value.message
+
+
+def test_a_local_file_over_the_byte_limit_is_refused(tmp_path):
+    Image.effect_noise((64, 64), 50).save(tmp_path / "noise.png")
+    size = (tmp_path / "noise.png").stat().st_size
+    with pytest.raises(ApiError, match=rf"noise.png is larger than the limit of {size - 1} bytes"):
+        load_image_url(f"file://{tmp_path}/noise.png", "p", MediaPolicy(local_root=tmp_path, max_image_bytes=size - 1))
+
+
+def image_request(*images: Image.Image):
+    body = chat_body("?")
+    body["messages"][0]["content"][:0] = [{"type": "image_url", "image_url": {"url": png_data_url(i)}} for i in images]
+    return parse_chat_request(body, MODEL, 8, 64)
+
+
+def test_a_request_over_its_pixel_budget_is_400_from_the_headers(service, monkeypatch):
+    from llada_v.image_processing_llada_v import LladaVImageProcessor
+
+    budgeted = ChatService(ServeOptions(max_request_pixels=1_000_000), service.model, service.processor)
+    request, thin = image_request(Image.new("RGB", (1100, 1000), (0, 0, 255))), Image.new("RGB", (1, 2000))
+    thin_pair, thin_alone = image_request(thin, thin), image_request(thin)
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size))  # nothing may be decoded
+    with pytest.raises(ApiError) as info:
+        budgeted.image_pixels(request, budgeted.load_images(request))
+    assert info.value.status == 400 and info.value.code == "image_too_large"
+    assert ("the request's images need 1100000 pixels (messages[0].content[0].image_url: 1100000), more than this "
+            "server's limit of 1000000 pixels per request (max_request_pixels)") in info.value.message  # fmt: skip
+    # Two thin images: 2 x 2000 pixels decoded, but each is padded to a 2000 x 2000 square.
+    request = thin_pair
+    with pytest.raises(ApiError, match=r"need 8000000 pixels \(messages\[0\]\.content\[0\]\.image_url: 4000000, "):
+        budgeted.image_pixels(request, budgeted.load_images(request))
+    assert decoded == []
+    # Over the image processor's own limit: refused by name, before decoding too.
+    limited = ChatService(ServeOptions(), service.model, service.processor)
+    image_processor = LladaVImageProcessor(max_image_pixels=3_000_000)
+    limited.processor = type(service.processor)(image_processor, service.processor.tokenizer)
+    part = r"messages\[0\]\.content\[0\]\.image_url"
+    with pytest.raises(ApiError, match=rf"{part}: the image at {part} of height 2000 and width 1 is padded to a"):
+        limited.image_pixels(request, limited.load_images(request))
+    assert decoded == []
+    monkeypatch.undo()
+    assert budgeted.image_pixels(thin_alone, budgeted.load_images(thin_alone)) == 2000
+
+
+def test_the_queue_pixel_budget_is_503_and_freed_with_the_request():
+    from llada_v.serving.http_app import Admission
+
+    admission = Admission(capacity=8, pixel_capacity=1000)
+    first, second = admission.enter(1), admission.enter(1)
+    first.reserve_pixels(600, retry_after=3)
+    with pytest.raises(ApiError) as info:
+        second.reserve_pixels(500, retry_after=3)
+    assert info.value.status == 503 and info.value.headers == {"Retry-After": "3"}
+    assert "this replica's requests hold 600 pixels of images and this one needs 500 (limit 1000)" in info.value.message
+    first.release()
+    second.reserve_pixels(500, retry_after=3)
+    assert admission.pixels == 500
+    second.release(), second.release()  # idempotent
+    assert (admission.pixels, admission.active) == (0, 0)
+
+
+def test_pixel_budget_options_are_checked():
+    with pytest.raises(InputError, match=r"max_queued_pixels \(10\) must be >= max_request_pixels \(20\)"):
+        ServeOptions(max_request_pixels=20, max_queued_pixels=10)
+    with pytest.raises(InputError, match="max_request_pixels must be an integer >= 1, got 0"):
+        ServeOptions(max_request_pixels=0)

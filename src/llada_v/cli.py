@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
              "animated GIF; the processor keeps at most the model's max_frames, spread evenly",
     )  # fmt: skip
     generate.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction")
+    generate.add_argument("--stop", action="append", metavar="S",
+                          help="end the answer before the first occurrence of S (repeat for several)")  # fmt: skip
     add_model_arguments(generate)
     add_generation_arguments(generate)
     add_debug_argument(generate, argparse.SUPPRESS)
@@ -139,6 +141,7 @@ def _generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "temperature": args.temperature,
         "remasking": args.remasking,
         "cfg_scale": args.cfg_scale,
+        "stop_strings": getattr(args, "stop", None),  # `generate --stop`
     }
 
 
@@ -174,8 +177,9 @@ class StreamPrinter:
     `generate` prints without `--stream`. `prefix` is written before the answer (`assistant> ` in `chat`).
     """
 
-    def __init__(self, tokenizer: Any, out: TextIO | None = None, prefix: str = "") -> None:
+    def __init__(self, tokenizer: Any, out: TextIO | None = None, prefix: str = "", stop_strings: Any = None) -> None:
         self.tokenizer = tokenizer
+        self.stop_strings = stop_strings  # text from the first one on is never written
         self.out = out if out is not None else sys.stdout
         self.prefix = prefix
         self.in_place = bool(getattr(self.out, "isatty", lambda: False)())
@@ -184,9 +188,15 @@ class StreamPrinter:
         self.started = False  # the prompt was received (and the prefix written)
         self._draft_shown = False
 
-    def _text(self, ids: list[int]) -> str:
+    def _text(self, ids: list[int], final: bool = False) -> str:
         # Decoded as a whole, then cut: tokens decoded one by one lose the spaces between words.
-        return self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+        from .inference import cut_at_stop_strings, stop_string_prefix_length
+
+        decoded = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+        text, found = cut_at_stop_strings(decoded, self.stop_strings)
+        if found is None and not final:  # the end may be the start of a stop string: it waits
+            text = text[: len(text) - stop_string_prefix_length(text, self.stop_strings)]
+        return text
 
     def _write(self, text: str) -> None:
         """Write what `text` adds to what is already written (held back while it ends in a partial character
@@ -224,7 +234,7 @@ class StreamPrinter:
         self._clear_draft()
         if not self.started:
             self.out.write(self.prefix)
-        self._write(self._text(self.ids).strip())
+        self._write(self._text(self.ids, final=True).strip())
         self.out.write("\n")
         self.out.flush()
 
@@ -263,7 +273,8 @@ def _answer(model: Any, processor: Any, config: Any, text: str, images: list, ar
     """The answer to one prompt; with `--stream` it is also written (after `prefix`) as it is generated."""
     from .inference import generate_texts
 
-    extra = {"streamer": StreamPrinter(processor.tokenizer, prefix=prefix)} if args.stream else {}
+    printer = StreamPrinter(processor.tokenizer, prefix=prefix, stop_strings=config.stop_strings)
+    extra = {"streamer": printer} if args.stream else {}
     if videos is not None:
         extra["videos"] = [videos]
     answers, _ = generate_texts(model, processor, [text], [images], config, seed=args.seed, **extra)

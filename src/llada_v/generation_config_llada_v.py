@@ -115,7 +115,10 @@ class LladaVGenerationConfig(GenerationConfig):
             ids (a bare int is a one-token sequence). After every step the answer region is searched; once a
             stop is found only the positions before it are decoded, and it is excluded from the result.
         stop_strings (`list[str]`, *optional*): more stop sequences as text, encoded with the `tokenizer` passed
-            to `diffusion_generate` (without special tokens) and searched after `stop_token_ids`.
+            to `diffusion_generate` (without special tokens) and searched as ids after `stop_token_ids` (once a
+            stop is found only the first criterion is searched again, docs/parity.md Q15). The decoded text may
+            therefore still hold a stop string; `llada_v.inference.cut_at_stop_strings` ends it before the first
+            one, as OpenAI clients expect (docs/generation.md#stop-strings).
         suffix_token_ids (`list[int]`, *optional*): a fixed suffix placed after the answer region from step 0
             (visible to attention, never overwritten) and returned after the answer.
         generation_suffix (`str`, *optional*): the suffix as text (needs `tokenizer`); exclusive with

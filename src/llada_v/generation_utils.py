@@ -77,6 +77,17 @@ _IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_layouts", "image_num_crop
 
 
 @dataclass
+def check_canvas_length(prompt_length: int, max_new_tokens: int, suffix_length: int, max_positions: int) -> None:
+    """`ValueError` naming the lengths when prompt + answer canvas + suffix exceed the model's positions (the
+    check `diffusion_generate` runs; a server runs it before queueing a request)."""
+    total = prompt_length + max_new_tokens + suffix_length
+    if total > max_positions:
+        raise ValueError(
+            f"prompt ({prompt_length}) + max_new_tokens ({max_new_tokens}) + suffix ({suffix_length}) = {total} "
+            f"tokens exceeds max_position_embeddings ({max_positions})"
+        )
+
+
 class LladaVGenerateOutput(ModelOutput):
     """
     Output of [`LladaVGenerationMixin.generate`] and [`LladaVGenerationMixin.diffusion_generate`] with
@@ -554,12 +565,7 @@ class LladaVGenerationMixin:
         batch, prompt_len = input_ids.shape
         answer_len, suffix_len = config.max_new_tokens, len(suffix)
         total_len = prompt_len + answer_len + suffix_len
-        max_positions = self.config.get_text_config().max_position_embeddings
-        if total_len > max_positions:
-            raise ValueError(
-                f"prompt ({prompt_len}) + max_new_tokens ({answer_len}) + suffix ({suffix_len}) = {total_len} tokens "
-                f"exceeds max_position_embeddings ({max_positions})"
-            )
+        check_canvas_length(prompt_len, answer_len, suffix_len, self.config.get_text_config().max_position_embeddings)
         canvas = torch.cat(
             (
                 input_ids,
@@ -836,6 +842,7 @@ __all__ = [
     "LladaVGenerationMixin",
     "LladaVGenerateOutput",
     "LladaVDiffusionStep",
+    "check_canvas_length",
     # Re-exported from their own modules, so `from .generation_utils import X` keeps working.
     "FAST_DECODING_PRESET",
     "LladaVDiffusionCache",

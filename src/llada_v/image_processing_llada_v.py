@@ -18,11 +18,12 @@ Sizes are (height, width) everywhere; PIL's (width, height) is converted once, h
 of each image comes from `image_layout_llada_v.num_image_tokens`, the function the model packs with.
 """
 
+import http.client
 import io
 import math
 import os
 import socket
-import time
+import threading
 import urllib.error
 import urllib.request
 import warnings
@@ -276,6 +277,40 @@ class LladaVImageProcessor(BaseImageProcessor):
         """`load_image` with this processor's limits (pixels, URL timeout and size)."""
         return load_image(image, self.max_image_pixels, self.url_timeout, self.max_url_bytes)
 
+    @property
+    def pixel_limit(self) -> int:
+        """`max_image_pixels`, or Pillow's decompression-bomb limit when it is None."""
+        return Image.MAX_IMAGE_PIXELS if self.max_image_pixels is None else self.max_image_pixels
+
+    def working_pixels(self, layout: int, image_size: tuple[int, int]) -> int:
+        """The largest pixel array an input makes the processor build for one image of `image_size` (height, width).
+
+        The image itself (`height * width`), or, in a prompt with several images (`LAYOUT_SINGLE`), the square it
+        is padded to (`max(height, width) ** 2`: a 1 x 20000 image works on 400,000,000 pixels). Resizing works in
+        slices of bounded size, and the canvas the anyres tiles are cut from is at most the largest grid pinpoint
+        whatever the input. `max_image_pixels` bounds this number (checked before anything is allocated); servers
+        can budget requests with it from the image headers, before decoding.
+        """
+        height, width = int(image_size[0]), int(image_size[1])
+        if layout == LAYOUT_SINGLE:
+            return max(height, width) ** 2
+        return height * width
+
+    def check_working_pixels(self, layout: int, image_size: tuple[int, int], name: str = "an image") -> None:
+        """Refuse, before anything is allocated, an image whose `working_pixels` exceed `max_image_pixels`."""
+        pixels, limit = self.working_pixels(layout, image_size), self.pixel_limit
+        if pixels <= limit:
+            return
+        height, width = int(image_size[0]), int(image_size[1])
+        side = max(height, width)
+        work = f"has {pixels} pixels"
+        if pixels > height * width:
+            work = f"is padded to a {side} x {side} square ({pixels} pixels) in a prompt with several images"
+        raise ValueError(
+            f"{name} of height {height} and width {width} {work}, more than the limit {limit} (max_image_pixels); "
+            "crop it, or raise the image processor's max_image_pixels if you trust the input"
+        )
+
     # ------------------------------------------------------------------ public entry points
 
     def __call__(self, images: Any = None, videos: Any = None, **kwargs) -> BatchFeature:
@@ -336,6 +371,7 @@ class LladaVImageProcessor(BaseImageProcessor):
             elif layout in (LAYOUT_ANYRES, LAYOUT_SINGLE):
                 image = self.load(visual)
                 size, frames = (image.height, image.width), 1
+                self.check_working_pixels(layout, size, f"image {index}")
                 item_crops = self._anyres_crops(image) if layout == LAYOUT_ANYRES else self._pad_crop(image)
             else:
                 raise ValueError(f"unknown image layout {layout!r} for item {index}; expected one of {LAYOUT_NAMES}")
@@ -538,7 +574,7 @@ def load_image(
         image = _array_to_pil(image)
         _check_pixels(image.width, image.height, limit, "the image array")
     elif isinstance(image, str) and image.startswith(("http://", "https://")):
-        image = _open_image(_fetch_url(image, url_timeout, max_url_bytes), limit, name=image)
+        image = _open_image(fetch_url(image, url_timeout, max_url_bytes), limit, name=image)
     elif isinstance(image, (str, os.PathLike, bytes, bytearray)):
         image = _open_image(image, limit)
     else:
@@ -560,30 +596,113 @@ def _check_pixels(width: int, height: int, limit: int | None, name: str) -> None
         )
 
 
-def _fetch_url(url: str, timeout: float, max_bytes: int) -> bytes:
-    """The body of an http(s) URL: at most `max_bytes`, within `timeout` seconds in all; errors name the URL."""
-    deadline = time.monotonic() + timeout
+def fetch_url(url: str, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int = DEFAULT_MAX_URL_BYTES) -> bytes:
+    """The body of an http(s) URL: at most `max_bytes`, within `timeout` seconds in all; errors name the URL.
+
+    `timeout` bounds the whole download, not one read: every socket read waits at most `timeout`, and at the
+    deadline a watchdog shuts the connection down, so a server that sends its headers and then trickles bytes
+    is cut off there too (name resolution is the one step it cannot interrupt).
+
+    Raises:
+        ValueError: an HTTP error, an unreachable host, a body over `max_bytes`, a download over `timeout`.
+    """
+    watchdog = _Watchdog(timeout)
     request = urllib.request.Request(url, headers={"User-Agent": "llada-v"})
+    opener = urllib.request.build_opener(_WatchedHTTPHandler(watchdog), _WatchedHTTPSHandler(watchdog))
+    response = None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with watchdog, opener.open(request, timeout=timeout) as response:
             declared = response.headers.get("Content-Length")
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                 raise ValueError(f"{url} is {declared} bytes, more than the limit of {max_bytes} bytes")
             body = bytearray()
-            while chunk := response.read(1 << 16):
+            # read1: whatever arrived (at most 64 KiB), so the deadline is checked after every byte a server sends
+            while chunk := response.read1(1 << 16):
                 body += chunk
                 if len(body) > max_bytes:
                     raise ValueError(f"{url} is larger than the limit of {max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise ValueError(f"{url} did not finish downloading within {timeout} s")
+                if watchdog.expired:
+                    break
+            if watchdog.expired:
+                raise TimeoutError
+            if response.length:  # what Content-Length promised and never came
+                raise ValueError(f"cannot fetch {url}: the connection closed after {len(body)} of {declared} bytes")
             return bytes(body)
     except urllib.error.HTTPError as err:
         raise ValueError(f"cannot fetch {url}: HTTP {err.code} {err.reason}") from None
-    except (TimeoutError, socket.timeout):
-        raise ValueError(f"cannot fetch {url}: no answer within {timeout} s") from None
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        if watchdog.expired or isinstance(err, TimeoutError) or isinstance(getattr(err, "reason", None), TimeoutError):
+            if response is None:
+                raise ValueError(f"cannot fetch {url}: no answer within {timeout} s") from None
+            raise ValueError(f"{url} did not finish downloading within {timeout} s") from None
         reason = getattr(err, "reason", err)
         raise ValueError(f"cannot fetch {url}: {reason}") from None
+
+
+class _Watchdog:
+    """Shuts down the sockets of one download once `timeout` seconds have passed (`with watchdog:` arms it)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Watchdog":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:  # connected after the deadline
+            _shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:  # a blocked read returns at once
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+class _WatchedHandlerMixin:
+    """urllib's HTTP(S) handler whose connections hand their socket to a `_Watchdog` once connected."""
+
+    def __init__(self, watchdog: _Watchdog, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.watchdog = watchdog
+
+    def do_open(self, http_class: type, req: Any, **kwargs: Any) -> Any:
+        watchdog = self.watchdog
+
+        class WatchedConnection(http_class):
+            def connect(self) -> None:
+                super().connect()
+                watchdog.watch(self.sock)
+
+        return super().do_open(WatchedConnection, req, **kwargs)
+
+
+class _WatchedHTTPHandler(_WatchedHandlerMixin, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPSHandler(_WatchedHandlerMixin, urllib.request.HTTPSHandler):
+    pass
 
 
 def _open_image(source: str | os.PathLike | bytes | bytearray, limit: int | None, name: str | None = None) -> Image.Image:
@@ -717,6 +836,7 @@ def _normalize_mode(image: Image.Image) -> Image.Image:
 
 __all__ = [
     "LladaVImageProcessor",
+    "fetch_url",
     "flatten_videos",
     "load_image",
     "nest_images",

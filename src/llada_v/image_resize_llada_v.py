@@ -14,12 +14,16 @@ The algorithm is Pillow's separable convolution (its `libImaging/Resample.c`, re
   un-premultiplied after (`min(255, 255 * c // a)`, unchanged where `a` is 0 or 255).
 """
 
+import functools
+
 import numpy as np
 import torch
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point: 8-bit results, sign and overflow headroom
 _BICUBIC_SUPPORT = 2.0
 _BICUBIC_A = -0.5
+# float64 values of one slice of columns in a resize pass (32 MiB): bounds the memory of resizing a huge image.
+_SLICE_ELEMENTS = 1 << 22
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -54,6 +58,7 @@ def resize_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.nda
     return first, np.where(window, fixed, 0)
 
 
+@functools.lru_cache(maxsize=16)  # the bands of one pass share it; read-only
 def _tap_matrix(in_size: int, out_size: int) -> torch.Tensor:
     """The fixed-point taps of a 1-D resize as a sparse float64 `(out, in)` matrix (exact integers)."""
     first, weights = resize_coefficients(in_size, out_size)
@@ -75,27 +80,49 @@ def _resample_leading(source: torch.Tensor, out_size: int) -> torch.Tensor:
     exactly, so the result does not depend on the summation order: it is Pillow's integer arithmetic. Then
     Pillow's `clip((sum + 2**21) >> 22, 0, 255)`, in place: clipping the sum first, adding the half and scaling
     by 2**-22 are exact in float64, and the cast truncates the now non-negative values (the floor of the shift).
+    Columns are independent, so they go through in slices of at most `_SLICE_ELEMENTS` float64 values: the
+    memory beyond the uint8 input and output stays bounded whatever the image size.
     """
-    acc = torch.sparse.mm(_tap_matrix(source.shape[0], out_size), source.to(torch.float64))
+    taps = _tap_matrix(source.shape[0], out_size)
+    out = torch.empty((out_size, source.shape[1]), dtype=torch.uint8)
+    step = max(1, _SLICE_ELEMENTS // max(source.shape[0], out_size))
     half = 1 << (PRECISION_BITS - 1)
-    acc.clamp_(-half, (256 << PRECISION_BITS) - 1 - half).add_(half).mul_(1.0 / (1 << PRECISION_BITS))
-    return acc.to(torch.uint8)
+    for start in range(0, source.shape[1], step):
+        acc = torch.sparse.mm(taps, source[:, start : start + step].to(torch.float64))
+        acc.clamp_(-half, (256 << PRECISION_BITS) - 1 - half).add_(half).mul_(1.0 / (1 << PRECISION_BITS))
+        out[:, start : start + step] = acc.to(torch.uint8)
+    return out
+
+
+def _resample_rows(image: torch.Tensor, out_width: int) -> torch.Tensor:
+    """The horizontal pass of a uint8 `(H, W, C)` tensor -> uint8 `(H, W', C)`, in bands of rows, so that the
+    transposed copy a pass along the width needs is one band at a time, not the whole image."""
+    in_height, in_width, channels = image.shape
+    out = torch.empty((in_height, out_width, channels), dtype=torch.uint8)
+    band = max(1, _SLICE_ELEMENTS // (max(in_width, out_width) * channels))
+    for top in range(0, in_height, band):
+        rows = image[top : top + band]
+        columns = rows.permute(1, 0, 2).reshape(in_width, rows.shape[0] * channels)  # (W, band*C)
+        out[top : top + band] = _resample_leading(columns, out_width).reshape(out_width, -1, channels).permute(1, 0, 2)
+    return out
 
 
 def _premultiply(pixels: np.ndarray) -> np.ndarray:
-    alpha = pixels[..., -1:].astype(np.int64)
-    t = pixels[..., :-1].astype(np.int64) * alpha + 128
+    # uint16 holds every intermediate exactly: c * a + 128 <= 65153 and ((t >> 8) + t) <= 65407.
+    alpha = pixels[..., -1:].astype(np.uint16)
+    t = pixels[..., :-1].astype(np.uint16) * alpha + 128
     colour = ((t >> 8) + t) >> 8
-    return np.concatenate((colour, alpha), axis=-1).astype(np.uint8)
+    return np.concatenate((colour.astype(np.uint8), pixels[..., -1:]), axis=-1)
 
 
 def _unpremultiply(pixels: np.ndarray) -> np.ndarray:
-    alpha = pixels[..., -1:].astype(np.int64)
-    colour = pixels[..., :-1].astype(np.int64)
+    # uint16 holds 255 * c <= 65025 exactly.
+    alpha = pixels[..., -1:].astype(np.uint16)
+    colour = pixels[..., :-1].astype(np.uint16)
     divided = np.minimum(255 * colour // np.maximum(alpha, 1), 255)
     keep = (alpha == 0) | (alpha == 255)
     colour = np.where(keep, colour, divided)
-    return np.concatenate((colour, alpha), axis=-1).astype(np.uint8)
+    return np.concatenate((colour.astype(np.uint8), pixels[..., -1:]), axis=-1)
 
 
 def resize_bicubic(pixels: np.ndarray, size_hw: tuple[int, int], has_alpha: bool = False) -> np.ndarray:
@@ -113,12 +140,13 @@ def resize_bicubic(pixels: np.ndarray, size_hw: tuple[int, int], has_alpha: bool
         raise ValueError(f"the output size must be positive, got (height={height}, width={width})")
     if (height, width) == pixels.shape[:2]:
         return pixels.copy()
-    # A writable copy: arrays of PIL images are read-only, which torch.from_numpy warns about.
-    out = torch.from_numpy(np.array(_premultiply(pixels) if has_alpha else pixels, order="C"))  # (H, W, C)
+    source = _premultiply(pixels) if has_alpha else pixels
+    if not source.flags.writeable:  # arrays of PIL images are read-only, which torch.from_numpy warns about
+        source = np.array(source, order="C")
+    out = torch.from_numpy(source)  # (H, W, C); never written to: each pass makes new tensors
     in_height, in_width, channels = out.shape
     if width != in_width:  # horizontal pass first, as Pillow
-        columns = out.permute(1, 0, 2).reshape(in_width, in_height * channels)  # (W, H*C)
-        out = _resample_leading(columns, width).reshape(width, in_height, channels).permute(1, 0, 2)
+        out = _resample_rows(out, width)  # (H, W', C)
     if height != in_height:
         rows = out.reshape(in_height, width * channels)  # (H, W'*C)
         out = _resample_leading(rows, height).reshape(height, width, channels)

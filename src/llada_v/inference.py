@@ -10,8 +10,9 @@
 - `checkpoint_generation_config` / `generation_config_for`: a checkpoint's sampler defaults (read before its
   weights, so bad settings fail fast) with per-call overrides, optionally on top of the fast-decoding preset,
   with `steps`/`block_length` following a changed `max_new_tokens` when they no longer fit (`fit_schedule`).
-- `chat_prompt` / `generate_texts`: chat template -> processor -> `diffusion_generate` -> decoded answers, for a
-  batch of prompts with their images (left padding).
+- `chat_prompt` / `generate_texts` (`generate_answers`): chat template -> processor -> `diffusion_generate` ->
+  decoded answers, for a batch of prompts with their images (left padding), each cut before its first stop
+  string (`cut_at_stop_strings`, the rule OpenAI clients expect; docs/generation.md#stop-strings).
 
 Package-only code (never part of a checkpoint's remote code).
 """
@@ -24,6 +25,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -417,7 +419,71 @@ def prepare_inputs(
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-def generate_texts(
+# ---------------------------------------------------------------------------------------------- stop strings
+
+
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str] | None) -> tuple[str, str | None]:
+    """`text` ended before the first stop string, as OpenAI clients expect, and the stop string that ended it.
+
+    "First" is where a left-to-right generation would have stopped: the occurrence that ends earliest (the
+    earlier start on a tie). The stop string itself is not returned and trailing white space is removed, as from
+    every answer. Returns `(text, None)` when no stop string occurs.
+
+    `diffusion_generate` also searches `stop_strings`, but as token ids, and after `<|eot_id|>` is found it stops
+    looking for them (docs/parity.md Q15); a stop string can also be written with other tokens than its own
+    encoding ("triangle" inside "triangles"). This cut on the decoded text is what `generate_texts`, `llada-v
+    generate --stop` and the server apply.
+    """
+    best: tuple[int, int, str] | None = None
+    for stop in stop_strings or []:
+        start = text.find(stop)
+        if start >= 0 and (best is None or (start + len(stop), start) < best[:2]):
+            best = (start + len(stop), start, stop)
+    if best is None:
+        return text, None
+    return text[: best[1]].rstrip(), best[2]
+
+
+def stop_string_prefix_length(text: str, stop_strings: Sequence[str] | None) -> int:
+    """How many characters at the end of `text` could be the start of a stop string (a stream holds them back
+    until the next text shows whether the stop string follows)."""
+    longest = 0
+    for stop in stop_strings or []:
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[-length:]):
+                longest = length
+                break
+    return longest
+
+
+@dataclass
+class Answer:
+    """One decoded answer: `text` (cut before its first stop string), `num_tokens` (the answer tokens up to the
+    stop: through the tokens that spell the stop string when one cut the text), `stop_string` (None: not cut)."""
+
+    text: str
+    num_tokens: int
+    stop_string: str | None = None
+
+
+def decode_answer(tokenizer: Any, ids: Sequence[int], stop_strings: Sequence[str] | None = None) -> Answer:
+    """The answer text of answer ids (special tokens removed, stripped), cut before its first stop string."""
+    ids = [int(i) for i in ids]
+    text, stop = cut_at_stop_strings(tokenizer.decode(ids, skip_special_tokens=True).strip(), stop_strings)
+    if stop is None:
+        return Answer(text, len(ids))
+    low, high = 1, len(ids)  # the fewest ids whose text already holds the stop string
+    while low < high:
+        middle = (low + high) // 2
+        prefix = tokenizer.decode(ids[:middle], skip_special_tokens=True).strip()
+        if cut_at_stop_strings(prefix, stop_strings)[1] is None:
+            low = middle + 1
+        else:
+            high = middle
+    return Answer(text, low, stop)
+
+
+def generate_answers(
     model: Any,
     processor: Any,
     texts: list[str],
@@ -427,11 +493,8 @@ def generate_texts(
     seed: int | None = None,
     streamer: Any = None,
     videos: Sequence[Sequence[Any]] | None = None,
-) -> tuple[list[str], Any]:
-    """Answer a batch of chat-template prompts. Returns the decoded answers (up to the stop, special tokens
-    removed) and the `LladaVGenerateOutput` (`answer_ids()`, `prompt_length`, counters). `videos[i]` holds the
-    videos (lists of frames) of prompt i's `<video>` placeholders. With a `streamer` (a batch of one) the call
-    goes through `model.generate`, which feeds it; the ids are the same."""
+) -> tuple[list[Answer], Any]:
+    """`generate_texts` with each answer's token count and the stop string that cut it (`Answer`)."""
     device = model.device
     inputs = prepare_inputs(processor, texts, images, device, videos)
     generator = None
@@ -447,17 +510,44 @@ def generate_texts(
         generator=generator,
         tokenizer=processor.tokenizer,
     )
-    answers = [processor.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in output.answer_ids()]
+    stops = generation_config.stop_strings
+    answers = [decode_answer(processor.tokenizer, ids, stops) for ids in output.answer_ids()]
     return answers, output
 
 
+def generate_texts(
+    model: Any,
+    processor: Any,
+    texts: list[str],
+    images: Sequence[Sequence[Any]],
+    generation_config: LladaVGenerationConfig,
+    step_callback: Callable[[Any], None] | None = None,
+    seed: int | None = None,
+    streamer: Any = None,
+    videos: Sequence[Sequence[Any]] | None = None,
+) -> tuple[list[str], Any]:
+    """Answer a batch of chat-template prompts. Returns the decoded answers (up to the stop, special tokens
+    removed, cut before the first of the config's `stop_strings`: `cut_at_stop_strings`) and the
+    `LladaVGenerateOutput` (`answer_ids()`, `prompt_length`, counters). `videos[i]` holds the videos (lists of
+    frames) of prompt i's `<video>` placeholders. With a `streamer` (a batch of one) the call goes through
+    `model.generate`, which feeds it; the ids are the same."""
+    answers, output = generate_answers(
+        model, processor, texts, images, generation_config, step_callback, seed, streamer, videos
+    )
+    return [answer.text for answer in answers], output
+
+
 __all__ = [
+    "Answer",
     "InputError",
     "apply_adapter",
     "check_checkpoint",
     "checkpoint_generation_config",
+    "cut_at_stop_strings",
+    "decode_answer",
     "inspect_checkpoint",
     "fit_schedule",
+    "generate_answers",
     "generate_texts",
     "generation_config_for",
     "load_pretrained",

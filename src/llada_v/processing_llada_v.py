@@ -10,7 +10,11 @@ Notable facts (docs/processor.md):
   `image_layout_llada_v.num_image_tokens`;
 - one image in a prompt uses the anyres layout, several images the multi-image pad layout (730 tokens each);
 - ` /think` or ` /no_think` can be appended to the last user turn (`enable_thinking=True/False`);
-- left padding by default (generation); pass `padding_side="right"` for training batches.
+- left padding by default (generation); pass `padding_side="right"` for training batches;
+- message text is text: `apply_chat_template` marks a message text that holds a string of the tokenizer's
+  added tokens (`<|eot_id|>`, `<|start_header_id|>`, ...) with `LITERAL_OPEN`/`LITERAL_CLOSE`, and `__call__`
+  tokenises a marked span as plain text, so a user cannot write template tokens (`<image>` and `<video>` stay
+  placeholders: they are how text asks for images).
 """
 
 import re
@@ -27,6 +31,10 @@ logger = logging.get_logger(__name__)
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
+# Private-use characters around message text that must be tokenised as plain text (added-token strings in it are
+# not tokens); inside a span these two characters are written with LITERAL_OPEN before them (docs/processor.md).
+LITERAL_OPEN = "\ue000"
+LITERAL_CLOSE = "\ue001"
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the "
     "user provides, and assist the user with a variety of tasks using natural language."
@@ -199,9 +207,13 @@ class LladaVProcessor(ProcessorMixin):
 
         visual_inputs, token_counts = self._preprocess_visuals(texts, images, videos)
         expanded, expected_per_sample = self._expand_placeholders(texts, token_counts)
-        text_inputs = self.tokenizer(
-            expanded, return_tensors=return_tensors, padding=padding, padding_side=padding_side, **kwargs
-        )
+        if any(LITERAL_OPEN in text for text in expanded):
+            text_inputs = self._tokenize_with_literals(expanded, return_tensors, padding, padding_side, kwargs)
+            texts = ["".join(part for part, _ in _literal_segments(text)) for text in texts]
+        else:
+            text_inputs = self.tokenizer(
+                expanded, return_tensors=return_tensors, padding=padding, padding_side=padding_side, **kwargs
+            )
         input_ids = text_inputs["input_ids"]
         rows = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
         got = [list(row).count(self.image_token_id) for row in rows]
@@ -212,6 +224,66 @@ class LladaVProcessor(ProcessorMixin):
             )
         self._warn_unknown_words(texts, rows)
         return BatchFeature(data={**text_inputs, **visual_inputs})
+
+    def _tokenize_with_literals(
+        self, texts: list[str], return_tensors: str | None, padding: Any, padding_side: str, kwargs: dict
+    ) -> Any:
+        """Tokenise texts with marked spans (`mark_literal_text`): the spans as plain text (`split_special_tokens`),
+        the rest as usual; then the tokenizer's own special tokens and padding."""
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "add_special_tokens")
+        if unsupported:
+            raise ValueError(f"tokenizer arguments {unsupported} are not supported with marked literal text")
+        add_special = kwargs.get("add_special_tokens", True)
+        prefix = self.tokenizer("", add_special_tokens=True)["input_ids"] if add_special else []
+        rows = []
+        for text in texts:
+            ids = list(prefix)
+            for part, literal in _literal_segments(text):
+                if part:
+                    encoded = self.tokenizer(part, add_special_tokens=False, split_special_tokens=literal)
+                    ids.extend(encoded["input_ids"])
+            rows.append(ids)
+        return self.tokenizer.pad(
+            {"input_ids": rows}, padding=padding, padding_side=padding_side, return_tensors=return_tensors
+        )
+
+    def mark_literal_text(self, text: str) -> str:
+        """`text` marked to be tokenised as plain text when it holds a string of an added token of the tokenizer
+        (`<image>`/`<video>` placeholders excepted) or a marker character; else `text` unchanged. The markers sit
+        inside its leading and trailing white space, so the template's `trim` sees the same text."""
+        if not isinstance(text, str):
+            return text
+        if not (LITERAL_OPEN in text or LITERAL_CLOSE in text or self._has_added_token(text)):
+            return text
+        core = text.strip()
+        if not core:
+            return text
+        start = text.index(core)
+        escaped = core.replace(LITERAL_OPEN, LITERAL_OPEN * 2).replace(LITERAL_CLOSE, LITERAL_OPEN + LITERAL_CLOSE)
+        return f"{text[:start]}{LITERAL_OPEN}{escaped}{LITERAL_CLOSE}{text[start + len(core) :]}"
+
+    def _has_added_token(self, text: str) -> bool:
+        placeholders = (self.image_token, self.video_token)
+        tokens = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
+        return any(str(token) not in placeholders and str(token) in text for token in tokens)
+
+    def _mark_conversation(self, conversation: list) -> list:
+        """A copy of `conversation` with every message text marked by `mark_literal_text`."""
+        marked = []
+        for message in conversation:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                message = {**message, "content": self.mark_literal_text(content)}
+            elif isinstance(content, list):
+                parts = [
+                    {**part, "text": self.mark_literal_text(part["text"])}
+                    if isinstance(part, dict) and part.get("type") == "text" and "text" in part
+                    else part
+                    for part in content
+                ]
+                message = {**message, "content": parts}
+            marked.append(message)
+        return marked
 
     def _warn_unknown_words(self, texts: list[str], rows: list) -> None:
         """Warn (once per set of words) when the tokenizer mapped words to its unknown token: a word-level
@@ -307,10 +379,40 @@ class LladaVProcessor(ProcessorMixin):
         `system_prompt` (replaces the default system prompt; `""` drops it) and `enable_thinking`
         (`True` appends ` /think`, `False` ` /no_think` to the last user turn).
         """
-        conversations = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
         if not conversation or any(not c for c in conversations):
             raise ValueError("apply_chat_template needs at least one message, got an empty conversation")
-        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        # Message text is text: template-token strings in it are marked, and tokenised as plain text.
+        marked = [self._mark_conversation(list(c)) for c in conversations]
+        return super().apply_chat_template(marked if batched else marked[0], chat_template=chat_template, **kwargs)
 
 
-__all__ = ["CHAT_TEMPLATE", "DEFAULT_SYSTEM_PROMPT", "IMAGE_TOKEN", "VIDEO_TOKEN", "LladaVProcessor"]
+def _literal_segments(text: str) -> list[tuple[str, bool]]:
+    """`text` split into `(part, is_literal)`: marked spans (markers removed, escapes undone) and the rest."""
+    segments, part, literal, index = [], [], False, 0
+    while index < len(text):
+        char = text[index]
+        escaped = index + 1 < len(text) and text[index + 1] in (LITERAL_OPEN, LITERAL_CLOSE)
+        if literal and char == LITERAL_OPEN and escaped:
+            part.append(text[index + 1])
+            index += 1
+        elif char == (LITERAL_CLOSE if literal else LITERAL_OPEN):
+            segments.append(("".join(part), literal))
+            part, literal = [], not literal
+        else:
+            part.append(char)
+        index += 1
+    segments.append(("".join(part), literal))
+    return segments
+
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "DEFAULT_SYSTEM_PROMPT",
+    "IMAGE_TOKEN",
+    "LITERAL_CLOSE",
+    "LITERAL_OPEN",
+    "VIDEO_TOKEN",
+    "LladaVProcessor",
+]

@@ -16,7 +16,9 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,13 +26,19 @@ import torch
 from ray import serve
 
 from .batching import GenerationJob, JobResult
-from .http_app import Admission, build_asgi_app
+from .http_app import Admission, Slot, build_asgi_app
+from .media import is_remote, read_image_url
 from .openai_api import ChatRequest, invalid
 from .options import ServeOptions, check_local_paths
 from .service import ChatService
 
 logger = logging.getLogger(__name__)
+# Data and file URLs (base64, a file read, image headers: bounded work) and http(s) downloads (each cut off at its
+# request's deadline) wait on separate threads, so no download holds up a request without one.
 MEDIA_THREADS = 4
+FETCH_THREADS = 16
+# Beyond the download deadline, for the one step the loader cannot interrupt (name resolution).
+FETCH_GRACE_S = 5.0
 
 
 @serve.deployment(name="LladaVServer")
@@ -43,26 +51,45 @@ class LladaVServer:
         self.service = ChatService(self.options)
         if self.service.model.device.type == "cpu" and self.options.num_cpus_per_replica >= 1:
             torch.set_num_threads(int(self.options.num_cpus_per_replica))  # the CPUs Ray reserved for this replica
-        self.admission = Admission(self.options.replica_capacity)
-        # One thread generates (the model is not shared between batches); image fetches wait on their own threads.
+        self.admission = Admission(self.options.replica_capacity, self.options.max_queued_pixels)
+        # One thread generates (the model is not shared between batches); images are read on their own threads.
         self._generator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llada-v-generate")
         self._media = ThreadPoolExecutor(max_workers=MEDIA_THREADS, thread_name_prefix="llada-v-media")
+        self._fetch = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="llada-v-fetch")
         self.generate_batch.set_max_batch_size(self.options.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.options.batch_wait_ms / 1000)
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_asgi_app(self)
 
-    async def load_images(self, request: ChatRequest) -> list:
-        """The request's images, fetched off the event loop within `image_fetch_timeout_s`."""
+    async def load_images(self, request: ChatRequest, slot: Slot) -> list[bytes]:
+        """The request's encoded images, read off the event loop, their pixels checked from the headers and held on
+        `slot` (400 over `max_request_pixels`, 503 over `max_queued_pixels`). http(s) downloads run on their own
+        threads and end at the request's deadline (`image_fetch_timeout_s` from now)."""
         if not request.image_urls:
             return []
         loop = asyncio.get_running_loop()
         timeout = self.options.image_fetch_timeout_s
+        deadline = time.monotonic() + timeout
+        policy = self.service.media
+        reads = [
+            loop.run_in_executor(self._pool_for(url), read_image_url, url, param, policy, deadline)
+            for param, url in request.image_urls
+        ]
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self._media, self.service.load_images, request), timeout)
+            results = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), timeout + FETCH_GRACE_S)
         except asyncio.TimeoutError:
             raise invalid(f"loading the request's images took longer than {timeout} s", "messages") from None
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        pixels = await loop.run_in_executor(self._media, self.service.image_pixels, request, results)
+        slot.reserve_pixels(pixels, self.service.retry_after_seconds(self.admission.active))
+        return results
+
+    def _pool_for(self, url: str) -> ThreadPoolExecutor:
+        """Downloads on the fetch threads; data URLs and files on the media threads, never behind a download."""
+        return self._fetch if is_remote(url) else self._media
 
     async def submit(self, job: GenerationJob) -> JobResult:
         """Queue `job` for the next batch; never raises for a failed generation (the result carries it)."""
@@ -97,10 +124,16 @@ def run_server(options: ServeOptions) -> int:
     """`llada-v serve`: start (or join) Ray, serve the application on `host:port`, stop cleanly on Ctrl-C/SIGTERM."""
     import ray
 
+    for warning in options.security_warnings():
+        print(f"llada-v serve: warning: {warning}", file=sys.stderr, flush=True)
     check_local_paths(options)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked for
     stop = threading.Event()
     own_cluster = options.address is None
+    if own_cluster:
+        # The node agent's Prometheus export listens on every interface without authentication and Ray cannot
+        # bind it to loopback; nothing here reads it (docs/serving.md, "Limits and security").
+        os.environ.setdefault("RAY_enable_metrics_collection", "0")
     previous: dict = {}
     try:
         ray.init(address=options.address or "local", include_dashboard=False)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..inference import generate_texts
+from ..inference import cut_at_stop_strings, generate_answers, stop_string_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -125,18 +125,18 @@ def run_group(model: Any, processor: Any, jobs: list[GenerationJob]) -> list[Job
     if any(job.sink is not None for job in jobs):
         stops, _ = model._stops_and_suffix(config, processor.tokenizer)  # the sampler's own stop sequences
         callback = StreamingCallback(processor.tokenizer, config, jobs, stops)
-    answers, output = generate_texts(
+    answers, output = generate_answers(
         model, processor, [job.text for job in jobs], [job.images for job in jobs], config,
         step_callback=callback, seed=seed,
     )  # fmt: skip
     if callback is not None:
-        callback.finish(answers)
+        callback.finish([answer.text for answer in answers])
     lengths = output.answer_lengths.tolist()
     return [
         JobResult(
-            text=answer,
-            completion_tokens=int(length),
-            finish_reason="stop" if length < config.max_new_tokens else "length",
+            text=answer.text,
+            completion_tokens=answer.num_tokens,
+            finish_reason="stop" if answer.stop_string is not None or length < config.max_new_tokens else "length",
             batch_size=len(jobs),
         )
         for answer, length in zip(answers, lengths)
@@ -152,24 +152,30 @@ class CommittedText:
     `update` returns the text that became final since the last call: the answer's ids up to the first mask (cut at
     the stop once one is found before it), minus the last `holdback` ids while no stop is found (they could be the
     start of a multi-token stop sequence), decoded like `generate_texts` decodes answers (special tokens skipped,
-    stripped). Text is held back while it ends in an incomplete character or would change what was sent.
+    stripped, cut before the first of `stop_strings`; while the text can still grow, an end that could be the
+    start of a stop string waits). Text is held back while it ends in an incomplete character or would change
+    what was sent, so nothing after a stop string is ever sent.
     """
 
-    def __init__(self, tokenizer: Any, mask_token_id: int, holdback: int = 0) -> None:
+    def __init__(
+        self, tokenizer: Any, mask_token_id: int, holdback: int = 0, stop_strings: list[str] | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.mask_token_id = mask_token_id
         self.holdback = holdback
+        self.stop_strings = stop_strings
         self.sent = ""
 
     def update(self, answer_ids: list[int], stop: int | None) -> str:
         committed = len(answer_ids)
         if self.mask_token_id in answer_ids:
             committed = answer_ids.index(self.mask_token_id)
-        if stop is not None and stop <= committed:
-            final = answer_ids[:stop]
-        else:
-            final = answer_ids[: max(0, committed - self.holdback)]
-        text = self.tokenizer.decode(final, skip_special_tokens=True).strip()
+        complete = stop is not None and stop <= committed
+        final = answer_ids[:stop] if complete else answer_ids[: max(0, committed - self.holdback)]
+        decoded = self.tokenizer.decode(final, skip_special_tokens=True).strip()
+        text, found = cut_at_stop_strings(decoded, self.stop_strings)
+        if found is None and not complete:
+            text = text[: len(text) - stop_string_prefix_length(text, self.stop_strings)].rstrip()
         if text.endswith("\ufffd") or not text.startswith(self.sent):
             return ""
         delta, self.sent = text[len(self.sent) :], text
@@ -192,7 +198,7 @@ class StreamingCallback:
         self.config = config
         self.jobs = jobs
         holdback = max((len(s) for s in stops), default=1) - 1
-        self.texts = [CommittedText(tokenizer, config.mask_token_id, holdback) for _ in jobs]
+        self.texts = [CommittedText(tokenizer, config.mask_token_id, holdback, config.stop_strings) for _ in jobs]
 
     def __call__(self, step: Any) -> None:
         start, length = step.prompt_length, self.config.max_new_tokens

@@ -54,6 +54,9 @@ def _add_server_group(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server and replicas")
     group.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1: this machine only)")
     group.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    group.add_argument("--api-key", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: the LLADA_V_API_KEY "
+                            "environment variable; unset: no key, fine on 127.0.0.1 only)")  # fmt: skip
     group.add_argument("--address", metavar="RAY_ADDRESS", help="join this Ray cluster ('auto': the running one)")
     group.add_argument("--num-replicas", type=int, metavar="N", help="fixed number of model replicas (default 1)")
     group.add_argument("--min-replicas", type=int, metavar="N", help="autoscaling lower bound")
@@ -75,13 +78,21 @@ def _add_limits_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-request-bytes", type=int, default=20 * 2**20, metavar="N", help="larger bodies get 413")
     group.add_argument("--max-images-per-request", type=int, default=8, metavar="N")
     group.add_argument("--max-image-bytes", type=int, default=10 * 2**20, metavar="N",
-                       help="per image: decoded data URL (and URL download, where the loader caps it)")  # fmt: skip
-    group.add_argument("--image-fetch-timeout-s", type=float, default=10.0, metavar="S", help="for http(s) image URLs")
+                       help="per image: a data URL's decoded bytes, a download, a local file")  # fmt: skip
+    group.add_argument("--image-fetch-timeout-s", type=float, default=10.0, metavar="S",
+                       help="a request's http(s) image downloads, in all (default 10)")  # fmt: skip
     group.add_argument("--no-remote-images", dest="remote_images", action="store_false",
                        help="refuse http(s) image URLs")  # fmt: skip
     group.add_argument("--allowed-local-media-path", metavar="DIR",
                        help="allow file:// image URLs under this folder (default: none)")  # fmt: skip
     group.add_argument("--max-tokens-limit", type=int, default=1024, metavar="N", help="largest max_tokens accepted")
+    group.add_argument("--max-prompt-chars", type=int, default=256 * 1024, metavar="N",
+                       help="characters of all message texts together, refused before tokenising (the token "
+                            "count is then checked against the model's context)")  # fmt: skip
+    group.add_argument("--max-request-pixels", type=int, default=50_000_000, metavar="N",
+                       help="pixels one request's images may cost (from their headers; more gets 400)")  # fmt: skip
+    group.add_argument("--max-queued-pixels", type=int, default=100_000_000, metavar="N",
+                       help="the same, over all requests a replica holds (more gets 503 + Retry-After)")  # fmt: skip
 
 
 def options_from_args(args: argparse.Namespace) -> Any:

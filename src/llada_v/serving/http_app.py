@@ -2,8 +2,11 @@
 
 `build_asgi_app(server)` takes the replica (`app.LladaVServer`): its `service` (`service.ChatService`), its
 `admission` and `submit(job)` (the `@serve.batch` entry). Every error is OpenAI-style JSON (`ApiError.body`):
-400 for an invalid request, 413 for a body over `max_request_bytes`, 503 with `Retry-After` when the replica
-already holds `max_batch_size + max_queued_requests` chat requests, 500 when generation itself failed.
+400 for an invalid request, 401 without the API key (when one is set; `/health` needs none), 404 for an
+unknown route or model, 413 for a body over `max_request_bytes`, 415 for a POST that is not
+`Content-Type: application/json` (a cross-site form or `text/plain` post needs no CORS preflight, so a web page
+could otherwise drive the server from a local browser), 503 with `Retry-After` when the replica already holds
+`max_batch_size + max_queued_requests` chat requests, 500 when generation itself failed.
 
 A streamed answer (`stream: true`) is sent as server-sent events once its first text (or canvas) exists, so a
 request the sampler rejects still gets a plain 400. The header `x-llada-batch-size` says how many rows the
@@ -13,11 +16,14 @@ request the sampler rejects still gets a plain 400. The header `x-llada-batch-si
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -26,14 +32,20 @@ from .batching import JobResult, StreamEvent
 from .openai_api import ApiError, chunk_body, completion_body, completion_id, invalid, models_body, usage
 
 BATCH_SIZE_HEADER = "x-llada-batch-size"
+JSON_MEDIA_TYPE = "application/json"
+THREAD_PARSE_BYTES = 2**20  # larger bodies are parsed off the event loop, so other requests go on meanwhile
+logger = logging.getLogger(__name__)
 
 
 class Admission:
-    """Counts the chat requests a replica holds; refuses more than `capacity` with 503 + Retry-After."""
+    """Counts the chat requests a replica holds and the pixels of their images; refuses more than `capacity`
+    requests or `pixel_capacity` pixels with 503 + Retry-After."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, pixel_capacity: int | None = None) -> None:
         self.capacity = capacity
         self.active = 0
+        self.pixel_capacity = pixel_capacity
+        self.pixels = 0
 
     def enter(self, retry_after: int) -> "Slot":
         if self.active >= self.capacity:
@@ -52,10 +64,28 @@ class Slot:
 
     def __init__(self, admission: Admission) -> None:
         self.admission: Admission | None = admission
+        self.pixels = 0
+
+    def reserve_pixels(self, pixels: int, retry_after: int) -> None:
+        """Hold `pixels` of images until `release`; 503 when the replica's requests would hold more than its limit."""
+        admission = self.admission
+        if admission is None or admission.pixel_capacity is None:
+            return
+        if admission.pixels + pixels > admission.pixel_capacity:
+            raise ApiError(
+                503,
+                f"server busy: this replica's requests hold {admission.pixels} pixels of images and this one needs "
+                f"{pixels} (limit {admission.pixel_capacity}); retry later",
+                code="queue_full",
+                headers={"Retry-After": str(retry_after)},
+            )
+        admission.pixels += pixels
+        self.pixels += pixels
 
     def release(self, *_: Any) -> None:
         if self.admission is not None:
             self.admission.active -= 1
+            self.admission.pixels -= self.pixels
             self.admission = None
 
 
@@ -73,6 +103,26 @@ def result_error(result: JobResult) -> ApiError:
     return ApiError(500, f"generation failed: {type(err).__name__}: {err}", code="generation_failed")
 
 
+def check_api_key(request: Request, api_key: str | None) -> None:
+    """401 unless the request carries `Authorization: Bearer <api_key>` (OpenAI's convention); no key: open."""
+    if api_key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        what = "no API key given" if not given else "incorrect API key"
+        raise ApiError(401, f"{what}: send the server's key as 'Authorization: Bearer KEY'", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+
+def check_json_content_type(request: Request) -> None:
+    """415 unless the body is declared as JSON: browsers send cross-site `text/plain` and form posts without
+    asking the server first (no CORS preflight), `application/json` only after a preflight this server refuses."""
+    declared = request.headers.get("content-type", "")
+    if declared.split(";", 1)[0].strip().lower() != JSON_MEDIA_TYPE:
+        raise ApiError(415, f"Content-Type must be {JSON_MEDIA_TYPE}, got {declared or 'none'!r}",
+                       code="unsupported_media_type")  # fmt: skip
+
+
 async def read_json(request: Request, max_bytes: int) -> Any:
     """The JSON body, refusing more than `max_bytes` (413) before reading it where Content-Length says so."""
     declared = request.headers.get("content-length")
@@ -85,9 +135,13 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if len(received) > max_bytes:
             raise ApiError(413, f"request body exceeds the limit of {max_bytes} bytes", code="request_too_large")
     try:
+        if len(received) > THREAD_PARSE_BYTES:  # megabytes of JSON take a while: not on the event loop
+            return await asyncio.to_thread(json.loads, received)
         return json.loads(received)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise invalid(f"the request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise invalid("the request body is nested too deeply to be a chat request") from None
 
 
 def build_asgi_app(server: Any) -> Starlette:
@@ -95,17 +149,23 @@ def build_asgi_app(server: Any) -> Starlette:
 
     async def chat_completions(request: Request) -> Response:
         try:
+            check_api_key(request, server.service.options.api_key)
+            check_json_content_type(request)
             return await _chat(server, request)
         except ApiError as err:
             return error_response(err)
 
     async def models(request: Request) -> Response:
         service = server.service
+        try:
+            check_api_key(request, service.options.api_key)
+        except ApiError as err:
+            return error_response(err)
         return JSONResponse(models_body(service.options.model_id, service.created))
 
     async def health(request: Request) -> Response:
         body = {"status": "ok", **server.service.health(), "active_requests": server.admission.active,
-                "capacity": server.admission.capacity}  # fmt: skip
+                "capacity": server.admission.capacity, "queued_pixels": server.admission.pixels}  # fmt: skip
         return JSONResponse(body)
 
     return Starlette(
@@ -113,8 +173,22 @@ def build_asgi_app(server: Any) -> Starlette:
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
-        ]
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (unknown route 404, wrong method 405) in the OpenAI error shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """A bug, not the client's fault: still JSON, and logged with its traceback."""
+    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
 
 
 async def _chat(server: Any, request: Request) -> Response:
@@ -122,10 +196,10 @@ async def _chat(server: Any, request: Request) -> Response:
     body = await read_json(request, service.options.max_request_bytes)
     parsed = service.parse(body)
     config = service.settings(parsed)
-    slot = server.admission.enter(service.retry_after_seconds())
+    slot = server.admission.enter(service.retry_after_seconds(server.admission.active))
     task = None
     try:
-        images = await server.load_images(parsed)
+        images = await server.load_images(parsed, slot)
         job, prompt_tokens = await asyncio.to_thread(service.build_job, parsed, config, images)
         request_id = completion_id()
         if parsed.stream:

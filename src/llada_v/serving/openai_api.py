@@ -21,10 +21,11 @@ MAX_STOP_SEQUENCES = 4
 # Fields accepted at their neutral value only (the sampler has no such setting).
 NEUTRAL_VALUES = {"n": 1, "top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
 IGNORED_FIELDS = ("user",)
+RESPONSE_FORMATS = ("text",)  # the answer is plain text; no JSON mode or schema
 SETTINGS_FIELDS = ("steps", "block_length", "remasking", "cfg_scale")
 KNOWN_FIELDS = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stop", "seed", "stream",
-    "stream_options", "fast", "stream_canvas", *SETTINGS_FIELDS, *NEUTRAL_VALUES, *IGNORED_FIELDS,
+    "stream_options", "fast", "stream_canvas", "response_format", *SETTINGS_FIELDS, *NEUTRAL_VALUES, *IGNORED_FIELDS,
 }  # fmt: skip
 
 
@@ -80,17 +81,25 @@ class ChatRequest:
     stream_canvas: bool = False
 
 
-def parse_chat_request(body: Any, model_id: str, max_images: int, max_tokens_limit: int) -> ChatRequest:
-    """Check a `/v1/chat/completions` body and return it parsed; `ApiError` (400) names the first problem."""
+def parse_chat_request(
+    body: Any, model_id: str, max_images: int, max_tokens_limit: int, max_prompt_chars: int | None = None
+) -> ChatRequest:
+    """Check a `/v1/chat/completions` body and return it parsed; `ApiError` names the first problem (400; 404
+    for a model this server does not serve, as OpenAI answers)."""
     if not isinstance(body, dict):
         raise invalid(f"the request body must be a JSON object, got {type(body).__name__}")
     _check_fields(body)
     model = body.get("model")
     if model != model_id:
-        raise invalid(f"unknown model {model!r}; this server serves {model_id!r}", "model", "model_not_found")
+        raise ApiError(404, f"the model {_short(model)} does not exist; this server serves {model_id!r}", "model",
+                       "model_not_found")  # fmt: skip
     messages, image_urls = _parse_messages(body.get("messages"))
     if len(image_urls) > max_images:
         raise invalid(f"too many images: {len(image_urls)} in the request, at most {max_images}", "messages")
+    characters = prompt_characters(messages)
+    if max_prompt_chars is not None and characters > max_prompt_chars:
+        raise invalid(f"the messages hold {characters} characters of text, more than this server's limit of "
+                      f"{max_prompt_chars}", "messages", "prompt_too_long")  # fmt: skip
     request = ChatRequest(model=model, messages=messages, image_urls=image_urls)
     request.overrides = _sampler_overrides(body, max_tokens_limit)
     request.fast = _optional_bool(body, "fast")
@@ -102,13 +111,31 @@ def parse_chat_request(body: Any, model_id: str, max_images: int, max_tokens_lim
     return request
 
 
+def prompt_characters(messages: list[dict]) -> int:
+    """The characters of every text in parsed `messages` (what the tokenizer would have to read)."""
+    total = 0
+    for message in messages:
+        content = message["content"]
+        parts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
+        total += sum(len(text) for text in parts)
+    return total
+
+
 def _check_fields(body: dict) -> None:
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
         raise invalid(f"unsupported fields {unknown}; see docs/serving.md for what this server accepts", unknown[0])
     for name, neutral in NEUTRAL_VALUES.items():
-        if name in body and body[name] is not None and body[name] != neutral:
-            raise invalid(f"{name}={body[name]!r} is not supported (only {neutral!r})", name)
+        value = body.get(name)
+        if value is not None and (value != neutral or isinstance(value, bool) != isinstance(neutral, bool)):
+            raise invalid(f"{name}={value!r} is not supported (only {neutral!r})", name)
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind not in RESPONSE_FORMATS:
+            shown = _short(kind) if kind is not None else _short(response_format)
+            raise invalid(f"response_format type {shown} is not supported (only {', '.join(RESPONSE_FORMATS)!r}: "
+                          "the answer is plain text)", "response_format")  # fmt: skip
 
 
 def _parse_messages(messages: Any) -> tuple[list[dict], list[tuple[str, str]]]:

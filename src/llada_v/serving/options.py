@@ -5,6 +5,8 @@ arguments (`command.options_from_args`) or from the `args:` of a Ray Serve confi
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,13 @@ from ..checkpoint_io import DTYPES
 from ..inference import InputError
 
 DEMO_MODEL_NAME = "llada-v-demo"
+API_KEY_ENV = "LLADA_V_API_KEY"  # the API key when none is given (keeps it out of the process list)
 DTYPE_CHOICES = ("auto", *DTYPES)
 QUANTIZATION_CHOICES = (None, "4bit", "8bit")
 INT_OPTIONS = {
     "port", "num_replicas", "min_replicas", "max_replicas", "max_batch_size", "max_queued_requests",
-    "max_request_bytes", "max_images_per_request", "max_image_bytes", "max_tokens_limit",
+    "max_request_bytes", "max_images_per_request", "max_image_bytes", "max_tokens_limit", "max_prompt_chars",
+    "max_request_pixels", "max_queued_pixels",
 }  # fmt: skip
 FLOAT_OPTIONS = {"target_ongoing_requests", "num_cpus_per_replica", "num_gpus_per_replica", "batch_wait_ms",
                  "image_fetch_timeout_s"}  # fmt: skip
@@ -41,8 +45,15 @@ class ServeOptions:
 
     Batching and limits: `max_batch_size`, `batch_wait_ms`, `max_queued_requests` (per replica, beyond the rows
     being generated; more gets 503), `max_request_bytes` (413 above), `max_images_per_request`,
-    `max_image_bytes` (a data URL's decoded size), `image_fetch_timeout_s`, `remote_images` (http(s) URLs),
-    `allowed_local_media_path` (file:// URLs only under it), `max_tokens_limit` (the largest `max_tokens`).
+    `max_image_bytes` (per image: a data URL's decoded size, a download, a local file), `image_fetch_timeout_s`
+    (all of a request's http(s) downloads), `remote_images` (http(s) URLs),
+    `allowed_local_media_path` (file:// URLs only under it), `max_tokens_limit` (the largest `max_tokens`),
+    `max_request_pixels` (the pixels one request's images may cost the image processor, read from their headers
+    before decoding; more gets 400), `max_queued_pixels` (the same, summed over the requests a replica holds;
+    more gets 503 + Retry-After),
+    `max_prompt_chars` (the characters of all message texts together, refused before tokenising).
+
+    Security: `api_key` (clients send `Authorization: Bearer KEY`; None: read `LLADA_V_API_KEY`, unset: no key).
     """
 
     model: str | None = None
@@ -77,8 +88,14 @@ class ServeOptions:
     remote_images: bool = True
     allowed_local_media_path: str | None = None
     max_tokens_limit: int = 1024
+    max_prompt_chars: int = 256 * 1024
+    api_key: str | None = dataclasses.field(default=None, repr=False)  # never in logs
+    max_request_pixels: int = 50_000_000
+    max_queued_pixels: int = 100_000_000
 
     def __post_init__(self) -> None:
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -93,6 +110,16 @@ class ServeOptions:
         _non_negative_int("max_images_per_request", self.max_images_per_request)
         _positive_int("max_image_bytes", self.max_image_bytes)
         _positive_int("max_tokens_limit", self.max_tokens_limit)
+        _positive_int("max_prompt_chars", self.max_prompt_chars)
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            raise InputError(f"api_key must be a non-empty string, got {self.api_key!r}")
+        _positive_int("max_request_pixels", self.max_request_pixels)
+        _positive_int("max_queued_pixels", self.max_queued_pixels)
+        if self.max_queued_pixels < self.max_request_pixels:
+            raise InputError(
+                f"max_queued_pixels ({self.max_queued_pixels}) must be >= max_request_pixels "
+                f"({self.max_request_pixels})"
+            )
         _non_negative("num_cpus_per_replica", self.num_cpus_per_replica)
         _non_negative("num_gpus_per_replica", self.num_gpus_per_replica)
         if not isinstance(self.image_fetch_timeout_s, (int, float)) or self.image_fetch_timeout_s <= 0:
@@ -155,6 +182,26 @@ class ServeOptions:
     def replica_capacity(self) -> int:
         """Chat requests a replica holds at once: a batch being generated plus the queue."""
         return self.max_batch_size + self.max_queued_requests
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether `host` accepts connections from this machine only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: assume other machines can reach it
+            return False
+
+    def security_warnings(self) -> list[str]:
+        """What an operator should know before these settings face a network (printed by `llada-v serve`)."""
+        if self.loopback_only or self.api_key:
+            return []
+        return [
+            f"--host {self.host} accepts connections from other machines and no API key is set: anyone who can "
+            f"reach port {self.port} can generate and make the server fetch image URLs; set --api-key (or "
+            f"{API_KEY_ENV}) or put an authenticating proxy in front"
+        ]
 
     def deployment_options(self) -> dict[str, Any]:
         """`serve.deployment(...).options(...)` keyword arguments for these settings."""

@@ -7,6 +7,7 @@ through `inference.generation_config_for`, prompts through `inference.chat_promp
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..generation_utils import check_canvas_length
 from ..inference import (
     InputError,
     chat_prompt,
@@ -22,7 +24,7 @@ from ..inference import (
     prepare_inputs,
 )
 from .batching import GenerationJob, JobResult, run_batch
-from .media import MediaPolicy, load_image_url
+from .media import MediaPolicy, check_request_pixels, header_pixels, read_image_url
 from .openai_api import ChatRequest, invalid, parse_chat_request
 from .options import ServeOptions
 
@@ -65,8 +67,9 @@ class ChatService:
 
     def parse(self, body: Any) -> ChatRequest:
         return parse_chat_request(
-            body, self.options.model_id, self.options.max_images_per_request, self.options.max_tokens_limit
-        )
+            body, self.options.model_id, self.options.max_images_per_request, self.options.max_tokens_limit,
+            self.options.max_prompt_chars,
+        )  # fmt: skip
 
     def settings(self, request: ChatRequest) -> Any:
         """The request's sampler settings, or `ApiError` 400 with the validation message."""
@@ -77,16 +80,33 @@ class ChatService:
             raise invalid(f"invalid generation settings: {err}", code="invalid_settings") from None
 
     def load_images(self, request: ChatRequest) -> list:
-        """The request's images (blocking: URL fetches), or `ApiError` 400 naming the part."""
-        return [load_image_url(url, param, self.media) for param, url in request.image_urls]
+        """The request's encoded images (blocking: URL fetches), or `ApiError` 400 naming the part."""
+        return [read_image_url(url, param, self.media) for param, url in request.image_urls]
+
+    def image_pixels(self, request: ChatRequest, images: list[bytes]) -> int:
+        """The pixels the request's images will cost the image processor, from their headers; `ApiError` 400 for
+        an image over the processor's limit or a request over `max_request_pixels`."""
+        params = [param for param, _ in request.image_urls]
+        urls = [url for _, url in request.image_urls]
+        pixels = header_pixels(images, params, urls, self.processor.image_processor)
+        check_request_pixels(pixels, params, self.options.max_request_pixels)
+        return sum(pixels)
 
     def build_job(self, request: ChatRequest, config: Any, images: list) -> tuple[GenerationJob, int]:
-        """The job and its prompt's token count (the processor runs once on this request alone to count it)."""
+        """The job and its prompt's token count (the processor runs once on this request alone to count it).
+        A prompt that cannot fit the model's context with the answer canvas is refused here, on the request's
+        own thread, before it is queued (`generation_utils.check_canvas_length`, the sampler's own check)."""
         text = chat_prompt(self.processor, request.messages, system_prompt=self.options.default_system_prompt)
         try:
             inputs = prepare_inputs(self.processor, [text], [images], torch.device("cpu"))
+            _, suffix = self.model._stops_and_suffix(config, self.processor.tokenizer)
         except (ValueError, TypeError) as err:
             raise invalid(f"cannot process the prompt and images: {err}", "messages") from None
+        try:
+            check_canvas_length(int(inputs["input_ids"].shape[1]), config.max_new_tokens, len(suffix),
+                                self.model.config.get_text_config().max_position_embeddings)  # fmt: skip
+        except ValueError as err:
+            raise invalid(f"the request cannot be generated: {err}", "messages", "prompt_too_long") from None
         job = GenerationJob(text=text, images=images, config=config, seed=request.seed, stream_canvas=request.stream_canvas)
         return job, int(inputs["input_ids"].shape[1])
 
@@ -105,9 +125,15 @@ class ChatService:
             self.stats.generate_seconds += self.stats.last_batch_seconds
         return results
 
-    def retry_after_seconds(self) -> int:
-        """Seconds a refused client should wait: the last batch's duration, at least 1."""
-        return max(1, int(self.stats.last_batch_seconds + 0.999))
+    def retry_after_seconds(self, active: int) -> int:
+        """Seconds a refused client should wait: the batches needed for the `active` requests ahead of it
+        (`max_batch_size` rows each) times the average batch duration so far (the last one before any), at
+        least 1."""
+        with self._lock:
+            batches, seconds = self.stats.batches, self.stats.generate_seconds
+        per_batch = seconds / batches if batches else self.stats.last_batch_seconds
+        ahead = math.ceil(max(active, 1) / self.options.max_batch_size)
+        return max(1, math.ceil(ahead * per_batch))
 
     def health(self) -> dict[str, Any]:
         with self._lock:

@@ -57,6 +57,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+TRUE_WORDS = ("yes", "true", "1")
+FALSE_WORDS = ("no", "false", "0")
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """A yes/no setting given as text or a value: yes/no, true/false, 1/0 (any case), a bool, or the integers 1
+    and 0 (what `key=1` becomes in lmms-eval's model_args). Anything else is a `ValueError` naming the setting."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name} must be one of yes/no, true/false, 1/0, got {value!r}")
+
+
 def tqdm_disable(progress: bool | None) -> bool | None:
     """tqdm's `disable` for a `--progress/--no-progress` value: None (neither flag) lets tqdm show the bar only
     when its stream is a terminal, so logs and pipes stay quiet."""
@@ -187,6 +204,7 @@ __all__ = [
     "add_model_arguments",
     "add_output_arguments",
     "lazy_command",
+    "parse_bool",
     "positive_int",
     "tqdm_disable",
 ]

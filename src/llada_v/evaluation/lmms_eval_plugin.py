@@ -281,7 +281,8 @@ class LladaV(lmms):
             raise ValueError(f"llada_v: unknown model_args {sorted(kwargs)}")
         # lmms-eval hands model_args over as parsed text: `fast=no` arrives as the string "no" (true for bool()).
         try:
-            load_in_4bit, load_in_8bit = parse_bool("load_in_4bit", load_in_4bit), parse_bool("load_in_8bit", load_in_8bit)
+            load_in_4bit = parse_bool("load_in_4bit", load_in_4bit)
+            load_in_8bit = parse_bool("load_in_8bit", load_in_8bit)
             fast, task_presets = parse_bool("fast", fast), parse_bool("task_presets", task_presets)
             check_greedy = parse_bool("check_greedy", check_greedy)
             progress = None if progress is None else parse_bool("progress", progress)

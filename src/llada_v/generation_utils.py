@@ -466,6 +466,35 @@ def resolve_generation_config(
     return LladaVGenerationConfig.from_dict(settings), {k: v for k, v in overrides.items() if k not in known}
 
 
+def fit_schedule(max_new_tokens: int, steps: int, block_length: int) -> tuple[int, int]:
+    """`(steps, block_length)` kept when they fit `max_new_tokens`, else the one-block, one-token-per-step
+    schedule of the released demo (`steps = block_length = max_new_tokens`) for the part that does not fit.
+    An invalid length is returned unchanged (validation reports it)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        return steps, block_length
+    if block_length <= 0 or max_new_tokens % block_length:
+        block_length = max_new_tokens
+    num_blocks = max_new_tokens // block_length
+    if steps <= 0 or steps > max_new_tokens or steps % num_blocks:
+        steps = max_new_tokens
+    return steps, block_length
+
+
+def schedule_for_length(base: GenerationConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` of `base` in which a changed `max_new_tokens` brings `steps`/`block_length` that fit it: the
+    ones given, else `base`'s when they fit, else `fit_schedule`'s. The one rule of every entry point that takes
+    a length alone (`generate`, the pipeline, the CLI, the server, lmms-eval); `diffusion_generate` stays strict."""
+    if overrides.get("max_new_tokens") is None:
+        return overrides
+    defaults = LladaVGenerationConfig._diffusion_defaults
+    steps, block = fit_schedule(
+        overrides["max_new_tokens"],
+        overrides.get("steps", getattr(base, "steps", defaults["steps"])),
+        overrides.get("block_length", getattr(base, "block_length", defaults["block_length"])),
+    )
+    return {"steps": steps, "block_length": block, **overrides}
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -1132,6 +1161,21 @@ class LladaVGenerationMixin:
             )
         return config
 
+    def _fit_schedule_to_length(self, generation_config: GenerationConfig | None, kwargs: dict) -> dict:
+        """`generate(max_new_tokens=N)` without `steps`/`block_length`: a schedule that fits N
+        (`schedule_for_length`), said in a warning when the configured one did not fit."""
+        base = generation_config if generation_config is not None and is_diffusion_config(generation_config) else None
+        base = base or getattr(self, "generation_config", None) or LladaVGenerationConfig.from_model_config(self.config)
+        fitted = schedule_for_length(base, kwargs)
+        filled = [key for key in ("steps", "block_length") if fitted is not kwargs and key not in kwargs]
+        if any(fitted[key] != getattr(base, key) for key in filled):
+            logger.warning(
+                f"max_new_tokens={fitted['max_new_tokens']}: the configured schedule (steps={base.steps}, "
+                f"block_length={base.block_length}) does not fit, using steps={fitted['steps']}, "
+                f"block_length={fitted['block_length']}; pass steps and block_length to choose"
+            )
+        return fitted
+
     @torch.no_grad()
     def generate(
         self,
@@ -1153,7 +1197,9 @@ class LladaVGenerationMixin:
             input_ids, attention_mask: as in [`diffusion_generate`]; the image tensors the processor returns
                 (`pixel_values`, `image_sizes`, `image_layouts`, `image_num_crops`) go in `kwargs`.
             generation_config (`LladaVGenerationConfig`, *optional*): defaults to `self.generation_config`;
-                `kwargs` that are fields of it override it (`max_new_tokens=64, steps=64`).
+                `kwargs` that are fields of it override it (`max_new_tokens=64, steps=64`). A `max_new_tokens`
+                without `steps`/`block_length` keeps the configured schedule when it fits, else uses one that does
+                (`schedule_for_length`; a warning names it), as the pipeline and the command line do.
             streamer (*optional*): batch of one. Receives `put(prompt ids)`, then `put(ids)` with each run of answer
                 tokens that is final (in order; their concatenation is the answer up to the stop), after every
                 forward pass `put_draft(value=ids)` with the answer ahead of them (committed tokens and the current
@@ -1166,6 +1212,7 @@ class LladaVGenerationMixin:
             [`LladaVGenerateOutput`] with `sequences` and `tokens_per_forward`.
         """
         images = {name: kwargs.pop(name) for name in _IMAGE_INPUTS if name in kwargs}
+        kwargs = self._fit_schedule_to_length(generation_config, kwargs)
         config = self._resolve_generation_config(generation_config, kwargs)
         return_dict, config.return_dict_in_generate = config.return_dict_in_generate, True
         feed = None
@@ -1572,4 +1619,6 @@ __all__ = [
     "find_stop",
     "normalize_stop_sequences",
     "resolve_generation_config",
+    "fit_schedule",
+    "schedule_for_length",
 ]

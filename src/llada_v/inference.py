@@ -36,7 +36,9 @@ from .configuration_llada_v import LladaVConfig
 from .generation_utils import (
     FAST_DECODING_PRESET,
     LladaVGenerationConfig,
+    fit_schedule,
     resolve_generation_config,
+    schedule_for_length,
 )
 
 register_auto_classes()  # the package's classes behind AutoConfig/AutoModel/AutoProcessor in every process that loads
@@ -302,20 +304,6 @@ def _load_processor(name: str, required: bool) -> Any:
 # ---------------------------------------------------------------------------------------------- settings
 
 
-def fit_schedule(max_new_tokens: int, steps: int, block_length: int) -> tuple[int, int]:
-    """`(steps, block_length)` kept when they fit `max_new_tokens`, else the one-block, one-token-per-step
-    schedule of the released demo (`steps = block_length = max_new_tokens`) for the part that does not fit.
-    An invalid length is returned unchanged (validation reports it)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        return steps, block_length
-    if block_length <= 0 or max_new_tokens % block_length:
-        block_length = max_new_tokens
-    num_blocks = max_new_tokens // block_length
-    if steps <= 0 or steps > max_new_tokens or steps % num_blocks:
-        steps = max_new_tokens
-    return steps, block_length
-
-
 def checkpoint_generation_config(name: str, config: dict) -> LladaVGenerationConfig:
     """The sampler defaults a checkpoint loads with, read before its weights: its `generation_config.json`,
     else (none there, as `from_pretrained` does too) the released defaults with the special ids of `config`."""
@@ -343,16 +331,7 @@ def generation_config_for(
     Raises:
         InputError: an invalid combination (the `LladaVGenerationConfig.validate` message).
     """
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if "max_new_tokens" in overrides:
-        defaults = LladaVGenerationConfig._diffusion_defaults
-        steps, block = fit_schedule(
-            overrides["max_new_tokens"],
-            overrides.get("steps", getattr(base, "steps", defaults["steps"])),
-            overrides.get("block_length", getattr(base, "block_length", defaults["block_length"])),
-        )
-        overrides.setdefault("steps", steps)
-        overrides.setdefault("block_length", block)
+    overrides = schedule_for_length(base, {k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         config, unknown = resolve_generation_config(base, {**(FAST_DECODING_PRESET if fast else {}), **overrides})
     except (ValueError, TypeError) as err:

@@ -345,11 +345,16 @@ def generation_config_for(
 
 
 def read_image(path: str | os.PathLike) -> Any:
-    """An image file decoded by the processor's own loader (`image_processing_llada_v.load_image`: EXIF
-    orientation, 16-bit and palette handling, the pixel limit), so it gives exactly the pixels of
-    `processor(images=[path])`; `InputError` naming the path otherwise."""
+    """An image file or http(s) URL decoded by the processor's own loader (`image_processing_llada_v.load_image`:
+    EXIF orientation, 16-bit and palette handling, the pixel limit, the URL time and size limits), so it gives
+    exactly the pixels of `processor(images=[path])`; `InputError` naming the path otherwise."""
     from .image_processing_llada_v import load_image
 
+    if isinstance(path, str) and path.startswith(("http://", "https://")):  # as the library's load_image
+        try:
+            return load_image(path)
+        except (ValueError, TypeError, OSError) as err:
+            raise InputError(f"cannot read image {path}: {_first_line(err)}") from None
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"no such image: {path}")

@@ -262,15 +262,46 @@ def apply_adapter(model: Any, adapter: str | os.PathLike, merge: bool = True) ->
     except ImportError:
         raise InputError("loading an adapter needs peft: pip install 'llada-v[train]'") from None
     path = Path(adapter).expanduser()
-    _adapter_config(path)
+    base = _adapter_config(path).get("base_model_name_or_path")
     try:
         with warnings.catch_warnings():  # PEFT 0.21 asks a deprecated transformers property: not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             wrapped = PeftModel.from_pretrained(model, str(path))
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise InputError(f"cannot apply adapter {adapter}: {_first_line(err)}") from None
+        raise InputError(f"cannot apply adapter {adapter}: {_load_error_reason(err)}") from None
+    _warn_if_other_base(path, base, model)
     wrapped.eval()
     return wrapped.merge_and_unload() if merge else wrapped.get_base_model()
+
+
+def _load_error_reason(err: BaseException) -> str:
+    """One line saying why weights did not load: torch's "Error(s) in loading state_dict for X:" is followed by the
+    reasons (`size mismatch for ...`), the first of which is kept."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        return f"{lines[1]}{more}"
+    return lines[0]
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two names (folders or Hub ids) denote the same checkpoint, as far as the names tell."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _warn_if_other_base(adapter: Path, base: str | None, model: Any) -> None:
+    # An adapter of the same shapes loads onto any such model; its deltas only mean something on their own base.
+    loaded = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if base and loaded and not _same_model(str(base), str(loaded)):
+        warnings.warn(
+            f"adapter {adapter} was trained on {base} but is applied to {loaded}: it loads because the shapes match, "
+            "yet its answers are only meaningful on its own base",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_processor_folder(name: str) -> None:

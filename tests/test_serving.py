@@ -264,6 +264,12 @@ def test_models_and_health(server, client):
     assert health["capacity"] == MAX_BATCH + MAX_QUEUED
 
 
+def test_a_redirected_serve_log_has_no_progress_bars(server):
+    # The server's output goes to a file (not a terminal): the replica loads the weights without a bar.
+    log = server.log_path.read_text(errors="replace")
+    assert "Loading weights" not in log and "it/s]" not in log, server.log_tail()
+
+
 def test_chat_with_an_image(server, client, demo):
     sample = make_sample(3)
     question = sample["qa"][0][0]

@@ -507,6 +507,21 @@ def test_lora_at_the_default_learning_rate_lowers_a_fixed_held_out_loss(tmp_path
     assert after < before, (before, after, logged)
 
 
+def test_every_command_drops_the_bitsandbytes_missing_kernels_warning():
+    # The adapter commands (llada-v generate --adapter, serve, lmms-eval) import PEFT, hence bitsandbytes, through
+    # llada_v.inference without the training package: a fresh process with only that import must drop the line too.
+    script = (
+        "import logging, sys; logging.basicConfig(stream=sys.stdout, format='%(message)s'); import llada_v.inference; "
+        "log = logging.getLogger('bitsandbytes.backends.cpu.ops'); "
+        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s.', 'No module named kernels'); "
+        "log.warning('another bitsandbytes warning')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["another bitsandbytes warning"]
+
+
 def test_training_package_drops_the_bitsandbytes_missing_kernels_warning(caplog):
     # This machine's CPU lacks AVX512-BF16, so bitsandbytes never logs it here: log the record it logs instead.
     import logging

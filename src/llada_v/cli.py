@@ -16,6 +16,7 @@ exit status 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -412,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no weight-loading bars in logs and pipes
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # nor in the processes it starts (serve's replicas)
     started = time.time()
     try:
         return args.func(args)

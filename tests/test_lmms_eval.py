@@ -311,6 +311,22 @@ def write_local_task(folder):
     return folder
 
 
+def test_documented_lmms_eval_commands_write_results_outside_the_working_tree():
+    # A relative --output_path writes `results/` into whatever folder the user runs from (the repository, for the
+    # example): every documented command names a temporary or explicit folder instead.
+    import re
+
+    commands = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text().replace("\\\n", " ")
+        commands += [(path.name, line) for line in text.splitlines() if "-m lmms_eval" in line and "--tasks" in line]
+    targets = [(name, m.group(1).strip("\"'")) for name, line in commands
+               if (m := re.search(r"--output_path\s+(\S+)", line))]  # without one, lmms-eval writes nothing
+    assert len(targets) >= 2
+    for name, target in targets:
+        assert target.startswith(("/", "~", "$")), f"{name}: --output_path {target} is inside the working folder"
+
+
 @pytest.mark.slow
 def test_python_m_lmms_eval_runs_a_local_task_end_to_end(demo_ck, tmp_path):
     if importlib.util.find_spec("lmms_eval") is None:

@@ -362,7 +362,8 @@ def test_resume_last_skips_an_incomplete_checkpoint_and_says_why(two_checkpoints
     damage(run / "checkpoint-4")
     with caplog.at_level(logging.WARNING, logger="llada_v.training.checkpoints"):
         assert resolve_resume("last", str(run)) == str(run / "checkpoint-2")
-    assert re.search(f"not resuming from {run / 'checkpoint-4'}: it is incomplete \\({reason}", caplog.text), caplog.text
+    expected = f"not resuming from {run / 'checkpoint-4'}: it is incomplete \\({reason}"
+    assert re.search(expected, caplog.text), caplog.text
     with pytest.raises(ValueError, match=f"--resume_from_checkpoint {run / 'checkpoint-4'}: the checkpoint is "
                                          f"incomplete \\({reason}"):
         resolve_resume(str(run / "checkpoint-4"), str(run))

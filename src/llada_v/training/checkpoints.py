@@ -111,7 +111,8 @@ def last_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
-    candidates = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
+    names = [(CHECKPOINT_NAME.match(p.name), p) for p in run_dir.iterdir() if p.is_dir()]
+    candidates = [(int(m.group(1)), p) for m, p in names if m]
     for _, folder in sorted(candidates, reverse=True):
         problem = checkpoint_problem(folder)
         if problem is None:

@@ -38,16 +38,6 @@ from ..checkpoint_io import DTYPES, atomic_folder, check_output_outside_inputs, 
 from ..inference import apply_adapter
 from ..modeling_llada_v import IGNORE_INDEX, LladaVModel
 from ..processing_llada_v import DEFAULT_SYSTEM_PROMPT, LladaVProcessor
-from .data import (
-    LENGTH_POLICIES,
-    BadSampleError,
-    MASK_SAMPLING,
-    ON_BAD_SAMPLE,
-    PADDING_MODES,
-    LladaVDataCollator,
-    LladaVDataset,
-    MaskCountSampling,
-)
 from .checkpoints import (
     TRAINER_STATE_NAME,
     checkpoint_problem,
@@ -55,6 +45,16 @@ from .checkpoints import (
     publish,
     remove_staging_dirs,
     staging_dir,
+)
+from .data import (
+    LENGTH_POLICIES,
+    MASK_SAMPLING,
+    ON_BAD_SAMPLE,
+    PADDING_MODES,
+    BadSampleError,
+    LladaVDataCollator,
+    LladaVDataset,
+    MaskCountSampling,
 )
 from .sharding import enable_fsdp_on_cpu, fsdp_wrap_classes, write_checkpoint_metadata
 

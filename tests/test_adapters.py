@@ -150,6 +150,37 @@ def test_bad_adapters_are_one_line_errors(adapter, tmp_path):
     assert resolve_adapter(str(folder), None) == (base, str(folder))
 
 
+def test_an_adapter_of_another_shape_says_which_weights_do_not_fit(adapter, tmp_path):
+    # The adapter was trained on the demo model (128 wide); this base is 64 wide.
+    from test_cli import build_demo_like_checkpoint
+
+    folder = adapter[0]
+    other = build_demo_like_checkpoint(tmp_path / "narrow")
+    with pytest.raises(InputError, match=r"cannot apply adapter .*: size mismatch for .*lora_A.*\(and \d+ more\)"):
+        load_pretrained(str(other), device="cpu", adapter=str(folder))
+    result = subprocess.run(
+        [*llada_v_command(), "generate", "--model", str(other), "--adapter", str(folder), "--prompt", "hi"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"llada-v generate: error: cannot apply adapter {folder}: size mismatch for "), line
+
+
+def test_an_adapter_applied_to_another_base_of_the_same_shape_warns(adapter, tmp_path):
+    folder = adapter[0]
+    copy = tmp_path / "another_base"
+    shutil.copytree(demo_model_dir(), copy)  # same shapes, another checkpoint as far as names tell
+    with pytest.warns(UserWarning, match=f"adapter {folder} was trained on {demo_model_dir()} but is applied to "
+                                         f"{copy}: it loads because the shapes match"):
+        load_pretrained(str(copy), device="cpu", adapter=str(folder))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own base: no warning
+        load_pretrained(str(demo_model_dir()), device="cpu", adapter=str(folder))
+
+
 def test_cli_reports_a_bad_adapter_in_one_line(tmp_path):
     result = subprocess.run(
         [*llada_v_command(), "generate", "--adapter", str(tmp_path), "--prompt", "hi"],

@@ -419,6 +419,76 @@ def test_demo_arguments_fail_before_the_demo_runs(capsys, tmp_path):
     assert code == 2 and "must be a positive integer, got 0" in err and "Traceback" not in err
 
 
+# ---------------------------------------------------------------------------------------------- bad values, URLs
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model fails the test: checks that must come first do."""
+    import llada_v.inference
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was found")
+
+    monkeypatch.setattr(llada_v.inference, "load_pretrained", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", str(10**23)], f"argument --seed: must be between {-(2**63)} and {2**64 - 1}, got {10**23}"),
+    (["--seed", "x"], "argument --seed: must be an integer, got 'x'"),
+    (["--max-new-tokens", "100000000"], "--max-new-tokens 100000000 leaves no room for the prompt: the model has "
+                                        "max_position_embeddings 1024 for prompt + answer"),
+    (["--image", "/no/such/image.png"], "no such image: /no/such/image.png"),
+])
+def test_bad_values_are_one_line_and_exit_2_before_the_model_loads(capsys, demo_ck, no_model_load, argv, message):
+    code, _, err = run(capsys, "generate", "--model", demo_ck, "--prompt", "hi", *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err
+
+
+def test_an_answer_that_does_not_fit_after_the_prompt_is_one_line_and_exit_2(capsys, demo_ck):
+    code, _, err = run(capsys, "generate", "--model", demo_ck, "--prompt", "hi", "--max-new-tokens", "1020")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "+ max_new_tokens (1020) + suffix (0) = " in err and "exceeds max_position_embeddings (1024)" in err
+
+
+def test_debug_after_any_subcommand_shows_the_traceback(capsys, demo_ck, tmp_path):
+    with pytest.raises(InputError, match="no such image"):
+        cli.main(["generate", "--model", str(demo_ck), "--image", "/nope.png", "--prompt", "hi", "--debug"])
+    with pytest.raises(Exception, match="does not exist"):
+        cli.main(["demo", "--save-gif", str(tmp_path / "missing" / "x.gif"), "--debug"])
+    with pytest.raises(Exception, match="does not exist"):
+        cli.main(["convert", "--input-dir", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "out"), "--debug"])
+
+
+@pytest.fixture(scope="module")
+def image_server(images):
+    """A plain http server on 127.0.0.1 serving the `images` folder."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_generate_reads_an_image_url_as_the_library_does(capsys, demo_ck, images, image_server):
+    code, from_url, err = run(capsys, "generate", "--model", demo_ck, "--image", f"{image_server}/red.png",
+                              "--prompt", "What color is the circle?")
+    assert code == 0, err
+    code, from_file, _ = run(capsys, "generate", "--model", demo_ck, "--image", images / "red.png",
+                             "--prompt", "What color is the circle?")
+    assert from_url == from_file == reference_answer(demo_ck, "What color is the circle?", [images / "red.png"]) + "\n"
+    code, _, err = run(capsys, "generate", "--model", demo_ck, "--image", f"{image_server}/missing.png",
+                       "--prompt", "hi")
+    assert code == 2 and f"cannot read image {image_server}/missing.png" in err and "404" in err, err
+
+
 # ---------------------------------------------------------------------------------------------- video
 
 

@@ -213,6 +213,41 @@ def test_jsonl_file_and_bad_samples_are_reported_with_their_index(tmp_path, proc
         strict[0]
 
 
+def test_image_paths_outside_the_image_folder_are_refused(tmp_path, proc):
+    processor, _ = proc
+    folder = tmp_path / "images"
+    write_image(folder / "in.png", (30, 30))
+    write_image(tmp_path / "secret.png", (30, 30))  # exists, but outside the folder the user named
+    (folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    write_image(tmp_path / "elsewhere" / "shared.png", (30, 30))
+    turns = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]
+    for image in ("../secret.png", str(tmp_path / "secret.png"), "sub/../../secret.png"):
+        with pytest.raises(BadSampleError, match=f"image path '{image}' lies outside the image/video folder {folder}"):
+            LladaVDataset([{"image": image, "conversations": turns}], processor, image_folder=folder,
+                          on_bad_sample="raise")
+    # Inside the folder: relative, absolute, `..` that stays inside, and a link the user placed there.
+    for image in ("in.png", str(folder / "in.png"), "linked/../in.png", "linked/shared.png"):
+        assert len(LladaVDataset([{"image": image, "conversations": turns}], processor, image_folder=folder)) == 1
+    # `..` after a link is taken within the folder (images/secret.png), not through the link out of it.
+    with pytest.raises(BadSampleError, match="image file not found"):
+        LladaVDataset([{"image": "linked/../secret.png", "conversations": turns}], processor, image_folder=folder,
+                      on_bad_sample="raise")
+    # Without --image_folder the data file's paths are taken as they are.
+    assert len(LladaVDataset([{"image": str(tmp_path / "secret.png"), "conversations": turns}], processor)) == 1
+
+
+def test_empty_answers_are_refused(proc):
+    processor, _ = proc
+    for answer in ("", "  \n"):
+        record = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": answer}]}
+        with pytest.raises(BadSampleError, match="bad sample 0: assistant turn 1 has an empty answer"):
+            LladaVDataset([record], processor, on_bad_sample="raise")
+    record = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": ""},
+                                {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]}
+    with pytest.raises(BadSampleError, match="assistant turn 1 has an empty answer"):
+        LladaVDataset([record], processor, on_bad_sample="raise")
+
+
 def test_length_policy_drops_trailing_text_turns_never_image_tokens(tmp_path, proc):
     processor, config = proc
     write_image(tmp_path / "a.png", (40, 30))

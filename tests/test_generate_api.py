@@ -116,6 +116,47 @@ def test_generate_equals_diffusion_generate_on_the_demo_model(demo, mode):
         assert torch.equal(model.generate(**inputs, **mode), expected)
 
 
+def test_generate_with_a_length_alone_fits_the_schedule_and_says_so(tiny, caplog):
+    import logging
+
+    inputs = tiny_inputs(tiny)
+    config = tiny.generation_config
+    assert (config.max_new_tokens, config.steps, config.block_length) == (128, 128, 128)  # the released schedule
+    with caplog.at_level(logging.WARNING):
+        ids = tiny.generate(**inputs, max_new_tokens=64)
+    assert torch.equal(ids, tiny.diffusion_generate(**inputs, max_new_tokens=64, steps=64, block_length=64))
+    assert ("max_new_tokens=64: the configured schedule (steps=128, block_length=128) does not fit, using steps=64, "
+            "block_length=64") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a given setting is kept, the missing one fitted
+        assert torch.equal(tiny.generate(**inputs, max_new_tokens=64, steps=32),
+                           tiny.diffusion_generate(**inputs, max_new_tokens=64, steps=32, block_length=64))
+    assert "using steps=32, block_length=64" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the configured schedule fits: used silently
+        tiny.generate(**inputs, max_new_tokens=128)
+    assert "does not fit" not in caplog.text
+    with pytest.raises(ValueError, match=r"max_new_tokens \(64\) must be divisible by block_length \(128\)"):
+        tiny.diffusion_generate(**inputs, max_new_tokens=64)  # the sampler itself stays strict
+    with pytest.raises(ValueError, match=r"steps \(5\) must be divisible by the number of blocks"):
+        tiny.generate(**inputs, max_new_tokens=64, steps=5, block_length=32)  # an explicit misfit is an error
+
+
+def test_pipeline_max_new_tokens_alone_fits_the_schedule():
+    from transformers import AutoProcessor, pipeline
+
+    from llada_v.demo.model import demo_model_dir
+
+    path = demo_model_dir()  # generation_config.json: 4 / 4 / 4
+    pipe = pipeline("image-text-to-text", model=str(path), trust_remote_code=True)
+    messages, _ = demo_messages(seed=0)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")  # fmt: skip
+    ids = pipe(text=messages, max_new_tokens=3, return_tensors=True)[0]["generated_token_ids"]
+    assert torch.equal(ids, pipe.model.diffusion_generate(**inputs, max_new_tokens=3, steps=3, block_length=3)[0])
+
+
 def test_generate_honours_a_generation_config_and_refuses_unknown_settings(tiny):
     from llada_v import LladaVGenerationConfig
 

@@ -203,7 +203,59 @@ def test_unknown_model_args_and_videos_are_refused(demo_ck, docs):
         model.generate_until([request("q", {}, lambda doc: ["clip.mp4"], 0, "tiny", "test")])
 
 
+BOOL_MODEL_ARGS = ("load_in_4bit", "load_in_8bit", "fast", "task_presets", "check_greedy", "progress")
+
+
+@pytest.mark.parametrize("text, expected", [("no", False), ("NO", False), ("false", False), ("0", False),
+                                            ("yes", True), ("Yes", True), ("TRUE", True), ("1", True)])
+def test_yes_no_model_args_read_as_lmms_eval_hands_them_over(demo_ck, text, expected):
+    # lmms-eval builds the model from the --model_args string (its parser turns true/false/1/0 into values and
+    # leaves yes/no as text): `fast=no` must switch the fast preset off, not on as bool("no") would.
+    pytest.importorskip("lmms_eval")
+    model = LladaV.create_from_arg_string(f"pretrained={demo_ck},device=cpu,fast={text},check_greedy={text}")
+    assert model.fast is expected and model.check_greedy is expected
+
+
+@pytest.mark.parametrize("name", BOOL_MODEL_ARGS)
+def test_unknown_yes_no_values_are_refused_by_name(demo_ck, name):
+    pytest.importorskip("lmms_eval")
+    with pytest.raises(ValueError, match=f"{name} must be one of yes/no, true/false, 1/0, got 'maybe'"):
+        LladaV.create_from_arg_string(f"pretrained={demo_ck},device=cpu,{name}=maybe")
+    with pytest.raises(ValueError, match=f"{name} must be one of .*got 2"):
+        LladaV.create_from_arg_string(f"pretrained={demo_ck},device=cpu,{name}=2")
+
+
+@pytest.mark.slow
+def test_python_m_lmms_eval_refuses_an_unknown_yes_no_value(tmp_path):
+    if importlib.util.find_spec("lmms_eval") is None:
+        pytest.skip("lmms-eval is not installed (pip install 'llada-v[eval]', see docs/evaluation.md)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--model", "llada_v", "--model_args", "pretrained=unused,fast=maybe",
+         "--tasks", "mme", "--output_path", str(tmp_path / "results")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert "llada_v: model_args fast must be one of yes/no, true/false, 1/0, got 'maybe'" in result.stderr, \
+        result.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- end to end
+
+def test_documented_lmms_eval_commands_write_results_outside_the_working_tree():
+    # A relative --output_path writes `results/` into whatever folder the user runs from (the repository, for the
+    # example): every documented command names a temporary or explicit folder instead.
+    import re
+
+    commands = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text().replace("\\\n", " ")
+        commands += [(path.name, line) for line in text.splitlines() if "-m lmms_eval" in line and "--tasks" in line]
+    targets = [(name, m.group(1).strip("\"'")) for name, line in commands
+               if (m := re.search(r"--output_path\s+(\S+)", line))]  # without one, lmms-eval writes nothing
+    assert len(targets) >= 2
+    for name, target in targets:
+        assert target.startswith(("/", "~", "$")), f"{name}: --output_path {target} is inside the working folder"
+
 
 @pytest.mark.slow
 def test_python_m_lmms_eval_runs_a_local_task_end_to_end(demo_ck, tmp_path):

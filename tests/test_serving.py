@@ -283,6 +283,11 @@ def test_the_node_agent_exports_no_metrics_on_every_interface(server):
     listening = [c.laddr for c in psutil.net_connections("tcp") if c.pid in agents and c.status == psutil.CONN_LISTEN]
     assert listening and not [a for a in listening if a.ip == "0.0.0.0"], listening
 
+def test_a_redirected_serve_log_has_no_progress_bars(server):
+    # The server's output goes to a file (not a terminal): the replica loads the weights without a bar.
+    log = server.log_path.read_text(errors="replace")
+    assert "Loading weights" not in log and "it/s]" not in log, server.log_tail()
+
 
 def test_chat_with_an_image(server, client, demo):
     sample = make_sample(3)

@@ -257,6 +257,164 @@ def test_training_entry_lora_saves_adapter_and_merged_model(setup, tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
+# ---------------------------------------------------------------------------------------------- safe outputs
+
+
+def _digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_output_dir_overlapping_the_model_or_the_data_is_refused_before_loading(setup, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(setup.ck, ck)  # a run that went ahead would overwrite it
+    before = _digest(ck / "model.safetensors")
+    data_dir = tmp_path / "data"
+    shutil.copytree(setup.images, data_dir / "images")
+    data = data_dir / "data.json"
+    shutil.copy(setup.data, data)
+    cases = [(ck, "--model_name_or_path", ck), (ck / "run", "--model_name_or_path", ck),
+             (tmp_path, "--model_name_or_path", ck), (data_dir, "--data_path", data),
+             (data_dir / "images", "--image_folder", data_dir / "images"),
+             (data_dir / "images" / "run", "--image_folder", data_dir / "images")]
+    for out, flag, source in cases:
+        args = ["--model_name_or_path", str(ck), "--data_path", str(data), "--image_folder", str(data_dir / "images"),
+                "--output_dir", str(out), "--max_steps", "1", "--report_to", "none", "--use_cpu"]
+        with pytest.raises(ValueError, match=f"--output_dir and {flag}: the output folder {out} overlaps the input "
+                                             f"{source}: it must not be the input, contain it or lie inside it"):
+            main(args)
+    assert _digest(ck / "model.safetensors") == before
+    assert not (ck / "run").exists() and not (data_dir / "images" / "run").exists()
+
+
+@pytest.mark.slow
+def test_python_m_llada_v_training_reports_bad_input_in_one_line(setup, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(setup.ck, ck)
+    before = _digest(ck / "model.safetensors")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
+    common = ["--data_path", str(setup.data), "--image_folder", str(setup.images), "--max_steps", "1",
+              "--report_to", "none", "--use_cpu"]
+    result = subprocess.run([sys.executable, "-m", "llada_v.training", "--model_name_or_path", str(ck),
+                             "--output_dir", str(ck), *common], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"python -m llada_v.training: error: --output_dir and --model_name_or_path: the output folder {ck} overlaps "
+        f"the input {ck}: it must not be the input, contain it or lie inside it")
+    assert "Traceback" not in result.stderr and _digest(ck / "model.safetensors") == before
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image": "../../etc/passwd", "conversations": [
+        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}]))
+    result = subprocess.run([sys.executable, "-m", "llada_v.training", "--model_name_or_path", str(ck),
+                             "--output_dir", str(tmp_path / "out"), *common, "--data_path", str(bad),
+                             "--on_bad_sample", "raise"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "python -m llada_v.training: error: bad sample 0: image path '../../etc/passwd' lies outside the image/video "
+        f"folder {setup.images}")
+
+
+def test_logged_learning_rates_name_their_module_group(setup, tmp_path):
+    trainer = LladaVTrainer(model=_model(setup), args=_args(tmp_path, max_steps=1), train_dataset=setup.dataset,
+                            data_collator=setup.collator,
+                            learning_rates={"vision": 1e-4, "projector": 1e-3, "language": 2e-3})
+    trainer.train()
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+    assert "learning_rate" not in logged  # the Trainer's would be the first group's: vision's 1e-4
+    assert (logged["learning_rate/vision"], logged["learning_rate/projector"], logged["learning_rate/language"]) == (
+        1e-4, 1e-3, 2e-3)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(setup, tmp_path_factory):
+    """A 4-step run saving checkpoint-2 and checkpoint-4 (and its final weights)."""
+    out = tmp_path_factory.mktemp("checkpoints") / "run"
+    main(_entry_args(setup, out, "--max_steps", "4", "--save_steps", "2"))
+    return out
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda ck: (ck / "trainer_state.json").unlink(), "no trainer_state.json"),
+    (lambda ck: (ck / "trainer_state.json").write_text('{"global_step": 4,'), "trainer_state.json does not parse"),
+    (lambda ck: _truncate(ck / "model.safetensors"), "model.safetensors has .* bytes, its header describes"),
+    (lambda ck: _truncate(ck / "model.safetensors", 0.0), "model.safetensors is truncated"),
+    (lambda ck: _truncate(ck / "optimizer.pt"), "optimizer.pt is not a complete archive"),
+])
+def test_resume_last_skips_an_incomplete_checkpoint_and_says_why(two_checkpoints, tmp_path, caplog, damage, reason):
+    import logging
+    import re
+
+    from llada_v.training.trainer import resolve_resume
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints / "checkpoint-2", run / "checkpoint-2")
+    shutil.copytree(two_checkpoints / "checkpoint-4", run / "checkpoint-4")
+    assert resolve_resume("last", str(run)) == str(run / "checkpoint-4")
+    damage(run / "checkpoint-4")
+    with caplog.at_level(logging.WARNING, logger="llada_v.training.checkpoints"):
+        assert resolve_resume("last", str(run)) == str(run / "checkpoint-2")
+    expected = f"not resuming from {run / 'checkpoint-4'}: it is incomplete \\({reason}"
+    assert re.search(expected, caplog.text), caplog.text
+    with pytest.raises(ValueError, match=f"--resume_from_checkpoint {run / 'checkpoint-4'}: the checkpoint is "
+                                         f"incomplete \\({reason}"):
+        resolve_resume(str(run / "checkpoint-4"), str(run))
+    damage(run / "checkpoint-2")
+    with pytest.raises(ValueError, match=f"--resume_from_checkpoint last: no complete checkpoint-N folder in {run}"):
+        resolve_resume("last", str(run))
+
+
+def test_resume_last_with_a_truncated_newest_checkpoint_continues_from_the_complete_one(setup, two_checkpoints,
+                                                                                         tmp_path):
+    # The real entry and Trainer: the truncated checkpoint-4 is passed over, training resumes at step 2 and ends
+    # where the uninterrupted run ended.
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints / "checkpoint-2", run / "checkpoint-2")
+    shutil.copytree(two_checkpoints / "checkpoint-4", run / "checkpoint-4")
+    _truncate(run / "checkpoint-4" / "optimizer.pt")
+    resumed = main(_entry_args(setup, run, "--max_steps", "4", "--save_steps", "2", "--resume_from_checkpoint", "last"))
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3, 4]
+    a, b = load_file(two_checkpoints / "model.safetensors"), load_file(run / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from llada_v.training.checkpoints import checkpoint_problem
+
+    assert checkpoint_problem(run / "checkpoint-4") is None  # the resumed run wrote a whole checkpoint-4 again
+
+
+def test_a_checkpoint_save_that_fails_half_way_leaves_no_checkpoint_folder(setup, tmp_path):
+    # The optimizer state fails to write after the weights were written (a full disk, a kill): checkpoint-2 stays
+    # absent, the staging folder holds the partial write, and the next save cleans it up.
+    class FailingSave(LladaVTrainer):
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if self.state.global_step == 2:
+                raise OSError("No space left on device")
+            return super()._save_optimizer_and_scheduler(output_dir)
+
+    out = tmp_path / "out"
+    trainer = FailingSave(model=_model(setup), args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1),
+                          train_dataset=setup.dataset, data_collator=setup.collator)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train()
+    assert sorted(p.name for p in out.iterdir()) == [".checkpoint-2.partial", "checkpoint-1"]
+    assert (out / ".checkpoint-2.partial" / "checkpoint-2" / "model.safetensors").is_file()
+    from llada_v.training.trainer import resolve_resume
+
+    assert resolve_resume("last", str(out)) == str(out / "checkpoint-1")
+    trainer = LladaVTrainer(model=_model(setup), args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1,
+                                                            save_total_limit=1),
+                            train_dataset=setup.dataset, data_collator=setup.collator)
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # rotated to the limit, staging removed
+
+
 _RANK_SCRIPT = """
 import json, sys
 from llada_v.modeling_llada_v import LladaVModel
@@ -349,6 +507,21 @@ def test_lora_at_the_default_learning_rate_lowers_a_fixed_held_out_loss(tmp_path
     after = fixed_noise_loss(trainer.model, batch)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert after < before, (before, after, logged)
+
+
+def test_every_command_drops_the_bitsandbytes_missing_kernels_warning():
+    # The adapter commands (llada-v generate --adapter, serve, lmms-eval) import PEFT, hence bitsandbytes, through
+    # llada_v.inference without the training package: a fresh process with only that import must drop the line too.
+    script = (
+        "import logging, sys; logging.basicConfig(stream=sys.stdout, format='%(message)s'); import llada_v.inference; "
+        "log = logging.getLogger('bitsandbytes.backends.cpu.ops'); "
+        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s.', 'No module named kernels'); "
+        "log.warning('another bitsandbytes warning')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["another bitsandbytes warning"]
 
 
 def test_training_package_drops_the_bitsandbytes_missing_kernels_warning(caplog):

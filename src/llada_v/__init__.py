@@ -9,9 +9,27 @@ class, or `llada_v.register_auto_classes()`) `AutoModel.from_pretrained` works w
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+
+class _DropMissingKernelsNotice(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning.
+
+    PEFT imports bitsandbytes (training, every command that loads an adapter, 4-bit/8-bit loading), and bitsandbytes'
+    CPU backend, on CPUs with AVX512-BF16, tries to fetch an optional 4-bit matmul kernel from the Hub through the
+    `kernels` package and warns at import time when that package is missing. llada-v never needs it (4-bit CPU
+    inference falls back to bitsandbytes' own code), so the line is noise in front of every such command. Only that
+    message on that logger is dropped; installed when `llada_v` is imported, before anything imports bitsandbytes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMissingKernelsNotice())
 
 # Public name -> the module that defines it.
 _EXPORTS = {

@@ -57,6 +57,38 @@ def positive_int(text: str) -> int:
     return value
 
 
+TRUE_WORDS = ("yes", "true", "1")
+FALSE_WORDS = ("no", "false", "0")
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """A yes/no setting given as text or a value: yes/no, true/false, 1/0 (any case), a bool, or the integers 1
+    and 0 (what `key=1` becomes in lmms-eval's model_args). Anything else is a `ValueError` naming the setting."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name} must be one of yes/no, true/false, 1/0, got {value!r}")
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a random seed torch accepts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+    return value
+
+
 def tqdm_disable(progress: bool | None) -> bool | None:
     """tqdm's `disable` for a `--progress/--no-progress` value: None (neither flag) lets tqdm show the bar only
     when its stream is a terminal, so logs and pipes stay quiet."""
@@ -105,7 +137,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "--remasking", default=None, metavar="NAME", help="which predictions a step keeps: low_confidence or random"
     )
     group.add_argument("--cfg-scale", type=float, default=None, metavar="S", help="classifier-free guidance scale")
-    group.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (temperature > 0, random remasking)")
+    group.add_argument(
+        "--seed", type=seed_int, default=None, metavar="N", help="random seed (temperature > 0, random remasking)"
+    )
     group.add_argument(
         "--fast", action="store_true",
         help="fast decoding preset: dual KV cache + confidence threshold 0.9 (approximate; docs/performance.md)",
@@ -187,6 +221,8 @@ __all__ = [
     "add_model_arguments",
     "add_output_arguments",
     "lazy_command",
+    "parse_bool",
     "positive_int",
+    "seed_int",
     "tqdm_disable",
 ]

@@ -16,6 +16,7 @@ exit status 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = sub.add_parser("eval-demo", help="held-out accuracy of the embedded demo model")
     add_demo_arguments(demo, evaluation)
     add_serve_arguments(sub)
+    for command in sub.choices.values():  # `llada-v COMMAND ... --debug` as well as `llada-v --debug COMMAND`
+        if "--debug" not in command._option_string_actions:
+            add_debug_argument(command, argparse.SUPPRESS)
     return parser
 
 
@@ -157,6 +161,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     name, adapter = resolve_adapter(_model_name(args), args.adapter)  # --model may be a LoRA run's adapter folder
     checkpoint = inspect_checkpoint(name)  # path, model type, weights
+    _check_answer_fits(args.max_new_tokens, checkpoint)
     config = generation_config_for(
         checkpoint_generation_config(name, checkpoint), _generation_overrides(args), fast=args.fast
     )
@@ -166,6 +171,16 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         attn_implementation=args.attn_implementation, config=checkpoint, adapter=adapter,
     )  # fmt: skip
     return model, processor, config
+
+
+def _check_answer_fits(max_new_tokens: int | None, checkpoint: dict) -> None:
+    """`--max-new-tokens` that leaves no room for a prompt in the model's positions, refused before loading."""
+    from .inference import InputError
+
+    limit = (checkpoint.get("text_config") or {}).get("max_position_embeddings")
+    if max_new_tokens is not None and limit is not None and max_new_tokens >= limit:
+        raise InputError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt: the model has "
+                         f"max_position_embeddings {limit} for prompt + answer")
 
 
 class StreamPrinter:
@@ -297,7 +312,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if frames is not None:
         message["content"].insert(0, {"type": "video"})
     text = chat_prompt(processor, [message], args.system_prompt)
-    answer = _answer(model, processor, config, text, images, args, videos=None if frames is None else [frames])
+    try:
+        answer = _answer(model, processor, config, text, images, args, videos=None if frames is None else [frames])
+    except ValueError as err:  # the sampler refuses this prompt with these settings (e.g. too long)
+        raise InputError(str(err)) from None
     if not args.stream:  # streamed: already written
         print(answer)
     return 0
@@ -406,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no weight-loading bars in logs and pipes
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # nor in the processes it starts (serve's replicas)
     started = time.time()
     try:
         return args.func(args)

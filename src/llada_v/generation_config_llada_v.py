@@ -402,6 +402,35 @@ def resolve_generation_config(
     return LladaVGenerationConfig.from_dict(settings), {k: v for k, v in overrides.items() if k not in known}
 
 
+def fit_schedule(max_new_tokens: int, steps: int, block_length: int) -> tuple[int, int]:
+    """`(steps, block_length)` kept when they fit `max_new_tokens`, else the one-block, one-token-per-step
+    schedule of the released demo (`steps = block_length = max_new_tokens`) for the part that does not fit.
+    An invalid length is returned unchanged (validation reports it)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        return steps, block_length
+    if block_length <= 0 or max_new_tokens % block_length:
+        block_length = max_new_tokens
+    num_blocks = max_new_tokens // block_length
+    if steps <= 0 or steps > max_new_tokens or steps % num_blocks:
+        steps = max_new_tokens
+    return steps, block_length
+
+
+def schedule_for_length(base: GenerationConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` of `base` in which a changed `max_new_tokens` brings `steps`/`block_length` that fit it: the
+    ones given, else `base`'s when they fit, else `fit_schedule`'s. The one rule of every entry point that takes
+    a length alone (`generate`, the pipeline, the CLI, the server, lmms-eval); `diffusion_generate` stays strict."""
+    if overrides.get("max_new_tokens") is None:
+        return overrides
+    defaults = LladaVGenerationConfig._diffusion_defaults
+    steps, block = fit_schedule(
+        overrides["max_new_tokens"],
+        overrides.get("steps", getattr(base, "steps", defaults["steps"])),
+        overrides.get("block_length", getattr(base, "block_length", defaults["block_length"])),
+    )
+    return {"steps": steps, "block_length": block, **overrides}
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -439,8 +468,10 @@ __all__ = [
     "LladaVGenerationConfig",
     "PROMPT_REFRESH_MODES",
     "REMASKING_STRATEGIES",
+    "fit_schedule",
     "is_diffusion_config",
     "normalize_stop_sequences",
     "resolve_generation_config",
+    "schedule_for_length",
     "special_id_settings",
 ]

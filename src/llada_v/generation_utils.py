@@ -49,9 +49,11 @@ from .generation_config_llada_v import (
     FAST_DECODING_PRESET,
     LladaVGenerationConfig,
     _is_int,
+    fit_schedule,
     is_diffusion_config,
     normalize_stop_sequences,
     resolve_generation_config,
+    schedule_for_length,
     special_id_settings,
 )
 from .sampling_llada_v import (
@@ -72,11 +74,6 @@ logger = logging.get_logger(__name__)
 _IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_layouts", "image_num_crops")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Outputs
-
-
-@dataclass
 def check_canvas_length(prompt_length: int, max_new_tokens: int, suffix_length: int, max_positions: int) -> None:
     """`ValueError` naming the lengths when prompt + answer canvas + suffix exceed the model's positions (the
     check `diffusion_generate` runs; a server runs it before queueing a request)."""
@@ -88,6 +85,11 @@ def check_canvas_length(prompt_length: int, max_new_tokens: int, suffix_length: 
         )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass
 class LladaVGenerateOutput(ModelOutput):
     """
     Output of [`LladaVGenerationMixin.generate`] and [`LladaVGenerationMixin.diffusion_generate`] with
@@ -427,6 +429,21 @@ class LladaVGenerationMixin:
             )
         return config
 
+    def _fit_schedule_to_length(self, generation_config: GenerationConfig | None, kwargs: dict) -> dict:
+        """`generate(max_new_tokens=N)` without `steps`/`block_length`: a schedule that fits N
+        (`schedule_for_length`), said in a warning when the configured one did not fit."""
+        base = generation_config if generation_config is not None and is_diffusion_config(generation_config) else None
+        base = base or getattr(self, "generation_config", None) or LladaVGenerationConfig.from_model_config(self.config)
+        fitted = schedule_for_length(base, kwargs)
+        filled = [key for key in ("steps", "block_length") if fitted is not kwargs and key not in kwargs]
+        if any(fitted[key] != getattr(base, key) for key in filled):
+            logger.warning(
+                f"max_new_tokens={fitted['max_new_tokens']}: the configured schedule (steps={base.steps}, "
+                f"block_length={base.block_length}) does not fit, using steps={fitted['steps']}, "
+                f"block_length={fitted['block_length']}; pass steps and block_length to choose"
+            )
+        return fitted
+
     @torch.no_grad()
     def generate(
         self,
@@ -448,7 +465,9 @@ class LladaVGenerationMixin:
             input_ids, attention_mask: as in [`diffusion_generate`]; the image tensors the processor returns
                 (`pixel_values`, `image_sizes`, `image_layouts`, `image_num_crops`) go in `kwargs`.
             generation_config (`LladaVGenerationConfig`, *optional*): defaults to `self.generation_config`;
-                `kwargs` that are fields of it override it (`max_new_tokens=64, steps=64`).
+                `kwargs` that are fields of it override it (`max_new_tokens=64, steps=64`). A `max_new_tokens`
+                without `steps`/`block_length` keeps the configured schedule when it fits, else uses one that does
+                (`schedule_for_length`; a warning names it), as the pipeline and the command line do.
             streamer (*optional*): batch of one. Receives `put(prompt ids)`, then `put(ids)` with each run of answer
                 tokens that is final (in order; their concatenation is the answer up to the stop), after every
                 forward pass `put_draft(value=ids)` with the answer ahead of them (committed tokens and the current
@@ -461,6 +480,7 @@ class LladaVGenerationMixin:
             [`LladaVGenerateOutput`] with `sequences` and `tokens_per_forward`.
         """
         images = {name: kwargs.pop(name) for name in _IMAGE_INPUTS if name in kwargs}
+        kwargs = self._fit_schedule_to_length(generation_config, kwargs)
         config = self._resolve_generation_config(generation_config, kwargs)
         return_dict, config.return_dict_in_generate = config.return_dict_in_generate, True
         feed = None
@@ -850,10 +870,12 @@ __all__ = [
     "build_shortlist",
     "filter_top_k_top_p",
     "find_stop",
+    "fit_schedule",
     "is_diffusion_config",
     "normalize_stop_sequences",
     "resolve_generation_config",
     "sample_tokens",
+    "schedule_for_length",
     "select_top_k",
     "special_id_settings",
     "token_confidence",

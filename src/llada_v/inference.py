@@ -38,7 +38,9 @@ from .configuration_llada_v import LladaVConfig
 from .generation_utils import (
     FAST_DECODING_PRESET,
     LladaVGenerationConfig,
+    fit_schedule,
     resolve_generation_config,
+    schedule_for_length,
 )
 
 register_auto_classes()  # the package's classes behind AutoConfig/AutoModel/AutoProcessor in every process that loads
@@ -262,15 +264,46 @@ def apply_adapter(model: Any, adapter: str | os.PathLike, merge: bool = True) ->
     except ImportError:
         raise InputError("loading an adapter needs peft: pip install 'llada-v[train]'") from None
     path = Path(adapter).expanduser()
-    _adapter_config(path)
+    base = _adapter_config(path).get("base_model_name_or_path")
     try:
         with warnings.catch_warnings():  # PEFT 0.21 asks a deprecated transformers property: not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             wrapped = PeftModel.from_pretrained(model, str(path))
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise InputError(f"cannot apply adapter {adapter}: {_first_line(err)}") from None
+        raise InputError(f"cannot apply adapter {adapter}: {_load_error_reason(err)}") from None
+    _warn_if_other_base(path, base, model)
     wrapped.eval()
     return wrapped.merge_and_unload() if merge else wrapped.get_base_model()
+
+
+def _load_error_reason(err: BaseException) -> str:
+    """One line saying why weights did not load: torch's "Error(s) in loading state_dict for X:" is followed by the
+    reasons (`size mismatch for ...`), the first of which is kept."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        return f"{lines[1]}{more}"
+    return lines[0]
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two names (folders or Hub ids) denote the same checkpoint, as far as the names tell."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _warn_if_other_base(adapter: Path, base: str | None, model: Any) -> None:
+    # An adapter of the same shapes loads onto any such model; its deltas only mean something on their own base.
+    loaded = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if base and loaded and not _same_model(str(base), str(loaded)):
+        warnings.warn(
+            f"adapter {adapter} was trained on {base} but is applied to {loaded}: it loads because the shapes match, "
+            "yet its answers are only meaningful on its own base",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_processor_folder(name: str) -> None:
@@ -304,20 +337,6 @@ def _load_processor(name: str, required: bool) -> Any:
 # ---------------------------------------------------------------------------------------------- settings
 
 
-def fit_schedule(max_new_tokens: int, steps: int, block_length: int) -> tuple[int, int]:
-    """`(steps, block_length)` kept when they fit `max_new_tokens`, else the one-block, one-token-per-step
-    schedule of the released demo (`steps = block_length = max_new_tokens`) for the part that does not fit.
-    An invalid length is returned unchanged (validation reports it)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        return steps, block_length
-    if block_length <= 0 or max_new_tokens % block_length:
-        block_length = max_new_tokens
-    num_blocks = max_new_tokens // block_length
-    if steps <= 0 or steps > max_new_tokens or steps % num_blocks:
-        steps = max_new_tokens
-    return steps, block_length
-
-
 def checkpoint_generation_config(name: str, config: dict) -> LladaVGenerationConfig:
     """The sampler defaults a checkpoint loads with, read before its weights: its `generation_config.json`,
     else (none there, as `from_pretrained` does too) the released defaults with the special ids of `config`."""
@@ -345,16 +364,7 @@ def generation_config_for(
     Raises:
         InputError: an invalid combination (the `LladaVGenerationConfig.validate` message).
     """
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if "max_new_tokens" in overrides:
-        defaults = LladaVGenerationConfig._diffusion_defaults
-        steps, block = fit_schedule(
-            overrides["max_new_tokens"],
-            overrides.get("steps", getattr(base, "steps", defaults["steps"])),
-            overrides.get("block_length", getattr(base, "block_length", defaults["block_length"])),
-        )
-        overrides.setdefault("steps", steps)
-        overrides.setdefault("block_length", block)
+    overrides = schedule_for_length(base, {k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         config, unknown = resolve_generation_config(base, {**(FAST_DECODING_PRESET if fast else {}), **overrides})
     except (ValueError, TypeError) as err:
@@ -368,11 +378,16 @@ def generation_config_for(
 
 
 def read_image(path: str | os.PathLike) -> Any:
-    """An image file decoded by the processor's own loader (`image_processing_llada_v.load_image`: EXIF
-    orientation, 16-bit and palette handling, the pixel limit), so it gives exactly the pixels of
-    `processor(images=[path])`; `InputError` naming the path otherwise."""
+    """An image file or http(s) URL decoded by the processor's own loader (`image_processing_llada_v.load_image`:
+    EXIF orientation, 16-bit and palette handling, the pixel limit, the URL time and size limits), so it gives
+    exactly the pixels of `processor(images=[path])`; `InputError` naming the path otherwise."""
     from .image_processing_llada_v import load_image
 
+    if isinstance(path, str) and path.startswith(("http://", "https://")):  # as the library's load_image
+        try:
+            return load_image(path)
+        except (ValueError, TypeError, OSError) as err:
+            raise InputError(f"cannot read image {path}: {_first_line(err)}") from None
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"no such image: {path}")

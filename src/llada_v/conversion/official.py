@@ -280,6 +280,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         )
     except (ConversionError, ValueError, OSError) as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"converted checkpoint written to {out}")

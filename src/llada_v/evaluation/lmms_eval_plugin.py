@@ -23,7 +23,8 @@ Model arguments: `pretrained`, `processor`, `device`, `dtype`, `batch_size`, `lo
 `attn_implementation`, `fast` (the fast-decoding preset), `task_presets` (default True), `cfg_scale`,
 `system_prompt`, `mc_num` (128), `mc_batch_size` (32), `check_greedy` (True), `seed` (1234), `adapter` (a PEFT
 LoRA folder applied to `pretrained`), `progress` (a bar over the requests on the first process; default: only when
-stderr is a terminal).
+stderr is a terminal). The yes/no arguments (`load_in_4bit`, `load_in_8bit`, `fast`, `task_presets`, `check_greedy`,
+`progress`) take yes/no, true/false or 1/0 in any case; any other value is refused with the argument's name.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..arguments import tqdm_disable
+from ..arguments import parse_bool, tqdm_disable
 from ..inference import (
     InputError,
     chat_prompt,
@@ -278,6 +279,15 @@ class LladaV(lmms):
         super().__init__()
         if kwargs:
             raise ValueError(f"llada_v: unknown model_args {sorted(kwargs)}")
+        # lmms-eval hands model_args over as parsed text: `fast=no` arrives as the string "no" (true for bool()).
+        try:
+            load_in_4bit = parse_bool("load_in_4bit", load_in_4bit)
+            load_in_8bit = parse_bool("load_in_8bit", load_in_8bit)
+            fast, task_presets = parse_bool("fast", fast), parse_bool("task_presets", task_presets)
+            check_greedy = parse_bool("check_greedy", check_greedy)
+            progress = None if progress is None else parse_bool("progress", progress)
+        except ValueError as err:
+            raise ValueError(f"llada_v: model_args {err}") from None
         if load_in_4bit and load_in_8bit:
             raise ValueError("llada_v: load_in_4bit and load_in_8bit exclude each other")
         if str(batch_size).startswith("auto"):
@@ -312,12 +322,12 @@ class LladaV(lmms):
         self.tokenizer = self.processor.tokenizer
         # A bar over the requests on the first process, only on a terminal unless progress=true/false says.
         self.progress_disable = True if self._rank != 0 else tqdm_disable(progress)
-        self.fast = bool(fast)
-        self.task_presets = bool(task_presets)
+        self.fast = fast
+        self.task_presets = task_presets
         self.cfg_scale = cfg_scale
         self.system_prompt = system_prompt
         self.mc_num, self.mc_batch_size = int(mc_num), int(mc_batch_size)
-        self.check_greedy = bool(check_greedy)
+        self.check_greedy = check_greedy
         self.seed = int(seed)
         self._prompt_cache: tuple[Any, Any] | None = None
 

@@ -1,5 +1,7 @@
 """`python -m llada_v.training FLAGS` (also under `accelerate launch`): see docs/training.md."""
 
-from .trainer import main
+import sys
 
-main()
+from .trainer import run
+
+sys.exit(run())

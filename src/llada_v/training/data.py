@@ -400,6 +400,10 @@ class LladaVDataset(Dataset):
             messages.append({"role": role, "content": turn["value"]})
         if messages[-1]["role"] != "assistant":
             raise bad(f"the conversation must end with an assistant ('gpt') turn, it ends with {messages[-1]['role']!r}")
+        empty = [n for n, m in enumerate(messages) if m["role"] == "assistant" and not m["content"].strip()]
+        if empty:
+            # The template trims the content: an empty answer would teach the model to end every turn at once.
+            raise bad(f"assistant turn {empty[0]} has an empty answer")
         for message in messages:
             if VIDEO_TOKEN in message["content"] and "video" not in record:
                 raise bad(f"{VIDEO_TOKEN} placeholder without a 'video'")
@@ -437,7 +441,7 @@ class LladaVDataset(Dataset):
             raise bad(f"{n_placeholders} {IMAGE_TOKEN} placeholders for {len(image_list)} images")
         for message in messages:
             message["content"] = _move_single_image_first(message["content"])
-        paths = [str(self._resolve(p, self.image_folder)) for p in image_list]
+        paths = [str(self._resolve(p, self.image_folder, bad)) for p in image_list]
         if self.check_files:
             missing = [p for p in paths if not os.path.isfile(p)]
             if missing:
@@ -447,9 +451,9 @@ class LladaVDataset(Dataset):
 
     def _video_frames(self, video: Any, bad) -> list[str]:
         if isinstance(video, list) and video and all(isinstance(p, str) for p in video):
-            frames = [str(self._resolve(p, self.video_folder)) for p in video]
+            frames = [str(self._resolve(p, self.video_folder, bad)) for p in video]
         elif isinstance(video, str):
-            path = self._resolve(video, self.video_folder)
+            path = self._resolve(video, self.video_folder, bad)
             if path.suffix.lower() in VIDEO_FILE_SUFFIXES:
                 raise bad(f"video files are not decoded here ({path.name}); extract the frames into a folder")
             if not path.is_dir():
@@ -466,9 +470,17 @@ class LladaVDataset(Dataset):
         return frames
 
     @staticmethod
-    def _resolve(path: str, folder: Path | None) -> Path:
-        path = Path(path)
-        return path if path.is_absolute() or folder is None else folder / path
+    def _resolve(path: str, folder: Path | None, bad) -> Path:
+        """`path` relative to `folder`; with a folder given, a path that leads outside it (`..` or an absolute path
+        elsewhere) is a bad sample: a data file picks files only within the folder the user named. Symbolic links
+        the user placed in the folder are followed (into them, never back out through `..`)."""
+        if folder is None:
+            return Path(path)
+        root = Path(os.path.abspath(folder))
+        resolved = Path(os.path.abspath(root / path))  # `..` removed lexically, links kept
+        if resolved != root and root not in resolved.parents:
+            raise bad(f"image path {path!r} lies outside the image/video folder {folder}")
+        return resolved  # opened without `..`: a link in the folder cannot lead back out of it
 
     def _bad(self, err: BadSampleError) -> None:
         if self.on_bad_sample == "raise":

@@ -32,16 +32,26 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..checkpoint_io import DTYPES, atomic_folder, write_remote_code
+from ..checkpoint_io import DTYPES, atomic_folder, check_output_outside_inputs, write_remote_code
 from ..inference import apply_adapter
 from ..modeling_llada_v import IGNORE_INDEX, LladaVModel
 from ..processing_llada_v import DEFAULT_SYSTEM_PROMPT, LladaVProcessor
+from .checkpoints import (
+    TRAINER_STATE_NAME,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    publish,
+    remove_staging_dirs,
+    staging_dir,
+)
 from .data import (
     LENGTH_POLICIES,
     MASK_SAMPLING,
     ON_BAD_SAMPLE,
     PADDING_MODES,
+    BadSampleError,
     LladaVDataCollator,
     LladaVDataset,
     MaskCountSampling,
@@ -236,7 +246,9 @@ class LladaVTrainer(Trainer):
             checkpoints keep one RNG state per rank, so resuming stays exact.
         All other arguments are `Trainer`'s.
 
-    Every folder it saves also gets the remote code (`checkpoint_io.write_remote_code`).
+    Every folder it saves also gets the remote code (`checkpoint_io.write_remote_code`). A `checkpoint-N` folder
+    is written under a staging name and renamed when complete (`training/checkpoints.py`): a run killed while
+    saving leaves the previous checkpoints as they were and no partial `checkpoint-N`.
     """
 
     def __init__(
@@ -263,6 +275,52 @@ class LladaVTrainer(Trainer):
         for group in groups:
             logger.info("optimizer group %s: %d tensors, lr %g", group["name"], len(group["params"]), group["lr"])
         return self.optimizer
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """With per-module learning rates, the Trainer's one `learning_rate` (the first optimizer group's) becomes
+        `learning_rate/vision`, `learning_rate/projector`, `learning_rate/language` (the groups being trained)."""
+        if "learning_rate" in logs and self.learning_rates is not None and self.optimizer is not None:
+            del logs["learning_rate"]
+            for group in self.optimizer.param_groups:
+                module = str(group.get("name", "")).split("/")[0]
+                if module in MODULE_GROUPS:
+                    logs.setdefault(f"learning_rate/{module}", group["lr"])
+        super().log(logs, start_time)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # While `_save_checkpoint` runs, the Trainer's checkpoint code writes into the staging folder.
+        staging = getattr(self, "_checkpoint_staging", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """`Trainer._save_checkpoint` into `.checkpoint-N.partial/checkpoint-N`, renamed to `checkpoint-N` once
+        every rank has written its files; then the old checkpoints are rotated (`save_total_limit`)."""
+        run_dir = self._get_output_dir(trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = str(staging_dir(final))
+        staged = os.path.join(staging, os.path.basename(final))
+        if self.args.should_save:
+            remove_staging_dirs(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        if self.state.best_model_checkpoint == staged:  # the best model is this step's: name its final folder
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
+        if self.args.should_save:
+            publish(staged, final)
+            os.rmdir(staging)
+            logger.info("saved %s", final)
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
+            )  # fmt: skip
+        self.accelerator.wait_for_everyone()
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -482,35 +540,77 @@ def _trainable_groups(args: LladaVTrainingArguments) -> tuple[str, ...]:
     return tuple(g.strip() for g in args.trainable.split(",") if g.strip())
 
 
-def _resume_arg(value: str | None) -> str | bool | None:
-    if value is None or value == "":
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder `--resume_from_checkpoint` names: `last` (or `latest`, `true`) is the newest complete
+    `checkpoint-N` of `output_dir` (incomplete newer ones are logged and passed over); a folder is checked too."""
+    if value is None or value == "" or value.lower() == "false":
         return None
     if value.lower() in ("true", "last", "latest"):
-        return True  # the last checkpoint in output_dir
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}")
+        logger.info("resuming from %s, the newest complete checkpoint", found)
+        return str(found)
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder")
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise ValueError(f"--resume_from_checkpoint {value}: the checkpoint is incomplete ({problem})")
     return value
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrainingArguments) -> Trainer:
-    """Fine-tune a checkpoint on LLaVA-format data; returns the finished trainer (model saved in output_dir)."""
+def check_output_dir(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrainingArguments) -> None:
+    """Refuse an `--output_dir` that is, contains or lies inside a local input (the model, the processor, the data
+    file, the image or video folder): the run would overwrite or mix with them (`model.safetensors`, checkpoints).
+    Inputs that are not local paths (Hub ids) cannot overlap."""
+    inputs = {
+        "--model_name_or_path": model_args.model_name_or_path,
+        "--processor_name_or_path": model_args.processor_name_or_path,
+        "--data_path": data_args.data_path,
+        "--image_folder": data_args.image_folder,
+        "--video_folder": data_args.video_folder,
+    }
+    for flag, path in inputs.items():
+        if path and os.path.exists(path):
+            try:
+                check_output_outside_inputs(args.output_dir, [path])
+            except ValueError as err:
+                raise ValueError(f"--output_dir and {flag}: {err}") from None
+
+
+class TrainingInputError(ValueError):
+    """Bad input found before training starts (a flag, an input or output path, the data, the checkpoint to resume
+    from): `python -m llada_v.training` reports it as one line with exit status 2."""
+
+
+def prepare_training(
+    model_args: ModelArguments, data_args: DataArguments, args: LladaVTrainingArguments
+) -> tuple[LladaVTrainer, str | None]:
+    """Every check, then the data, then the model: the trainer ready to run and the checkpoint to resume from.
+    Raises `TrainingInputError` for bad input."""
+    try:
+        return _prepare_training(model_args, data_args, args)
+    except TrainingInputError:
+        raise
+    except (ValueError, OSError) as err:
+        raise TrainingInputError(str(err)) from err
+
+
+def _prepare_training(
+    model_args: ModelArguments, data_args: DataArguments, args: LladaVTrainingArguments
+) -> tuple[LladaVTrainer, str | None]:
     if model_args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {model_args.dtype!r}")
     if args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the model needs pixel_values and image layouts")
     if data_args.mask_sampling not in MASK_SAMPLING:
         raise ValueError(f"--mask_sampling must be one of {MASK_SAMPLING}, got {data_args.mask_sampling!r}")
+    check_output_dir(model_args, data_args, args)
+    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    learning_rates = resolve_learning_rates(args)
     set_seed(args.seed)
     processor = LladaVProcessor.from_pretrained(model_args.processor_name_or_path or model_args.model_name_or_path)
-    model = LladaVModel.from_pretrained(
-        model_args.model_name_or_path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation
-    )
-    groups = _trainable_groups(args)
-    set_trainable(model, groups)
-    learning_rates = resolve_learning_rates(args)
-    if args.lora_r > 0:
-        to_save = [m.strip() for m in args.lora_modules_to_save.split(",")] if args.lora_modules_to_save else None
-        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, to_save)
-
-    dataset = LladaVDataset(
+    dataset = LladaVDataset(  # before the weights are read: bad data fails fast
         data_args.data_path,
         processor,
         image_folder=data_args.image_folder,
@@ -520,14 +620,21 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrai
         length_policy=data_args.length_policy,
         on_bad_sample=data_args.on_bad_sample,
     )
-    if data_args.dummy_image and args.ddp_find_unused_parameters is None:
-        # With the dummy crop every trainable parameter is used in every step.
-        args.ddp_find_unused_parameters = False
     collator = LladaVDataCollator.from_processor(
         processor, padding=data_args.padding, max_length=data_args.max_length, dummy_image=data_args.dummy_image
     )
     if data_args.mask_sampling == "count":
         collator = MaskCountSampling(collator, seed=args.seed + args.process_index)  # ranks draw different masks
+    model = LladaVModel.from_pretrained(
+        model_args.model_name_or_path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation
+    )
+    set_trainable(model, _trainable_groups(args))
+    if args.lora_r > 0:
+        to_save = [m.strip() for m in args.lora_modules_to_save.split(",")] if args.lora_modules_to_save else None
+        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, to_save)
+    if data_args.dummy_image and args.ddp_find_unused_parameters is None:
+        # With the dummy crop every trainable parameter is used in every step.
+        args.ddp_find_unused_parameters = False
     trainer = LladaVTrainer(
         model=model,
         args=args,
@@ -536,7 +643,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrai
         processing_class=processor,
         learning_rates=learning_rates,
     )
-    trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint))
+    return trainer, resume
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrainingArguments) -> Trainer:
+    """Fine-tune a checkpoint on LLaVA-format data; returns the finished trainer (model saved in output_dir).
+
+    Everything is checked before the weights are read (`prepare_training`): the flags, an `--output_dir` that would
+    overwrite an input (`check_output_dir`), the data, the checkpoint to resume from (`resolve_resume`)."""
+    trainer, resume = prepare_training(model_args, data_args, args)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     if args.lora_r > 0 and args.merge_lora_at_end and trainer.is_world_process_zero():
         # From the saved adapter, not the live model: under FSDP the live weights are shards spread over the ranks.
@@ -546,7 +662,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrai
         # Written whole or not at all; a rerun into the same output_dir replaces it, as the run replaced the adapter.
         with atomic_folder(os.path.join(args.output_dir, "merged"), overwrite=True) as merged_dir:
             merge_saved_lora(base, args.output_dir).save_pretrained(merged_dir)
-            processor.save_pretrained(merged_dir)
+            trainer.processing_class.save_pretrained(merged_dir)
             write_remote_code(merged_dir)
     return trainer
 
@@ -568,6 +684,18 @@ def main(argv: list[str] | None = None) -> Trainer:
     return train(*parse_args(argv))
 
 
+def run(argv: list[str] | None = None) -> int:
+    """The `python -m llada_v.training` process: `main`, with bad input (`TrainingInputError`, a bad sample under
+    `--on_bad_sample raise`) reported as one line on stderr and exit status 2. A failure during training keeps its
+    traceback."""
+    try:
+        main(argv)
+    except (TrainingInputError, BadSampleError) as err:
+        print(f"python -m llada_v.training: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 __all__ = [
     "LORA_TARGET_MODULES",
     "MODULE_GROUPS",
@@ -577,8 +705,10 @@ __all__ = [
     "LladaVTrainingArguments",
     "ModelArguments",
     "StagePreset",
+    "TrainingInputError",
     "apply_lora",
     "build_param_groups",
+    "check_output_dir",
     "freeze_for_stage",
     "main",
     "merge_lora",
@@ -586,7 +716,10 @@ __all__ = [
     "module_group",
     "never_used_parameter_names",
     "parse_args",
+    "prepare_training",
     "resolve_learning_rates",
+    "resolve_resume",
+    "run",
     "set_trainable",
     "stage_preset",
     "train",
@@ -595,4 +728,4 @@ __all__ = [
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -43,3 +43,13 @@ def golden_model(golden_checkpoint):
     from llada_v import LladaVModel
 
     return LladaVModel.from_pretrained(golden_checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The embedded demo model, its processor and its generation settings (the serving tests' in-process oracle)."""
+    from llada_v.demo.app import load_demo
+    from llada_v.inference import generation_config_for
+
+    model, processor = load_demo()
+    return model, processor, generation_config_for(model.generation_config, {})

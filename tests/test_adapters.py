@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 import torch
+from helpers import build_demo_like_checkpoint
 from paths import REPO, llada_v_command
 
 from llada_v.checkpoint_io import write_remote_code
@@ -152,8 +153,6 @@ def test_bad_adapters_are_one_line_errors(adapter, tmp_path):
 
 def test_an_adapter_of_another_shape_says_which_weights_do_not_fit(adapter, tmp_path):
     # The adapter was trained on the demo model (128 wide); this base is 64 wide.
-    from test_cli import build_demo_like_checkpoint
-
     folder = adapter[0]
     other = build_demo_like_checkpoint(tmp_path / "narrow")
     with pytest.raises(InputError, match=r"cannot apply adapter .*: size mismatch for .*lora_A.*\(and \d+ more\)"):

@@ -6,7 +6,8 @@
   `/quit`);
 - `convert`: official checkpoint -> llada-v format, optional Hub upload;
 - `demo` / `eval-demo`: the embedded demo model;
-- `serve`: an OpenAI-compatible server on Ray Serve (`serving/`; Ray is imported only when it runs).
+- `serve`: an OpenAI-compatible server on Ray Serve (`serving/`; Ray is imported only when it runs);
+- `web`: the Gradio page, chat and the denoising live (`web/`; Gradio is imported only when it runs).
 
 Bad input (a path that does not exist, a checkpoint of another kind, missing files, an unreadable image,
 bitsandbytes missing, conflicting flags, an invalid generation setting) is reported as one line on stderr with
@@ -31,6 +32,7 @@ from .arguments import (
     lazy_command,
 )
 from .serving.command import add_serve_arguments
+from .web.command import add_web_arguments
 
 EPILOG_GENERATE = """\
 examples:
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = sub.add_parser("eval-demo", help="held-out accuracy of the embedded demo model")
     add_demo_arguments(demo, evaluation)
     add_serve_arguments(sub)
+    add_web_arguments(sub)
     return parser
 
 

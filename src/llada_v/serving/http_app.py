@@ -108,13 +108,18 @@ def build_asgi_app(server: Any) -> Starlette:
                 "capacity": server.admission.capacity}  # fmt: skip
         return JSONResponse(body)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
         ]
     )
+    if server.options.web:  # `llada-v serve --web`: the web page at `/`, behind the routes above (docs/web.md)
+        from ..web.app import mount_replica_page
+
+        mount_replica_page(app, server)
+    return app
 
 
 async def _chat(server: Any, request: Request) -> Response:

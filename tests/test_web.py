@@ -190,6 +190,7 @@ def check_page(browser, url: str, demo, scene: Path, screenshot: Path) -> dict:
     assert canvases[-1]["state"] == "done"
     page.wait_for_function("document.querySelectorAll('#chat .bot-row').length == 1", timeout=30_000)
     assert bot_messages(page) == [expected]
+    page.screenshot(path=str(screenshot))
 
     # A second turn without a new image: the history (and its image) carries over.
     follow_up = "How many shapes are there?"
@@ -198,7 +199,6 @@ def check_page(browser, url: str, demo, scene: Path, screenshot: Path) -> dict:
     ask(page, follow_up)
     page.wait_for_function("document.querySelectorAll('#chat .bot-row').length == 2", timeout=30_000)
     assert bot_messages(page) == [expected, expected_2]
-    page.screenshot(path=str(screenshot))
 
     # An invalid combination: the generation config's own one-line message, and no new answer.
     with pytest.raises(InputError) as invalid:
@@ -242,7 +242,8 @@ def test_llada_v_web_in_chromium(browser, demo, scene, tmp_path):
 def test_llada_v_serve_web_in_chromium(browser, demo, scene, tmp_path):
     pytest.importorskip("ray.serve", reason="llada-v serve needs Ray Serve: pip install -e '.[serve]'")
     port = free_port()
-    command = [sys.executable, "-m", "llada_v.cli", "serve", "--web", "--port", str(port), "--num-cpus-per-replica", "1"]
+    command = [sys.executable, "-m", "llada_v.cli", "serve", "--web", "--port", str(port),
+               "--num-cpus-per-replica", "1"]  # fmt: skip
     server = Process(command, tmp_path / "serve.log")
     try:
         base = f"http://127.0.0.1:{port}"

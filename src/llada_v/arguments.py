@@ -3,7 +3,8 @@
 `llada-v --help`, a subcommand's `--help` and argument errors are answered from this module alone, without
 importing torch or transformers (seconds of start-up); a command imports what it needs when it runs
 (`lazy_command`). The flags that several commands share are defined once here: the model group (`generate`,
-`chat`, `serve`), the sampler settings (`generate`, `chat`), the output folder (`convert`, `compose`).
+`chat`, `serve`, `web`), the sampler settings (`generate`, `chat`, `web`), the output folder (`convert`, `compose`).
+`inference.load_from_args` loads what they name.
 
 Package-only code (never part of a checkpoint's remote code).
 """

@@ -122,50 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _model_name(args: argparse.Namespace) -> str:
-    if args.model is not None:
-        return args.model
-    from .demo.model import demo_model_dir
-    from .inference import InputError
-
-    path = demo_model_dir()
-    if not (path / "config.json").is_file():
-        raise InputError(f"no --model given and no embedded demo checkpoint at {path}; pass --model PATH_OR_ID")
-    return str(path)
-
-
-def _generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "max_new_tokens": args.max_new_tokens,
-        "steps": args.steps,
-        "block_length": args.block_length,
-        "temperature": args.temperature,
-        "remasking": args.remasking,
-        "cfg_scale": args.cfg_scale,
-    }
-
-
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """Model, processor and generation settings; every check runs before the weights are read."""
-    from .inference import (
-        checkpoint_generation_config,
-        generation_config_for,
-        inspect_checkpoint,
-        load_pretrained,
-        resolve_adapter,
-    )
+    """Model, processor and generation settings (`inference.load_from_args`, imported when a command runs)."""
+    from .inference import load_from_args
 
-    name, adapter = resolve_adapter(_model_name(args), args.adapter)  # --model may be a LoRA run's adapter folder
-    checkpoint = inspect_checkpoint(name)  # path, model type, weights
-    config = generation_config_for(
-        checkpoint_generation_config(name, checkpoint), _generation_overrides(args), fast=args.fast
-    )
-    quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
-    model, processor = load_pretrained(
-        name, args.processor, dtype=args.dtype, device=args.device, quantization=quantization,
-        attn_implementation=args.attn_implementation, config=checkpoint, adapter=adapter,
-    )  # fmt: skip
-    return model, processor, config
+    return load_from_args(args)
 
 
 class StreamPrinter:

@@ -34,8 +34,9 @@ from PIL import Image
 
 from ..demo.app import Answer, denoising_frames
 from ..demo.task import make_sample
-from ..inference import InputError, chat_prompt, generation_config_for, read_image, user_message
+from ..inference import InputError, chat_prompt, generation_config_for, load_from_args, read_image, user_message
 from ..serving.batching import GenerationJob, JobResult, StreamEvent, run_batch
+from .command import parse_web_args
 
 # The ids a test (or a user script) drives the page by.
 ELEMENT_IDS = ("image", "question", "send", "chat", "canvas", "settings", "max_new_tokens", "steps", "block_length",
@@ -176,130 +177,157 @@ def example_files(folder: Path) -> list[list[Any]]:
     return rows
 
 
-def build_blocks(engine: Any, initial: Any | None = None, preset: str = "exact", seed: int | None = None,
-                 title: str = "LLaDA-V") -> gr.Blocks:  # fmt: skip
-    """The page for `engine`; `initial` (a `LladaVGenerationConfig`, default the model's) gives the settings'
-    starting values."""
-    initial = initial if initial is not None else engine.base_config
-    workdir = Path(tempfile.mkdtemp(prefix="llada-v-web-"))
-    processor = engine.processor
+# What a question updates, in this order (`Handlers._out`): chat, canvas, error, question, image, state, run, gif.
+OUTPUTS = ("chat", "canvas", "error", "question", "image", "state", "run", "gif")
 
-    def settings_config(max_new_tokens, steps, block_length, preset_name, temperature, cfg_scale, remasking):
+
+class Handlers:
+    """The page's event handlers for `engine`: a question (streamed: one canvas per denoising step, then the
+    answer), the replay and clear. Files (the GIFs) go to `workdir`."""
+
+    def __init__(self, engine: Any, workdir: Path) -> None:
+        self.engine, self.processor, self.workdir = engine, engine.processor, workdir
+
+    @staticmethod
+    def _out(**values: Any) -> tuple:
+        """A value per output of `OUTPUTS`; those not given stay as they are."""
+        return tuple(values[name] if name in values else gr.skip() for name in OUTPUTS)
+
+    def settings(self, max_new_tokens, steps, block_length, preset, temperature, cfg_scale, remasking) -> Any:
+        """The page's settings as a validated `LladaVGenerationConfig` (`InputError`: the one-line reason)."""
         overrides = {"max_new_tokens": max_new_tokens, "steps": steps, "block_length": block_length,
                      "temperature": temperature, "cfg_scale": cfg_scale, "remasking": remasking}  # fmt: skip
-        return generation_config_for(engine.base_config, overrides, fast=preset_name == "fast")
+        return generation_config_for(self.engine.base_config, overrides, fast=preset == "fast")
 
-    async def respond(files, question, chat, conversation, max_new_tokens, steps, block_length, preset_name,
-                      temperature, seed_value, cfg_scale, remasking):  # fmt: skip
-        question = (question or "").strip()
+    def _check_question(self, question: str) -> None:
+        if not question:
+            raise InputError("type a question first")
+        placeholders = [t for t in (self.processor.image_token, self.processor.video_token) if t and t in question]
+        if placeholders:
+            raise InputError(f"a question cannot contain {' or '.join(placeholders)}: attach images instead")
+
+    async def respond(self, files, question, chat, conversation, max_new_tokens, steps, block_length, preset,
+                      temperature, seed, cfg_scale, remasking):  # fmt: skip
+        question, paths = (question or "").strip(), [getattr(f, "name", f) for f in files or []]
         try:
-            if not question:
-                raise InputError("type a question first")
-            placeholders = [t for t in (processor.image_token, processor.video_token) if t and t in question]
-            if placeholders:
-                raise InputError(f"a question cannot contain {' or '.join(placeholders)}: attach images instead")
-            config = settings_config(max_new_tokens, steps, block_length, preset_name, temperature, cfg_scale,
-                                     remasking)  # fmt: skip
-            new_images = [read_image(getattr(f, "name", f)) for f in files or []]
+            self._check_question(question)
+            config = self.settings(max_new_tokens, steps, block_length, preset, temperature, cfg_scale, remasking)
+            new_images = [read_image(path) for path in paths]
         except InputError as err:
-            yield {error: error_html(one_line(err))}
+            yield self._out(error=error_html(one_line(err)))
             return
         messages = [*conversation["messages"], user_message(question, len(new_images))]
         images = [*conversation["images"], *new_images]
-        text = chat_prompt(processor, messages, engine.system_prompt)
+        job = GenerationJob(text=chat_prompt(self.processor, messages, self.engine.system_prompt), images=images,
+                            config=config, seed=None if seed is None else int(seed), stream_canvas=True)  # fmt: skip
+        frames: list[dict] = []
+        results: list[JobResult] = []
+        yield self._out(error="", canvas=canvas_html(None))
+        async for frame in self._denoise(job, frames, results):
+            yield self._out(canvas=frame)
+        result = results[0]
+        if result.error is not None:
+            yield self._out(error=error_html(one_line(result.error)))
+            return
+        turn = [{"role": "user", "content": {"path": path}} for path in paths]
+        turn += [{"role": "user", "content": question}, {"role": "assistant", "content": result.text}]
+        conversation = {"messages": [*messages, {"role": "assistant", "content": result.text}], "images": images}
+        gif_path = final = None
+        if frames:
+            picture = new_images[0] if new_images else (images[-1] if images else None)
+            gif_path = write_gif(frames, picture, question, result.text, self.workdir)
+            final = canvas_html(frames[-1], frames[-2] if len(frames) > 1 else None, done=True)
+        yield self._out(chat=[*chat, *turn], canvas=final or "", question="", image=None, state=conversation,
+                        run=frames, gif=gif_path)  # fmt: skip
+
+    async def _denoise(self, job: GenerationJob, frames: list[dict], results: list[JobResult]):
+        """Submit `job`; yield the canvas HTML after every step (at most every `LIVE_FRAME_SECONDS`), keeping the
+        canvases in `frames`; the `JobResult` is appended to `results`."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = GenerationJob(text=text, images=images, config=config, stream_canvas=True,
-                            seed=None if seed_value is None else int(seed_value),
-                            sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))  # fmt: skip
-        task = asyncio.ensure_future(engine.submit(job))
-        yield {error: "", canvas: canvas_html(None)}
-        frames: list[dict] = []
+        job.sink = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        task = asyncio.ensure_future(self.engine.submit(job))
         shown = 0.0
-        while True:
-            event = await _next_event(events, task)
-            if event is None:
-                break
+        while (event := await _next_event(events, task)) is not None:
             if event.kind != "canvas":
                 continue
             frames.append(event.canvas)
             wait = LIVE_FRAME_SECONDS - (time.monotonic() - shown)
             if wait > 0:
                 await asyncio.sleep(wait)
-            yield {canvas: canvas_html(event.canvas, frames[-2] if len(frames) > 1 else None)}
+            yield canvas_html(event.canvas, frames[-2] if len(frames) > 1 else None)
             shown = time.monotonic()
-        result: JobResult = await task
-        if result.error is not None:
-            yield {error: error_html(one_line(result.error))}
-            return
-        shown_images = [{"role": "user", "content": {"path": getattr(f, "name", f)}} for f in files or []]
-        chat = [*chat, *shown_images, {"role": "user", "content": question}, {"role": "assistant", "content": result.text}]
-        conversation = {"messages": [*messages, {"role": "assistant", "content": result.text}], "images": images}
-        gif_path = None
-        if frames:
-            picture = new_images[0] if new_images else (images[-1] if images else None)
-            gif_path = write_gif(frames, picture, question, result.text, workdir)
-        final = canvas_html(frames[-1], frames[-2] if len(frames) > 1 else None, done=True) if frames else ""
-        yield {chat_box: chat, canvas: final, question_box: "", image: None, state: conversation, run: frames,
-               gif: gif_path}
+        results.append(await task)
 
-    async def replay(frames, delay):
+    async def replay(self, frames, delay):
         if not frames:
-            yield {error: error_html("nothing to replay yet: ask a question first")}
+            yield gr.skip(), error_html("nothing to replay yet: ask a question first")
             return
-        yield {error: ""}
         for index, frame in enumerate(frames):
-            yield {canvas: canvas_html(frame, frames[index - 1] if index else None, done=index == len(frames) - 1)}
+            yield canvas_html(frame, frames[index - 1] if index else None, done=index == len(frames) - 1), ""
             await asyncio.sleep(float(delay))
 
-    def clear():
-        return {chat_box: [], canvas: canvas_html(None), error: "", state: _empty_conversation(), run: [],
-                gif: None, image: None, question_box: ""}
+    def clear(self) -> tuple:
+        return self._out(chat=[], canvas=canvas_html(None), error="", question="", image=None,
+                         state=_empty_conversation(), run=[], gif=None)  # fmt: skip
 
+
+def _settings_panel(initial: Any, preset: str, seed: int | None) -> list:
+    """The settings components (closed accordion `settings`), in `Handlers.settings` order with the seed."""
+    with gr.Accordion("Settings", open=False, elem_id="settings"):
+        number = {"precision": 0}
+        max_new_tokens = gr.Number(initial.max_new_tokens, label="max new tokens", elem_id="max_new_tokens", **number)
+        steps = gr.Number(initial.steps, label="steps", elem_id="steps", **number)
+        block_length = gr.Number(initial.block_length, label="block length", elem_id="block_length", **number)
+        preset_radio = gr.Radio(list(PRESETS), value=preset, label="decoding", elem_id="preset",
+                                info="fast: dual KV cache + confidence threshold (approximate)")  # fmt: skip
+        temperature = gr.Number(initial.temperature, label="temperature (0 = argmax)", elem_id="temperature")
+        seed_box = gr.Number(seed, label="seed (temperature > 0 or random remasking)", elem_id="seed", **number)
+        cfg_scale = gr.Number(initial.cfg_scale, label="CFG scale", elem_id="cfg_scale")
+        remasking = gr.Dropdown(list(REMASKING), value=initial.remasking, label="remasking", elem_id="remasking")
+    return [max_new_tokens, steps, block_length, preset_radio, temperature, seed_box, cfg_scale, remasking]
+
+
+def build_blocks(engine: Any, initial: Any | None = None, preset: str = "exact", seed: int | None = None,
+                 title: str = "LLaDA-V") -> gr.Blocks:  # fmt: skip
+    """The page for `engine`; `initial` (a `LladaVGenerationConfig`, default the model's) gives the settings'
+    starting values, `preset` ("exact" or "fast") and `seed` theirs."""
+    workdir = Path(tempfile.mkdtemp(prefix="llada-v-web-"))
+    handlers = Handlers(engine, workdir)
     with gr.Blocks(title=title, analytics_enabled=False) as blocks:
         gr.Markdown(f"## {title}: chat about images, watch the answer denoise")
-        state = gr.State(_empty_conversation())
-        run = gr.State([])
+        state, run = gr.State(_empty_conversation()), gr.State([])
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.File(label="Images (one or more)", file_count="multiple", file_types=["image"],
                                 elem_id="image")  # fmt: skip
-                question_box = gr.Textbox(label="Question", placeholder="What color is the circle?", elem_id="question")
+                question = gr.Textbox(label="Question", placeholder="What color is the circle?", elem_id="question")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
-                    clear_button = gr.Button("Clear", elem_id="clear")
+                    clear = gr.Button("Clear", elem_id="clear")
                 error = gr.HTML("", elem_id="error")
-                with gr.Accordion("Settings", open=False, elem_id="settings"):
-                    max_new_tokens = gr.Number(initial.max_new_tokens, label="max new tokens", precision=0,
-                                               elem_id="max_new_tokens")  # fmt: skip
-                    steps = gr.Number(initial.steps, label="steps", precision=0, elem_id="steps")
-                    block_length = gr.Number(initial.block_length, label="block length", precision=0,
-                                             elem_id="block_length")  # fmt: skip
-                    preset_radio = gr.Radio(list(PRESETS), value=preset, label="decoding", elem_id="preset",
-                                            info="fast: dual KV cache + confidence threshold (approximate)")  # fmt: skip
-                    temperature = gr.Number(initial.temperature, label="temperature (0 = argmax)", elem_id="temperature")
-                    seed_box = gr.Number(seed, label="seed (temperature > 0 or random remasking)", precision=0,
-                                         elem_id="seed")  # fmt: skip
-                    cfg_scale = gr.Number(initial.cfg_scale, label="CFG scale", elem_id="cfg_scale")
-                    remasking = gr.Dropdown(list(REMASKING), value=initial.remasking, label="remasking",
-                                            elem_id="remasking")  # fmt: skip
+                settings = _settings_panel(initial if initial is not None else engine.base_config, preset, seed)
             with gr.Column(scale=2):
-                chat_box = gr.Chatbot(label="Chat", elem_id="chat", height=320)
+                chat = gr.Chatbot(label="Chat", elem_id="chat", height=320)
                 gr.HTML(legend_html())
                 canvas = gr.HTML(canvas_html(None), elem_id="canvas")
                 with gr.Row():
-                    delay = gr.Slider(0.0, 2.0, value=0.4, step=0.05, label="replay delay (s per step)", elem_id="delay")
-                    replay_button = gr.Button("Replay", elem_id="replay")
+                    delay = gr.Slider(0.0, 2.0, value=0.4, step=0.05, label="replay delay (s per step)",
+                                      elem_id="delay")  # fmt: skip
+                    replay = gr.Button("Replay", elem_id="replay")
                 gif = gr.File(label="Denoising animation (GIF)", elem_id="gif", interactive=False)
-        gr.Examples(example_files(workdir), inputs=[image, question_box], label="Demo scenes")
+        gr.Examples(example_files(workdir), inputs=[image, question], label="Demo scenes")
 
-        inputs = [image, question_box, chat_box, state, max_new_tokens, steps, block_length, preset_radio,
-                  temperature, seed_box, cfg_scale, remasking]  # fmt: skip
-        outputs = [chat_box, canvas, error, question_box, image, state, run, gif]
-        for trigger in (send.click, question_box.submit):
-            trigger(respond, inputs, outputs, concurrency_limit=engine.concurrency_limit, show_progress="hidden")
-        replay_button.click(replay, [run, delay], [canvas, error], show_progress="hidden")
-        clear_button.click(clear, None, outputs)
+        # Handlers.respond's arguments: the settings come in `Handlers.settings` order, the seed at its place.
+        max_new_tokens, steps, block_length, preset_radio, temperature, seed_box, cfg_scale, remasking = settings
+        inputs = [image, question, chat, state, max_new_tokens, steps, block_length, preset_radio, temperature,
+                  seed_box, cfg_scale, remasking]  # fmt: skip
+        outputs = [chat, canvas, error, question, image, state, run, gif]  # OUTPUTS
+        for trigger in (send.click, question.submit):
+            trigger(handlers.respond, inputs, outputs, concurrency_limit=engine.concurrency_limit,
+                    show_progress="hidden")  # fmt: skip
+        replay.click(handlers.replay, [run, delay], [canvas, error], show_progress="hidden")
+        clear.click(handlers.clear, None, outputs)
     return blocks
 
 
@@ -331,9 +359,7 @@ def mount_replica_page(app: Any, server: Any) -> None:
 
 def local_app(args: argparse.Namespace) -> tuple[gr.Blocks, dict[str, Any]]:
     """The page on the model `args` name (the `generate` loading flags), and `launch` keyword arguments."""
-    from ..cli import _load  # the loading `llada-v generate` does: checks, adapter, quantisation, settings
-
-    model, processor, config = _load(args)
+    model, processor, config = load_from_args(args)  # as `llada-v generate` loads: checks, adapter, quantisation
     # The demo was trained without a system prompt (as `llada-v serve` treats it); other models get the template's.
     system_prompt = args.system_prompt if args.system_prompt is not None else ("" if args.model is None else None)
     engine = LocalEngine(model, processor, system_prompt)
@@ -354,12 +380,10 @@ def run_web(args: argparse.Namespace) -> int:
 def space_app(model: str | None = None) -> gr.Blocks:
     """The page for a Hugging Face Space (`examples/space/app.py`): the model named by `model` or the
     `LLADA_V_MODEL` variable (default: the embedded demo); `LLADA_V_FAST=1` starts with the fast preset."""
-    from ..cli import build_parser
-
-    argv = ["web"]
+    argv = []
     if model or os.environ.get("LLADA_V_MODEL"):
         argv += ["--model", model or os.environ["LLADA_V_MODEL"]]
     if os.environ.get("LLADA_V_FAST") == "1":
         argv.append("--fast")
-    blocks, _ = local_app(build_parser().parse_args(argv))
+    blocks, _ = local_app(parse_web_args(argv))
     return blocks.queue()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..arguments import add_generation_arguments, add_model_arguments
+from ..arguments import Parser, add_generation_arguments, add_model_arguments, lazy_command
 
 EPILOG = """\
 examples:
@@ -31,11 +31,18 @@ def add_web_arguments(subparsers: Any) -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_generation_arguments(parser, stream=False)
     group = parser.add_argument_group("web server")
-    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     group.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     group.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     parser.set_defaults(func=_run)
     return parser
+
+
+def parse_web_args(argv: list[str]) -> argparse.Namespace:
+    """`llada-v web ARGV` parsed (for the Space file, which has no command line of its own)."""
+    parser = Parser(prog="llada-v")
+    add_web_arguments(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["web", *argv])
 
 
 def check_gradio(what: str) -> None:
@@ -50,6 +57,4 @@ def check_gradio(what: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     check_gradio("llada-v web")
-    from .app import run_web
-
-    return run_web(args)
+    return lazy_command("web.app", "run_web")(args)

@@ -36,10 +36,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 SETTINGS = {"max_new_tokens": 4, "steps": 4, "block_length": 4}  # the demo checkpoint's own schedule
 BAD_SETTINGS = {"max_new_tokens": 4, "steps": 4, "block_length": 3}
 SCENE_SEED = 3
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (Debian's package)"),
-]
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (Debian's package)")
 
 # Every state of the canvas, recorded in the page as it is drawn (the live updates are too quick to poll).
 RECORD_CANVASES = """
@@ -66,8 +65,8 @@ def free_port() -> int:
 class Process:
     """A command started for the test; `stop` ends it and every process it started (by pid)."""
 
-    def __init__(self, command: list[str], log: Path) -> None:
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "GRADIO_ANALYTICS_ENABLED": "False"}
+    def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
         self.log_path = log
         self.log = open(log, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -130,6 +129,8 @@ def scene(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser():
+    if CHROMIUM is None:
+        pytest.skip("no Chromium: apt-get install chromium (Debian's package)")
     with sync_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield launched
@@ -150,6 +151,13 @@ def set_number(page, elem_id: str, value: int) -> None:
     field = page.locator(f"#{elem_id} input")
     field.fill(str(value))
     field.press("Tab")
+
+
+def upload(page, path: Path) -> None:
+    """Attach `path` to the image field and wait until the page lists it (uploaded to the server)."""
+    with page.expect_response(lambda response: "/upload" in response.url and response.ok, timeout=60_000):
+        page.locator("#image input[type=file]").set_input_files(str(path))
+    page.wait_for_selector(f"#image [aria-label='{path.name}']", timeout=60_000)  # the file list's entry
 
 
 def ask(page, question: str, timeout_ms: int = 120_000) -> list[dict]:
@@ -178,8 +186,7 @@ def check_page(browser, url: str, demo, scene: Path, screenshot: Path) -> dict:
         assert page.locator(f"#{elem_id}").count() == 1, elem_id
     for name, value in SETTINGS.items():
         set_number(page, name, value)
-    page.locator("#image input[type=file]").set_input_files(str(scene))
-    page.wait_for_selector(f"#image :text('{scene.name}')", timeout=30_000)
+    upload(page, scene)
 
     image = read_image(scene)
     question = make_sample(SCENE_SEED)["qa"][0][0]
@@ -224,6 +231,7 @@ def save_screenshot(path: Path) -> None:
         shutil.copyfile(path, target)
 
 
+@needs_chromium
 def test_llada_v_web_in_chromium(browser, demo, scene, tmp_path):
     port = free_port()
     server = Process([sys.executable, "-m", "llada_v.cli", "web", "--port", str(port)], tmp_path / "web.log")
@@ -239,6 +247,7 @@ def test_llada_v_web_in_chromium(browser, demo, scene, tmp_path):
     assert server.process.returncode is not None
 
 
+@needs_chromium
 def test_llada_v_serve_web_in_chromium(browser, demo, scene, tmp_path):
     pytest.importorskip("ray.serve", reason="llada-v serve needs Ray Serve: pip install -e '.[serve]'")
     port = free_port()
@@ -257,3 +266,19 @@ def test_llada_v_serve_web_in_chromium(browser, demo, scene, tmp_path):
         server.stop()
     left = [p.pid for p in server.seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, left
+
+
+def test_the_space_app_file_serves_the_page(tmp_path):
+    """examples/space/app.py run as a Space runs it (`python app.py`, the port from GRADIO_SERVER_PORT)."""
+    port = free_port()
+    command = [sys.executable, str(REPO / "examples" / "space" / "app.py")]
+    server = Process(command, tmp_path / "space.log", {"GRADIO_SERVER_PORT": str(port)})
+    try:
+        server.wait_for(f"http://127.0.0.1:{port}/", timeout=180)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as response:
+            config = json.loads(response.read())
+        elem_ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+        assert {"image", "question", "send", "chat", "canvas", "settings", "max_new_tokens", "steps", "block_length",
+                "preset"} <= elem_ids  # fmt: skip
+    finally:
+        server.stop()

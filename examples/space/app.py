@@ -2,9 +2,9 @@
 redrawn at every denoising step.
 
 Copy this folder (app.py, requirements.txt, README.md) into a Gradio Space. It serves the embedded demo model;
-set the Space variable LLADA_V_MODEL to a converted checkpoint (folder or Hub id) to serve that instead, and
-LLADA_V_FAST=1 to start with the fast-decoding preset. Locally: `python examples/space/app.py`
-(GRADIO_SERVER_PORT picks the port).
+the Space variable LLADA_V_WEB_ARGS takes `llada-v web` flags to serve another checkpoint, e.g.
+"--model you/llada-v-hf --dtype bfloat16 --fast". Locally: `python examples/space/app.py` (GRADIO_SERVER_PORT
+picks the port).
 """
 
 from llada_v.web.app import space_app

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import html
 import os
+import shlex
 import tempfile
 import time
 import uuid
@@ -377,13 +378,11 @@ def run_web(args: argparse.Namespace) -> int:
     return 0
 
 
-def space_app(model: str | None = None) -> gr.Blocks:
-    """The page for a Hugging Face Space (`examples/space/app.py`): the model named by `model` or the
-    `LLADA_V_MODEL` variable (default: the embedded demo); `LLADA_V_FAST=1` starts with the fast preset."""
-    argv = []
-    if model or os.environ.get("LLADA_V_MODEL"):
-        argv += ["--model", model or os.environ["LLADA_V_MODEL"]]
-    if os.environ.get("LLADA_V_FAST") == "1":
-        argv.append("--fast")
+def space_app(argv: list[str] | None = None) -> gr.Blocks:
+    """The page for a Hugging Face Space (`examples/space/app.py`): `llada-v web` arguments from `argv`, else from
+    the variable `LLADA_V_WEB_ARGS` (e.g. "--model you/llada-v-hf --load-in-4bit"; default: the embedded demo).
+    `--host`/`--port`/`--share` are ignored there: the Space's `launch` decides."""
+    if argv is None:
+        argv = shlex.split(os.environ.get("LLADA_V_WEB_ARGS", ""))
     blocks, _ = local_app(parse_web_args(argv))
     return blocks.queue()

@@ -47,7 +47,8 @@ def test_the_canvas_marks_masks_new_and_earlier_tokens(web):
     first, second = canvas(0, [None, 7, None, None]), canvas(1, [5, 7, 9, None], stop=2)
     assert classes(web.canvas_html(first)) == ["mask", "new", "mask", "mask"]
     assert classes(web.canvas_html(second, first)) == ["new", "old", "new", "mask after-stop"]
-    assert 'data-step="1"' in web.canvas_html(second, first) and 'data-state="done"' in web.canvas_html(second, done=True)
+    assert 'data-step="1"' in web.canvas_html(second, first)
+    assert 'data-state="done"' in web.canvas_html(second, done=True)
     assert "&lt;b&gt;" in web.canvas_html({**first, "tokens": [None, "<b>", None, None]})  # token text is escaped
 
 

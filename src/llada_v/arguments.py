@@ -3,7 +3,8 @@
 `llada-v --help`, a subcommand's `--help` and argument errors are answered from this module alone, without
 importing torch or transformers (seconds of start-up); a command imports what it needs when it runs
 (`lazy_command`). The flags that several commands share are defined once here: the model group (`generate`,
-`chat`, `serve`), the sampler settings (`generate`, `chat`), the output folder (`convert`, `compose`).
+`chat`, `serve`, `web`), the sampler settings (`generate`, `chat`, `web`), the output folder (`convert`, `compose`).
+`inference.load_from_args` loads what they name.
 
 Package-only code (never part of a checkpoint's remote code).
 """
@@ -126,8 +127,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """The sampler settings (validated by the generation config when the command runs) and `--stream`."""
+def add_generation_arguments(parser: argparse.ArgumentParser, stream: bool = True) -> None:
+    """The sampler settings (validated by the generation config when the command runs) and `--stream`
+    (`stream=False`: without it, for `web`)."""
     group = parser.add_argument_group("generation (default: the checkpoint's generation_config.json)")
     group.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="answer length (gen_length)")
     group.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps in total")
@@ -147,6 +149,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--system-prompt", default=None, metavar="TEXT", help="replace LLaDA-V's default system prompt ('' drops it)"
     )
+    if not stream:
+        return
     parser.add_argument(
         "--stream", action="store_true",
         help="write the answer as its tokens become final (on a terminal with the current draft after it)"

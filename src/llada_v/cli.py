@@ -6,7 +6,8 @@
   `/quit`);
 - `convert`: official checkpoint -> llada-v format, optional Hub upload;
 - `demo` / `eval-demo`: the embedded demo model;
-- `serve`: an OpenAI-compatible server on Ray Serve (`serving/`; Ray is imported only when it runs).
+- `serve`: an OpenAI-compatible server on Ray Serve (`serving/`; Ray is imported only when it runs);
+- `web`: the Gradio page, chat and the denoising live (`web/`; Gradio is imported only when it runs).
 
 Bad input (a path that does not exist, a checkpoint of another kind, missing files, an unreadable image,
 bitsandbytes missing, conflicting flags, an invalid generation setting) is reported as one line on stderr with
@@ -32,6 +33,7 @@ from .arguments import (
     lazy_command,
 )
 from .serving.command import add_serve_arguments
+from .web.command import add_web_arguments
 
 EPILOG_GENERATE = """\
 examples:
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = sub.add_parser("eval-demo", help="held-out accuracy of the embedded demo model")
     add_demo_arguments(demo, evaluation)
     add_serve_arguments(sub)
+    add_web_arguments(sub)
     for command in sub.choices.values():  # `llada-v COMMAND ... --debug` as well as `llada-v --debug COMMAND`
         if "--debug" not in command._option_string_actions:
             add_debug_argument(command, argparse.SUPPRESS)
@@ -125,62 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _model_name(args: argparse.Namespace) -> str:
-    if args.model is not None:
-        return args.model
-    from .demo.model import demo_model_dir
-    from .inference import InputError
-
-    path = demo_model_dir()
-    if not (path / "config.json").is_file():
-        raise InputError(f"no --model given and no embedded demo checkpoint at {path}; pass --model PATH_OR_ID")
-    return str(path)
-
-
-def _generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "max_new_tokens": args.max_new_tokens,
-        "steps": args.steps,
-        "block_length": args.block_length,
-        "temperature": args.temperature,
-        "remasking": args.remasking,
-        "cfg_scale": args.cfg_scale,
-        "stop_strings": getattr(args, "stop", None),  # `generate --stop`
-    }
-
-
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """Model, processor and generation settings; every check runs before the weights are read."""
-    from .inference import (
-        checkpoint_generation_config,
-        generation_config_for,
-        inspect_checkpoint,
-        load_pretrained,
-        resolve_adapter,
-    )
+    """Model, processor and generation settings (`inference.load_from_args`, imported when a command runs)."""
+    from .inference import load_from_args
 
-    name, adapter = resolve_adapter(_model_name(args), args.adapter)  # --model may be a LoRA run's adapter folder
-    checkpoint = inspect_checkpoint(name)  # path, model type, weights
-    _check_answer_fits(args.max_new_tokens, checkpoint)
-    config = generation_config_for(
-        checkpoint_generation_config(name, checkpoint), _generation_overrides(args), fast=args.fast
-    )
-    quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
-    model, processor = load_pretrained(
-        name, args.processor, dtype=args.dtype, device=args.device, quantization=quantization,
-        attn_implementation=args.attn_implementation, config=checkpoint, adapter=adapter,
-    )  # fmt: skip
-    return model, processor, config
-
-
-def _check_answer_fits(max_new_tokens: int | None, checkpoint: dict) -> None:
-    """`--max-new-tokens` that leaves no room for a prompt in the model's positions, refused before loading."""
-    from .inference import InputError
-
-    limit = (checkpoint.get("text_config") or {}).get("max_position_embeddings")
-    if max_new_tokens is not None and limit is not None and max_new_tokens >= limit:
-        raise InputError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt: the model has "
-                         f"max_position_embeddings {limit} for prompt + answer")
+    return load_from_args(args)
 
 
 class StreamPrinter:

@@ -7,6 +7,7 @@
   options, and a PEFT LoRA adapter (`adapter=`, or `model` naming an adapter folder: `resolve_adapter`). This
   package's own classes are used (the checkpoint's remote-code copies are for users without
   the package), so every object in a process has one class.
+- `load_from_args`: the above for a command line's model group and sampler settings (`generate`, `chat`, `web`).
 - `checkpoint_generation_config` / `generation_config_for`: a checkpoint's sampler defaults (read before its
   weights, so bad settings fail fast) with per-call overrides, optionally on top of the fast-decoding preset,
   with `steps`/`block_length` following a changed `max_new_tokens` when they no longer fit (`fit_schedule`).
@@ -19,6 +20,7 @@ Package-only code (never part of a checkpoint's remote code).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import json
@@ -374,6 +376,57 @@ def generation_config_for(
     return config
 
 
+def model_name_from_args(args: argparse.Namespace) -> str:
+    """`--model`, or the embedded demo checkpoint."""
+    if args.model is not None:
+        return args.model
+    from .demo.model import demo_model_dir
+
+    path = demo_model_dir()
+    if not (path / "config.json").is_file():
+        raise InputError(f"no --model given and no embedded demo checkpoint at {path}; pass --model PATH_OR_ID")
+    return str(path)
+
+
+def generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler settings given on a command line (None: the checkpoint's)."""
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "steps": args.steps,
+        "block_length": args.block_length,
+        "temperature": args.temperature,
+        "remasking": args.remasking,
+        "cfg_scale": args.cfg_scale,
+        "stop_strings": getattr(args, "stop", None),  # `generate --stop`
+    }
+
+
+def check_answer_fits(max_new_tokens: int | None, checkpoint: dict) -> None:
+    """`--max-new-tokens` that leaves no room for a prompt in the model's positions, refused before loading."""
+    limit = (checkpoint.get("text_config") or {}).get("max_position_embeddings")
+    if max_new_tokens is not None and limit is not None and max_new_tokens >= limit:
+        raise InputError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt: the model has "
+                         f"max_position_embeddings {limit} for prompt + answer")
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Model, processor and generation settings named by a command line's model group and sampler settings
+    (`arguments.add_model_arguments`, `add_generation_arguments`: `generate`, `chat`, `web`); every check runs
+    before the weights are read."""
+    name, adapter = resolve_adapter(model_name_from_args(args), args.adapter)  # --model may be an adapter folder
+    checkpoint = inspect_checkpoint(name)  # path, model type, weights
+    check_answer_fits(args.max_new_tokens, checkpoint)
+    config = generation_config_for(
+        checkpoint_generation_config(name, checkpoint), generation_overrides(args), fast=args.fast
+    )
+    quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
+    model, processor = load_pretrained(
+        name, args.processor, dtype=args.dtype, device=args.device, quantization=quantization,
+        attn_implementation=args.attn_implementation, config=checkpoint, adapter=adapter,
+    )  # fmt: skip
+    return model, processor, config
+
+
 # ---------------------------------------------------------------------------------------------- prompts
 
 
@@ -565,6 +618,7 @@ __all__ = [
     "generate_answers",
     "generate_texts",
     "generation_config_for",
+    "load_from_args",
     "load_pretrained",
     "chat_prompt",
     "prepare_inputs",

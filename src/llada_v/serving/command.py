@@ -67,6 +67,8 @@ def _add_server_group(parser: argparse.ArgumentParser) -> None:
                        help="Ray CPUs per replica, also its torch threads on CPU (default 1)")  # fmt: skip
     group.add_argument("--num-gpus-per-replica", type=float, default=0.0, metavar="N",
                        help="Ray GPUs per replica (1: one replica per GPU)")  # fmt: skip
+    group.add_argument("--web", action="store_true",
+                       help="also serve the web page (llada-v web) at / (needs pip install 'llada-v[web]')")  # fmt: skip
 
 
 def _add_limits_group(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +111,10 @@ def _run(args: argparse.Namespace) -> int:
     from ..inference import InputError
 
     options = options_from_args(args)
+    if options.web:
+        from ..web.command import check_gradio
+
+        check_gradio("llada-v serve --web")
     try:
         from .app import run_server
     except ImportError as err:

@@ -168,7 +168,7 @@ def build_asgi_app(server: Any) -> Starlette:
                 "capacity": server.admission.capacity, "queued_pixels": server.admission.pixels}  # fmt: skip
         return JSONResponse(body)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
@@ -176,6 +176,11 @@ def build_asgi_app(server: Any) -> Starlette:
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
+    if server.options.web:  # `llada-v serve --web`: the web page at `/`, behind the routes above (docs/web.md)
+        from ..web.app import mount_replica_page
+
+        mount_replica_page(app, server)
+    return app
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

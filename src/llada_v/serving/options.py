@@ -25,7 +25,7 @@ INT_OPTIONS = {
 }  # fmt: skip
 FLOAT_OPTIONS = {"target_ongoing_requests", "num_cpus_per_replica", "num_gpus_per_replica", "batch_wait_ms",
                  "image_fetch_timeout_s"}  # fmt: skip
-BOOL_OPTIONS = {"fast", "remote_images"}
+BOOL_OPTIONS = {"fast", "remote_images", "web"}
 # Requests other than chat completions (health, model list) that a full replica must still take.
 CONTROL_SLOTS = 8
 
@@ -41,7 +41,8 @@ class ServeOptions:
 
     Server: `host`, `port`, `address` (a Ray cluster to join; None starts a local one), `app_name`,
     `num_replicas` or autoscaling bounds `min_replicas`/`max_replicas` with `target_ongoing_requests`,
-    `num_cpus_per_replica` (also the replica's torch threads on CPU), `num_gpus_per_replica`.
+    `num_cpus_per_replica` (also the replica's torch threads on CPU), `num_gpus_per_replica`, `web` (the web page,
+    docs/web.md, at `/` of every replica; needs the `web` extra).
 
     Batching and limits: `max_batch_size`, `batch_wait_ms`, `max_queued_requests` (per replica, beyond the rows
     being generated; more gets 503), `max_request_bytes` (413 above), `max_images_per_request`,
@@ -77,6 +78,7 @@ class ServeOptions:
     target_ongoing_requests: float | None = None
     num_cpus_per_replica: float = 1.0
     num_gpus_per_replica: float = 0.0
+    web: bool = False
 
     max_batch_size: int = 16
     batch_wait_ms: float = 20.0

@@ -47,9 +47,9 @@ from typing import Any
 
 import torch
 
-from transformers import GenerationConfig
 from transformers.utils import ModelOutput, logging
 
+from .compat_llada_v import GenerationConfig
 from .configuration_llada_v import LladaVConfig
 
 logger = logging.get_logger(__name__)

@@ -166,7 +166,7 @@ def _attention_functions():
         return ALL_ATTENTION_FUNCTIONS
 
     class AttentionFunctions:
-        """5.0's registry with the `get_interface(name, default)` lookup of the later releases."""
+        """The 4.57 / 5.0 registry with the `get_interface(name, default)` lookup of the later releases."""
 
         def __getitem__(self, name):
             return ALL_ATTENTION_FUNCTIONS[name]
@@ -189,7 +189,7 @@ def vision_tower_from_config(vision_config: PreTrainedConfig):
     from transformers import AutoModel
 
     model = AutoModel.from_config(vision_config)
-    inner = getattr(model, "vision_model", None)  # 5.0 - 5.5: SiglipVisionModel(vision_model=SiglipVisionTransformer)
+    inner = getattr(model, "vision_model", None)  # 4.57, 5.0-5.5: SiglipVisionModel(vision_model=...)
     return inner if inner is not None and hasattr(inner, "encoder") else model
 
 

@@ -2,7 +2,8 @@
 
 - `REMOTE_CODE_FILES`: the one list of the flat modules that make a folder loadable with
   `trust_remote_code=True`; `write_remote_code(folder)` copies exactly them and writes the `auto_map`
-  entries of every config file present (model, processor, image processor, tokenizer). Conversion,
+  entries of every config file present (model, processor, image processor, tokenizer) and, in `config.json`,
+  the transformers releases the code supports (`supported_transformers`). Conversion,
   compose, the trainer's saves and the demo all call it; nothing else puts code into a checkpoint.
 - `DTYPES`: the dtype names accepted on command lines and in configs (`arguments.DTYPE_NAMES`) -> torch dtypes.
 - `parse_size`: shard sizes such as `"5GB"`; `ShardWriter`: sharded safetensors plus their index.
@@ -35,10 +36,12 @@ import torch
 from safetensors.torch import save_file
 
 from .arguments import DTYPE_NAMES
+from .compat_llada_v import TRANSFORMERS_RANGE
 
 # The remote-code modules: flat files beside this one, importing each other only as `from .x import y`.
 REMOTE_CODE_FILES: tuple[str, ...] = (
     "cache_llada_v.py",
+    "compat_llada_v.py",
     "configuration_llada_v.py",
     "generation_config_llada_v.py",
     "generation_utils.py",
@@ -90,6 +93,8 @@ def write_remote_code(folder: str | os.PathLike) -> list[str]:
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
         data["auto_map"] = dict(auto_map)
+        if name == "config.json":  # the transformers releases the copied code runs under (compat_llada_v)
+            data["supported_transformers"] = TRANSFORMERS_RANGE
         if name == "processor_config.json" and isinstance(data.get("image_processor"), dict):
             data["image_processor"]["auto_map"] = {**_IMAGE_PROCESSOR, **_PROCESSOR}
         _write_json(path, data)

@@ -6,8 +6,7 @@ LLaDA-8B language tower, trained as a masked diffusion model.
 image-layout fact lives here, so the model, processor and sampler read one source of truth.
 """
 
-from transformers import PreTrainedConfig, SiglipVisionConfig
-
+from .compat_llada_v import ConfigBase, PreTrainedConfig, SiglipVisionConfig, with_sub_configs
 from .image_layout_llada_v import default_grid_pinpoints, layout_kwargs
 
 # SigLIP2 so400m-patch14-384 as LLaDA-V stores it: the last of 27 encoder layers is deleted and there
@@ -32,7 +31,7 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-class LladaVTextConfig(PreTrainedConfig):
+class LladaVTextConfig(ConfigBase):
     r"""
     The LLaDA language tower: a LLaMA-3-shaped decoder without a causal mask (RMSNorm, SwiGLU, RoPE, plain
     multi-head attention, no biases, untied lm_head).
@@ -107,7 +106,8 @@ class LladaVTextConfig(PreTrainedConfig):
         )
 
 
-class LladaVConfig(PreTrainedConfig):
+@with_sub_configs(text_config=LladaVTextConfig, vision_config=SiglipVisionConfig)
+class LladaVConfig(ConfigBase):
     r"""
     Configuration of [`LladaVModel`]. Defaults reproduce the released GSAI-ML/LLaDA-V.
 
@@ -141,7 +141,6 @@ class LladaVConfig(PreTrainedConfig):
     """
 
     model_type = "llada_v"
-    sub_configs_defaults = {"text_config": LladaVTextConfig, "vision_config": SiglipVisionConfig}
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
@@ -168,6 +167,11 @@ class LladaVConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        # The sub-configs are built here, not left to transformers (which does it only from 5.20 on).
+        if self.text_config is None:
+            self.text_config = LladaVTextConfig()
+        elif isinstance(self.text_config, dict):
+            self.text_config = LladaVTextConfig(**self.text_config)
         if self.vision_config is None:
             self.vision_config = dict(SIGLIP_SO400M_VISION_DEFAULTS)
         if isinstance(self.vision_config, dict):

@@ -12,8 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import GenerationConfig
-
+from .compat_llada_v import GenerationConfig
 from .configuration_llada_v import LladaVConfig
 
 REMASKING_STRATEGIES = ("low_confidence", "random")

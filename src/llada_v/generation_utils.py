@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 
-from transformers import GenerationConfig
 from transformers.utils import ModelOutput, logging
 
 from .cache_llada_v import DecoderWindows, LladaVDiffusionCache
+from .compat_llada_v import GenerationConfig
 from .generation_config_llada_v import (
     FAST_DECODING_PRESET,
     LladaVGenerationConfig,

@@ -33,6 +33,9 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+# First of the transformers imports: an unsupported release stops here with one line (docs/errors.md).
+from .compat_llada_v import TRANSFORMERS_RANGE  # noqa: F401  # isort: skip
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.utils import logging

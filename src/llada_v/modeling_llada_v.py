@@ -22,11 +22,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from transformers import AutoModel, PreTrainedModel
-from transformers import initialization as init
+# First of the transformers imports: an unsupported release stops here with one line (docs/errors.md).
+from .compat_llada_v import (  # isort: skip
+    ALL_ATTENTION_FUNCTIONS,
+    init,
+    use_generation_config_class,
+    vision_tower_from_config,
+)
+from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .cache_llada_v import LladaVDiffusionCache
@@ -485,7 +490,7 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
 
     def __init__(self, config: LladaVConfig):
         super().__init__(config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.vision_tower = vision_tower_from_config(config.vision_config)
         self.multi_modal_projector = LladaVMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
         self.language_model = LladaVTextModel(config.text_config)
@@ -496,6 +501,7 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        use_generation_config_class(model)
         model.use_portable_cpu_4bit_kernels()
         return loaded
 

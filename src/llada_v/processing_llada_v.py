@@ -20,6 +20,8 @@ Notable facts (docs/processor.md):
 import re
 from typing import Any
 
+# First of the transformers imports: an unsupported release stops here with one line (docs/errors.md).
+from .compat_llada_v import TRANSFORMERS_RANGE  # noqa: F401  # isort: skip
 from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging

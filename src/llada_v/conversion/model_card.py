@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from .. import __version__
+from ..compat_llada_v import TRANSFORMERS_RANGE, TRANSFORMERS_TESTED
 
 CARD_NAME = "README.md"
 TAGS = ("llada-v", "llada", "masked-diffusion", "diffusion-language-model", "vision-language", "custom_code")
@@ -96,7 +97,10 @@ answer = out.sequences[0, inputs["input_ids"].shape[1]:][: out.answer_lengths[0]
 print(processor.tokenizer.decode(answer, skip_special_tokens=True))
 ```
 
-`llada_v` need not be installed: the folder carries its code (`trust_remote_code=True`). 4-bit:
+`llada_v` need not be installed: the folder carries its code (`trust_remote_code=True`). It runs under
+transformers `{TRANSFORMERS_RANGE}` (tested with {TRANSFORMERS_TESTED[0]} and {TRANSFORMERS_TESTED[1]}, the same
+outputs); under any other version loading stops with an `ImportError` that names the installed version and this
+range (`config.json` records it as `supported_transformers`). 4-bit:
 `quantization_config=BitsAndBytesConfig(load_in_4bit=True)` (the vision tower, projector and lm_head stay
 unquantised).
 

@@ -1,0 +1,1 @@
+src/llada_v/compat_llada_v.py

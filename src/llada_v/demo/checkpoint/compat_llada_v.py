@@ -1,0 +1,1 @@
+../../compat_llada_v.py

@@ -414,6 +414,7 @@ def test_lm_head_shortlist_runs_later_passes_of_a_block_over_the_shortlist_only(
             assert set(committed) <= shortlist
 
 
+@pytest.mark.slow
 def test_lm_head_shortlist_batch_equals_single_runs(confident):
     batch, singles, width = _batch(confident)
     settings = dict(steps=24, max_new_tokens=24, block_length=8, kv_cache="dual", lm_head_shortlist=3)

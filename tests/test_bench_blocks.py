@@ -57,6 +57,7 @@ def test_token_agreement_counts_positions_over_the_longer_answer(bench):
     assert bench.token_agreement([[1], [5, 6]], [[2], [5, 6]]) == pytest.approx(2 / 3)
 
 
+@pytest.mark.slow
 def test_benchmark_on_a_few_scenes_has_every_method_and_exact_equals_the_official_loop(bench, demo):
     model, processor = demo
     extra = {"fast_shortlist": {"lm_head_shortlist": 4}}

@@ -387,6 +387,7 @@ def test_the_cli_feeds_the_model_the_pixels_the_processor_makes(capsys, demo_ck,
     torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_chat_survives_invalid_utf8_a_literal_placeholder_and_a_closed_stdin(demo_ck):
     script = b"\xff\xfe broken\nWhat is <image> here?\nHow many shapes are there?\n"
     result = subprocess.run([*llada_v_command(), "chat", "--model", str(demo_ck)], input=script,
@@ -526,6 +527,7 @@ def reference_video_answer(path, prompt, frames):
     return processor.tokenizer.decode(output.answer_ids()[0], skip_special_tokens=True).strip()
 
 
+@pytest.mark.slow
 def test_generate_video_from_a_gif_answers_like_the_processor_pipeline(demo_ck, video):
     # The real `llada-v` command in a subprocess, as a user runs it.
     prompt = "How many shapes are there?"

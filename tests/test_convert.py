@@ -79,6 +79,7 @@ def test_converted_weights_equal_the_official_tensors(golden_dir, golden_checkpo
         assert path.is_file() and not path.is_symlink(), name
 
 
+@pytest.mark.slow
 def test_sharded_input_and_output(golden_dir, tmp_path):
     src = _official_copy(golden_dir, tmp_path, shards=3)
     out = convert(src, tmp_path / "ck", src / "vision_config.json", dtype=torch.bfloat16,
@@ -181,6 +182,7 @@ def test_converter_without_tokenizer_writes_model_only(golden_checkpoint):
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow
 def test_the_readme_command_works_with_a_relative_output_folder(golden_dir, tmp_path):
     src = _official_copy(golden_dir, tmp_path)
     result = subprocess.run(
@@ -192,7 +194,9 @@ def test_the_readme_command_works_with_a_relative_output_folder(golden_dir, tmp_
     assert (tmp_path / "llada-v-hf" / "config.json").is_file() and src.is_dir()
 
 
-@pytest.mark.parametrize("where", ["equal", "inside", "above"])
+@pytest.mark.parametrize(  # one case in the fast tier, the other two in the slow one
+    "where", [pytest.param("equal", marks=pytest.mark.slow), "inside", pytest.param("above", marks=pytest.mark.slow)]
+)
 def test_no_flag_can_delete_or_alter_the_input(golden_dir, tmp_path, where):
     src = _official_copy(golden_dir, tmp_path)
     (tmp_path / "unrelated.txt").write_text("keep me")
@@ -236,6 +240,7 @@ def test_zero_shard_size_is_refused(golden_dir, tmp_path):
         convert(src, tmp_path / "ck", src / "vision_config.json", max_shard_size="0", progress=False)
 
 
+@pytest.mark.slow
 def test_a_killed_writers_temp_folder_is_cleaned_by_the_next_run(golden_dir, tmp_path):
     src = _official_copy(golden_dir, tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

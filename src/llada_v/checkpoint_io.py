@@ -39,6 +39,7 @@ from .arguments import DTYPE_NAMES
 # The remote-code modules: flat files beside this one, importing each other only as `from .x import y`.
 REMOTE_CODE_FILES: tuple[str, ...] = (
     "configuration_llada_v.py",
+    "dllm_cache_llada_v.py",
     "generation_utils.py",
     "image_layout_llada_v.py",
     "image_processing_llada_v.py",

@@ -14,6 +14,7 @@ Notable choices:
   positions only, so a training step never materialises (batch, length, vocab) logits.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -29,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_llada_v import LladaVConfig, LladaVTextConfig
+from .dllm_cache_llada_v import FeatureCacheView, FeaturePositions, rope_table, transfer_index
 from .generation_utils import LladaVDiffusionCache, LladaVGenerationConfig, LladaVGenerationMixin
 from .image_layout_llada_v import (
     LAYOUT_ANYRES,
@@ -178,6 +180,37 @@ class LladaVAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+def feature_cache_attention(
+    attn: "LladaVAttention",
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    features: FeaturePositions,
+) -> torch.Tensor:
+    """Attention of a dLLM-Cache pass, with the official cache hook's numerics (docs/parity.md Q25): `q`
+    `(b, Tq, nh * hd)` at canvas positions `q_positions` `(b, Tq)`, `k`, `v` `(b, S, nkv * hd)` of the whole
+    canvas before RoPE; RoPE in float32 from a table, `softmax(q k^T / sqrt(hd))` in eager form (float32
+    softmax), padded keys hidden. Returns `(b, Tq, D)` after o_proj."""
+    batch, q_len = q.shape[:2]
+    k_len, head_dim = k.shape[1], attn.head_dim
+    q = q.view(batch, q_len, -1, head_dim).transpose(1, 2)  # (b, nh, Tq, hd)
+    k = k.view(batch, k_len, -1, head_dim).transpose(1, 2)  # (b, nkv, S, hd)
+    v = v.view(batch, k_len, -1, head_dim).transpose(1, 2)
+    q32, k32 = q.float(), k.float()
+    cos_q, sin_q = features.cos[q_positions].unsqueeze(1), features.sin[q_positions].unsqueeze(1)  # (b, 1, Tq, hd)
+    cos_k, sin_k = features.cos[features.positions].unsqueeze(1), features.sin[features.positions].unsqueeze(1)
+    q = ((q32 * cos_q) + (rotate_half(q32) * sin_q)).type_as(q)
+    k = ((k32 * cos_k) + (rotate_half(k32) * sin_k)).type_as(k)
+    k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+    weights = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)  # (b, nh, Tq, S)
+    if features.key_padding is not None:
+        weights = weights.masked_fill(~features.key_padding[:, None, None, :], torch.finfo(weights.dtype).min)
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(weights, v)  # (b, nh, Tq, hd)
+    return attn.o_proj(out.transpose(1, 2).contiguous().view(batch, q_len, -1))
+
+
 class LladaVMLP(nn.Module):
     def __init__(self, config: LladaVTextConfig):
         super().__init__()
@@ -203,14 +236,138 @@ class LladaVDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        feature_cache: FeatureCacheView | None = None,
+        feature_positions: FeaturePositions | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if feature_cache is not None:
+            return self.forward_feature_cached(hidden_states, feature_cache, feature_positions)
         residual = hidden_states
         attn_out, _ = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, **kwargs
         )
         hidden_states = residual + attn_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+    # ------------------------------------------------------------------ dLLM-Cache (dllm_cache_llada_v.py)
+
+    def forward_feature_cached(
+        self, x: torch.Tensor, cache: FeatureCacheView, features: FeaturePositions
+    ) -> torch.Tensor:
+        """The layer on `(b, T, D)` with dLLM-Cache: what the group's refresh decision recomputes is computed, the
+        rest comes from the cache (dllm_cache_llada_v.py has the rule). Follows the official cache hook op for op,
+        so the ids equal the official ones (docs/generation.md, "Accelerations")."""
+        layer, p = self.self_attn.layer_idx, cache.prompt_length
+        if cache.refresh_prompt and cache.refresh_answer:
+            q, k, v = self._project(x)
+            for name, value in (("k", k), ("v", v)):
+                cache.set(layer, f"prompt_{name}", value[:, :p])
+                cache.set(layer, f"answer_{name}", value[:, p:])
+            attn = feature_cache_attention(self.self_attn, q, k, v, features.positions, features)
+            cache.set(layer, "prompt_attn", attn[:, :p])
+            cache.set(layer, "answer_attn", attn[:, p:])
+            h = x + attn
+            mlp = self.mlp(self.post_attention_layernorm(h))
+            cache.set(layer, "prompt_mlp", mlp[:, :p])
+            cache.set(layer, "answer_mlp", mlp[:, p:])
+            return h + mlp
+        if cache.refresh_answer:
+            return self._feature_cached_answer_refresh(x, cache, features)
+        return self._feature_cached_transfer(x, cache, features)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        normed = self.input_layernorm(x)
+        attn = self.self_attn
+        return attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
+
+    def _feature_cached_answer_refresh(
+        self, x: torch.Tensor, cache: FeatureCacheView, features: FeaturePositions
+    ) -> torch.Tensor:
+        """The answer region recomputed against the cached prompt keys/values; the prompt's outputs reused."""
+        layer, p = self.self_attn.layer_idx, cache.prompt_length
+        q_a, k_a, v_a = self._project(x[:, p:])
+        cache.set(layer, "answer_k", k_a)
+        cache.set(layer, "answer_v", v_a)
+        k = torch.cat((cache.get(layer, "prompt_k"), k_a), dim=1)
+        v = torch.cat((cache.get(layer, "prompt_v"), v_a), dim=1)
+        attn_a = feature_cache_attention(self.self_attn, q_a, k, v, features.positions[:, p:], features)
+        cache.set(layer, "answer_attn", attn_a)
+        h = x + torch.cat((cache.get(layer, "prompt_attn"), attn_a), dim=1)
+        mlp_a = self.mlp(self.post_attention_layernorm(h[:, p:]))
+        cache.set(layer, "answer_mlp", mlp_a)
+        return h + torch.cat((cache.get(layer, "prompt_mlp"), mlp_a), dim=1)
+
+    def _feature_cached_transfer(
+        self, x: torch.Tensor, cache: FeatureCacheView, features: FeaturePositions
+    ) -> torch.Tensor:
+        """No answer refresh: the `transfer_ratio` share of answer positions whose values moved most is recomputed
+        (per row) and written into the cache; with a prompt refresh the prompt is recomputed too, its queries in
+        the same attention call as the moved positions' (the official order)."""
+        layer, p = self.self_attn.layer_idx, cache.prompt_length
+        attn_mod = self.self_attn
+        k_a, v_a = cache.get(layer, "answer_k"), cache.get(layer, "answer_v")
+        attn_a = cache.get(layer, "answer_attn")
+        moved = None  # (b, n) answer indices recomputed in this pass
+        queries, q_positions = [], []
+        if cache.refresh_prompt:
+            q_p, k_p, v_p = self._project(x[:, :p])
+            cache.set(layer, "prompt_k", k_p)
+            cache.set(layer, "prompt_v", v_p)
+            queries.append(q_p)
+            q_positions.append(features.positions[:, :p])
+        else:
+            k_p, v_p = cache.get(layer, "prompt_k"), cache.get(layer, "prompt_v")
+        if x.shape[1] > p:
+            normed_a = self.input_layernorm(x[:, p:])  # (b, G, D)
+            moved = transfer_index(attn_mod.v_proj(normed_a), v_a, cache.transfer_ratio)
+            if moved.numel() == 0:
+                moved = None
+        if moved is not None:
+            chosen = _gather_rows(normed_a, moved)  # (b, n, D)
+            q_m, k_m, v_m = attn_mod.q_proj(chosen), attn_mod.k_proj(chosen), attn_mod.v_proj(chosen)
+            k_a, v_a = _scatter_rows(k_a, moved, k_m), _scatter_rows(v_a, moved, v_m)
+            cache.set(layer, "answer_k", k_a)
+            cache.set(layer, "answer_v", v_a)
+            queries.append(q_m)
+            q_positions.append(features.positions[:, p:].gather(1, moved))
+        attn_p = None if cache.refresh_prompt else cache.get(layer, "prompt_attn")
+        if queries:
+            k, v = torch.cat((k_p, k_a), dim=1), torch.cat((v_p, v_a), dim=1)
+            out = feature_cache_attention(
+                attn_mod, torch.cat(queries, dim=1), k, v, torch.cat(q_positions, dim=1), features
+            )
+            if cache.refresh_prompt:
+                attn_p = out[:, :p]
+                cache.set(layer, "prompt_attn", attn_p)
+            if moved is not None:
+                attn_a = _scatter_rows(attn_a, moved, out[:, out.shape[1] - moved.shape[1] :])
+                cache.set(layer, "answer_attn", attn_a)
+        h = x + torch.cat((attn_p, attn_a), dim=1)
+        mlp_a = cache.get(layer, "answer_mlp")
+        mlp_inputs = [h[:, :p]] if cache.refresh_prompt else []
+        if moved is not None:
+            mlp_inputs.append(_gather_rows(h[:, p:], moved))
+        mlp_p = None if cache.refresh_prompt else cache.get(layer, "prompt_mlp")
+        if mlp_inputs:
+            out = self.mlp(self.post_attention_layernorm(torch.cat(mlp_inputs, dim=1)))
+            if cache.refresh_prompt:
+                mlp_p = out[:, :p]
+                cache.set(layer, "prompt_mlp", mlp_p)
+            if moved is not None:
+                mlp_a = _scatter_rows(mlp_a, moved, out[:, out.shape[1] - moved.shape[1] :])
+                cache.set(layer, "answer_mlp", mlp_a)
+        return h + torch.cat((mlp_p, mlp_a), dim=1)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[b, index[b, i]]`: `(b, G, d)`, `(b, n)` -> `(b, n, d)`."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _scatter_rows(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """A copy of `x` `(b, G, d)` with `x[b, index[b, i]] = src[b, i]`."""
+    return x.scatter(1, index[..., None].expand(-1, -1, x.shape[-1]), src)
 
 
 def build_bidirectional_mask(
@@ -313,14 +470,19 @@ class LladaVTextModel(LladaVPreTrainedModel):
         output_hidden_states: bool = False,
         cache: LladaVDiffusionCache | None = None,
         cache_start: int = 0,
+        feature_cache: FeatureCacheView | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Run the decoder on embeddings (B, T, D); returns the final-normed states and, optionally, all states.
 
         With `cache`, the T embeddings are the window `[cache_start, cache_start + T)` of a longer canvas
         whose other keys/values are in the cache; `attention_mask` and `conversation_ids` then cover the
-        whole canvas.
+        whole canvas. With `feature_cache` (dLLM-Cache, one group's view), the T embeddings are the whole canvas
+        and every layer reuses what the view's refresh decision allows (`LladaVDecoderLayer.forward_feature_cached`).
         """
+        if feature_cache is not None:
+            return self._forward_feature_cached(inputs_embeds, attention_mask, position_ids, conversation_ids,
+                                                output_hidden_states, feature_cache, cache)  # fmt: skip
         batch, length = inputs_embeds.shape[:2]
         total = length if cache is None or cache.length == 0 else cache.length
         if cache is not None and cache.length == 0 and cache_start != 0:
@@ -354,6 +516,38 @@ class LladaVTextModel(LladaVPreTrainedModel):
                 cache_start=cache_start,
                 **kwargs,
             )
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+        return self.norm(hidden_states), all_hidden
+
+    def _forward_feature_cached(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        conversation_ids: torch.Tensor | None,
+        output_hidden_states: bool,
+        feature_cache: FeatureCacheView,
+        cache: LladaVDiffusionCache | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        batch, length = inputs_embeds.shape[:2]
+        if cache is not None or conversation_ids is not None:
+            raise ValueError("feature_cache (dLLM-Cache) cannot be combined with a key/value cache or conversation_ids")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"feature_cache needs a (batch, length) attention_mask, got {tuple(attention_mask.shape)}")
+        if length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {length} exceeds max_position_embeddings ({self.config.max_position_embeddings})"
+            )
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, batch, length, inputs_embeds.device)
+        key_padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        cos, sin = rope_table(self.rotary_emb.inv_freq.to(inputs_embeds.device), length)
+        features = FeaturePositions(cos, sin, position_ids, key_padding)
+        hidden_states = inputs_embeds
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, feature_cache=feature_cache, feature_positions=features)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
         return self.norm(hidden_states), all_hidden
@@ -705,6 +899,7 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
         logits_to_keep: int | torch.Tensor | None = None,
         cache: LladaVDiffusionCache | None = None,
         cache_start: int = 0,
+        feature_cache: FeatureCacheView | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -732,12 +927,16 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             cache, cache_start: a `LladaVDiffusionCache` and the start of the window that `input_ids` /
                 `inputs_embeds` cover (see `LladaVDiffusionCache`); positions in `logits_to_keep` are then
                 relative to the window. The first call on an empty cache must cover the whole canvas.
+            feature_cache: a dLLM-Cache view (`dllm_cache_llada_v.FeatureCacheView`) for a generation pass over
+                the whole canvas; `diffusion_generate` builds it from `LladaVGenerationConfig.dllm_cache`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None and pixel_values is not None:
             raise ValueError("pixel_values cannot be combined with inputs_embeds (merge images into the embeddings)")
+        if labels is not None and feature_cache is not None:
+            raise ValueError("labels (training) cannot be combined with a feature_cache (dLLM-Cache decoding)")
         if input_ids is not None:
             check_token_ids("input_ids", input_ids, self.get_input_embeddings().num_embeddings)
         self._check_masks(input_ids if input_ids is not None else inputs_embeds, attention_mask, labels, cache)
@@ -762,6 +961,7 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             output_hidden_states=bool(output_hidden_states),
             cache=cache,
             cache_start=cache_start,
+            feature_cache=feature_cache,
             **kwargs,
         )
 

@@ -3,7 +3,9 @@
 - no import cycle anywhere in the package;
 - `checkpoint_io.REMOTE_CODE_FILES` is exactly the set of remote-code modules: what transformers copies for the
   model and the processor, the repository root's links, the demo checkpoint's files and a converted folder's;
-- the remote-code modules import only the standard library, torch, transformers, PIL, numpy and each other;
+- the remote-code modules import only the standard library, torch, transformers, PIL, numpy and each other, each
+  name from the module that defines it (the attention layer takes the cache from `cache_llada_v`, not from the
+  sampler), and none is longer than 1,000 lines;
 - no function is longer than 80 lines (docstring excluded) unless its first comment says why.
 """
 
@@ -21,6 +23,7 @@ from llada_v.demo.model import demo_model_dir
 SRC = REPO / "src" / "llada_v"
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "PIL", "numpy"}
 MAX_FUNCTION_LINES = 80
+MAX_REMOTE_MODULE_LINES = 1000
 
 
 def _package_modules() -> dict[str, Path]:
@@ -127,6 +130,45 @@ def test_remote_code_imports_nothing_package_only():
                 continue
             for top in tops:
                 assert top in ALLOWED_TOP_LEVEL or top in sys.stdlib_module_names, f"{name}: {ast.unparse(node)}"
+
+
+def _defined_names(path: Path) -> set[str]:
+    """Names a module defines at its top level (functions, classes, assignments), not those it imports."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_remote_code_imports_each_name_from_its_owner():
+    # Re-exports (`from .generation_utils import LladaVGenerationConfig`) are for users; inside the remote code a
+    # name comes from the module that defines it, so the import graph shows who depends on what.
+    for name in REMOTE_CODE_FILES:
+        for node in ast.walk(ast.parse((SRC / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                owner = _defined_names(SRC / f"{node.module}.py")
+                borrowed = [alias.name for alias in node.names if alias.name not in owner]
+                assert not borrowed, f"{name}: {borrowed} are not defined in {node.module}.py"
+    modeling = ast.parse((SRC / "modeling_llada_v.py").read_text())
+    cache_imports = [n.module for n in ast.walk(modeling) if isinstance(n, ast.ImportFrom)
+                     and any(a.name == "LladaVDiffusionCache" for a in n.names)]  # fmt: skip
+    assert cache_imports == ["cache_llada_v"]
+
+
+def test_the_owner_check_sees_a_re_export():
+    assert "LladaVGenerationConfig" in _defined_names(SRC / "generation_config_llada_v.py")
+    assert "LladaVGenerationConfig" not in _defined_names(SRC / "generation_utils.py")  # imported there, re-exported
+
+
+def test_no_remote_code_module_is_longer_than_1000_lines():
+    lengths = {name: len((SRC / name).read_text().splitlines()) for name in REMOTE_CODE_FILES}
+    assert lengths["generation_utils.py"] > 100  # the files are read
+    long = {name: n for name, n in lengths.items() if n > MAX_REMOTE_MODULE_LINES}
+    assert not long, f"remote-code modules over {MAX_REMOTE_MODULE_LINES} lines: {long}"
 
 
 def test_package_only_flat_modules_are_not_remote_code():

@@ -544,6 +544,15 @@ def test_max_length_counts_the_prompt():
         _scripted_run([2], [1.0], max_length=4)
 
 
+def test_max_length_that_leaves_a_bad_answer_length_names_max_length_in_the_error():
+    # 11 - 4 prompt tokens = 7 answer tokens, which block_length 4 does not divide.
+    with pytest.raises(ValueError) as err:
+        _scripted_run([2 + i for i in range(6)], [1.0] * 6, max_length=11, steps=4, block_length=4)
+    assert str(err.value).startswith(
+        "max_length (11) - prompt (4) = 7 new tokens: max_new_tokens (7) must be divisible by block_length (4)"
+    )
+
+
 @pytest.mark.parametrize(
     "setting", [dict(num_beams=2), dict(repetition_penalty=1.2), dict(min_new_tokens=3), dict(use_cache=True),
                 dict(num_return_sequences=2), dict(no_repeat_ngram_size=3)],

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LladaVConfig": "configuration_llada_v",
     "LladaVTextConfig": "configuration_llada_v",
-    "LladaVGenerationConfig": "generation_utils",
+    "LladaVGenerationConfig": "generation_config_llada_v",
     "LladaVImageProcessor": "image_processing_llada_v",
     "LladaVProcessor": "processing_llada_v",
     "LladaVModel": "modeling_llada_v",

@@ -38,14 +38,17 @@ from .arguments import DTYPE_NAMES
 
 # The remote-code modules: flat files beside this one, importing each other only as `from .x import y`.
 REMOTE_CODE_FILES: tuple[str, ...] = (
+    "cache_llada_v.py",
     "configuration_llada_v.py",
     "dllm_cache_llada_v.py",
+    "generation_config_llada_v.py",
     "generation_utils.py",
     "image_layout_llada_v.py",
     "image_processing_llada_v.py",
     "image_resize_llada_v.py",
     "modeling_llada_v.py",
     "processing_llada_v.py",
+    "sampling_llada_v.py",
 )
 SOURCE_DIR = Path(__file__).resolve().parent
 _OWNER_FILE = ".llada_v-writer"  # "<host> <pid>" of the process writing a temporary folder

@@ -2,7 +2,8 @@
 
 One file, top to bottom: the LLaDA decoder (RMSNorm, RoPE, attention without a causal mask, SwiGLU),
 the anyres image packing, the multimodal merge, and `LladaVModel` with the masked-diffusion training
-loss. Generation lives in `generation_utils.py` (`diffusion_generate`).
+loss. Generation lives in `generation_utils.py` (`diffusion_generate`); the attention layers read and write
+the key/value cache of fast decoding (`cache_llada_v.py`).
 
 Notable choices:
 - our own decoder stack: transformers' LlamaModel with `is_causal=False` is not bidirectional;
@@ -29,9 +30,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
+from .cache_llada_v import LladaVDiffusionCache
 from .configuration_llada_v import LladaVConfig, LladaVTextConfig
 from .dllm_cache_llada_v import FeatureCacheView, FeaturePositions, rope_table, transfer_index
-from .generation_utils import LladaVDiffusionCache, LladaVGenerationConfig, LladaVGenerationMixin
+from .generation_config_llada_v import LladaVGenerationConfig
+from .generation_utils import LladaVGenerationMixin
 from .image_layout_llada_v import (
     LAYOUT_ANYRES,
     LAYOUT_NAMES,
@@ -370,6 +373,16 @@ def _scatter_rows(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> to
     return x.scatter(1, index[..., None].expand(-1, -1, x.shape[-1]), src)
 
 
+def default_position_ids(
+    attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor:
+    """Positions 0..L-1 over the merged sequence; with a padding mask, counted over real tokens only, so a
+    left-padded row gets the same positions as the row alone."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return torch.arange(length, device=device).unsqueeze(0).expand(batch, length)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def build_bidirectional_mask(
     attention_mask: torch.Tensor | None,
     conversation_ids: torch.Tensor | None,
@@ -411,6 +424,54 @@ def build_bidirectional_mask(
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )
+
+
+class ChatTurn(NamedTuple):
+    """A header-delimited turn of a tokenised conversation (see `find_turns`)."""
+
+    start: int  # position of its `<|start_header_id|>`
+    header_end: int | None  # position of its `<|end_header_id|>`; None when the header is not closed
+    end: int  # one past its `<|eot_id|>`, or where the next turn starts
+    role: tuple[int, ...]  # the ids between the two header tokens (empty when the header is not closed)
+
+
+def find_turns(ids: Sequence[int], start_header_id: int, end_header_id: int, eot_id: int) -> list[ChatTurn]:
+    """Split tokenised conversation ids into the turns of the LLaDA chat template: a turn starts at
+    `<|start_header_id|>`, its role is the ids up to `<|end_header_id|>`, and it ends after its `<|eot_id|>`
+    (or where the next turn starts). The one parser of turns, for the dialogue mask and the training labels."""
+    ids = list(ids)
+    starts = [i for i, t in enumerate(ids) if t == start_header_id]
+    turns = []
+    for k, start in enumerate(starts):
+        limit = starts[k + 1] if k + 1 < len(starts) else len(ids)
+        header_end = next((i for i in range(start + 1, limit) if ids[i] == end_header_id), None)
+        end = limit
+        if header_end is not None:
+            end = next((i + 1 for i in range(header_end + 1, limit) if ids[i] == eot_id), limit)
+        role = tuple(ids[start + 1 : header_end]) if header_end is not None else ()
+        turns.append(ChatTurn(start, header_end, end, role))
+    return turns
+
+
+def conversation_ids_from_input_ids(input_ids: torch.Tensor, config: LladaVConfig) -> torch.Tensor:
+    """Dialogue turn of every position, for "dialogue causal" attention (docs/parity.md Q23).
+
+    The system prompt and first exchange are turn 0; the turn increments at each user turn that follows an
+    assistant turn; every other position keeps the turn of the position before it.
+    """
+    ids = torch.zeros_like(input_ids)
+    user, assistant = (config.user_role_token_id,), (config.assistant_role_token_id,)
+    for b in range(input_ids.shape[0]):
+        turn, seen_assistant = 0, False
+        headers = (config.start_header_token_id, config.end_header_token_id, config.eot_token_id)
+        for chat_turn in find_turns(input_ids[b].tolist(), *headers):
+            if chat_turn.role == assistant:
+                seen_assistant = True
+            elif chat_turn.role == user and seen_assistant:
+                turn += 1
+                seen_assistant = False
+                ids[b, chat_turn.start :] = turn
+    return ids
 
 
 class LladaVPreTrainedModel(PreTrainedModel):
@@ -553,79 +614,6 @@ class LladaVTextModel(LladaVPreTrainedModel):
         return self.norm(hidden_states), all_hidden
 
 
-def default_position_ids(
-    attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device
-) -> torch.Tensor:
-    """Positions 0..L-1 over the merged sequence; with a padding mask, counted over real tokens only, so a
-    left-padded row gets the same positions as the row alone."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return torch.arange(length, device=device).unsqueeze(0).expand(batch, length)
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore: int | None = None) -> None:
-    """`ids` must be an integer `(batch, length)` tensor of ids in `0..vocab_size-1` (`ignore` allowed too);
-    a `ValueError` names the offending values instead of an `IndexError` deep in the embedding."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        dtype = f" {ids.dtype}" if isinstance(ids, torch.Tensor) else ""
-        raise ValueError(f"{name} must be an integer tensor of shape (batch, length), got{dtype} {shape}")
-    valid = (ids >= 0) & (ids < vocab_size)
-    if ignore is not None:
-        valid |= ids == ignore
-    if not bool(valid.all()):
-        bad = sorted(set(ids[~valid].tolist()))[:10]
-        raise ValueError(f"{name} holds ids outside the vocabulary (0..{vocab_size - 1}): {bad}")
-
-
-class ChatTurn(NamedTuple):
-    """A header-delimited turn of a tokenised conversation (see `find_turns`)."""
-
-    start: int  # position of its `<|start_header_id|>`
-    header_end: int | None  # position of its `<|end_header_id|>`; None when the header is not closed
-    end: int  # one past its `<|eot_id|>`, or where the next turn starts
-    role: tuple[int, ...]  # the ids between the two header tokens (empty when the header is not closed)
-
-
-def find_turns(ids: Sequence[int], start_header_id: int, end_header_id: int, eot_id: int) -> list[ChatTurn]:
-    """Split tokenised conversation ids into the turns of the LLaDA chat template: a turn starts at
-    `<|start_header_id|>`, its role is the ids up to `<|end_header_id|>`, and it ends after its `<|eot_id|>`
-    (or where the next turn starts). The one parser of turns, for the dialogue mask and the training labels."""
-    ids = list(ids)
-    starts = [i for i, t in enumerate(ids) if t == start_header_id]
-    turns = []
-    for k, start in enumerate(starts):
-        limit = starts[k + 1] if k + 1 < len(starts) else len(ids)
-        header_end = next((i for i in range(start + 1, limit) if ids[i] == end_header_id), None)
-        end = limit
-        if header_end is not None:
-            end = next((i + 1 for i in range(header_end + 1, limit) if ids[i] == eot_id), limit)
-        role = tuple(ids[start + 1 : header_end]) if header_end is not None else ()
-        turns.append(ChatTurn(start, header_end, end, role))
-    return turns
-
-
-def conversation_ids_from_input_ids(input_ids: torch.Tensor, config: LladaVConfig) -> torch.Tensor:
-    """Dialogue turn of every position, for "dialogue causal" attention (docs/parity.md Q23).
-
-    The system prompt and first exchange are turn 0; the turn increments at each user turn that follows an
-    assistant turn; every other position keeps the turn of the position before it.
-    """
-    ids = torch.zeros_like(input_ids)
-    user, assistant = (config.user_role_token_id,), (config.assistant_role_token_id,)
-    for b in range(input_ids.shape[0]):
-        turn, seen_assistant = 0, False
-        headers = (config.start_header_token_id, config.end_header_token_id, config.eot_token_id)
-        for chat_turn in find_turns(input_ids[b].tolist(), *headers):
-            if chat_turn.role == assistant:
-                seen_assistant = True
-            elif chat_turn.role == user and seen_assistant:
-                turn += 1
-                seen_assistant = False
-                ids[b, chat_turn.start :] = turn
-    return ids
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Vision side
 
@@ -661,6 +649,21 @@ class LladaVModelOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     masked_indices: torch.Tensor | None = None
     p_mask: torch.Tensor | None = None
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore: int | None = None) -> None:
+    """`ids` must be an integer `(batch, length)` tensor of ids in `0..vocab_size-1` (`ignore` allowed too);
+    a `ValueError` names the offending values instead of an `IndexError` deep in the embedding."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        dtype = f" {ids.dtype}" if isinstance(ids, torch.Tensor) else ""
+        raise ValueError(f"{name} must be an integer tensor of shape (batch, length), got{dtype} {shape}")
+    valid = (ids >= 0) & (ids < vocab_size)
+    if ignore is not None:
+        valid |= ids == ignore
+    if not bool(valid.all()):
+        bad = sorted(set(ids[~valid].tolist()))[:10]
+        raise ValueError(f"{name} holds ids outside the vocabulary (0..{vocab_size - 1}): {bad}")
 
 
 class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):

@@ -1,0 +1,1 @@
+src/llada_v/cache_llada_v.py

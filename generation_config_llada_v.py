@@ -1,0 +1,1 @@
+src/llada_v/generation_config_llada_v.py

@@ -1,0 +1,1 @@
+src/llada_v/sampling_llada_v.py

@@ -1,0 +1,1 @@
+../../cache_llada_v.py

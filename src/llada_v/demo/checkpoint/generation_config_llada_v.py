@@ -1,0 +1,1 @@
+../../generation_config_llada_v.py

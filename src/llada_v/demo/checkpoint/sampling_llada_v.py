@@ -1,0 +1,1 @@
+../../sampling_llada_v.py

@@ -10,18 +10,20 @@ number `n` (1-based, counted over the passes that row took part in during one ca
 - otherwise the `transfer_ratio` share of answer positions whose value vectors changed most since they were
   cached (lowest cosine similarity, per row) is recomputed and written into the cache; the rest is reused.
 
-Pass 1 refreshes both, so it is a full forward. The decoder layer applies this in
-`LladaVDecoderLayer.forward_feature_cached` (modeling_llada_v.py); this module holds the settings, the storage,
-the refresh clocks and the pure token choice. It reproduces the official implementation (LLaDA-V's
-`dLLMCache` + `register_cache_LLaDA_V`) id for id, including its numerics: RoPE from a float32 table indexed
-by position and attention computed as `softmax(q k^T / sqrt(d))` in eager form. It is an approximation of
-exact decoding: answers change. Differences by design: the cache is an object passed through the forward (no
+Pass 1 refreshes both, so it is a full forward. This module holds the settings, the storage, the refresh
+clocks, the token choice and the layer under the cache (`feature_cached_layer_forward`, called by
+`LladaVDecoderLayer`); the attention maths is `feature_cache_attention` in modeling_llada_v.py.
+
+It reproduces the official implementation (LLaDA-V's `dLLMCache` + `register_cache_LLaDA_V`) id for id,
+including its numerics: RoPE from a float32 table indexed by position and attention computed as
+`softmax(q k^T / sqrt(d))` in eager form. It is an approximation of exact decoding: answers change. Differences by design: the cache is an object passed through the forward (no
 global singleton, no patched methods), and each row of a batch keeps its own clock and picks its own tokens,
 so a left-padded batch gives what each row gives alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -57,30 +59,6 @@ def dllm_cache_settings(value: Any) -> dict[str, Any] | None:
     ratio = settings["transfer_ratio"]
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
         raise ValueError(f"dllm_cache transfer_ratio must be a number in [0, 1], got {ratio!r}")
-    return settings
-
-
-def parse_dllm_cache(text: str | None) -> dict[str, Any]:
-    """A command line's `--dllm-cache [P,G,R]`: no value -> `{}` (the official defaults), "P,G,R" -> the three
-    settings (prompt interval, answer interval, transfer ratio), checked by `dllm_cache_settings`."""
-    if text is None or text == "":
-        return {}
-    parts = text.split(",")
-    if len(parts) != 3:
-        raise ValueError(
-            f"--dllm-cache takes PROMPT_INTERVAL,GEN_INTERVAL,TRANSFER_RATIO (e.g. 25,7,0.25), got {text!r}"
-        )
-    try:
-        settings = {
-            "prompt_interval_steps": int(parts[0]),
-            "gen_interval_steps": int(parts[1]),
-            "transfer_ratio": float(parts[2]),
-        }
-    except ValueError:
-        raise ValueError(
-            f"--dllm-cache takes two integers and a number (e.g. 25,7,0.25), got {text!r}"
-        ) from None
-    dllm_cache_settings(settings)
     return settings
 
 
@@ -204,13 +182,139 @@ class FeatureCacheView:
         return answer if self.refresh_answer else moved
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The layer with the cache: what a group's refresh decision recomputes is computed, the rest read from the cache.
+# `layer` is a `LladaVDecoderLayer` (its norms, projections and MLP are used); `attend(q, k, v, q_positions,
+# features)` is the attention after o_proj with the official hook's numerics (`feature_cache_attention` in
+# modeling_llada_v.py). Follows the official cache hook op for op, so the ids equal the official ones.
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, FeaturePositions], torch.Tensor]
+
+
+def feature_cached_layer_forward(
+    layer: Any, x: torch.Tensor, cache: FeatureCacheView, features: FeaturePositions, attend: Attend
+) -> torch.Tensor:
+    """One decoder layer on the whole canvas `(b, T, D)` under dLLM-Cache; returns its output `(b, T, D)`."""
+    index, p = layer.self_attn.layer_idx, cache.prompt_length
+    if cache.refresh_prompt and cache.refresh_answer:  # a full layer, everything stored
+        q, k, v = _project(layer, x)
+        for name, value in (("k", k), ("v", v)):
+            cache.set(index, f"prompt_{name}", value[:, :p])
+            cache.set(index, f"answer_{name}", value[:, p:])
+        attn = attend(q, k, v, features.positions, features)
+        cache.set(index, "prompt_attn", attn[:, :p])
+        cache.set(index, "answer_attn", attn[:, p:])
+        h = x + attn
+        mlp = layer.mlp(layer.post_attention_layernorm(h))
+        cache.set(index, "prompt_mlp", mlp[:, :p])
+        cache.set(index, "answer_mlp", mlp[:, p:])
+        return h + mlp
+    if cache.refresh_answer:
+        return _answer_refresh(layer, x, cache, features, attend)
+    return _transfer(layer, x, cache, features, attend)
+
+
+def _project(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    normed = layer.input_layernorm(x)
+    attn = layer.self_attn
+    return attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
+
+
+def _answer_refresh(
+    layer: Any, x: torch.Tensor, cache: FeatureCacheView, features: FeaturePositions, attend: Attend
+) -> torch.Tensor:
+    """The answer region recomputed against the cached prompt keys/values; the prompt's outputs reused."""
+    index, p = layer.self_attn.layer_idx, cache.prompt_length
+    q_a, k_a, v_a = _project(layer, x[:, p:])
+    cache.set(index, "answer_k", k_a)
+    cache.set(index, "answer_v", v_a)
+    k = torch.cat((cache.get(index, "prompt_k"), k_a), dim=1)
+    v = torch.cat((cache.get(index, "prompt_v"), v_a), dim=1)
+    attn_a = attend(q_a, k, v, features.positions[:, p:], features)
+    cache.set(index, "answer_attn", attn_a)
+    h = x + torch.cat((cache.get(index, "prompt_attn"), attn_a), dim=1)
+    mlp_a = layer.mlp(layer.post_attention_layernorm(h[:, p:]))
+    cache.set(index, "answer_mlp", mlp_a)
+    return h + torch.cat((cache.get(index, "prompt_mlp"), mlp_a), dim=1)
+
+
+def _transfer(
+    layer: Any, x: torch.Tensor, cache: FeatureCacheView, features: FeaturePositions, attend: Attend
+) -> torch.Tensor:
+    """No answer refresh: the `transfer_ratio` share of answer positions whose values moved most is recomputed
+    (per row) and written into the cache; with a prompt refresh the prompt is recomputed too, its queries in the
+    same attention call as the moved positions' (the official order)."""
+    index, p = layer.self_attn.layer_idx, cache.prompt_length
+    projections = layer.self_attn
+    k_a, v_a = cache.get(index, "answer_k"), cache.get(index, "answer_v")
+    attn_a = cache.get(index, "answer_attn")
+    moved = None  # (b, n) answer indices recomputed in this pass
+    queries, q_positions = [], []
+    if cache.refresh_prompt:
+        q_p, k_p, v_p = _project(layer, x[:, :p])
+        cache.set(index, "prompt_k", k_p)
+        cache.set(index, "prompt_v", v_p)
+        queries.append(q_p)
+        q_positions.append(features.positions[:, :p])
+    else:
+        k_p, v_p = cache.get(index, "prompt_k"), cache.get(index, "prompt_v")
+    if x.shape[1] > p:
+        normed_a = layer.input_layernorm(x[:, p:])  # (b, G, D)
+        moved = transfer_index(projections.v_proj(normed_a), v_a, cache.transfer_ratio)
+        if moved.numel() == 0:
+            moved = None
+    if moved is not None:
+        chosen = _gather_rows(normed_a, moved)  # (b, n, D)
+        q_m, k_m, v_m = projections.q_proj(chosen), projections.k_proj(chosen), projections.v_proj(chosen)
+        k_a, v_a = _scatter_rows(k_a, moved, k_m), _scatter_rows(v_a, moved, v_m)
+        cache.set(index, "answer_k", k_a)
+        cache.set(index, "answer_v", v_a)
+        queries.append(q_m)
+        q_positions.append(features.positions[:, p:].gather(1, moved))
+    attn_p = None if cache.refresh_prompt else cache.get(index, "prompt_attn")
+    if queries:
+        k, v = torch.cat((k_p, k_a), dim=1), torch.cat((v_p, v_a), dim=1)
+        out = attend(torch.cat(queries, dim=1), k, v, torch.cat(q_positions, dim=1), features)
+        if cache.refresh_prompt:
+            attn_p = out[:, :p]
+            cache.set(index, "prompt_attn", attn_p)
+        if moved is not None:
+            attn_a = _scatter_rows(attn_a, moved, out[:, out.shape[1] - moved.shape[1] :])
+            cache.set(index, "answer_attn", attn_a)
+    h = x + torch.cat((attn_p, attn_a), dim=1)
+    mlp_a = cache.get(index, "answer_mlp")
+    mlp_inputs = [h[:, :p]] if cache.refresh_prompt else []
+    if moved is not None:
+        mlp_inputs.append(_gather_rows(h[:, p:], moved))
+    mlp_p = None if cache.refresh_prompt else cache.get(index, "prompt_mlp")
+    if mlp_inputs:
+        out = layer.mlp(layer.post_attention_layernorm(torch.cat(mlp_inputs, dim=1)))
+        if cache.refresh_prompt:
+            mlp_p = out[:, :p]
+            cache.set(index, "prompt_mlp", mlp_p)
+        if moved is not None:
+            mlp_a = _scatter_rows(mlp_a, moved, out[:, out.shape[1] - moved.shape[1] :])
+            cache.set(index, "answer_mlp", mlp_a)
+    return h + torch.cat((mlp_p, mlp_a), dim=1)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[b, index[b, i]]`: `(b, G, d)`, `(b, n)` -> `(b, n, d)`."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _scatter_rows(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """A copy of `x` `(b, G, d)` with `x[b, index[b, i]] = src[b, i]`."""
+    return x.scatter(1, index[..., None].expand(-1, -1, x.shape[-1]), src)
+
+
 __all__ = [
     "DLLM_CACHE_DEFAULTS",
     "FeatureCacheView",
     "FeaturePositions",
     "LladaVFeatureCache",
     "dllm_cache_settings",
-    "parse_dllm_cache",
+    "feature_cached_layer_forward",
     "rope_table",
     "transfer_index",
 ]

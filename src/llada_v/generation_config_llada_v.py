@@ -15,6 +15,7 @@ from typing import Any
 from transformers import GenerationConfig
 
 from .configuration_llada_v import LladaVConfig
+from .dllm_cache_llada_v import dllm_cache_settings
 
 REMASKING_STRATEGIES = ("low_confidence", "random")
 KV_CACHE_MODES = ("dual", "prefix")  # or None: no cache (exact)
@@ -175,6 +176,13 @@ class LladaVGenerationConfig(GenerationConfig):
             softmax over those ids only. **Approximation**: an id outside the shortlist is never chosen later
             in the block, and a confidence is the probability within the shortlist (at least the full one).
             Needs `temperature=0` and `remasking="low_confidence"`. `None`: the whole vocabulary (exact).
+        dllm_cache (`dict`, *optional*, defaults to None): dLLM-Cache, the released demo's default acceleration
+            (dllm_cache_llada_v.py, docs/generation.md "Accelerations"): `{"prompt_interval_steps": P,
+            "gen_interval_steps": G, "transfer_ratio": R}`, missing keys taking the official defaults (`{}` is
+            25/7/0.25). Every layer caches the prompt's and the answer's features; a row's pass recomputes the
+            prompt every P passes, the answer every G passes, and in between the share R of answer positions
+            whose value vectors moved most. Reproduces the official implementation id for id. **Approximation**.
+            Cannot be combined with `kv_cache` (another cache of the same features) or `cfg_scale > 0`.
 
     The recommended fast combination is [`LladaVGenerationConfig.fast`].
     """
@@ -196,6 +204,7 @@ class LladaVGenerationConfig(GenerationConfig):
         "confidence_threshold": None,
         "kv_cache_prompt_refresh": "block",
         "lm_head_shortlist": None,
+        "dllm_cache": None,
     }
     # GenerationConfig fields whose default differs here.
     _inherited_defaults: dict[str, Any] = {
@@ -353,6 +362,21 @@ class LladaVGenerationConfig(GenerationConfig):
                     f"remasking='low_confidence', got remasking={self.remasking!r}"
                 )
         self._check_shortlist()
+        self._check_dllm_cache()
+
+    def _check_dllm_cache(self) -> None:
+        if dllm_cache_settings(self.dllm_cache) is None:
+            return
+        if self.kv_cache is not None:
+            raise ValueError(
+                f"dllm_cache ({self.dllm_cache}) and kv_cache={self.kv_cache!r} are two caches of the same layer "
+                "features with different refresh rules; choose one"
+            )
+        if self.cfg_scale > 0:
+            raise ValueError(
+                f"dllm_cache ({self.dllm_cache}) is not supported with cfg_scale={self.cfg_scale} (classifier-free "
+                "guidance); set cfg_scale=0 or dllm_cache=None"
+            )
 
     def _check_shortlist(self) -> None:
         size = self.lm_head_shortlist

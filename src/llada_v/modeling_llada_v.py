@@ -15,6 +15,7 @@ Notable choices:
   positions only, so a training step never materialises (batch, length, vocab) logits.
 """
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from transformers.utils import ModelOutput, logging
 
 from .cache_llada_v import LladaVDiffusionCache
 from .configuration_llada_v import LladaVConfig, LladaVTextConfig
-from .dllm_cache_llada_v import FeatureCacheView, FeaturePositions, rope_table, transfer_index
+from .dllm_cache_llada_v import FeatureCacheView, FeaturePositions, feature_cached_layer_forward, rope_table
 from .generation_config_llada_v import LladaVGenerationConfig
 from .generation_utils import LladaVGenerationMixin
 from .image_layout_llada_v import (
@@ -191,7 +192,7 @@ def feature_cache_attention(
     q_positions: torch.Tensor,
     features: FeaturePositions,
 ) -> torch.Tensor:
-    """Attention of a dLLM-Cache pass, with the official cache hook's numerics (docs/parity.md Q25): `q`
+    """Attention of a dLLM-Cache pass, with the official cache hook's numerics (docs/parity.md Q36): `q`
     `(b, Tq, nh * hd)` at canvas positions `q_positions` `(b, Tq)`, `k`, `v` `(b, S, nkv * hd)` of the whole
     canvas before RoPE; RoPE in float32 from a table, `softmax(q k^T / sqrt(hd))` in eager form (float32
     softmax), padded keys hidden. Returns `(b, Tq, D)` after o_proj."""
@@ -244,133 +245,15 @@ class LladaVDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor:
         if feature_cache is not None:
-            return self.forward_feature_cached(hidden_states, feature_cache, feature_positions)
+            # dLLM-Cache: the rule of what to recompute lives in dllm_cache_llada_v.py, the attention maths here.
+            attend = functools.partial(feature_cache_attention, self.self_attn)
+            return feature_cached_layer_forward(self, hidden_states, feature_cache, feature_positions, attend)
         residual = hidden_states
         attn_out, _ = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, **kwargs
         )
         hidden_states = residual + attn_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-    # ------------------------------------------------------------------ dLLM-Cache (dllm_cache_llada_v.py)
-
-    def forward_feature_cached(
-        self, x: torch.Tensor, cache: FeatureCacheView, features: FeaturePositions
-    ) -> torch.Tensor:
-        """The layer on `(b, T, D)` with dLLM-Cache: what the group's refresh decision recomputes is computed, the
-        rest comes from the cache (dllm_cache_llada_v.py has the rule). Follows the official cache hook op for op,
-        so the ids equal the official ones (docs/generation.md, "Accelerations")."""
-        layer, p = self.self_attn.layer_idx, cache.prompt_length
-        if cache.refresh_prompt and cache.refresh_answer:
-            q, k, v = self._project(x)
-            for name, value in (("k", k), ("v", v)):
-                cache.set(layer, f"prompt_{name}", value[:, :p])
-                cache.set(layer, f"answer_{name}", value[:, p:])
-            attn = feature_cache_attention(self.self_attn, q, k, v, features.positions, features)
-            cache.set(layer, "prompt_attn", attn[:, :p])
-            cache.set(layer, "answer_attn", attn[:, p:])
-            h = x + attn
-            mlp = self.mlp(self.post_attention_layernorm(h))
-            cache.set(layer, "prompt_mlp", mlp[:, :p])
-            cache.set(layer, "answer_mlp", mlp[:, p:])
-            return h + mlp
-        if cache.refresh_answer:
-            return self._feature_cached_answer_refresh(x, cache, features)
-        return self._feature_cached_transfer(x, cache, features)
-
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        normed = self.input_layernorm(x)
-        attn = self.self_attn
-        return attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
-
-    def _feature_cached_answer_refresh(
-        self, x: torch.Tensor, cache: FeatureCacheView, features: FeaturePositions
-    ) -> torch.Tensor:
-        """The answer region recomputed against the cached prompt keys/values; the prompt's outputs reused."""
-        layer, p = self.self_attn.layer_idx, cache.prompt_length
-        q_a, k_a, v_a = self._project(x[:, p:])
-        cache.set(layer, "answer_k", k_a)
-        cache.set(layer, "answer_v", v_a)
-        k = torch.cat((cache.get(layer, "prompt_k"), k_a), dim=1)
-        v = torch.cat((cache.get(layer, "prompt_v"), v_a), dim=1)
-        attn_a = feature_cache_attention(self.self_attn, q_a, k, v, features.positions[:, p:], features)
-        cache.set(layer, "answer_attn", attn_a)
-        h = x + torch.cat((cache.get(layer, "prompt_attn"), attn_a), dim=1)
-        mlp_a = self.mlp(self.post_attention_layernorm(h[:, p:]))
-        cache.set(layer, "answer_mlp", mlp_a)
-        return h + torch.cat((cache.get(layer, "prompt_mlp"), mlp_a), dim=1)
-
-    def _feature_cached_transfer(
-        self, x: torch.Tensor, cache: FeatureCacheView, features: FeaturePositions
-    ) -> torch.Tensor:
-        """No answer refresh: the `transfer_ratio` share of answer positions whose values moved most is recomputed
-        (per row) and written into the cache; with a prompt refresh the prompt is recomputed too, its queries in
-        the same attention call as the moved positions' (the official order)."""
-        layer, p = self.self_attn.layer_idx, cache.prompt_length
-        attn_mod = self.self_attn
-        k_a, v_a = cache.get(layer, "answer_k"), cache.get(layer, "answer_v")
-        attn_a = cache.get(layer, "answer_attn")
-        moved = None  # (b, n) answer indices recomputed in this pass
-        queries, q_positions = [], []
-        if cache.refresh_prompt:
-            q_p, k_p, v_p = self._project(x[:, :p])
-            cache.set(layer, "prompt_k", k_p)
-            cache.set(layer, "prompt_v", v_p)
-            queries.append(q_p)
-            q_positions.append(features.positions[:, :p])
-        else:
-            k_p, v_p = cache.get(layer, "prompt_k"), cache.get(layer, "prompt_v")
-        if x.shape[1] > p:
-            normed_a = self.input_layernorm(x[:, p:])  # (b, G, D)
-            moved = transfer_index(attn_mod.v_proj(normed_a), v_a, cache.transfer_ratio)
-            if moved.numel() == 0:
-                moved = None
-        if moved is not None:
-            chosen = _gather_rows(normed_a, moved)  # (b, n, D)
-            q_m, k_m, v_m = attn_mod.q_proj(chosen), attn_mod.k_proj(chosen), attn_mod.v_proj(chosen)
-            k_a, v_a = _scatter_rows(k_a, moved, k_m), _scatter_rows(v_a, moved, v_m)
-            cache.set(layer, "answer_k", k_a)
-            cache.set(layer, "answer_v", v_a)
-            queries.append(q_m)
-            q_positions.append(features.positions[:, p:].gather(1, moved))
-        attn_p = None if cache.refresh_prompt else cache.get(layer, "prompt_attn")
-        if queries:
-            k, v = torch.cat((k_p, k_a), dim=1), torch.cat((v_p, v_a), dim=1)
-            out = feature_cache_attention(
-                attn_mod, torch.cat(queries, dim=1), k, v, torch.cat(q_positions, dim=1), features
-            )
-            if cache.refresh_prompt:
-                attn_p = out[:, :p]
-                cache.set(layer, "prompt_attn", attn_p)
-            if moved is not None:
-                attn_a = _scatter_rows(attn_a, moved, out[:, out.shape[1] - moved.shape[1] :])
-                cache.set(layer, "answer_attn", attn_a)
-        h = x + torch.cat((attn_p, attn_a), dim=1)
-        mlp_a = cache.get(layer, "answer_mlp")
-        mlp_inputs = [h[:, :p]] if cache.refresh_prompt else []
-        if moved is not None:
-            mlp_inputs.append(_gather_rows(h[:, p:], moved))
-        mlp_p = None if cache.refresh_prompt else cache.get(layer, "prompt_mlp")
-        if mlp_inputs:
-            out = self.mlp(self.post_attention_layernorm(torch.cat(mlp_inputs, dim=1)))
-            if cache.refresh_prompt:
-                mlp_p = out[:, :p]
-                cache.set(layer, "prompt_mlp", mlp_p)
-            if moved is not None:
-                mlp_a = _scatter_rows(mlp_a, moved, out[:, out.shape[1] - moved.shape[1] :])
-                cache.set(layer, "answer_mlp", mlp_a)
-        return h + torch.cat((mlp_p, mlp_a), dim=1)
-
-
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`x[b, index[b, i]]`: `(b, G, d)`, `(b, n)` -> `(b, n, d)`."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _scatter_rows(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """A copy of `x` `(b, G, d)` with `x[b, index[b, i]] = src[b, i]`."""
-    return x.scatter(1, index[..., None].expand(-1, -1, x.shape[-1]), src)
 
 
 def default_position_ids(

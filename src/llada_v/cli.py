@@ -139,6 +139,7 @@ def _generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "temperature": args.temperature,
         "remasking": args.remasking,
         "cfg_scale": args.cfg_scale,
+        "dllm_cache": args.dllm_cache,
     }
 
 

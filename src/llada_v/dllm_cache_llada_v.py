@@ -170,7 +170,7 @@ class FeatureCacheView:
             raise RuntimeError(
                 f"dLLM-Cache: layer {layer} has no {name!r} to update (the first pass must refresh both)"
             )
-        store[name] = store[name].index_copy(0, self.rows, value.to(store[name].dtype))
+        store[name].index_copy_(0, self.rows, value.to(store[name].dtype))
 
     def decoder_tokens(self, total_length: int) -> int:
         """Query positions per row that go through attention and the MLP in this group's pass (the value

@@ -21,13 +21,16 @@ from step 0 and is returned after the stop (Q16).
 
 Fast decoding (`kv_cache`, `confidence_threshold`, `lm_head_shortlist`, the `LladaVGenerationConfig.fast`
 preset) is opt-in and approximate; exact mode stays the default. What each option changes and costs:
-docs/generation.md#fast-decoding-opt-in.
+docs/generation.md#fast-decoding-opt-in. So is `dllm_cache` (dLLM-Cache, the official demo's acceleration,
+`dllm_cache_llada_v`): its passes run the active rows in groups that share a refresh decision
+(`_feature_cached_logits`).
 
 The loop reads top to bottom as named steps (`LladaVGenerationMixin.diffusion_generate`): settings, canvas,
 then per block and step: active rows and columns (`_active`), the decoder window (`DecoderWindows.plan`),
 logits (`diffusion_logits`), predictions (`_predict`), commits (`_commit`), stops (`_update_stops`); finally
 the output (`_assemble`). Its parts have their own remote-code files: the settings
-(`generation_config_llada_v`), the pure maths (`sampling_llada_v`) and the key/value cache (`cache_llada_v`);
+(`generation_config_llada_v`), the pure maths (`sampling_llada_v`), the key/value cache (`cache_llada_v`) and
+dLLM-Cache (`dllm_cache_llada_v`);
 the names users import from this module (`LladaVGenerationConfig`, `LladaVDiffusionCache`, the sampling
 functions) are re-exported here.
 """

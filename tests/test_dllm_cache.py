@@ -160,7 +160,8 @@ def test_decoder_tokens_count_what_each_pass_recomputes():
         counts.append(view.decoder_tokens(total))
     # pass 1: all; 2: 10 moved; 3: answer; 4: 10; 5: prompt refresh + answer refresh = all; 6: 10; 7: 40; 8: 10
     assert counts == [140, 10, 40, 10, 140, 10, 40, 10]
-    prompt_only = LladaVFeatureCache(dllm_cache_settings({"prompt_interval_steps": 2, "gen_interval_steps": 3}), 1, 1, 100)
+    settings = dllm_cache_settings({"prompt_interval_steps": 2, "gen_interval_steps": 3})
+    prompt_only = LladaVFeatureCache(settings, 1, 1, 100)
     (_, view), = prompt_only.groups(torch.tensor([0]), torch.tensor([2]))  # pass 3: prompt refresh, answer not
     assert (view.refresh_prompt, view.refresh_answer) == (True, False)
     assert view.decoder_tokens(total) == 100 + 10
@@ -169,7 +170,9 @@ def test_decoder_tokens_count_what_each_pass_recomputes():
 def test_groups_split_rows_by_their_refresh_decision():
     cache = LladaVFeatureCache(dllm_cache_settings({"prompt_interval_steps": 25, "gen_interval_steps": 7}), 4, 2, 10)
     groups = cache.groups(torch.tensor([0, 1, 3]), torch.tensor([7, 3, 0]))  # passes 8, 4 and 1
-    decisions = [(index.tolist(), view.rows.tolist(), view.refresh_prompt, view.refresh_answer) for index, view in groups]
+    decisions = [
+        (index.tolist(), view.rows.tolist(), view.refresh_prompt, view.refresh_answer) for index, view in groups
+    ]
     assert decisions == [([0], [0], False, True), ([1], [1], False, False), ([2], [3], True, True)]
     (index, view), = cache.groups(torch.arange(4), torch.zeros(4, dtype=torch.long))
     assert view.rows is None and index.tolist() == [0, 1, 2, 3]  # the whole batch in order: no row copies

@@ -70,7 +70,8 @@ def dllm_cache_value(text: str) -> dict[str, Any]:
                 "transfer_ratio": float(parts[2])}  # fmt: skip
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"takes PROMPT_INTERVAL,GEN_INTERVAL,TRANSFER_RATIO (two integers and a number, e.g. 25,7,0.25), got {text!r}"
+            "takes PROMPT_INTERVAL,GEN_INTERVAL,TRANSFER_RATIO (two integers and a number, e.g. 25,7,0.25), "
+            f"got {text!r}"
         ) from None
 
 

@@ -16,9 +16,10 @@ clocks, the token choice and the layer under the cache (`feature_cached_layer_fo
 
 It reproduces the official implementation (LLaDA-V's `dLLMCache` + `register_cache_LLaDA_V`) id for id,
 including its numerics: RoPE from a float32 table indexed by position and attention computed as
-`softmax(q k^T / sqrt(d))` in eager form. It is an approximation of exact decoding: answers change. Differences by design: the cache is an object passed through the forward (no
-global singleton, no patched methods), and each row of a batch keeps its own clock and picks its own tokens,
-so a left-padded batch gives what each row gives alone.
+`softmax(q k^T / sqrt(d))` in eager form. It is an approximation of exact decoding: answers change.
+Differences by design: the cache is an object passed through the forward (no global singleton, no patched
+methods), and each row of a batch keeps its own clock and picks its own tokens, so a left-padded batch gives
+what each row gives alone.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ from transformers import GenerationConfig
 from llada_v import LladaVConfig, LladaVGenerationConfig, LladaVModel
 from llada_v.generation_utils import (
     LladaVGenerateOutput,
+    _active,
+    _candidates,
+    _DenoisingState,
+    _finish_rows,
     filter_top_k_top_p,
     find_stop,
     normalize_stop_sequences,
@@ -22,6 +26,7 @@ from llada_v.generation_utils import (
     token_confidence,
     transfer_schedule,
 )
+from llada_v.sampling_llada_v import ClassifierFreeGuidance, DiffusionSampler
 
 from official_sampler import reference_generate
 from scripted import ScriptedModel
@@ -114,6 +119,76 @@ def test_normalize_stop_sequences_accepts_ints_and_lists():
     for bad in ([[]], "eot", [["a"]], [-1]):
         with pytest.raises(ValueError):
             normalize_stop_sequences(bad)
+
+
+def test_guidance_runs_conditional_rows_first_then_their_unconditional_copies():
+    cond, uncond = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.0, 1.0], [5.0, 5.0]])
+    guided = ClassifierFreeGuidance(0.5)
+    doubled = guided.double(cond, uncond)
+    assert doubled.tolist() == [[1.0, 2.0], [3.0, 4.0], [0.0, 1.0], [5.0, 5.0]] and guided.copies == 2
+    assert guided.combine(doubled).tolist() == [[1.5, 2.5], [2.0, 3.5]]  # un + 1.5 (cond - un)
+    assert guided.rows(torch.tensor([0, 2]), 3).tolist() == [0, 2, 3, 5]  # both copies of rows 0 and 2
+    plain = ClassifierFreeGuidance(0.0)
+    assert plain.double(cond, uncond) is cond and plain.combine(cond) is cond and plain.copies == 1
+
+
+def _sampler(**settings):
+    config = LladaVGenerationConfig(**{"max_new_tokens": 4, "steps": 2, "block_length": 4, **settings})
+    return DiffusionSampler(config, suppress=torch.tensor([1]), batch=2)
+
+
+def test_sampler_commits_the_scheduled_most_confident_candidates():
+    sampler = _sampler()
+    sampler.start_block(torch.tensor([4, 3]))  # schedules [2, 2] and [2, 1]
+    canvas = torch.full((2, 6), 9)
+    rows, positions = torch.tensor([0, 1]), torch.tensor([2, 3, 4, 5])
+    candidate = torch.tensor([[True, True, True, True], [True, True, False, True]])
+    tokens = torch.tensor([[20, 21, 22, 23], [30, 31, 32, 33]])
+    confidence = torch.tensor([[0.1, 0.9, 0.5, 0.2], [0.3, 0.2, 0.99, 0.1]], dtype=torch.float64)
+    committed = sampler.commit(canvas, rows, positions, candidate, tokens, confidence, block_step=1)
+    assert committed.tolist() == [[False, True, True, False], [True, False, False, False]]  # 0.99: no candidate
+    assert canvas.tolist() == [[9, 9, 9, 21, 22, 9], [9, 9, 30, 9, 9, 9]]
+
+
+def test_sampler_with_a_threshold_also_commits_every_candidate_above_it():
+    sampler = _sampler(confidence_threshold=0.25, steps=4)
+    sampler.start_block(torch.tensor([4, 4]))  # one token per step by the schedule
+    canvas = torch.full((2, 4), 9)
+    candidate = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    confidence = torch.tensor([[0.1, 0.9, 0.5, 0.8], [0.3, 0.2, 0.24, 0.1]], dtype=torch.float64)
+    committed = sampler.commit(
+        canvas, torch.tensor([0, 1]), torch.arange(4), candidate, torch.arange(8).view(2, 4), confidence, 0
+    )
+    assert committed.tolist() == [[False, True, True, False], [True, False, False, False]]  # 0.5 > 0.25 too
+
+
+def test_sampler_predicts_without_suppressed_or_out_of_tokenizer_ids():
+    sampler = _sampler(tokenizer_vocab_size=4)
+    logits = torch.tensor([[[0.0, 9.0, 1.0, 2.0, 8.0], [3.0, 9.0, 0.0, 0.0, 9.0]]])  # (1, 2, 5)
+    tokens, confidence = sampler.predict(logits, torch.tensor([0]), torch.ones(1, 2, dtype=torch.bool))
+    assert tokens.tolist() == [[3, 0]]  # id 1 suppressed, id 4 outside the tokenizer
+    assert confidence[0, 0] == torch.softmax(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), -1)[2]
+
+
+def test_finished_rows_are_decided_in_one_place_and_selecting_active_rows_changes_nothing():
+    state = _DenoisingState(
+        canvas=torch.tensor([[1, 5, 37, 37], [1, 5, 6, 37], [1, 37, 37, 37]]), attention_mask=None,
+        prompt_embeds=torch.zeros(3, 1, 1), prompt_len=1, answer_len=3, mask_token_id=37,
+        stop_index=[2, 1, None], done=torch.zeros(3, dtype=torch.bool),
+        passes_per_row=torch.zeros(3, dtype=torch.long), columns=torch.arange(4),
+    )  # fmt: skip
+    candidate = _candidates(state, block_end=4)
+    assert candidate.tolist() == [[False, False, True, False], [False, False, False, False],
+                                  [False, True, True, True]]  # fmt: skip
+    _finish_rows(state, block_start=1)
+    assert state.done.tolist() == [False, False, False]  # both stops are after the block start
+    active = _active(state, candidate, 1, 4)
+    assert state.done.tolist() == [False, False, False] and active.rows.tolist() == [0, 1, 2]  # pure
+    _finish_rows(state, 1, candidate)
+    assert state.done.tolist() == [False, True, False]  # row 1 has nothing left before its stop
+    assert _active(state, candidate, 1, 4).rows.tolist() == [0, 2]
+    _finish_rows(state, block_start=3)
+    assert state.done.tolist() == [True, True, False]  # a block at or after row 0's stop is never decoded
 
 
 def _script(n, base=2, increasing=True):

@@ -1,7 +1,7 @@
 """The key/value cache of fast decoding (`kv_cache`): `LladaVDiffusionCache`, which the attention layers of
 `modeling_llada_v` write and read, and `DecoderWindows`, which plans each denoising pass's decoder window over it.
 
-What the cache approximates and what it saves: docs/generation.md#fast-decoding-opt-in.
+What the cache approximates: docs/generation.md#keyvalue-cache-kv_cache.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ from dataclasses import dataclass
 import torch
 
 from .generation_config_llada_v import LladaVGenerationConfig
+from .sampling_llada_v import ClassifierFreeGuidance
 
 
 class LladaVDiffusionCache:
-    """Per-layer keys and values of the whole canvas, for re-using them across denoising steps.
+    """Per-layer keys and values of the whole canvas, kept for the steps of a block (`kv_cache`).
 
-    A masked-diffusion step changes only a few tokens, so the keys and values of the others barely move.
-    Fast-dLLM-style decoding refreshes the cache with one full forward (`cache_start=0` over the whole
-    sequence), then recomputes only a window `[cache_start, cache_start + T)` each step: its fresh keys and
-    values overwrite the window's slots and its queries attend over the full cached sequence. What stays
-    approximate is the cached part (prompt, and in "dual" mode the positions after the window), which was
-    computed from an older canvas. It lives for one `diffusion_generate` call; no global state. The
-    attention layers of `modeling_llada_v` call `update`.
+    A full forward (`cache_start=0`) fills it; a later forward runs a window `[cache_start, cache_start + T)`,
+    whose fresh keys/values overwrite the window's slots and whose queries attend over the whole cached sequence.
+    The attention layers of `modeling_llada_v` call `update`; it lives for one `diffusion_generate` call. What
+    this approximates: docs/generation.md#keyvalue-cache-kv_cache.
     """
 
     def __init__(self, num_layers: int):
@@ -66,19 +64,17 @@ class DecoderWindow:
 
 
 class DecoderWindows:
-    """Plans each pass's decoder window for `kv_cache` (docs/performance.md); without a cache every pass is a
-    full forward over the canvas.
-
-    With a cache, the first pass of every block refreshes it: a full forward (`kv_cache_prompt_refresh=
-    "block"`, and the first block of `"once"`), or with `"once"` after the first block the answer region and
-    suffix only, attending over the prompt keys/values of the call's first pass. The other passes of a block
-    run the block ("dual") or the block and everything after it ("prefix"). Rows that finish leave the
-    batch; their cache rows go with them.
+    """Plans each pass's decoder window and the cache it attends over (`kv_cache`,
+    `kv_cache_prompt_refresh`: docs/generation.md#keyvalue-cache-kv_cache); without a cache every pass is a full
+    forward over the canvas. The first pass of a block refreshes the cache (a full forward; with `"once"`, after
+    the first block, the answer region and suffix over the first pass's prompt keys/values); the other passes run
+    the block (`"dual"`) or the block and everything after it (`"prefix"`). Rows that finish leave the batch and
+    their cache rows go with them.
     """
 
     def __init__(self, config: "LladaVGenerationConfig", num_layers: int, answer_start: int, total_len: int):
         self.mode, self.prompt_refresh = config.kv_cache, config.kv_cache_prompt_refresh
-        self.cfg = config.cfg_scale > 0
+        self.guidance = ClassifierFreeGuidance(config.cfg_scale)
         self.num_layers, self.answer_start, self.total_len = num_layers, answer_start, total_len
         self.cache: LladaVDiffusionCache | None = None  # the current block's cache ...
         self.cache_rows: torch.Tensor | None = None  # ... and the batch rows it holds
@@ -106,16 +102,15 @@ class DecoderWindows:
     def _rows_of(self, cache: LladaVDiffusionCache, cache_rows: torch.Tensor, rows: torch.Tensor) -> LladaVDiffusionCache:
         """`cache` restricted to `rows` (a sorted subset of the sorted `cache_rows`).
 
-        With CFG the cache holds the conditional rows, then the unconditional ones. The call's cache (kept for
-        later blocks) is copied before rows are dropped; any other cache loses them in place.
+        With CFG the cache holds both copies of each row (`ClassifierFreeGuidance.rows`). The call's cache (kept
+        for later blocks) is copied before rows are dropped; any other cache loses them in place.
         """
         if torch.equal(cache_rows, rows):
             return cache
         keep = torch.searchsorted(cache_rows, rows)  # (b,)
         if not torch.equal(cache_rows[keep.clamp(max=cache_rows.shape[0] - 1)], rows):
             raise RuntimeError(f"rows {rows.tolist()} are not all in the cache (rows {cache_rows.tolist()})")
-        if self.cfg:
-            keep = torch.cat((keep, keep + cache_rows.shape[0]))
+        keep = self.guidance.rows(keep, cache_rows.shape[0])
         if cache is self.call_cache:
             cache = copy.copy(cache)  # select_rows replaces the per-layer lists: the call's cache keeps its rows
         cache.select_rows(keep)

@@ -138,51 +138,26 @@ class LladaVGenerationConfig(GenerationConfig):
         return_dict_in_generate (`bool`, defaults to False): return a [`LladaVGenerateOutput`] instead of the
             sequences tensor.
 
-        Fast decoding (docs/performance.md). With the defaults below the sampler is the exact one above.
+        Fast decoding: opt-in and approximate; with the defaults below the sampler is the exact one above. What
+        each setting approximates and when it is still exact: docs/generation.md#accelerations.
 
-        kv_cache (`str`, *optional*, defaults to None): reuse keys and values across the steps of a block
-            (Fast-dLLM's block-wise cache). The first pass of every block is a full forward that stores every
-            layer's keys/values of the whole canvas (the refresh; its logits are exact and decide that step);
-            the other passes of the block feed only a window to the decoder, whose queries attend over the
-            cached sequence with the window's keys/values refreshed:
-            - `"dual"`: the window is the current block; the prompt, the earlier blocks, the later blocks and
-              the suffix are cached;
-            - `"prefix"`: the window is the current block and everything after it (later blocks, suffix); only
-              the prompt and the earlier blocks are cached.
-            **Approximation**: the cached keys/values of positions outside the window were computed from the
-            canvas at the block's start, so they do not see the tokens committed since (in a bidirectional model
-            every position attends to them). With a one-layer decoder nothing is stale (keys/values depend only
-            on the positions' own tokens, which do not change inside a block) and the result is exact up to float
-            rounding. `None`: the full canvas at every step (exact).
-        kv_cache_prompt_refresh (`str`, defaults to `"block"`): with `kv_cache`, how often the prompt (image
-            included) goes through the decoder. `"block"`: at the start of every block (the full forward above,
-            Fast-dLLM). `"once"`: only in the first pass of the call; the first pass of each later block
-            recomputes the answer region and the suffix, attending over the cached prompt. **Approximation**
-            on top of `kv_cache`: the prompt's keys/values are those of the all-mask answer for the whole call
-            (dLLM-Cache's observation that prompt features barely move, taken to its limit). Saves
-            `num_blocks - 1` full forwards.
-        confidence_threshold (`float`, *optional*, defaults to None): parallel decoding (Fast-dLLM). Besides the
-            tokens the fixed schedule commits, a step also commits every candidate of the current block whose
-            confidence (the float64 softmax probability of its prediction) is strictly above this value, in
-            (0, 1]. The schedule (`steps`) stays the minimum, so a block takes at most `steps / num_blocks`
-            passes and `steps = max_new_tokens` gives Fast-dLLM's "at least one token per step" rule; 1.0 never
-            commits extra tokens and is exactly the default sampler. **Approximation**: tokens committed in the
-            same step are predicted independently of one another (the joint choice the schedule would have made
-            one by one can differ). Needs `remasking="low_confidence"`.
-        lm_head_shortlist (`int`, *optional*, defaults to None): a cheaper LM head (docs/generation.md, "LM head
-            shortlist"). The first pass of every block computes logits over the whole vocabulary; the ids among
-            the `lm_head_shortlist` likeliest of any candidate column (suppressed ids excluded) form the block's
-            shortlist, and the block's later passes compute the LM head, the token choice and the float64
-            softmax over those ids only. **Approximation**: an id outside the shortlist is never chosen later
-            in the block, and a confidence is the probability within the shortlist (at least the full one).
-            Needs `temperature=0` and `remasking="low_confidence"`. `None`: the whole vocabulary (exact).
-        dllm_cache (`dict`, *optional*, defaults to None): dLLM-Cache, the released demo's default acceleration
-            (dllm_cache_llada_v.py, docs/generation.md "Accelerations"): `{"prompt_interval_steps": P,
-            "gen_interval_steps": G, "transfer_ratio": R}`, missing keys taking the official defaults (`{}` is
-            25/7/0.25). Every layer caches the prompt's and the answer's features; a row's pass recomputes the
-            prompt every P passes, the answer every G passes, and in between the share R of answer positions
-            whose value vectors moved most. Reproduces the official implementation id for id. **Approximation**.
-            Cannot be combined with `kv_cache` (another cache of the same features) or `cfg_scale > 0`.
+        kv_cache (`str`, *optional*, defaults to None): `"dual"` or `"prefix"`: the first pass of every block
+            stores every layer's keys/values, the other passes run only the block (`"prefix"`: the block and
+            everything after it) through the decoder (docs/generation.md#keyvalue-cache-kv_cache).
+        kv_cache_prompt_refresh (`str`, defaults to `"block"`): with `kv_cache`, whether the prompt goes through the
+            decoder at every block start (`"block"`) or only in the call's first pass (`"once"`)
+            (docs/generation.md#prompt-refresh-kv_cache_prompt_refresh).
+        confidence_threshold (`float`, *optional*, defaults to None): a step also commits every candidate whose
+            confidence is strictly above this value, in (0, 1]; needs `remasking="low_confidence"`
+            (docs/generation.md#confidence-threshold-confidence_threshold).
+        lm_head_shortlist (`int`, *optional*, defaults to None): a block's later passes compute the LM head only
+            over each row's ids among the `lm_head_shortlist` likeliest of its first pass; needs `temperature=0`
+            and `remasking="low_confidence"` (docs/generation.md#lm-head-shortlist-lm_head_shortlist).
+        dllm_cache (`dict`, *optional*, defaults to None): dLLM-Cache, the released demo's default acceleration:
+            `{"prompt_interval_steps": P, "gen_interval_steps": G, "transfer_ratio": R}` (`{}`: the official
+            25/7/0.25); every layer caches its features, a row's pass recomputes the prompt every P passes, the
+            answer every G passes and in between the share R of the answer whose values moved most; not with
+            `kv_cache` or `cfg_scale > 0` (dllm_cache_llada_v.py, docs/generation.md#dllm-cache-opt-in).
 
     The recommended fast combination is [`LladaVGenerationConfig.fast`].
     """
@@ -401,7 +376,7 @@ class LladaVGenerationConfig(GenerationConfig):
             config = LladaVGenerationConfig.fast(model.generation_config, block_length=32)
             model.diffusion_generate(input_ids, generation_config=config)
 
-        The result approximates exact decoding (see `kv_cache` and `confidence_threshold`). With `steps` equal to
+        The result approximates exact decoding (docs/generation.md#fast-decoding-opt-in). With `steps` equal to
         `max_new_tokens` (the demo default) a step commits at least one token; fewer steps raise that minimum.
         """
         config, unknown = resolve_generation_config(cls() if base is None else base, {**FAST_DECODING_PRESET, **overrides})

@@ -26,9 +26,9 @@ docs/generation.md#fast-decoding-opt-in. So is `dllm_cache` (dLLM-Cache, the off
 (`_feature_cached_logits`).
 
 The loop reads top to bottom as named steps (`LladaVGenerationMixin.diffusion_generate`): settings, canvas,
-then per block and step: active rows and columns (`_active`), the decoder window (`DecoderWindows.plan`),
-logits (`diffusion_logits`), predictions (`_predict`), commits (`_commit`), stops (`_update_stops`); finally
-the output (`_assemble`). Its parts have their own remote-code files: the settings
+then per block and step: finished rows (`_finish_rows`), active rows and columns (`_active`), the decoder
+window (`DecoderWindows.plan`), logits (`diffusion_logits`), predictions and commits (`DiffusionSampler`),
+stops (`_update_stops`); finally the output (`_assemble`). Its parts have their own remote-code files: the settings
 (`generation_config_llada_v`), the pure maths (`sampling_llada_v`), the key/value cache (`cache_llada_v`) and
 dLLM-Cache (`dllm_cache_llada_v`);
 the names users import from this module (`LladaVGenerationConfig`, `LladaVDiffusionCache`, the sampling
@@ -59,6 +59,8 @@ from .generation_config_llada_v import (
     special_id_settings,
 )
 from .sampling_llada_v import (
+    ClassifierFreeGuidance,
+    DiffusionSampler,
     build_shortlist,
     filter_top_k_top_p,
     find_stop,
@@ -198,75 +200,41 @@ class _Active:
     candidate: torch.Tensor  # (b, K) bool: the column can be committed in that row
 
 
-def _active(state: _DenoisingState, block_start: int, block_end: int) -> _Active | None:
-    """Rows that still have masks in the block and the columns they may commit (masks of the answer before
-    the block end, or before the row's stop). A row whose stop is found and has nothing left to decode before
-    it is finished. None when no row steps."""
+def _candidates(state: _DenoisingState, block_end: int) -> torch.Tensor:
+    """`(B, T)` bool: the columns each row may commit: masks of the answer before the block end, or before the
+    row's stop once one is found."""
     is_mask = state.canvas == state.mask_token_id  # (B, T)
     columns = state.columns
     limit = torch.tensor(
         [block_end if s is None else state.prompt_len + s for s in state.stop_index], device=state.canvas.device
     )  # (B,)
-    candidate = is_mask & (columns >= state.prompt_len) & (columns[None, :] < limit[:, None])  # (B, T)
+    return is_mask & (columns >= state.prompt_len) & (columns[None, :] < limit[:, None])  # (B, T)
+
+
+def _finish_rows(state: _DenoisingState, block_start: int, candidate: torch.Tensor | None = None) -> None:
+    """The one place that marks rows finished (`state.done`). A row with a found stop is finished
+    - at the start of a block (`candidate` None) when the block starts at or after its stop: a block after a
+      found stop is never decoded (docs/parity.md Q15);
+    - before a pass (`candidate` `(B, T)` from `_candidates`) when nothing before its stop is left to decode."""
     for row, stop in enumerate(state.stop_index):
-        if stop is not None and not bool(candidate[row].any()):
+        if stop is None:
+            continue
+        if candidate is None and state.prompt_len + stop <= block_start:
             state.done[row] = True
-    stepping = ~state.done & is_mask[:, block_start:block_end].any(-1)
+        elif candidate is not None and not bool(candidate[row].any()):
+            state.done[row] = True
+
+
+def _active(state: _DenoisingState, candidate: torch.Tensor, block_start: int, block_end: int) -> _Active | None:
+    """The rows that are not finished and still have masks in the block, with the columns they may commit
+    (`candidate` `(B, T)` from `_candidates`). None when no row steps."""
+    is_mask = state.canvas[:, block_start:block_end] == state.mask_token_id  # (B, block_length)
+    stepping = ~state.done & is_mask.any(-1)
     if not bool(stepping.any()):
         return None
     rows = stepping.nonzero().squeeze(1)
     positions = candidate[rows].any(0).nonzero().squeeze(1)
     return _Active(rows, positions, candidate[rows][:, positions])
-
-
-def _predict(
-    logits: torch.Tensor,
-    suppress: torch.Tensor,
-    config: LladaVGenerationConfig,
-    generator: torch.Generator | None,
-    shortlist: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Suppress ids in place, then the token choice and its confidence at every column: `(b, K)` each.
-
-    With a `shortlist` `(b, S)` the logits are `(b, K, S)` over each row's ids, which hold no suppressed id
-    (see `build_shortlist`; unused slots are -inf): the choice is mapped back to vocabulary ids."""
-    if shortlist is not None:
-        b, k_cols, size = logits.shape
-        flat = logits.reshape(b * k_cols, size)
-        local = flat.argmax(-1)  # temperature 0 (checked by the config)
-        confidence = token_confidence(flat, local, config.remasking, generator).view(b, k_cols)
-        tokens = shortlist.gather(1, local.view(b, k_cols))
-        return tokens, confidence.masked_fill(tokens < 0, float("-inf"))  # an empty shortlist commits nothing
-    logits[..., suppress] = float("-inf")
-    vocab_limit = config.tokenizer_vocab_size
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits[..., vocab_limit:] = float("-inf")
-    b, k_cols, vocab = logits.shape
-    flat = logits.reshape(b * k_cols, vocab)
-    if config.temperature > 0 and (config.top_k is not None or config.top_p is not None):
-        filter_top_k_top_p(flat, config.top_k, config.top_p)
-    tokens = sample_tokens(flat, config.temperature, generator).view(b, k_cols)
-    confidence = token_confidence(flat, tokens.view(-1), config.remasking, generator).view(b, k_cols)
-    return tokens, confidence
-
-
-def _commit(
-    canvas: torch.Tensor,
-    active: _Active,
-    tokens: torch.Tensor,
-    confidence: torch.Tensor,
-    k: torch.Tensor,
-    threshold: float | None,
-) -> torch.Tensor:
-    """Write the `k[row]` most confident candidates of each row (and, with a threshold, every candidate above
-    it) into the canvas; returns which predictions were committed, `(b, K)`."""
-    confidence = confidence.masked_fill(~active.candidate, float("-inf"))
-    committed = select_top_k(confidence, k)
-    if threshold is not None:
-        committed |= confidence > threshold  # parallel decoding: -inf (non-candidates) never passes
-    previous = canvas[active.rows][:, active.positions]
-    canvas[active.rows[:, None], active.positions[None, :]] = torch.where(committed, tokens, previous)
-    return committed
 
 
 def _answer_length_from_max_length(config: LladaVGenerationConfig, prompt_length: int) -> None:
@@ -573,10 +541,11 @@ class LladaVGenerationMixin:
         windows = DecoderWindows(config, num_layers, state.prompt_len, state.total_len)
         banned = {words[0] for words in config.bad_words_ids or []}
         suppress = torch.tensor(sorted(set(config.suppress_tokens) | banned), dtype=torch.long, device=input_ids.device)
+        sampler = DiffusionSampler(config, suppress, input_ids.shape[0], generator)
         # 3. Blocks left to right, each denoised in steps; a block starting after every row's stop is skipped.
         for block in range(config.num_blocks):
             if not self._denoise_block(
-                state, block, config, stop_sequences, windows, suppress, generator, step_callback, feature_cache
+                state, block, config, stop_sequences, windows, sampler, step_callback, feature_cache
             ):
                 break
         # 4. Prompt | answer up to its stop | suffix | padding.
@@ -636,25 +605,22 @@ class LladaVGenerationMixin:
         config: LladaVGenerationConfig,
         stop_sequences: list[list[int]],
         windows: DecoderWindows,
-        suppress: torch.Tensor,
-        generator: torch.Generator | None,
+        sampler: DiffusionSampler,
         step_callback: Callable[[LladaVDiffusionStep], None] | None,
         feature_cache: LladaVFeatureCache | None = None,
     ) -> bool:
         """Denoise one block in at most `steps_per_block` passes. Returns False when every row is finished."""
         block_start = state.prompt_len + block * config.block_length
         block_end = block_start + config.block_length
-        for row, stop in enumerate(state.stop_index):
-            if stop is not None and state.prompt_len + stop <= block_start:
-                state.done[row] = True  # a block at or after a found stop is never decoded (docs/parity.md Q15)
+        _finish_rows(state, block_start)
         if bool(state.done.all()):
             return False
-        masks = (state.canvas[:, block_start:block_end] == config.mask_token_id).sum(-1)  # (B,)
-        schedule = transfer_schedule(masks, config.steps_per_block)  # (B, steps_per_block)
+        sampler.start_block((state.canvas[:, block_start:block_end] == config.mask_token_id).sum(-1))  # (B,) masks
         windows.start_block()
-        shortlist = None  # `lm_head_shortlist`: (B, S) ids, built by the block's first pass
         for block_step in range(config.steps_per_block):
-            active = _active(state, block_start, block_end)
+            candidate = _candidates(state, block_end)  # (B, T)
+            _finish_rows(state, block_start, candidate)
+            active = _active(state, candidate, block_start, block_end)
             if active is None:
                 break
             window = windows.plan(active.rows, block_start, block_end)
@@ -668,24 +634,18 @@ class LladaVGenerationMixin:
                     attention_mask=None if state.attention_mask is None else state.attention_mask[active.rows],
                     cache=window.cache,
                     window=(window.start, window.end),
-                    vocab_ids=None if shortlist is None else shortlist[active.rows],
+                    vocab_ids=sampler.vocab_ids(active.rows),
                 )  # (b, K, V) float32, (b, K, S) over a shortlist
             else:
-                logits, pass_tokens = self._feature_cached_logits(state, active, feature_cache, shortlist)
-            tokens, confidence = _predict(
-                logits, suppress, config, generator, None if shortlist is None else shortlist[active.rows]
-            )
-            if config.lm_head_shortlist is not None and shortlist is None:
-                built = build_shortlist(logits, active.candidate, config.lm_head_shortlist)  # (b, S)
-                shortlist = built.new_full((state.canvas.shape[0], built.shape[1]), -1)  # (B, S)
-                shortlist.index_copy_(0, active.rows, built)  # rows not stepping now are done for the block
-            committed = _commit(
-                state.canvas, active, tokens, confidence, schedule[active.rows, block_step], config.confidence_threshold
+                logits, pass_tokens = self._feature_cached_logits(state, active, feature_cache, sampler)
+            tokens, confidence = sampler.predict(logits, active.rows, active.candidate)
+            committed = sampler.commit(
+                state.canvas, active.rows, active.positions, active.candidate, tokens, confidence, block_step
             )
             state.num_passes += 1
             state.passes_per_row[active.rows] += 1
-            copies = 2 if config.cfg_scale > 0 else 1
             if feature_cache is None:
+                copies = ClassifierFreeGuidance(config.cfg_scale).copies
                 pass_tokens = active.rows.shape[0] * copies * (window.end - window.start)
             state.decoder_tokens += pass_tokens
             _update_stops(state, active.rows, stop_sequences)
@@ -716,7 +676,7 @@ class LladaVGenerationMixin:
         state: _DenoisingState,
         active: _Active,
         feature_cache: LladaVFeatureCache,
-        shortlist: torch.Tensor | None,
+        sampler: DiffusionSampler,
     ) -> tuple[torch.Tensor, int]:
         """One dLLM-Cache pass: the active rows in groups sharing a refresh decision (each row's clock counts the
         passes it took part in), one decoder call per group. Returns the logits `(b, K, V)` in row order and the
@@ -729,7 +689,7 @@ class LladaVGenerationMixin:
                 state.prompt_embeds[rows],
                 active.positions,
                 attention_mask=None if state.attention_mask is None else state.attention_mask[rows],
-                vocab_ids=None if shortlist is None else shortlist[rows],
+                vocab_ids=sampler.vocab_ids(rows),
                 feature_cache=view,
             )
             parts.append((index, logits))
@@ -772,6 +732,7 @@ class LladaVGenerationMixin:
             feature_cache: a dLLM-Cache view of these rows (`dllm_cache_llada_v.FeatureCacheView`); the full canvas
                 runs, each layer reusing what the view allows.
         """
+        guidance = ClassifierFreeGuidance(cfg_scale)
         prompt_len = prompt_embeds.shape[1]
         cache_kwargs = {} if cache is None else {"cache": cache, "cache_start": window[0]}
         if feature_cache is not None:
@@ -780,17 +741,16 @@ class LladaVGenerationMixin:
             start, end = window
             embeds = self.get_input_embeddings()(canvas[:, start:end])  # (b, W, D)
             positions = positions - start  # logits_to_keep is relative to the window
-            if cfg_scale > 0:
-                embeds = torch.cat((embeds, embeds), dim=0)  # the unconditional copy differs only in the prompt
+            embeds = guidance.double(embeds)  # the unconditional copy differs only in the (cached) prompt
         else:
             answer_embeds = self.get_input_embeddings()(canvas[:, prompt_len:])  # (b, T - P, D)
             embeds = torch.cat((prompt_embeds, answer_embeds), dim=1)  # (b, T, D)
-            if cfg_scale > 0:
+            if guidance.enabled:
                 mask_embed = self.get_input_embeddings().weight[mask_token_id].to(prompt_embeds.dtype)  # (D,)
                 uncond = torch.cat((mask_embed.expand_as(prompt_embeds), answer_embeds), dim=1)
-                embeds = torch.cat((embeds, uncond), dim=0)  # (2b, T, D)
-        if cfg_scale > 0 and attention_mask is not None:
-            attention_mask = torch.cat((attention_mask, attention_mask), dim=0)
+                embeds = guidance.double(embeds, uncond)  # (2b, T, D)
+        if attention_mask is not None:
+            attention_mask = guidance.double(attention_mask)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # nothing padded in these rows: the unmasked path, as the official loop
         if vocab_ids is None:
@@ -800,12 +760,10 @@ class LladaVGenerationMixin:
         else:
             # The decoder alone (the forward would apply the full LM head), then the shortlist's rows of it.
             hidden, _ = self.language_model(embeds, attention_mask=attention_mask, **cache_kwargs)  # (b, W, D)
-            copies = 2 if cfg_scale > 0 else 1  # the unconditional copy uses the same ids
-            rows = self.get_output_embeddings().weight[vocab_ids.clamp(min=0).repeat(copies, 1)]  # (b, S, D)
+            ids = guidance.double(vocab_ids.clamp(min=0))  # the unconditional copy uses the same ids
+            rows = self.get_output_embeddings().weight[ids]  # (b, S, D)
             logits = torch.einsum("bkd,bsd->bks", hidden[:, positions.to(hidden.device)], rows).float()  # (b, K, S)
-        if cfg_scale > 0:
-            cond, uncond = logits.chunk(2, dim=0)
-            logits = uncond + (cfg_scale + 1) * (cond - uncond)
+        logits = guidance.combine(logits)
         if vocab_ids is not None:
             logits = logits.masked_fill(vocab_ids[:, None, :] < 0, float("-inf"))  # unused slots, after CFG
         return logits

@@ -1,13 +1,17 @@
-"""The sampler's pure maths: small functions on tensors, testable without a model.
+"""The sampler's decoding rules, testable without a model.
 
-The transfer schedule, the token choice (argmax or float64 Gumbel-max), top-k / top-p filtering, the confidence
-of a choice, the per-row top-k commit, the stop-sequence search and the LM-head shortlist. The loop that calls
-them is `generation_utils.LladaVGenerationMixin.diffusion_generate` (docs/generation.md).
+Small functions on tensors: the transfer schedule, the token choice (argmax or float64 Gumbel-max), top-k /
+top-p filtering, the confidence of a choice, the per-row top-k commit, the stop-sequence search and the LM-head
+shortlist. Two small owners use them: `DiffusionSampler` (token choice, confidence and commit of one call: a new
+decoding rule changes that class) and `ClassifierFreeGuidance` (the batch layout of a guided forward). The loop
+that calls them is `generation_utils.LladaVGenerationMixin.diffusion_generate` (docs/generation.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -161,7 +165,144 @@ def build_shortlist(logits: torch.Tensor, candidate: torch.Tensor, size: int) ->
     return ids.masked_fill(repeated, -1)
 
 
+
+@dataclass(frozen=True)
+class ClassifierFreeGuidance:
+    """Classifier-free guidance (`cfg_scale`, docs/parity.md Q17): the one owner of its batch layout. A guided
+    forward runs the conditional rows first, then their unconditional copies (every prompt position masked) in
+    the same order, and combines the two halves' logits as `un + (scale + 1) * (cond - un)`."""
+
+    scale: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 0
+
+    @property
+    def copies(self) -> int:
+        """Forward rows per canvas row."""
+        return 2 if self.enabled else 1
+
+    def double(self, conditional: torch.Tensor, unconditional: torch.Tensor | None = None) -> torch.Tensor:
+        """`(b, ...)` -> `(2b, ...)` when guided: `conditional`, then `unconditional` (default: the same rows)."""
+        if not self.enabled:
+            return conditional
+        return torch.cat((conditional, conditional if unconditional is None else unconditional), dim=0)
+
+    def rows(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        """Indices of canvas rows in a batch of `batch` -> their indices in the guided `2 * batch` forward rows
+        (both copies), e.g. to keep a key/value cache's rows."""
+        if not self.enabled:
+            return rows
+        return torch.cat((rows, rows + batch))
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """The `(2b, ...)` logits of a guided forward -> `(b, ...)` guided logits."""
+        if not self.enabled:
+            return logits
+        cond, uncond = logits.chunk(2, dim=0)
+        return uncond + (self.scale + 1) * (cond - uncond)
+
+
+class DiffusionSampler:
+    """Token choice, confidence and commit for one `diffusion_generate` call: the decoding rules in one class
+    (as transformers' DiffusionGemma keeps them in its sampler), so a new rule changes this class only.
+
+    Per block, `start_block` takes each row's mask count (the transfer schedule) and forgets the shortlist;
+    per pass, `vocab_ids` gives the ids the forward computes logits over (`lm_head_shortlist`, else None),
+    `predict` the token and its confidence at every column, and `commit` writes the chosen predictions.
+
+    Args:
+        config: the call's `LladaVGenerationConfig` (validated): `temperature`, `top_k`, `top_p`, `remasking`,
+            `tokenizer_vocab_size`, `confidence_threshold`, `lm_head_shortlist`, `steps_per_block`.
+        suppress: `(n,)` ids whose logits are -inf at mask positions (`suppress_tokens` and one-token
+            `bad_words_ids`).
+        batch: rows of the canvas.
+        generator: random source for `temperature > 0` and `"random"` remasking.
+    """
+
+    def __init__(self, config: Any, suppress: torch.Tensor, batch: int, generator: torch.Generator | None = None):
+        self.temperature, self.top_k, self.top_p = config.temperature, config.top_k, config.top_p
+        self.remasking, self.vocab_limit = config.remasking, config.tokenizer_vocab_size
+        self.threshold, self.shortlist_size = config.confidence_threshold, config.lm_head_shortlist
+        self.steps_per_block = config.steps_per_block
+        self.suppress, self.batch, self.generator = suppress, batch, generator
+        self.schedule: torch.Tensor | None = None  # (B, steps_per_block) tokens to commit per step
+        self.shortlist: torch.Tensor | None = None  # (B, S) ids, built by a block's first pass
+
+    def start_block(self, mask_counts: torch.Tensor) -> None:
+        """`mask_counts` `(B,)`: each row's masks in the block at its start."""
+        self.schedule = transfer_schedule(mask_counts, self.steps_per_block)  # (B, steps_per_block)
+        self.shortlist = None
+
+    def vocab_ids(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """`(b, S)` the shortlist of these rows (-1 unused), or None: logits over the whole vocabulary."""
+        return None if self.shortlist is None else self.shortlist[rows]
+
+    def predict(
+        self, logits: torch.Tensor, rows: torch.Tensor, candidate: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Suppress ids in `logits` `(b, K, V)` in place, then the token choice and its confidence at every
+        column, `(b, K)` each. With a shortlist the logits are `(b, K, S)` over each row's ids (`vocab_ids`).
+        A block's first pass builds the shortlist from its logits (`lm_head_shortlist`; `candidate` `(b, K)`)."""
+        shortlist = self.vocab_ids(rows)
+        if shortlist is None:
+            tokens, confidence = self._predict(logits)
+        else:
+            tokens, confidence = self._predict_in_shortlist(logits, shortlist)
+        if self.shortlist_size is not None and self.shortlist is None:
+            built = build_shortlist(logits, candidate, self.shortlist_size)  # (b, S)
+            self.shortlist = built.new_full((self.batch, built.shape[1]), -1)  # (B, S)
+            self.shortlist.index_copy_(0, rows, built)  # rows not stepping now are done for the block
+        return tokens, confidence
+
+    def _predict(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits[..., self.suppress] = float("-inf")
+        if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+            logits[..., self.vocab_limit :] = float("-inf")
+        b, k_cols, vocab = logits.shape
+        flat = logits.reshape(b * k_cols, vocab)
+        if self.temperature > 0 and (self.top_k is not None or self.top_p is not None):
+            filter_top_k_top_p(flat, self.top_k, self.top_p)
+        tokens = sample_tokens(flat, self.temperature, self.generator).view(b, k_cols)
+        confidence = token_confidence(flat, tokens.view(-1), self.remasking, self.generator).view(b, k_cols)
+        return tokens, confidence
+
+    def _predict_in_shortlist(self, logits: torch.Tensor, shortlist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shortlist holds no suppressed id (see `build_shortlist`; unused slots are -inf): the choice is
+        mapped back to vocabulary ids."""
+        b, k_cols, size = logits.shape
+        flat = logits.reshape(b * k_cols, size)
+        local = flat.argmax(-1)  # temperature 0 (checked by the config)
+        confidence = token_confidence(flat, local, self.remasking, self.generator).view(b, k_cols)
+        tokens = shortlist.gather(1, local.view(b, k_cols))
+        return tokens, confidence.masked_fill(tokens < 0, float("-inf"))  # an empty shortlist commits nothing
+
+    def commit(
+        self,
+        canvas: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        candidate: torch.Tensor,
+        tokens: torch.Tensor,
+        confidence: torch.Tensor,
+        block_step: int,
+    ) -> torch.Tensor:
+        """Write into `canvas` `(B, T)`, at `rows` `(b,)` x `positions` `(K,)`, each row's scheduled number of
+        most confident candidates (`candidate` `(b, K)`) and, with `confidence_threshold`, every candidate above
+        it. Returns which predictions were committed, `(b, K)`."""
+        confidence = confidence.masked_fill(~candidate, float("-inf"))
+        committed = select_top_k(confidence, self.schedule[rows, block_step])
+        if self.threshold is not None:
+            committed |= confidence > self.threshold  # parallel decoding: -inf (non-candidates) never passes
+        previous = canvas[rows][:, positions]
+        canvas[rows[:, None], positions[None, :]] = torch.where(committed, tokens, previous)
+        return committed
+
+
 __all__ = [
+    "ClassifierFreeGuidance",
+    "DiffusionSampler",
     "build_shortlist",
     "filter_top_k_top_p",
     "find_stop",

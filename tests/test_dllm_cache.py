@@ -237,3 +237,22 @@ def test_feature_cache_refuses_training_labels(golden_model):
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with pytest.raises(ValueError, match="labels .* cannot be combined with a feature_cache"):
         golden_model(input_ids=ids, labels=ids, feature_cache=view)
+
+
+def test_dllm_cache_composes_with_a_whole_vocabulary_lm_head_shortlist():
+    """A shortlist of the whole vocabulary gives the full LM head's ids, with the feature cache too."""
+    from llada_v.demo.app import load_demo
+    from llada_v.demo.task import make_sample
+    from llada_v.inference import chat_prompt, prepare_inputs, user_message
+
+    model, processor = load_demo()
+    samples = [make_sample(seed) for seed in (2, 3)]
+    texts = [chat_prompt(processor, [user_message(s["qa"][0][0], 1)], system_prompt="") for s in samples]
+    inputs = prepare_inputs(processor, texts, [[s["image"]] for s in samples], model.device)
+    settings = dict(max_new_tokens=8, steps=8, block_length=4, return_dict_in_generate=True,
+                    dllm_cache={"prompt_interval_steps": 3, "gen_interval_steps": 2, "transfer_ratio": 0.5})  # fmt: skip
+    full = model.diffusion_generate(**inputs, **settings)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    short = model.diffusion_generate(**inputs, **settings, lm_head_shortlist=vocab)
+    assert short.answer_ids() == full.answer_ids()
+    assert short.num_decoder_tokens == full.num_decoder_tokens

@@ -11,7 +11,7 @@ whole block in one pass.
 Held-out scenes only: string seeds `held-out-blocks-{seed}-{i}` (training draws integer seeds >= 1e6,
 `llada_v.demo.train.TRAIN_SEED_OFFSET`), kept when they hold `--objects` shapes, questions alternating
 between the two orders. Reported per method (exact mode, each acceleration alone, the fast preset, and the
-fast preset with `--extra` options): exact match of the whole description against the truth, token agreement
+fast preset with `--extra` options, dLLM-Cache at the official 25/7/0.25): exact match of the whole description against the truth, token agreement
 with exact mode (answer positions, `<|eot_id|>` included, that hold the same id, over the longer of the two
 answers), answers identical to exact mode's, forward passes and wall time. `--reference` also runs the
 official loop (tests/official_sampler.py) per scene and counts the scenes where exact mode's ids differ.
@@ -51,6 +51,7 @@ METHODS: dict[str, dict] = {
     "prompt_once": {"kv_cache": "dual", "kv_cache_prompt_refresh": "once"},
     "threshold": {"confidence_threshold": 0.9},
     FAST: {},
+    "dllm_cache": {"dllm_cache": {}},  # dLLM-Cache at the official demo's 25/7/0.25
 }
 SEED_PREFIX = "held-out-blocks"
 

@@ -9,7 +9,8 @@ vocabulary (126464) and a real-shaped prompt: one 853x1280 image (3633 image tok
 in the official demo.
 
 Methods (`--methods`): reference, exact, prefix, dual, threshold, prompt_once (dual cache, prompt once per
-call), fast (`LladaVGenerationConfig.fast`), fast_prompt_once.
+call), fast (`LladaVGenerationConfig.fast`), fast_prompt_once, dllm_cache (dLLM-Cache at the official demo's
+25/7/0.25; its decoder tokens are the query positions each pass recomputes).
 Each runs in its own subprocess so peak memory is measured separately (peak RSS of the process and the peak
 RSS increase during generation, sampled every 2 ms). Reported per method, from one run: wall time and speedup
 vs the reference, forward passes, answer tokens per forward, cost in full forwards (decoder tokens / (prompt +
@@ -265,8 +266,11 @@ METHODS: dict[str, dict | None] = {
     "prompt_once": {"kv_cache": "dual", "kv_cache_prompt_refresh": "once"},
     FAST: {},
     "fast_prompt_once": {"kv_cache_prompt_refresh": "once"},  # the preset + the prompt encoded once per call
+    "dllm_cache": {"dllm_cache": {}},  # dLLM-Cache at the official demo's settings (25/7/0.25)
 }
-DEFAULT_METHODS = ("reference", "exact", "prefix", "dual", "threshold", "prompt_once", FAST, "fast_prompt_once")
+DEFAULT_METHODS = (
+    "reference", "exact", "prefix", "dual", "threshold", "prompt_once", FAST, "fast_prompt_once", "dllm_cache",
+)  # fmt: skip
 
 
 def _generation_config(model, method: str, settings: dict):

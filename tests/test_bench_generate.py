@@ -105,3 +105,17 @@ def test_quantise_decoder_replaces_exactly_the_decoder_linears():
         out = model.diffusion_generate(**bench_generate.prompt_inputs(model, args), steps=2, max_new_tokens=4,
                                        block_length=4)  # fmt: skip
         assert out.shape == (1, 24 + 4)
+
+
+@pytest.mark.slow
+def test_dllm_cache_method_reports_the_positions_it_recomputes(tmp_path):
+    # Text only (24 prompt tokens + 8 answer tokens = 32), one block of 8 steps, the official 25/7/0.25: pass 1
+    # is a full forward (32), passes 2-7 recompute int(8 x 0.25) = 2 answer positions each, pass 8 refreshes the
+    # answer (8): (32 + 6 x 2 + 8) / 32 = 1.625 full forwards; exact mode 8.
+    summary = run_bench(tmp_path, "--image", "none", "--steps", "8", "--gen-length", "8", "--block-length", "8",
+                        "--methods", "exact,dllm_cache")  # fmt: skip
+    exact, cached = summary["methods"]["exact"], summary["methods"]["dllm_cache"]
+    assert exact["forward_passes"] == cached["forward_passes"] == 8
+    assert exact["cost_full_forwards_tokens"] == 8.0
+    assert cached["cost_full_forwards_tokens"] == pytest.approx(52 / 32)
+    assert cached["module_calls"]["decoder"] == 8 and len(cached["answer_ids"]) == 8

@@ -142,6 +142,24 @@ def test_streamed_chat_with_an_image_and_the_canvas(server, client, demo):
     assert chunks[-1].usage.completion_tokens >= 1 and chunks[-1].usage.prompt_tokens > 0
 
 
+def test_chat_with_dllm_cache_in_extra_body(server, client, demo):
+    sample = make_sample(8)
+    question = sample["qa"][0][0]
+    settings = {"prompt_interval_steps": 2, "gen_interval_steps": 2, "transfer_ratio": 0.5}
+    completion = client.chat.completions.create(
+        model=MODEL, messages=messages(question, png_data_url(sample["image"])), max_tokens=8,
+        extra_body={"steps": 8, "block_length": 4, "dllm_cache": settings},
+    )  # fmt: skip
+    model, processor, _ = demo
+    config = generation_config_for(model.generation_config, {"max_new_tokens": 8, "steps": 8, "block_length": 4,
+                                                             "dllm_cache": settings})  # fmt: skip
+    prompt = chat_prompt(processor, [user_message(question, 1)], system_prompt="")
+    expected = generate_texts(model, processor, [prompt], [[sample["image"]]], config)[0][0]
+    assert completion.choices[0].message.content == expected
+    bad = chat_error(client, model=MODEL, messages=messages(question, None), extra_body={"dllm_cache": {"every": 2}})
+    assert bad.status_code == 400 and "unknown keys ['every']" in bad.message
+
+
 def test_32_concurrent_requests_are_batched_and_equal_single_calls(server, client, demo):
     samples = [make_sample(100 + i) for i in range(32)]
     questions = [s["qa"][0][0] for s in samples]

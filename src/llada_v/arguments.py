@@ -90,6 +90,24 @@ def seed_int(text: str) -> int:
     return value
 
 
+def dllm_cache_value(text: str) -> dict[str, Any]:
+    """argparse type of `--dllm-cache [P,G,R]`: no value -> `{}` (the official 25/7/0.25), "P,G,R" -> the prompt
+    interval, the answer interval and the transfer ratio (their ranges are checked by the generation config)."""
+    if text == "":
+        return {}
+    parts = text.split(",")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        return {"prompt_interval_steps": int(parts[0]), "gen_interval_steps": int(parts[1]),
+                "transfer_ratio": float(parts[2])}  # fmt: skip
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "takes PROMPT_INTERVAL,GEN_INTERVAL,TRANSFER_RATIO (two integers and a number, e.g. 25,7,0.25), "
+            f"got {text!r}"
+        ) from None
+
+
 def tqdm_disable(progress: bool | None) -> bool | None:
     """tqdm's `disable` for a `--progress/--no-progress` value: None (neither flag) lets tqdm show the bar only
     when its stream is a terminal, so logs and pipes stay quiet."""
@@ -145,6 +163,11 @@ def add_generation_arguments(parser: argparse.ArgumentParser, stream: bool = Tru
     group.add_argument(
         "--fast", action="store_true",
         help="fast decoding preset: dual KV cache + confidence threshold 0.9 (approximate; docs/performance.md)",
+    )  # fmt: skip
+    group.add_argument(
+        "--dllm-cache", nargs="?", const="", default=None, type=dllm_cache_value, metavar="P,G,R",
+        help="dLLM-Cache, the official demo's acceleration: refresh the prompt every P passes, the answer every G, "
+        "and the share R of the answer in between (default 25,7,0.25; approximate; docs/generation.md)",
     )  # fmt: skip
     group.add_argument(
         "--system-prompt", default=None, metavar="TEXT", help="replace LLaDA-V's default system prompt ('' drops it)"

@@ -14,6 +14,7 @@ from typing import Any
 
 from .compat_llada_v import GenerationConfig
 from .configuration_llada_v import LladaVConfig
+from .dllm_cache_llada_v import dllm_cache_settings
 
 REMASKING_STRATEGIES = ("low_confidence", "random")
 KV_CACHE_MODES = ("dual", "prefix")  # or None: no cache (exact)
@@ -154,6 +155,11 @@ class LladaVGenerationConfig(GenerationConfig):
         lm_head_shortlist (`int`, *optional*, defaults to None): a block's later passes compute the LM head only
             over each row's ids among the `lm_head_shortlist` likeliest of its first pass; needs `temperature=0`
             and `remasking="low_confidence"` (docs/generation.md#lm-head-shortlist-lm_head_shortlist).
+        dllm_cache (`dict`, *optional*, defaults to None): dLLM-Cache, the released demo's default acceleration:
+            `{"prompt_interval_steps": P, "gen_interval_steps": G, "transfer_ratio": R}` (`{}`: the official
+            25/7/0.25); every layer caches its features, a row's pass recomputes the prompt every P passes, the
+            answer every G passes and in between the share R of the answer whose values moved most; not with
+            `kv_cache` or `cfg_scale > 0` (dllm_cache_llada_v.py, docs/generation.md#dllm-cache-opt-in).
 
     The recommended fast combination is [`LladaVGenerationConfig.fast`].
     """
@@ -175,6 +181,7 @@ class LladaVGenerationConfig(GenerationConfig):
         "confidence_threshold": None,
         "kv_cache_prompt_refresh": "block",
         "lm_head_shortlist": None,
+        "dllm_cache": None,
     }
     # GenerationConfig fields whose default differs here.
     _inherited_defaults: dict[str, Any] = {
@@ -332,6 +339,21 @@ class LladaVGenerationConfig(GenerationConfig):
                     f"remasking='low_confidence', got remasking={self.remasking!r}"
                 )
         self._check_shortlist()
+        self._check_dllm_cache()
+
+    def _check_dllm_cache(self) -> None:
+        if dllm_cache_settings(self.dllm_cache) is None:
+            return
+        if self.kv_cache is not None:
+            raise ValueError(
+                f"dllm_cache ({self.dllm_cache}) and kv_cache={self.kv_cache!r} are two caches of the same layer "
+                "features with different refresh rules; choose one"
+            )
+        if self.cfg_scale > 0:
+            raise ValueError(
+                f"dllm_cache ({self.dllm_cache}) is not supported with cfg_scale={self.cfg_scale} (classifier-free "
+                "guidance); set cfg_scale=0 or dllm_cache=None"
+            )
 
     def _check_shortlist(self) -> None:
         size = self.lm_head_shortlist

@@ -21,13 +21,16 @@ from step 0 and is returned after the stop (Q16).
 
 Fast decoding (`kv_cache`, `confidence_threshold`, `lm_head_shortlist`, the `LladaVGenerationConfig.fast`
 preset) is opt-in and approximate; exact mode stays the default. What each option changes and costs:
-docs/generation.md#fast-decoding-opt-in.
+docs/generation.md#fast-decoding-opt-in. So is `dllm_cache` (dLLM-Cache, the official demo's acceleration,
+`dllm_cache_llada_v`): its passes run the active rows in groups that share a refresh decision
+(`_feature_cached_logits`).
 
 The loop reads top to bottom as named steps (`LladaVGenerationMixin.diffusion_generate`): settings, canvas,
 then per block and step: finished rows (`_finish_rows`), active rows and columns (`_active`), the decoder
 window (`DecoderWindows.plan`), logits (`diffusion_logits`), predictions and commits (`DiffusionSampler`),
 stops (`_update_stops`); finally the output (`_assemble`). Its parts have their own remote-code files: the settings
-(`generation_config_llada_v`), the pure maths (`sampling_llada_v`) and the key/value cache (`cache_llada_v`);
+(`generation_config_llada_v`), the pure maths (`sampling_llada_v`), the key/value cache (`cache_llada_v`) and
+dLLM-Cache (`dllm_cache_llada_v`);
 the names users import from this module (`LladaVGenerationConfig`, `LladaVDiffusionCache`, the sampling
 functions) are re-exported here.
 """
@@ -45,6 +48,7 @@ from transformers.utils import ModelOutput, logging
 
 from .cache_llada_v import DecoderWindows, LladaVDiffusionCache
 from .compat_llada_v import GenerationConfig
+from .dllm_cache_llada_v import FeatureCacheView, LladaVFeatureCache, dllm_cache_settings
 from .generation_config_llada_v import (
     FAST_DECODING_PRESET,
     LladaVGenerationConfig,
@@ -557,13 +561,23 @@ class LladaVGenerationMixin:
             input_ids, attention_mask, suffix, config, pixel_values, image_sizes, image_layouts, image_num_crops
         )
         num_layers = self.config.get_text_config().num_hidden_layers if config.kv_cache else 0
+        feature_cache = None  # dLLM-Cache
+        if config.dllm_cache is not None:
+            feature_cache = LladaVFeatureCache(
+                dllm_cache_settings(config.dllm_cache),
+                state.canvas.shape[0],
+                self.config.get_text_config().num_hidden_layers,
+                state.prompt_len,
+            )
         windows = DecoderWindows(config, num_layers, state.prompt_len, state.total_len)
         banned = {words[0] for words in config.bad_words_ids or []}
         suppress = torch.tensor(sorted(set(config.suppress_tokens) | banned), dtype=torch.long, device=input_ids.device)
         sampler = DiffusionSampler(config, suppress, input_ids.shape[0], generator)
         # 3. Blocks left to right, each denoised in steps; a block starting after every row's stop is skipped.
         for block in range(config.num_blocks):
-            if not self._denoise_block(state, block, config, stop_sequences, windows, sampler, step_callback):
+            if not self._denoise_block(
+                state, block, config, stop_sequences, windows, sampler, step_callback, feature_cache
+            ):
                 break
         # 4. Prompt | answer up to its stop | suffix | padding.
         return self._finalize(state, suffix, config)
@@ -619,6 +633,7 @@ class LladaVGenerationMixin:
         windows: DecoderWindows,
         sampler: DiffusionSampler,
         step_callback: Callable[[LladaVDiffusionStep], None] | None,
+        feature_cache: LladaVFeatureCache | None = None,
     ) -> bool:
         """Denoise one block in at most `steps_per_block` passes. Returns False when every row is finished."""
         block_start = state.prompt_len + block * config.block_length
@@ -635,25 +650,30 @@ class LladaVGenerationMixin:
             if active is None:
                 break
             window = windows.plan(active.rows, block_start, block_end)
-            logits = self.diffusion_logits(
-                state.canvas[active.rows],
-                state.prompt_embeds[active.rows],
-                active.positions,
-                cfg_scale=config.cfg_scale,
-                mask_token_id=config.mask_token_id,
-                attention_mask=None if state.attention_mask is None else state.attention_mask[active.rows],
-                cache=window.cache,
-                window=(window.start, window.end),
-                vocab_ids=sampler.vocab_ids(active.rows),
-            )  # (b, K, V) float32, (b, K, S) over a shortlist
+            if feature_cache is None:
+                logits = self.diffusion_logits(
+                    state.canvas[active.rows],
+                    state.prompt_embeds[active.rows],
+                    active.positions,
+                    cfg_scale=config.cfg_scale,
+                    mask_token_id=config.mask_token_id,
+                    attention_mask=None if state.attention_mask is None else state.attention_mask[active.rows],
+                    cache=window.cache,
+                    window=(window.start, window.end),
+                    vocab_ids=sampler.vocab_ids(active.rows),
+                )  # (b, K, V) float32, (b, K, S) over a shortlist
+            else:
+                logits, pass_tokens = self._feature_cached_logits(state, active, feature_cache, sampler)
             tokens, confidence = sampler.predict(logits, active.rows, active.candidate)
             committed = sampler.commit(
                 state.canvas, active.rows, active.positions, active.candidate, tokens, confidence, block_step
             )
             state.num_passes += 1
             state.passes_per_row[active.rows] += 1
-            copies = ClassifierFreeGuidance(config.cfg_scale).copies
-            state.decoder_tokens += active.rows.shape[0] * copies * (window.end - window.start)
+            if feature_cache is None:
+                copies = ClassifierFreeGuidance(config.cfg_scale).copies
+                pass_tokens = active.rows.shape[0] * copies * (window.end - window.start)
+            state.decoder_tokens += pass_tokens
             _update_stops(state, active.rows, stop_sequences)
             if config.output_history:
                 state.history.append(state.canvas.clone())
@@ -677,6 +697,36 @@ class LladaVGenerationMixin:
                 )
         return True
 
+    def _feature_cached_logits(
+        self,
+        state: _DenoisingState,
+        active: _Active,
+        feature_cache: LladaVFeatureCache,
+        sampler: DiffusionSampler,
+    ) -> tuple[torch.Tensor, int]:
+        """One dLLM-Cache pass: the active rows in groups sharing a refresh decision (each row's clock counts the
+        passes it took part in), one decoder call per group. Returns the logits `(b, K, V)` in row order and the
+        query positions the decoder computed."""
+        parts, tokens = [], 0
+        for index, view in feature_cache.groups(active.rows, state.passes_per_row[active.rows]):
+            rows = active.rows[index]
+            logits = self.diffusion_logits(
+                state.canvas[rows],
+                state.prompt_embeds[rows],
+                active.positions,
+                attention_mask=None if state.attention_mask is None else state.attention_mask[rows],
+                vocab_ids=sampler.vocab_ids(rows),
+                feature_cache=view,
+            )
+            parts.append((index, logits))
+            tokens += rows.shape[0] * view.decoder_tokens(state.total_len)
+        if len(parts) == 1:
+            return parts[0][1], tokens
+        out = parts[0][1].new_empty((active.rows.shape[0], *parts[0][1].shape[1:]))
+        for index, logits in parts:
+            out[index] = logits
+        return out, tokens
+
     def diffusion_logits(
         self,
         canvas: torch.Tensor,
@@ -688,6 +738,7 @@ class LladaVGenerationMixin:
         cache: LladaVDiffusionCache | None = None,
         window: tuple[int, int] | None = None,
         vocab_ids: torch.Tensor | None = None,
+        feature_cache: FeatureCacheView | None = None,
     ) -> torch.Tensor:
         """One denoiser pass: float32 logits `(b, K, V)` of the canvas columns `positions`, guided when
         `cfg_scale > 0` (docs/parity.md Q17: the unconditional copy has every prompt position, image
@@ -704,10 +755,14 @@ class LladaVGenerationMixin:
                 the decoder, attending over the cache.
             vocab_ids: `(b, S)` ids per row, -1 unused: the logits `(b, K, S)` of these ids only, -inf at the
                 unused slots (`lm_head_shortlist`); None: the whole vocabulary.
+            feature_cache: a dLLM-Cache view of these rows (`dllm_cache_llada_v.FeatureCacheView`); the full canvas
+                runs, each layer reusing what the view allows.
         """
         guidance = ClassifierFreeGuidance(cfg_scale)
         prompt_len = prompt_embeds.shape[1]
         cache_kwargs = {} if cache is None else {"cache": cache, "cache_start": window[0]}
+        if feature_cache is not None:
+            cache_kwargs["feature_cache"] = feature_cache
         if cache is not None and cache.length > 0:
             start, end = window
             embeds = self.get_input_embeddings()(canvas[:, start:end])  # (b, W, D)

@@ -397,6 +397,7 @@ def generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "temperature": args.temperature,
         "remasking": args.remasking,
         "cfg_scale": args.cfg_scale,
+        "dllm_cache": getattr(args, "dllm_cache", None),
         "stop_strings": getattr(args, "stop", None),  # `generate --stop`
     }
 

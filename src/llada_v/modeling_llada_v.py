@@ -15,6 +15,8 @@ Notable choices:
   positions only, so a training step never materialises (batch, length, vocab) logits.
 """
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -36,8 +38,12 @@ from transformers.utils import ModelOutput, logging
 
 from .cache_llada_v import LladaVDiffusionCache
 from .configuration_llada_v import LladaVConfig, LladaVTextConfig
+from .dllm_cache_llada_v import FeatureCacheView, FeaturePositions, feature_cached_layer_forward, rope_table
 from .generation_config_llada_v import LladaVGenerationConfig
 from .generation_utils import LladaVGenerationMixin
+# transformers 4.57 copies into its module cache only the files that the loaded module imports itself, not those
+# its imports import: every remote-code module the model runs on is imported here (docs/usage.md#supported-transformers-versions).
+from .sampling_llada_v import ClassifierFreeGuidance  # noqa: F401
 from .image_layout_llada_v import (
     LAYOUT_ANYRES,
     LAYOUT_NAMES,
@@ -186,6 +192,37 @@ class LladaVAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+def feature_cache_attention(
+    attn: "LladaVAttention",
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    features: FeaturePositions,
+) -> torch.Tensor:
+    """Attention of a dLLM-Cache pass, with the official cache hook's numerics (docs/parity.md Q36): `q`
+    `(b, Tq, nh * hd)` at canvas positions `q_positions` `(b, Tq)`, `k`, `v` `(b, S, nkv * hd)` of the whole
+    canvas before RoPE; RoPE in float32 from a table, `softmax(q k^T / sqrt(hd))` in eager form (float32
+    softmax), padded keys hidden. Returns `(b, Tq, D)` after o_proj."""
+    batch, q_len = q.shape[:2]
+    k_len, head_dim = k.shape[1], attn.head_dim
+    q = q.view(batch, q_len, -1, head_dim).transpose(1, 2)  # (b, nh, Tq, hd)
+    k = k.view(batch, k_len, -1, head_dim).transpose(1, 2)  # (b, nkv, S, hd)
+    v = v.view(batch, k_len, -1, head_dim).transpose(1, 2)
+    q32, k32 = q.float(), k.float()
+    cos_q, sin_q = features.cos[q_positions].unsqueeze(1), features.sin[q_positions].unsqueeze(1)  # (b, 1, Tq, hd)
+    cos_k, sin_k = features.cos[features.positions].unsqueeze(1), features.sin[features.positions].unsqueeze(1)
+    q = ((q32 * cos_q) + (rotate_half(q32) * sin_q)).type_as(q)
+    k = ((k32 * cos_k) + (rotate_half(k32) * sin_k)).type_as(k)
+    k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+    weights = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)  # (b, nh, Tq, S)
+    if features.key_padding is not None:
+        weights = weights.masked_fill(~features.key_padding[:, None, None, :], torch.finfo(weights.dtype).min)
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(weights, v)  # (b, nh, Tq, hd)
+    return attn.o_proj(out.transpose(1, 2).contiguous().view(batch, q_len, -1))
+
+
 class LladaVMLP(nn.Module):
     def __init__(self, config: LladaVTextConfig):
         super().__init__()
@@ -211,8 +248,14 @@ class LladaVDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        feature_cache: FeatureCacheView | None = None,
+        feature_positions: FeaturePositions | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if feature_cache is not None:
+            # dLLM-Cache: the rule of what to recompute lives in dllm_cache_llada_v.py, the attention maths here.
+            attend = functools.partial(feature_cache_attention, self.self_attn)
+            return feature_cached_layer_forward(self, hidden_states, feature_cache, feature_positions, attend)
         residual = hidden_states
         attn_out, _ = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, **kwargs
@@ -379,14 +422,19 @@ class LladaVTextModel(LladaVPreTrainedModel):
         output_hidden_states: bool = False,
         cache: LladaVDiffusionCache | None = None,
         cache_start: int = 0,
+        feature_cache: FeatureCacheView | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Run the decoder on embeddings (B, T, D); returns the final-normed states and, optionally, all states.
 
         With `cache`, the T embeddings are the window `[cache_start, cache_start + T)` of a longer canvas
         whose other keys/values are in the cache; `attention_mask` and `conversation_ids` then cover the
-        whole canvas.
+        whole canvas. With `feature_cache` (dLLM-Cache, one group's view), the T embeddings are the whole canvas
+        and every layer reuses what the view's refresh decision allows (`LladaVDecoderLayer.forward_feature_cached`).
         """
+        if feature_cache is not None:
+            return self._forward_feature_cached(inputs_embeds, attention_mask, position_ids, conversation_ids,
+                                                output_hidden_states, feature_cache, cache)  # fmt: skip
         batch, length = inputs_embeds.shape[:2]
         total = length if cache is None or cache.length == 0 else cache.length
         if cache is not None and cache.length == 0 and cache_start != 0:
@@ -420,6 +468,38 @@ class LladaVTextModel(LladaVPreTrainedModel):
                 cache_start=cache_start,
                 **kwargs,
             )
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+        return self.norm(hidden_states), all_hidden
+
+    def _forward_feature_cached(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        conversation_ids: torch.Tensor | None,
+        output_hidden_states: bool,
+        feature_cache: FeatureCacheView,
+        cache: LladaVDiffusionCache | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        batch, length = inputs_embeds.shape[:2]
+        if cache is not None or conversation_ids is not None:
+            raise ValueError("feature_cache (dLLM-Cache) cannot be combined with a key/value cache or conversation_ids")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"feature_cache needs a (batch, length) attention_mask, got {tuple(attention_mask.shape)}")
+        if length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {length} exceeds max_position_embeddings ({self.config.max_position_embeddings})"
+            )
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, batch, length, inputs_embeds.device)
+        key_padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        cos, sin = rope_table(self.rotary_emb.inv_freq.to(inputs_embeds.device), length)
+        features = FeaturePositions(cos, sin, position_ids, key_padding)
+        hidden_states = inputs_embeds
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, feature_cache=feature_cache, feature_positions=features)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
         return self.norm(hidden_states), all_hidden
@@ -714,6 +794,7 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
         logits_to_keep: int | torch.Tensor | None = None,
         cache: LladaVDiffusionCache | None = None,
         cache_start: int = 0,
+        feature_cache: FeatureCacheView | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -741,12 +822,16 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             cache, cache_start: a `LladaVDiffusionCache` and the start of the window that `input_ids` /
                 `inputs_embeds` cover (see `LladaVDiffusionCache`); positions in `logits_to_keep` are then
                 relative to the window. The first call on an empty cache must cover the whole canvas.
+            feature_cache: a dLLM-Cache view (`dllm_cache_llada_v.FeatureCacheView`) for a generation pass over
+                the whole canvas; `diffusion_generate` builds it from `LladaVGenerationConfig.dllm_cache`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None and pixel_values is not None:
             raise ValueError("pixel_values cannot be combined with inputs_embeds (merge images into the embeddings)")
+        if labels is not None and feature_cache is not None:
+            raise ValueError("labels (training) cannot be combined with a feature_cache (dLLM-Cache decoding)")
         if input_ids is not None:
             check_token_ids("input_ids", input_ids, self.get_input_embeddings().num_embeddings)
         self._check_masks(input_ids if input_ids is not None else inputs_embeds, attention_mask, labels, cache)
@@ -771,6 +856,7 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             output_hidden_states=bool(output_hidden_states),
             cache=cache,
             cache_start=cache_start,
+            feature_cache=feature_cache,
             **kwargs,
         )
 

@@ -28,6 +28,8 @@ from transformers.utils import logging
 
 from .image_layout_llada_v import LAYOUT_VIDEO, prompt_image_layout
 from .image_processing_llada_v import LladaVImageProcessor, flatten_videos
+# transformers 4.57 copies into its module cache only the files the loaded module imports itself (docs/usage.md):
+from .image_resize_llada_v import resize_coefficients  # noqa: F401
 
 logger = logging.get_logger(__name__)
 

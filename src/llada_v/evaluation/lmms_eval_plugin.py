@@ -20,7 +20,9 @@ lmms-eval finds the model through the `lmms_eval.models` entry point of this pac
   `is_greedy` is the sampler's greedy answer (one token per step) compared with the continuation.
 
 Model arguments: `pretrained`, `processor`, `device`, `dtype`, `batch_size`, `load_in_4bit`, `load_in_8bit`,
-`attn_implementation`, `fast` (the fast-decoding preset), `task_presets` (default True), `cfg_scale`,
+`attn_implementation`, `fast` (the fast-decoding preset), `dllm_cache` (dLLM-Cache, the official demo's acceleration:
+`true` for the official 25/7/0.25, or `P/G/R` = prompt interval / answer interval / transfer ratio), `task_presets`
+(default True), `cfg_scale`,
 `system_prompt`, `mc_num` (128), `mc_batch_size` (32), `check_greedy` (True), `seed` (1234), `adapter` (a PEFT
 LoRA folder applied to `pretrained`), `progress` (a bar over the requests on the first process; default: only when
 stderr is a terminal). The yes/no arguments (`load_in_4bit`, `load_in_8bit`, `fast`, `task_presets`, `check_greedy`,
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..arguments import parse_bool, tqdm_disable
+from ..dllm_cache_llada_v import dllm_cache_settings
 from ..inference import (
     InputError,
     chat_prompt,
@@ -131,6 +134,32 @@ def task_preset(task: str) -> DiffusionPreset | None:
         if name.startswith(prefix):
             return preset
     return None
+
+
+def dllm_cache_arg(value: bool | str | dict | None) -> dict | None:
+    """The `dllm_cache` model argument: off (None, false), the official defaults (true), `"P/G/R"` (lmms-eval
+    splits model_args at commas, hence the slashes) or a dict of the settings; checked at once."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("", "false", "none")):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() == "true"):
+        return {}
+    if isinstance(value, str):
+        parts = value.split("/")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            value = {"prompt_interval_steps": int(parts[0]), "gen_interval_steps": int(parts[1]),
+                     "transfer_ratio": float(parts[2])}  # fmt: skip
+        except ValueError:
+            raise ValueError(
+                f"llada_v: dllm_cache takes true, false or PROMPT_INTERVAL/GEN_INTERVAL/TRANSFER_RATIO (e.g. "
+                f"25/7/0.25), got {value!r}"
+            ) from None
+    try:
+        dllm_cache_settings(value)
+    except ValueError as err:
+        raise ValueError(f"llada_v: {err}") from None
+    return value
 
 
 def resolve_generation(
@@ -264,6 +293,7 @@ class LladaV(lmms):
         load_in_8bit: bool = False,
         attn_implementation: str | None = None,
         fast: bool = False,
+        dllm_cache: bool | str | dict | None = None,
         task_presets: bool = True,
         cfg_scale: float | None = None,
         system_prompt: str | None = None,
@@ -323,6 +353,7 @@ class LladaV(lmms):
         # A bar over the requests on the first process, only on a terminal unless progress=true/false says.
         self.progress_disable = True if self._rank != 0 else tqdm_disable(progress)
         self.fast = fast
+        self.dllm_cache = dllm_cache_arg(dllm_cache)
         self.task_presets = task_presets
         self.cfg_scale = cfg_scale
         self.system_prompt = system_prompt
@@ -381,6 +412,8 @@ class LladaV(lmms):
                 usable.append(stop)
         if self.cfg_scale is not None:
             overrides = {"cfg_scale": self.cfg_scale, **overrides}
+        if self.dllm_cache is not None:
+            overrides = {"dllm_cache": self.dllm_cache, **overrides}
         config = generation_config_for(
             self.model.generation_config, {**overrides, "stop_strings": usable or None}, fast=self.fast
         )

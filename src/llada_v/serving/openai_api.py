@@ -5,8 +5,9 @@ sampler overrides) or raises `ApiError` naming the field and the value. It check
 the sampler settings themselves are validated by `inference.generation_config_for` (one owner per rule).
 
 Diffusion settings travel as extra body fields (`extra_body=` in the openai client): `steps`, `block_length`,
-`remasking`, `cfg_scale`, `fast` (the fast-decoding preset) and, with `stream`, `stream_canvas` (the answer
-canvas after every denoising step as `llada.canvas` events).
+`remasking`, `cfg_scale`, `dllm_cache` (dLLM-Cache: an object of its settings, `{}` for the official defaults),
+`fast` (the fast-decoding preset) and, with `stream`, `stream_canvas` (the answer canvas after every denoising
+step as `llada.canvas` events).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ MAX_STOP_SEQUENCES = 4
 NEUTRAL_VALUES = {"n": 1, "top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
 IGNORED_FIELDS = ("user",)
 RESPONSE_FORMATS = ("text",)  # the answer is plain text; no JSON mode or schema
-SETTINGS_FIELDS = ("steps", "block_length", "remasking", "cfg_scale")
+SETTINGS_FIELDS = ("steps", "block_length", "remasking", "cfg_scale", "dllm_cache")
 KNOWN_FIELDS = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stop", "seed", "stream",
     "stream_options", "fast", "stream_canvas", "response_format", *SETTINGS_FIELDS, *NEUTRAL_VALUES, *IGNORED_FIELDS,

@@ -1,0 +1,1 @@
+src/llada_v/dllm_cache_llada_v.py

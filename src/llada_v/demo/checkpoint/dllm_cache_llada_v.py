@@ -1,0 +1,1 @@
+../../dllm_cache_llada_v.py

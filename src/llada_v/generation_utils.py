@@ -46,7 +46,7 @@ import torch
 
 from transformers.utils import ModelOutput, logging
 
-from .cache_llada_v import DecoderWindows, LladaVDiffusionCache
+from .cache_llada_v import DecoderWindow, DecoderWindows, LladaVDiffusionCache
 from .compat_llada_v import GenerationConfig
 from .dllm_cache_llada_v import FeatureCacheView, LladaVFeatureCache, dllm_cache_settings
 from .generation_config_llada_v import (
@@ -248,6 +248,16 @@ def _active(state: _DenoisingState, candidate: torch.Tensor, block_start: int, b
     rows = stepping.nonzero().squeeze(1)
     positions = candidate[rows].any(0).nonzero().squeeze(1)
     return _Active(rows, positions, candidate[rows][:, positions])
+
+
+def _inside(active: _Active, window: DecoderWindow) -> _Active:
+    """`active` without the columns outside the pass's decoder window, which have no logits in it. Only a mask
+    that the model filled with the mask id itself (kept masked, as the official loop keeps it) can lie before a
+    cached window: it stays a candidate of every pass that runs it (each block's full forward)."""
+    inside = (active.positions >= window.start) & (active.positions < window.end)  # (K,)
+    if bool(inside.all()):
+        return active
+    return _Active(active.rows, active.positions[inside], active.candidate[:, inside])
 
 
 def _answer_length_from_max_length(config: LladaVGenerationConfig, prompt_length: int) -> None:
@@ -651,6 +661,7 @@ class LladaVGenerationMixin:
                 break
             window = windows.plan(active.rows, block_start, block_end)
             if feature_cache is None:
+                active = _inside(active, window)
                 logits = self.diffusion_logits(
                     state.canvas[active.rows],
                     state.prompt_embeds[active.rows],

@@ -760,6 +760,8 @@ def test_the_default_limit_bounds_the_square_too(monkeypatch):
     thin = Image.new("L", (1, 2000), 255)
     with pytest.raises(ValueError, match=r"2000 x 2000 square \(4000000 pixels\).*more than the limit 1000000"):
         LladaVImageProcessor(crop_size=28)(images=[thin, thin])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # Pillow's guard switched off: no limit at all
+    assert LladaVImageProcessor(crop_size=28)(images=[thin, thin])["pixel_values"].shape == (2, 3, 28, 28)
 
 
 def test_slices_of_a_resize_pass_give_the_same_pixels(monkeypatch):

@@ -281,8 +281,8 @@ class LladaVImageProcessor(BaseImageProcessor):
         return load_image(image, self.max_image_pixels, self.url_timeout, self.max_url_bytes)
 
     @property
-    def pixel_limit(self) -> int:
-        """`max_image_pixels`, or Pillow's decompression-bomb limit when it is None."""
+    def pixel_limit(self) -> int | None:
+        """`max_image_pixels`, or Pillow's decompression-bomb limit when it is None (None: Pillow's is off too)."""
         return Image.MAX_IMAGE_PIXELS if self.max_image_pixels is None else self.max_image_pixels
 
     def working_pixels(self, layout: int, image_size: tuple[int, int]) -> int:
@@ -302,7 +302,7 @@ class LladaVImageProcessor(BaseImageProcessor):
     def check_working_pixels(self, layout: int, image_size: tuple[int, int], name: str = "an image") -> None:
         """Refuse, before anything is allocated, an image whose `working_pixels` exceed `max_image_pixels`."""
         pixels, limit = self.working_pixels(layout, image_size), self.pixel_limit
-        if pixels <= limit:
+        if limit is None or pixels <= limit:
             return
         height, width = int(image_size[0]), int(image_size[1])
         side = max(height, width)

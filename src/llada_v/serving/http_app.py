@@ -33,7 +33,6 @@ from .openai_api import ApiError, chunk_body, completion_body, completion_id, in
 
 BATCH_SIZE_HEADER = "x-llada-batch-size"
 JSON_MEDIA_TYPE = "application/json"
-THREAD_PARSE_BYTES = 2**20  # larger bodies are parsed off the event loop, so other requests go on meanwhile
 logger = logging.getLogger(__name__)
 
 
@@ -135,8 +134,6 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if len(received) > max_bytes:
             raise ApiError(413, f"request body exceeds the limit of {max_bytes} bytes", code="request_too_large")
     try:
-        if len(received) > THREAD_PARSE_BYTES:  # megabytes of JSON take a while: not on the event loop
-            return await asyncio.to_thread(json.loads, received)
         return json.loads(received)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise invalid(f"the request body is not valid JSON: {err}") from None

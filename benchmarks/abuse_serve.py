@@ -237,24 +237,36 @@ def report(clean: dict, abuse: dict, rss: dict, answers_at_end: bool, leftover: 
         "normal_p50_ms": {p: 1000 * percentile(r["latencies"], 0.5) for p, r in (("clean", clean), ("abuse", abuse))},
         "normal_p95_ms": {p: 1000 * percentile(r["latencies"], 0.95) for p, r in (("clean", clean), ("abuse", abuse))},
         "replica_peak_rss_mib": {p: v / 2**20 for p, v in rss.items()},
-        "server_errors": sum(n for r in (clean, abuse) for c in r["statuses"].values() for code, n in c.items()
-                             if code.isdigit() and int(code) >= 500),  # fmt: skip
-        "no_answer": sum(n for r in (clean, abuse) for c in r["statuses"].values() for code, n in c.items()
-                         if not code.isdigit()),  # fmt: skip
+        "server_errors": sum(
+            n
+            for r in (clean, abuse)
+            for c in r["statuses"].values()
+            for code, n in c.items()
+            if code.isdigit() and int(code) >= 500
+        ),  # fmt: skip
+        "no_answer": sum(
+            n for r in (clean, abuse) for c in r["statuses"].values() for code, n in c.items() if not code.isdigit()
+        ),  # fmt: skip
         "answers_at_end": answers_at_end,
         "processes_left": leftover,
     }
     p50, p95, peak = summary["normal_p50_ms"], summary["normal_p95_ms"], summary["replica_peak_rss_mib"]
     growth = peak["abuse"] - peak["clean"]
     ratio = p95["abuse"] / p95["clean"]
-    print(f"normal latency p50 / p95: clean {p50['clean']:.0f} / {p95['clean']:.0f} ms, "
-          f"abuse {p50['abuse']:.0f} / {p95['abuse']:.0f} ms (p95 x{ratio:.2f}; target <= {TARGET_P95_RATIO})")
-    print(f"replica peak RSS: clean {peak['clean']:.0f} MiB, abuse {peak['abuse']:.0f} MiB "
-          f"(+{growth:.0f} MiB; target < {TARGET_RSS_GROWTH / 2**20:.0f})")
+    print(
+        f"normal latency p50 / p95: clean {p50['clean']:.0f} / {p95['clean']:.0f} ms, "
+        f"abuse {p50['abuse']:.0f} / {p95['abuse']:.0f} ms (p95 x{ratio:.2f}; target <= {TARGET_P95_RATIO})"
+    )
+    print(
+        f"replica peak RSS: clean {peak['clean']:.0f} MiB, abuse {peak['abuse']:.0f} MiB "
+        f"(+{growth:.0f} MiB; target < {TARGET_RSS_GROWTH / 2**20:.0f})"
+    )
     print(f"5xx answers: {summary['server_errors']} (target 0); no answer at all: {summary['no_answer']}")
     print(f"server answers at the end: {'yes' if answers_at_end else 'NO'}; processes left after stop: {leftover}")
     summary["targets_met"] = bool(
-        summary["server_errors"] == 0 and growth * 2**20 < TARGET_RSS_GROWTH and ratio <= TARGET_P95_RATIO
+        summary["server_errors"] == 0
+        and growth * 2**20 < TARGET_RSS_GROWTH
+        and ratio <= TARGET_P95_RATIO
         and answers_at_end
     )
     print(f"targets met: {'yes' if summary['targets_met'] else 'NO'}")

@@ -211,7 +211,10 @@ def cost_ratios(hidden: int = 1024, layers: int = 2, heads: int = 8, prompt: int
 
 
 def cost_table(cost: dict) -> str:
-    lines = ["| mode | seconds | with the shortlist / without | answer equal to the mode without |", "|---|---|---|---|"]
+    lines = [
+        "| mode | seconds | with the shortlist / without | answer equal to the mode without |",
+        "|---|---|---|---|",
+    ]
     plain = None
     for label, seconds in cost["seconds"].items():
         if "shortlist" not in label:
@@ -219,7 +222,9 @@ def cost_table(cost: dict) -> str:
             lines.append(f"| {label} | {seconds:.2f} | | |")
         else:
             same = cost["answers"][label] == cost["answers"][plain]
-            lines.append(f"| {label} | {seconds:.2f} | {seconds / cost['seconds'][plain]:.2f} | {'yes' if same else 'no'} |")
+            lines.append(
+                f"| {label} | {seconds:.2f} | {seconds / cost['seconds'][plain]:.2f} | {'yes' if same else 'no'} |"
+            )
     return "\n".join(lines)
 
 

@@ -55,6 +55,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the parity oracle: tests/official_sampler.py
 from official_sampler import reference_generate  # noqa: E402
+
 SHARED = Path(os.environ.get("LLADA_V_SHARED", REPO.parent / "shared"))
 IMAGE_PLACEHOLDER = -200
 # The official demo prompt around one image (golden case `test_jpg_s16_g32_b32`): system + user turn, then
@@ -484,8 +485,6 @@ def demo_accuracy(args: argparse.Namespace) -> dict:
     return results
 
 
-
-
 def _row(r: dict, ref: dict | None, exact_tokens: list[int] | None, gen_length: int) -> dict:
     prompt_len, passes = r["prompt_length"], max(1, r["forward_passes"])
     split = r["split_seconds"]
@@ -586,35 +585,56 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--gen-length", type=int, default=128)
     parser.add_argument("--block-length", type=int, default=32)
-    parser.add_argument("--stop-token-id", type=int, default=None,
-                        help="a one-token stop sequence for every method (default: none, the whole answer is decoded)")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma-separated, from {', '.join(METHODS)} ('none' for no method)")
+    parser.add_argument(
+        "--stop-token-id",
+        type=int,
+        default=None,
+        help="a one-token stop sequence for every method (default: none, the whole answer is decoded)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, from {', '.join(METHODS)} ('none' for no method)",
+    )
     parser.add_argument("--batch-sizes", default="1",
                         help="comma-separated rows per call for each method (the request repeated; the reference "
                              "loop is batch 1 only)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where everything runs")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="weights and compute (auto: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="weights and compute (auto: float32 on CPU, bfloat16 on CUDA)",
+    )
     parser.add_argument("--attn-implementation", default="sdpa", help="eager, sdpa, flash_attention_2, ...")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="NF4 decoder linears (bitsandbytes, CUDA)")
     quant.add_argument("--load-in-8bit", action="store_true", help="LLM.int8 decoder linears (bitsandbytes, CUDA)")
     parser.add_argument("--image", help="the request's image (default: the official test.jpg); 'none': text only")
     parser.add_argument("--warmup", action="store_true", help="one untimed one-step call before the timed one")
-    parser.add_argument("--skip-full-forward", action="store_true",
-                        help="do not time one full forward per method (the 'cost time' unit)")
+    parser.add_argument(
+        "--skip-full-forward",
+        action="store_true",
+        help="do not time one full forward per method (the 'cost time' unit)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-throughput", action="store_true",
-                        help="also time one batch of --batch-size demo questions vs one call per question")
+    parser.add_argument(
+        "--batch-throughput",
+        action="store_true",
+        help="also time one batch of --batch-size demo questions vs one call per question",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batch-gen-length", type=int, default=4)
     parser.add_argument("--batch-steps", type=int, default=4)
     parser.add_argument("--batch-repeats", type=int, default=3, help="best of this many timings of each")
-    parser.add_argument("--demo-accuracy", type=int, default=0, metavar="N",
-                        help="also compare exact vs fast accuracy on N held-out demo questions (needs the trained "
-                             "demo checkpoint)")
+    parser.add_argument(
+        "--demo-accuracy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also compare exact vs fast accuracy on N held-out demo questions (needs the trained demo checkpoint)",
+    )
     parser.add_argument("--demo-seed", type=int, default=0)
     parser.add_argument("--demo-model", help="demo checkpoint folder (default: llada_v/demo/checkpoint)")
     parser.add_argument("--json", type=Path, help="also write the results here")

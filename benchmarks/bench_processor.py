@@ -85,10 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
         "same_pixels": same,
     }
     print(f"{result['image']} image, {result['crops']} crops, Pillow {result['pillow']}, {args.repeats} runs each")
-    print(f"  own resizer:    median {result['own_resizer_ms']['median']:7.1f} ms, best {result['own_resizer_ms']['best']:7.1f} ms")
-    print(f"  Pillow resizer: median {result['pillow_resizer_ms']['median']:7.1f} ms, best {result['pillow_resizer_ms']['best']:7.1f} ms")
-    print(f"  ratio (own / Pillow, medians): {result['ratio_of_medians']:.2f}x; same pixels: {same}"
-          + ("" if int(PIL.__version__.split(".")[0]) < 13 else " (Pillow >= 13 resizes differently)"))
+    print(
+        f"  own resizer:    median {result['own_resizer_ms']['median']:7.1f} ms, best {result['own_resizer_ms']['best']:7.1f} ms"
+    )
+    print(
+        f"  Pillow resizer: median {result['pillow_resizer_ms']['median']:7.1f} ms, best {result['pillow_resizer_ms']['best']:7.1f} ms"
+    )
+    print(
+        f"  ratio (own / Pillow, medians): {result['ratio_of_medians']:.2f}x; same pixels: {same}"
+        + ("" if int(PIL.__version__.split(".")[0]) < 13 else " (Pillow >= 13 resizes differently)")
+    )
     return result
 
 

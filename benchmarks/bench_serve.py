@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32, help="of the batched server")
     parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="of the batched server")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each replica")
-    parser.add_argument("--model-only-rows", type=int, default=96, help="prompts for the no-server measurement (0: skip)")
+    parser.add_argument(
+        "--model-only-rows", type=int, default=96, help="prompts for the no-server measurement (0: skip)"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -255,8 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     bodies = request_bodies(args.requests)
     log_dir = tempfile.mkdtemp(prefix="bench_serve_")
     servers = [
-        ServerProcess("batched", ["--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
-                                  str(args.batch_wait_ms)], args.threads, log_dir),  # fmt: skip
+        ServerProcess(
+            "batched",
+            ["--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms)],
+            args.threads,
+            log_dir,
+        ),  # fmt: skip
         ServerProcess("sequential", ["--max-batch-size", "1"], args.threads, log_dir),
     ]
     results: list[LevelResult] = []

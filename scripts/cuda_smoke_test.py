@@ -72,20 +72,37 @@ def run_checks(name: str, model_id: str, device: str, mode: str) -> list[dict]:
         started = time.time()
         try:
             detail = fn()
-            results.append({"checkpoint": name, "mode": mode, "check": check, "ok": True, "detail": detail,
-                            "seconds": round(time.time() - started, 2)})
+            results.append(
+                {
+                    "checkpoint": name,
+                    "mode": mode,
+                    "check": check,
+                    "ok": True,
+                    "detail": detail,
+                    "seconds": round(time.time() - started, 2),
+                }
+            )
         except Exception as err:  # noqa: BLE001 - a smoke test reports every failure and goes on
-            results.append({"checkpoint": name, "mode": mode, "check": check, "ok": False,
-                            "detail": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=6),
-                            "seconds": round(time.time() - started, 2)})
+            results.append(
+                {
+                    "checkpoint": name,
+                    "mode": mode,
+                    "check": check,
+                    "ok": False,
+                    "detail": f"{type(err).__name__}: {err}",
+                    "trace": traceback.format_exc(limit=6),
+                    "seconds": round(time.time() - started, 2),
+                }
+            )
 
     state: dict = {}
 
     def load():
         quantization = mode if mode in ("4bit", "8bit") else None
         dtype = "bfloat16" if mode in ("bfloat16", "4bit", "8bit") else mode
-        state["model"], state["processor"] = load_pretrained(model_id, dtype=dtype, device=device,
-                                                             quantization=quantization)
+        state["model"], state["processor"] = load_pretrained(
+            model_id, dtype=dtype, device=device, quantization=quantization
+        )
         return check_quantisation(state["model"], mode)
 
     record("load", load)
@@ -93,8 +110,10 @@ def run_checks(name: str, model_id: str, device: str, mode: str) -> list[dict]:
         return results
     model, processor = state["model"], state["processor"]
     red, blue = Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (90, 50), (0, 0, 255))
-    prompts = [chat_prompt(processor, [user_message("What color is the circle?", 1)]),
-               chat_prompt(processor, [user_message("How many shapes are there in this picture?", 1)])]
+    prompts = [
+        chat_prompt(processor, [user_message("What color is the circle?", 1)]),
+        chat_prompt(processor, [user_message("How many shapes are there in this picture?", 1)]),
+    ]
     config = generation_config_for(model.generation_config, {})
 
     def single():
@@ -138,14 +157,18 @@ def main(argv: list[str] | None = None) -> int:
         print("SKIP: CUDA is not available on this machine (use --device cpu for a dry run)")
         return 0
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    print(f"torch {torch.__version__}, device {args.device}"
-          + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""))
+    print(
+        f"torch {torch.__version__}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else "")
+    )
     with tempfile.TemporaryDirectory(prefix="llada_v_smoke_") as tmp:
         if args.model is not None:
             checkpoints = {Path(args.model).name or args.model: args.model}
         else:
-            checkpoints = {"demo-shaped (64 wide)": str(build_tiny_checkpoint(Path(tmp) / "w64", 64)),
-                           "golden-shaped (32 wide)": str(build_tiny_checkpoint(Path(tmp) / "w32", 32))}
+            checkpoints = {
+                "demo-shaped (64 wide)": str(build_tiny_checkpoint(Path(tmp) / "w64", 64)),
+                "golden-shaped (32 wide)": str(build_tiny_checkpoint(Path(tmp) / "w32", 32)),
+            }
         results = []
         for name, path in checkpoints.items():
             for mode in modes:

@@ -46,8 +46,15 @@ def main():
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        print("step", step + 1, "logged", round(loss.item(), 4), "held-out", round(fixed_noise_loss(model, held_out), 4),
-              flush=True)
+        print(
+            "step",
+            step + 1,
+            "logged",
+            round(loss.item(), 4),
+            "held-out",
+            round(fixed_noise_loss(model, held_out), 4),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -41,12 +41,20 @@ def model_facts() -> dict:
         groups[module_group(name)] = groups.get(module_group(name), 0) + param.numel()
     units = set(fsdp_wrap_classes(model))
     largest_unit = max(sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in units)
-    lora_per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules()
-                        if re.fullmatch(LORA_TARGET_MODULES, n))
+    lora_per_rank = sum(
+        m.in_features + m.out_features for n, m in model.named_modules() if re.fullmatch(LORA_TARGET_MODULES, n)
+    )
     text = model.config.text_config
-    return {"total": sum(groups.values()), "groups": groups, "largest_unit": largest_unit,
-            "lm_head": model.lm_head.weight.numel(), "lora_per_rank": lora_per_rank, "layers": text.num_hidden_layers,
-            "hidden": text.hidden_size, "vocab": text.vocab_size}
+    return {
+        "total": sum(groups.values()),
+        "groups": groups,
+        "largest_unit": largest_unit,
+        "lm_head": model.lm_head.weight.numel(),
+        "lora_per_rank": lora_per_rank,
+        "layers": text.num_hidden_layers,
+        "hidden": text.hidden_size,
+        "vocab": text.vocab_size,
+    }
 
 
 def activations_gb(facts: dict, tokens: int) -> float:
@@ -64,8 +72,10 @@ def main() -> None:
     f = model_facts()
     n = f["total"]
     print(f"parameters: {n:,} ({', '.join(f'{g} {c:,}' for g, c in f['groups'].items())})")
-    print(f"largest FSDP unit: {f['largest_unit']:,}; lm_head: {f['lm_head']:,}; LoRA parameters per rank: "
-          f"{f['lora_per_rank']:,}")
+    print(
+        f"largest FSDP unit: {f['largest_unit']:,}; lm_head: {f['lm_head']:,}; LoRA parameters per rank: "
+        f"{f['lora_per_rank']:,}"
+    )
     fsdp_gathered = (2 * f["largest_unit"] + f["lm_head"]) * 2 / GB
     zero3_gathered = ZERO3_MAX_LIVE_PARAMETERS * 2 / GB
     acts = activations_gb(f, args.tokens)
@@ -74,16 +84,22 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for gpus in args.gpus:
         states = FULL_BYTES_PER_PARAMETER * n / gpus / GB
-        print(f"| full, FSDP2, bf16 mixed | {gpus} | 16 x {n:,} / {gpus} = {states:.1f} GB | {fsdp_gathered:.1f} GB "
-              f"| {states + fsdp_gathered:.1f} GB |")
-        print(f"| full, ZeRO-3, bf16 | {gpus} | 16 x {n:,} / {gpus} = {states:.1f} GB | <= {zero3_gathered:.1f} GB "
-              f"| <= {states + zero3_gathered:.1f} GB |")
+        print(
+            f"| full, FSDP2, bf16 mixed | {gpus} | 16 x {n:,} / {gpus} = {states:.1f} GB | {fsdp_gathered:.1f} GB "
+            f"| {states + fsdp_gathered:.1f} GB |"
+        )
+        print(
+            f"| full, ZeRO-3, bf16 | {gpus} | 16 x {n:,} / {gpus} = {states:.1f} GB | <= {zero3_gathered:.1f} GB "
+            f"| <= {states + zero3_gathered:.1f} GB |"
+        )
     for rank in args.lora_rank:
         adapters = rank * f["lora_per_rank"]
         base = 2 * n / GB
         trained = FULL_BYTES_PER_PARAMETER * adapters / GB
-        print(f"| LoRA r={rank}, bf16 base | 1 | base 2 x {n:,} = {base:.1f} GB, adapters 16 x {adapters:,} = "
-              f"{trained:.2f} GB | - | {base + trained:.1f} GB |")
+        print(
+            f"| LoRA r={rank}, bf16 base | 1 | base 2 x {n:,} = {base:.1f} GB, adapters 16 x {adapters:,} = "
+            f"{trained:.2f} GB | - | {base + trained:.1f} GB |"
+        )
 
 
 if __name__ == "__main__":

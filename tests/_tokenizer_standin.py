@@ -11,8 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llada_v.image_processing_llada_v import LladaVImageProcessor
 from llada_v.conversion.tokenizer import build_converted_tokenizer, build_processor, write_standin_released_tokenizer
+from llada_v.image_processing_llada_v import LladaVImageProcessor
 
 
 @functools.lru_cache(maxsize=1)

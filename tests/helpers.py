@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -22,14 +23,22 @@ from llada_v import LladaVGenerationConfig, LladaVModel
 from llada_v.conversion.tokenizer import _SPLIT_PATTERN, _byte_level_alphabet
 from llada_v.image_processing_llada_v import LladaVImageProcessor
 from llada_v.processing_llada_v import CHAT_TEMPLATE, LladaVProcessor
+
 from paths import REPO
 from tiny import tiny_config
 
 # ---------------------------------------------------------------------------------------------- tiny tokenizer,
 # processor, checkpoint and LLaVA-format training data (test_data, test_training, test_fsdp, test_deepspeed)
 
-SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-            "<|mdm_mask|>", "<image>"]
+SPECIALS = [
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|mdm_mask|>",
+    "<image>",
+]
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -47,8 +56,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab.update({token: first + i for i, token in enumerate(SPECIALS)})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
@@ -64,7 +75,9 @@ def tiny_processor(**config_overrides):
     tok = tiny_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
     config = tiny_config(
-        text_config=dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        text_config=dict(
+            vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+        ),
         image_token_id=ids["<image>"],
         mask_token_id=ids["<|mdm_mask|>"],
         bos_token_id=ids["<|startoftext|>"],
@@ -102,16 +115,39 @@ def write_training_folder(folder: Path, n_records: int = 8) -> tuple[Path, Path]
     for i in range(n_records):
         k = i % 4
         if i % 4 == 3:
-            records.append({"id": f"t{i}", "conversations": [
-                {"from": "human", "value": f"Say {names[k]}."}, {"from": "gpt", "value": names[k]}]})
+            records.append(
+                {
+                    "id": f"t{i}",
+                    "conversations": [
+                        {"from": "human", "value": f"Say {names[k]}."},
+                        {"from": "gpt", "value": names[k]},
+                    ],
+                }
+            )
         elif i % 4 == 2:
-            records.append({"id": f"m{i}", "image": [f"img{k}.png", f"img{(k + 1) % 4}.png"], "conversations": [
-                {"from": "human", "value": "<image> <image>\nColours?"},
-                {"from": "gpt", "value": f"{names[k]} {names[(k + 1) % 4]}"}]})
+            records.append(
+                {
+                    "id": f"m{i}",
+                    "image": [f"img{k}.png", f"img{(k + 1) % 4}.png"],
+                    "conversations": [
+                        {"from": "human", "value": "<image> <image>\nColours?"},
+                        {"from": "gpt", "value": f"{names[k]} {names[(k + 1) % 4]}"},
+                    ],
+                }
+            )
         else:
-            records.append({"id": f"s{i}", "image": f"img{k}.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": names[k]},
-                {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "yes"}]})
+            records.append(
+                {
+                    "id": f"s{i}",
+                    "image": f"img{k}.png",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat colour?"},
+                        {"from": "gpt", "value": names[k]},
+                        {"from": "human", "value": "Sure?"},
+                        {"from": "gpt", "value": "yes"},
+                    ],
+                }
+            )
     data = folder / "data.json"
     data.write_text(json.dumps(records))
     return data, images
@@ -171,7 +207,7 @@ def png_data_url(image: Image.Image) -> str:
 
 COLORS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
 
-TASK_UTILS = '''
+TASK_UTILS = """
 import os
 from PIL import Image
 
@@ -188,7 +224,7 @@ def doc_to_text(doc):
 
 def process_results(doc, results):
     return {"exact_match": float(results[0].strip().lower() == doc["answer"])}
-'''
+"""
 
 TASK_GEN = """task: tiny_colors_gen
 dataset_path: json
@@ -232,8 +268,18 @@ def write_local_task(folder):
     with open(folder / "data.jsonl", "w") as f:
         for i, (name, rgb) in enumerate(COLORS.items()):
             Image.new("RGB", (40, 30), rgb).save(folder / f"img{i}.png")
-            f.write(json.dumps({"image": f"img{i}.png", "question": "What color is the circle?", "answer": name,
-                                "choices": list(COLORS), "label": i}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "image": f"img{i}.png",
+                        "question": "What color is the circle?",
+                        "answer": name,
+                        "choices": list(COLORS),
+                        "label": i,
+                    }
+                )
+                + "\n"
+            )
     (folder / "tiny_utils.py").write_text(TASK_UTILS)
     (folder / "tiny_colors_gen.yaml").write_text(TASK_GEN.format(data=folder / "data.jsonl"))
     (folder / "tiny_colors_mc.yaml").write_text(TASK_MC.format(data=folder / "data.jsonl"))
@@ -253,10 +299,32 @@ def scale_setup(root: Path) -> SimpleNamespace:
 
 
 def scale_flags(setup, out, *extra):
-    return ["--model_name_or_path", str(setup.ck), "--data_path", str(setup.data), "--image_folder", str(setup.images),
-            "--output_dir", str(out), "--logging_steps", "1", "--report_to", "none", "--use_cpu",
-            "--disable_tqdm", "true", "--seed", "0", "--padding", "masked", "--train_sampling_strategy", "sequential",
-            "--lr_scheduler_type", "constant", *extra]
+    return [
+        "--model_name_or_path",
+        str(setup.ck),
+        "--data_path",
+        str(setup.data),
+        "--image_folder",
+        str(setup.images),
+        "--output_dir",
+        str(out),
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+        "--padding",
+        "masked",
+        "--train_sampling_strategy",
+        "sequential",
+        "--lr_scheduler_type",
+        "constant",
+        *extra,
+    ]
 
 
 def run_ok(command, timeout=300, env=SCALE_ENV):
@@ -278,3 +346,26 @@ ARCHIVES = ("docs/history/",)  # an archive of run logs, not user pages (test_do
 def doc_files(root: Path = REPO) -> list[Path]:
     files = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
     return [f for f in files if f.is_file() and not any(f.relative_to(root).as_posix().startswith(a) for a in ARCHIVES)]
+
+
+# ---------------------------------------------------------------------------------------------- golden generation cases
+
+GOLDEN_PLACEHOLDER = -200
+GOLDEN_IMAGE_TOKENS = {"images/wide_300x100.png": 981, "images/test.jpg": 3633}
+
+
+def expand_golden_ids(ids, image_files, image_token_id):
+    """A golden case's ids with each image placeholder expanded to its image tokens, `(1, L)`."""
+    out, images = [], iter(image_files)
+    for t in ids:
+        out += [image_token_id] * GOLDEN_IMAGE_TOKENS[next(images)] if t == GOLDEN_PLACEHOLDER else [t]
+    return torch.tensor([out])
+
+
+def golden_image_inputs(golden_dir, image_file):
+    """The image inputs of a golden generation case: the official pixels of the wide image, else the processor's."""
+    if image_file == "images/wide_300x100.png":
+        pixels = load_file(golden_dir / "tensors" / "pixels_wide_300x100.safetensors")["pixel_values"][0]
+        return {"pixel_values": pixels, "image_sizes": torch.tensor([[100, 300]])}  # (height, width)
+    out = LladaVImageProcessor()(Image.open(golden_dir / image_file))
+    return {k: out[k] for k in ("pixel_values", "image_sizes", "image_layouts", "image_num_crops")}

@@ -54,10 +54,21 @@ def summary(trainer) -> dict:
     model = trainer.model
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
     optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    groups = [{"name": g.get("name"), "lr": g.get("initial_lr", g.get("lr")), "tensors": len(g["params"]),
-               "dtensors": sum(type(p).__name__ == "DTensor" for p in g["params"])} for g in optimizer.param_groups]
-    optimizer_bytes = sum(local_bytes(v) for state in optimizer.state.values() for v in state.values()
-                          if torch.is_tensor(v) and v.dim() > 0)
+    groups = [
+        {
+            "name": g.get("name"),
+            "lr": g.get("initial_lr", g.get("lr")),
+            "tensors": len(g["params"]),
+            "dtensors": sum(type(p).__name__ == "DTensor" for p in g["params"]),
+        }
+        for g in optimizer.param_groups
+    ]
+    optimizer_bytes = sum(
+        local_bytes(v)
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
     return {
         "world_size": trainer.args.world_size,
         "fsdp": trainer.is_fsdp_enabled,

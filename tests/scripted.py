@@ -28,7 +28,11 @@ class ScriptedModel(LladaVGenerationMixin, nn.Module):
         self.default = None if targets is None else (targets, scores)
         self.scripts = scripts or {}
         self.generation_config = LladaVGenerationConfig(
-            mask_token_id=mask_id, pad_token_id=0, eos_token_id=vocab - 1, suppress_tokens=[1], tokenizer_vocab_size=38,
+            mask_token_id=mask_id,
+            pad_token_id=0,
+            eos_token_id=vocab - 1,
+            suppress_tokens=[1],
+            tokenizer_vocab_size=38,
             stop_token_ids=None,
         )
         self.calls = []

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message
+
 from helpers import png_bytes
 
 MODEL = "llada-v-demo"

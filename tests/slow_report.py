@@ -52,8 +52,13 @@ class UnmarkedSlowTests:
         terminalreporter.write_sep("=", "unmarked slow tests", yellow=True)
         terminalreporter.write_line(
             f"warning: {len(slow)} test(s) not marked @pytest.mark.slow took over {self.limit_s:g} s "
-            "(setup + call + teardown); mark them slow or make them faster:", yellow=True)
+            "(setup + call + teardown); mark them slow or make them faster:",
+            yellow=True,
+        )
         for total, nodeid, phases in slow:
-            parts = ", ".join(f"{when} {phases[when]:.1f} s" for when in ("setup", "call", "teardown")
-                              if phases.get(when, 0.0) >= 0.05)
+            parts = ", ".join(
+                f"{when} {phases[when]:.1f} s"
+                for when in ("setup", "call", "teardown")
+                if phases.get(when, 0.0) >= 0.05
+            )
             terminalreporter.write_line(f"  {total:6.1f} s  {nodeid} ({parts})")

@@ -9,8 +9,6 @@ import subprocess
 
 import pytest
 import torch
-from helpers import build_demo_like_checkpoint
-from paths import REPO, llada_v_command
 
 from llada_v.checkpoint_io import write_remote_code
 from llada_v.demo.model import demo_model_dir
@@ -21,6 +19,9 @@ from llada_v.inference import (
     resolve_adapter,
     user_message,
 )
+
+from helpers import build_demo_like_checkpoint
+from paths import REPO, llada_v_command
 
 peft = pytest.importorskip("peft")
 
@@ -170,8 +171,11 @@ def test_an_adapter_applied_to_another_base_of_the_same_shape_warns(adapter, tmp
     folder = adapter[0]
     copy = tmp_path / "another_base"
     shutil.copytree(demo_model_dir(), copy)  # same shapes, another checkpoint as far as names tell
-    with pytest.warns(UserWarning, match=f"adapter {folder} was trained on {demo_model_dir()} but is applied to "
-                                         f"{copy}: it loads because the shapes match"):
+    with pytest.warns(
+        UserWarning,
+        match=f"adapter {folder} was trained on {demo_model_dir()} but is applied to "
+        f"{copy}: it loads because the shapes match",
+    ):
         load_pretrained(str(copy), device="cpu", adapter=str(folder))
     import warnings
 
@@ -186,7 +190,10 @@ def test_cli_reports_a_bad_adapter_in_one_line(tmp_path):
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 2
-    assert result.stderr.strip() == f"llada-v generate: error: adapter {tmp_path} has no adapter_config.json: not a PEFT adapter folder"
+    assert (
+        result.stderr.strip()
+        == f"llada-v generate: error: adapter {tmp_path} has no adapter_config.json: not a PEFT adapter folder"
+    )
 
 
 def test_lmms_eval_model_args_take_an_adapter(adapter, reference):
@@ -199,7 +206,9 @@ def test_lmms_eval_model_args_take_an_adapter(adapter, reference):
     model = LladaV(pretrained=str(demo_model_dir()), adapter=str(folder), device="cpu", system_prompt="")
     model.task_dict = {"scenes": {"test": [{"image": image}]}}
     requests = [
-        SimpleNamespace(args=(question, {"max_new_tokens": 4, "until": []}, lambda doc: [doc["image"]], 0, "scenes", "test"))
+        SimpleNamespace(
+            args=(question, {"max_new_tokens": 4, "until": []}, lambda doc: [doc["image"]], 0, "scenes", "test")
+        )
         for question in QUESTIONS
     ]
     assert [result.text for result in model.generate_until(requests)] == reference

@@ -15,10 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from paths import REPO
-
 from llada_v.checkpoint_io import REMOTE_CODE_FILES
 from llada_v.demo.model import demo_model_dir
+
+from paths import REPO
 
 SRC = REPO / "src" / "llada_v"
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "PIL", "numpy"}
@@ -55,7 +55,9 @@ def _imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[st
             else:
                 prefix = node.module or ""
             # `from x import y` imports the module x.y when y is one, else x.
-            targets = [f"{prefix}.{alias.name}" if f"{prefix}.{alias.name}" in modules else prefix for alias in node.names]
+            targets = [
+                f"{prefix}.{alias.name}" if f"{prefix}.{alias.name}" in modules else prefix for alias in node.names
+            ]
         else:
             continue
         found.update(target for target in targets if target in modules and target != name)
@@ -117,15 +119,22 @@ def test_remote_code_files_are_what_the_model_and_processor_reach():
 
 
 def _relative_imports(name: str) -> set[str]:
-    return {f"{node.module}.py" for node in ast.walk(ast.parse((SRC / name).read_text()))
-            if isinstance(node, ast.ImportFrom) and node.level and node.module}
+    return {
+        f"{node.module}.py"
+        for node in ast.walk(ast.parse((SRC / name).read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level and node.module
+    }
 
 
 def test_each_entry_module_imports_every_remote_module_it_reaches_itself():
     # transformers 4.57 (the oldest supported release) copies into its module cache only the files the loaded
     # module imports itself, not the files those import: each module an Auto class loads must import them all.
-    for entry in ("configuration_llada_v.py", "modeling_llada_v.py", "processing_llada_v.py",
-                  "image_processing_llada_v.py"):
+    for entry in (
+        "configuration_llada_v.py",
+        "modeling_llada_v.py",
+        "processing_llada_v.py",
+        "image_processing_llada_v.py",
+    ):
         todo, reached = list(_relative_imports(entry)), set()
         while todo:
             name = todo.pop()
@@ -159,8 +168,11 @@ def _defined_names(path: Path) -> set[str]:
     while body:
         node = body.pop()
         if isinstance(node, (ast.If, ast.Try)):  # definitions that depend on a condition (compat_llada_v)
-            body += node.body + node.orelse + getattr(node, "finalbody", []) + sum(
-                (handler.body for handler in getattr(node, "handlers", [])), []
+            body += (
+                node.body
+                + node.orelse
+                + getattr(node, "finalbody", [])
+                + sum((handler.body for handler in getattr(node, "handlers", [])), [])
             )
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
@@ -205,7 +217,13 @@ def test_no_remote_code_module_is_longer_than_1000_lines():
 def test_package_only_flat_modules_are_not_remote_code():
     flat = {p.name for p in SRC.glob("*.py")}
     assert set(REMOTE_CODE_FILES) <= flat
-    assert flat - set(REMOTE_CODE_FILES) == {"__init__.py", "arguments.py", "checkpoint_io.py", "cli.py", "inference.py"}
+    assert flat - set(REMOTE_CODE_FILES) == {
+        "__init__.py",
+        "arguments.py",
+        "checkpoint_io.py",
+        "cli.py",
+        "inference.py",
+    }
 
 
 HELP_PROBE = """
@@ -224,7 +242,9 @@ def test_the_command_line_parses_without_torch_or_transformers():
     (the start-up time docs/cli.md quotes)."""
     for argv in (["--help"], *([c, "--help"] for c in ("generate", "chat", "convert", "demo", "eval-demo", "serve")),
                  ["generate"], ["convert", "--bogus"]):  # fmt: skip
-        result = subprocess.run([sys.executable, "-c", HELP_PROBE, *argv], capture_output=True, text=True, timeout=60, check=False)
+        result = subprocess.run(
+            [sys.executable, "-c", HELP_PROBE, *argv], capture_output=True, text=True, timeout=60, check=False
+        )
         assert result.returncode == 0, result.stderr
         last = result.stdout.rstrip("\n").split("\n")[-1]
         assert last == "imported: ", f"llada-v {' '.join(argv)}: {last}"
@@ -261,8 +281,10 @@ def _long_functions() -> list[str]:
                 continue
             body = node.body
             length = node.end_lineno - node.lineno + 1
-            if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
-                body[0].value.value, str
+            if (
+                isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
             ):
                 length -= body[0].end_lineno - body[0].lineno + 1
                 body = body[1:] or body

@@ -3,7 +3,6 @@ of the shipped demo model: the result's structure, exact mode equal to the offic
 held out from training."""
 
 import importlib.util
-import random
 
 import pytest
 import torch

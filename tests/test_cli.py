@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from llada_v import LladaVModel, cli
-from llada_v.inference import InputError, generation_config_for
+from llada_v.inference import InputError, generation_config_for, generation_overrides
+
 from helpers import build_demo_like_checkpoint
 from paths import llada_v_command
 
@@ -27,10 +28,10 @@ def golden_ck(tmp_path_factory, golden_checkpoint):
     stand-in LLaDA tokenizer here)."""
     import shutil
 
-    from _tokenizer_standin import standin_tokenizer
-
     from llada_v import LladaVConfig
     from llada_v.conversion.tokenizer import build_processor
+
+    from _tokenizer_standin import standin_tokenizer
 
     out = tmp_path_factory.mktemp("cli") / "golden_with_processor"
     shutil.copytree(golden_checkpoint, out)
@@ -90,11 +91,30 @@ def test_help_lists_every_command_and_the_generation_knobs(capsys):
     for command in ("generate", "chat", "convert", "demo", "eval-demo"):
         assert command in out
     parser = cli.build_parser()
-    helps = {name: action.format_help() for action in parser._subparsers._group_actions
-             for name, action in action.choices.items()}
-    for flag in ("--model", "--image", "--prompt", "--max-new-tokens", "--steps", "--block-length", "--temperature",
-                 "--remasking", "--cfg-scale", "--seed", "--fast", "--dtype", "--load-in-4bit", "--load-in-8bit",
-                 "--device", "--stream", "--debug"):
+    helps = {
+        name: action.format_help()
+        for action in parser._subparsers._group_actions
+        for name, action in action.choices.items()
+    }
+    for flag in (
+        "--model",
+        "--image",
+        "--prompt",
+        "--max-new-tokens",
+        "--steps",
+        "--block-length",
+        "--temperature",
+        "--remasking",
+        "--cfg-scale",
+        "--seed",
+        "--fast",
+        "--dtype",
+        "--load-in-4bit",
+        "--load-in-8bit",
+        "--device",
+        "--stream",
+        "--debug",
+    ):
         assert flag in helps["generate"], flag
     assert "/image PATH" in helps["chat"] and "--push-to-hub" in helps["convert"]
 
@@ -103,16 +123,39 @@ def test_help_lists_every_command_and_the_generation_knobs(capsys):
 
 
 def test_generate_prints_what_the_pipeline_answers(capsys, demo_ck, images):
-    code, out, err = run(capsys, "generate", "--model", demo_ck, "--image", images / "red.png",
-                         "--prompt", "What color is the circle?")
+    code, out, err = run(
+        capsys, "generate", "--model", demo_ck, "--image", images / "red.png", "--prompt", "What color is the circle?"
+    )
     assert code == 0, err
     assert out.rstrip("\n") == reference_answer(demo_ck, "What color is the circle?", [images / "red.png"])
 
 
 def test_generate_knobs_reach_the_sampler(capsys, demo_ck, images):
-    argv = ["generate", "--model", demo_ck, "--image", images / "red.png", "--image", images / "blue.png",
-            "--prompt", "What color?", "--max-new-tokens", "8", "--steps", "4", "--block-length", "4",
-            "--temperature", "0.7", "--remasking", "random", "--cfg-scale", "0.5", "--seed", "3"]
+    argv = [
+        "generate",
+        "--model",
+        demo_ck,
+        "--image",
+        images / "red.png",
+        "--image",
+        images / "blue.png",
+        "--prompt",
+        "What color?",
+        "--max-new-tokens",
+        "8",
+        "--steps",
+        "4",
+        "--block-length",
+        "4",
+        "--temperature",
+        "0.7",
+        "--remasking",
+        "random",
+        "--cfg-scale",
+        "0.5",
+        "--seed",
+        "3",
+    ]
     first = run(capsys, *argv)
     second = run(capsys, *argv)
     assert first[0] == 0 and first[1] == second[1]  # seeded sampling is reproducible
@@ -121,8 +164,17 @@ def test_generate_knobs_reach_the_sampler(capsys, demo_ck, images):
 
 
 def test_generate_fast_uses_the_fast_preset(capsys, demo_ck, images):
-    code, out, err = run(capsys, "generate", "--model", demo_ck, "--image", images / "red.png",
-                         "--prompt", "How many shapes are there?", "--fast")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        demo_ck,
+        "--image",
+        images / "red.png",
+        "--prompt",
+        "How many shapes are there?",
+        "--fast",
+    )
     assert code == 0, err
     expected = reference_answer(demo_ck, "How many shapes are there?", [images / "red.png"], fast=True)
     assert out.rstrip("\n") == expected
@@ -157,8 +209,21 @@ def test_stream_printer_draws_drafts_in_place_on_a_terminal():
 
 
 def test_generate_on_the_converted_golden_checkpoint(capsys, golden_ck, images):
-    code, out, err = run(capsys, "generate", "--model", golden_ck, "--image", images / "red.png", "--prompt", "hi",
-                         "--max-new-tokens", "8", "--steps", "4", "--stream")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        golden_ck,
+        "--image",
+        images / "red.png",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "8",
+        "--steps",
+        "4",
+        "--stream",
+    )
     assert code == 0, err
     expected = reference_answer(golden_ck, "hi", [images / "red.png"], max_new_tokens=8, steps=4)
     assert out == expected + "\n"
@@ -168,16 +233,41 @@ def test_processor_can_come_from_another_folder(capsys, golden_checkpoint, golde
     # The converter writes no processor without a tokenizer: say so, or take it from --processor.
     code, _, err = run(capsys, "generate", "--model", golden_checkpoint, "--prompt", "hi")
     assert code == 2 and "has no processor" in err and len(err.strip().splitlines()) == 1
-    code, out, err = run(capsys, "generate", "--model", golden_checkpoint, "--processor", golden_ck,
-                         "--image", images / "red.png", "--prompt", "hi", "--max-new-tokens", "4", "--steps", "2")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        golden_checkpoint,
+        "--processor",
+        golden_ck,
+        "--image",
+        images / "red.png",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "4",
+        "--steps",
+        "2",
+    )
     assert code == 0, err
 
 
 @pytest.mark.parametrize("mode", ["--load-in-4bit", "--load-in-8bit"])
 def test_generate_quantised_on_cpu(capsys, demo_ck, images, mode):
     pytest.importorskip("bitsandbytes")
-    code, out, err = run(capsys, "generate", "--model", demo_ck, "--image", images / "red.png",
-                         "--prompt", "What color is the circle?", mode, "--device", "cpu")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        demo_ck,
+        "--image",
+        images / "red.png",
+        "--prompt",
+        "What color is the circle?",
+        mode,
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     assert out.strip()
 
@@ -187,8 +277,23 @@ def test_generate_quantised_on_the_narrow_golden_checkpoint(capsys, golden_ck, i
     # hidden 32: the 4-bit layers cannot use bitsandbytes' packed CPU kernel (it needs in_features % 64 == 0);
     # `LladaVModel.from_pretrained` keeps them on the portable path.
     pytest.importorskip("bitsandbytes")
-    code, out, err = run(capsys, "generate", "--model", golden_ck, "--image", images / "red.png", "--prompt", "hi",
-                         mode, "--max-new-tokens", "4", "--steps", "2", "--device", "cpu")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        golden_ck,
+        "--image",
+        images / "red.png",
+        "--prompt",
+        "hi",
+        mode,
+        "--max-new-tokens",
+        "4",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
 
 
@@ -208,22 +313,40 @@ def _bad_input_cases(tmp, demo, images):
         "no config": (["--model", tmp / "no_config", "--prompt", "hi"], "has no config.json"),
         "a file as model": (["--model", images / "red.png", "--prompt", "hi"], "is a file"),
         "missing image": (["--model", demo, "--image", tmp / "nope.png", "--prompt", "hi"], "no such image"),
-        "unreadable image": (["--model", demo, "--image", images / "broken.png", "--prompt", "hi"],
-                             "cannot read image"),
+        "unreadable image": (
+            ["--model", demo, "--image", images / "broken.png", "--prompt", "hi"],
+            "cannot read image",
+        ),
         "4bit and 8bit": (["--model", demo, "--prompt", "hi", "--load-in-4bit", "--load-in-8bit"], "not allowed with"),
-        "schedule": (["--model", demo, "--prompt", "hi", "--max-new-tokens", "6", "--block-length", "4"],
-                     "max_new_tokens (6) must be divisible by block_length (4)"),
+        "schedule": (
+            ["--model", demo, "--prompt", "hi", "--max-new-tokens", "6", "--block-length", "4"],
+            "max_new_tokens (6) must be divisible by block_length (4)",
+        ),
         "steps": (["--model", demo, "--prompt", "hi", "--steps", "0"], "steps must be a positive integer"),
-        "fast and random": (["--model", demo, "--prompt", "hi", "--fast", "--remasking", "random"],
-                            "needs remasking='low_confidence', got remasking='random'"),
+        "fast and random": (
+            ["--model", demo, "--prompt", "hi", "--fast", "--remasking", "random"],
+            "needs remasking='low_confidence', got remasking='random'",
+        ),
         "bad dtype": (["--model", demo, "--prompt", "hi", "--dtype", "float64"], "invalid choice"),
         "no prompt": (["--model", demo], "required: --prompt"),
     }
 
 
-BAD_INPUT_CASES = ["missing folder", "another model type", "no weights", "no config", "a file as model", "missing image",
-                   "unreadable image", "4bit and 8bit", "schedule", "steps", "fast and random", "bad dtype",
-                   "no prompt"]
+BAD_INPUT_CASES = [
+    "missing folder",
+    "another model type",
+    "no weights",
+    "no config",
+    "a file as model",
+    "missing image",
+    "unreadable image",
+    "4bit and 8bit",
+    "schedule",
+    "steps",
+    "fast and random",
+    "bad dtype",
+    "no prompt",
+]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)
@@ -253,7 +376,9 @@ def test_4bit_without_bitsandbytes_says_how_to_install(capsys, demo_ck, monkeypa
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     code, _, err = run(capsys, "generate", "--model", demo_ck, "--prompt", "hi", "--load-in-4bit")
     assert code == 2 and "needs bitsandbytes" in err and "pip install" in err
 
@@ -271,7 +396,9 @@ def test_entry_point_reports_one_line_without_traceback(tmp_path):
     argv = [*llada_v_command(), "generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"llada-v generate: error: no such checkpoint folder: {tmp_path / 'missing'}"]
+    assert result.stderr.strip().splitlines() == [
+        f"llada-v generate: error: no such checkpoint folder: {tmp_path / 'missing'}"
+    ]
 
 
 def test_debug_flag_reraises(demo_ck):
@@ -319,8 +446,10 @@ def test_chat_keeps_history_attaches_images_per_turn_and_resets(capsys, demo_ck,
         return [f"answer{len(calls)}"], None
 
     monkeypatch.setattr(inference, "generate_texts", fake_generate)
-    script = (f"/image {images / 'red.png'}\nWhat color?\n/image {images / 'missing.png'}\n/bogus\n"
-              f"And now?\n/reset\nHello\n/quit\nnever read\n")
+    script = (
+        f"/image {images / 'red.png'}\nWhat color?\n/image {images / 'missing.png'}\n/bogus\n"
+        f"And now?\n/reset\nHello\n/quit\nnever read\n"
+    )
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
     code, out, err = run(capsys, "chat", "--model", demo_ck)
     assert code == 0
@@ -328,14 +457,22 @@ def test_chat_keeps_history_attaches_images_per_turn_and_resets(capsys, demo_ck,
     assert "answer1" in calls[1][0] and "What color?" in calls[1][0]  # the history is in the second prompt
     assert "answer1" not in calls[2][0] and "What color?" not in calls[2][0]
     assert [line for line in out.splitlines() if line.startswith("assistant> ")] == [
-        "assistant> answer1", "assistant> answer2", "assistant> answer3"]
+        "assistant> answer1",
+        "assistant> answer2",
+        "assistant> answer3",
+    ]
     assert "no such image" in err and "unknown command /bogus" in err and "Traceback" not in err
 
 
 def test_chat_runs_the_model_from_piped_stdin(demo_ck, images):
     script = f"/image {images / 'red.png'}\nWhat color is the circle?\nHow many shapes are there?\n"
-    result = subprocess.run([*llada_v_command(), "chat", "--model", str(demo_ck), "--stream"], input=script,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*llada_v_command(), "chat", "--model", str(demo_ck), "--stream"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     answers = [line for line in result.stdout.splitlines() if line.startswith("assistant> ")]
     assert len(answers) == 2
@@ -434,13 +571,19 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(llada_v.inference, "load_pretrained", refuse)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--seed", str(10**23)], f"argument --seed: must be between {-(2**63)} and {2**64 - 1}, got {10**23}"),
-    (["--seed", "x"], "argument --seed: must be an integer, got 'x'"),
-    (["--max-new-tokens", "100000000"], "--max-new-tokens 100000000 leaves no room for the prompt: the model has "
-                                        "max_position_embeddings 1024 for prompt + answer"),
-    (["--image", "/no/such/image.png"], "no such image: /no/such/image.png"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", str(10**23)], f"argument --seed: must be between {-(2**63)} and {2**64 - 1}, got {10**23}"),
+        (["--seed", "x"], "argument --seed: must be an integer, got 'x'"),
+        (
+            ["--max-new-tokens", "100000000"],
+            "--max-new-tokens 100000000 leaves no room for the prompt: the model has "
+            "max_position_embeddings 1024 for prompt + answer",
+        ),
+        (["--image", "/no/such/image.png"], "no such image: /no/such/image.png"),
+    ],
+)
 def test_bad_values_are_one_line_and_exit_2_before_the_model_loads(capsys, demo_ck, no_model_load, argv, message):
     code, _, err = run(capsys, "generate", "--model", demo_ck, "--prompt", "hi", *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -479,14 +622,24 @@ def image_server(images):
 
 
 def test_generate_reads_an_image_url_as_the_library_does(capsys, demo_ck, images, image_server):
-    code, from_url, err = run(capsys, "generate", "--model", demo_ck, "--image", f"{image_server}/red.png",
-                              "--prompt", "What color is the circle?")
+    code, from_url, err = run(
+        capsys,
+        "generate",
+        "--model",
+        demo_ck,
+        "--image",
+        f"{image_server}/red.png",
+        "--prompt",
+        "What color is the circle?",
+    )
     assert code == 0, err
-    code, from_file, _ = run(capsys, "generate", "--model", demo_ck, "--image", images / "red.png",
-                             "--prompt", "What color is the circle?")
+    code, from_file, _ = run(
+        capsys, "generate", "--model", demo_ck, "--image", images / "red.png", "--prompt", "What color is the circle?"
+    )
     assert from_url == from_file == reference_answer(demo_ck, "What color is the circle?", [images / "red.png"]) + "\n"
-    code, _, err = run(capsys, "generate", "--model", demo_ck, "--image", f"{image_server}/missing.png",
-                       "--prompt", "hi")
+    code, _, err = run(
+        capsys, "generate", "--model", demo_ck, "--image", f"{image_server}/missing.png", "--prompt", "hi"
+    )
     assert code == 2 and f"cannot read image {image_server}/missing.png" in err and "404" in err, err
 
 
@@ -531,9 +684,21 @@ def reference_video_answer(path, prompt, frames):
 def test_generate_video_from_a_gif_answers_like_the_processor_pipeline(demo_ck, video):
     # The real `llada-v` command in a subprocess, as a user runs it.
     prompt = "How many shapes are there?"
-    result = subprocess.run([*llada_v_command(), "generate", "--model", str(demo_ck), "--video",
-                             str(video.folder / "clip.gif"), "--prompt", prompt], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            *llada_v_command(),
+            "generate",
+            "--model",
+            str(demo_ck),
+            "--video",
+            str(video.folder / "clip.gif"),
+            "--prompt",
+            prompt,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     expected = reference_video_answer(demo_ck, prompt, [f.convert("RGB") for f in video.frames])
     assert result.stdout.strip() == expected
@@ -541,11 +706,13 @@ def test_generate_video_from_a_gif_answers_like_the_processor_pipeline(demo_ck, 
 
 def test_generate_video_from_a_frame_folder_equals_the_gif(capsys, demo_ck, video):
     prompt = "What color is the circle?"
-    code, from_folder, err = run(capsys, "generate", "--model", demo_ck, "--video", video.folder / "frames",
-                                 "--prompt", prompt)
+    code, from_folder, err = run(
+        capsys, "generate", "--model", demo_ck, "--video", video.folder / "frames", "--prompt", prompt
+    )
     assert code == 0, err
-    code, from_gif, err = run(capsys, "generate", "--model", demo_ck, "--video", video.folder / "clip.gif",
-                              "--prompt", prompt)
+    code, from_gif, err = run(
+        capsys, "generate", "--model", demo_ck, "--video", video.folder / "clip.gif", "--prompt", prompt
+    )
     assert code == 0, err
     assert from_folder == from_gif and from_folder.strip()
 
@@ -566,10 +733,48 @@ def test_bad_video_input_is_one_line_naming_the_value(capsys, demo_ck, images, v
         "missing": (["--video", video.folder / "nope"], f"no such video: {video.folder / 'nope'}"),
         "no frames": (["--video", video.folder / "empty"], f"the video folder {video.folder / 'empty'} holds no frame"),
         "unreadable": (["--video", video.folder / "broken.gif"], f"could not read video {video.folder / 'broken.gif'}"),
-        "with --image": (["--video", video.folder / "clip.gif", "--image", images / "red.png"],
-                         f"--image and --video cannot be combined (got --image {images / 'red.png'}"),
+        "with --image": (
+            ["--video", video.folder / "clip.gif", "--image", images / "red.png"],
+            f"--image and --video cannot be combined (got --image {images / 'red.png'}",
+        ),
     }[case]
     code, _, err = run(capsys, "generate", "--model", demo_ck, "--prompt", "hi", *argv)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert message in err
+
+
+# ---------------------------------------------------------------------------------------------- dLLM-Cache
+
+DLLM_SETTINGS = {"prompt_interval_steps": 2, "gen_interval_steps": 2, "transfer_ratio": 0.5}
+DLLM_SCHEDULE = dict(max_new_tokens=8, steps=8, block_length=4)
+
+
+def test_cli_dllm_cache_flag_reaches_the_sampler(capsys, demo_ck, images):
+    parser = cli.build_parser()
+    base = ["generate", "--model", str(demo_ck), "--prompt", "hi"]
+    assert generation_overrides(parser.parse_args(base))["dllm_cache"] is None
+    assert generation_overrides(parser.parse_args([*base, "--dllm-cache"]))["dllm_cache"] == {}
+    assert generation_overrides(parser.parse_args([*base, "--dllm-cache", "2,2,0.5"]))["dllm_cache"] == DLLM_SETTINGS
+    argv = ["generate", "--model", demo_ck, "--image", images / "red.png", "--prompt", "What color is the circle?",
+            "--max-new-tokens", "8", "--steps", "8", "--block-length", "4", "--dllm-cache", "2,2,0.5"]  # fmt: skip
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    expected = reference_answer(demo_ck, "What color is the circle?", [images / "red.png"], **DLLM_SCHEDULE,
+                                dllm_cache=DLLM_SETTINGS)  # fmt: skip
+    assert out.rstrip("\n") == expected
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dllm-cache", "2,2"], "takes PROMPT_INTERVAL,GEN_INTERVAL,TRANSFER_RATIO"),
+        (["--dllm-cache", "2,2,1.5"], "transfer_ratio must be a number in [0, 1], got 1.5"),
+        (["--dllm-cache", "--fast"], "dllm_cache ({}) and kv_cache='dual' are two caches"),
+        (["--dllm-cache", "--cfg-scale", "1"], "dllm_cache ({}) is not supported with cfg_scale=1.0"),
+    ],
+)
+def test_cli_bad_dllm_cache_is_one_line_and_exit_2(capsys, demo_ck, flags, message):
+    code, _, err = run(capsys, "generate", "--model", demo_ck, "--prompt", "hi", *flags)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert message in err, err

@@ -11,17 +11,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
-from paths import REPO, SHARED
 from llada_v import LladaVModel
+from llada_v.conversion.compose import (
+    COMPOSE_KEY_TABLE,
+    FRESH_KEYS,
+    LLADA_ROWS,
+    compose,
+    fresh_tensors,
+    map_compose_key,
+)
 from llada_v.conversion.compose import main as compose_main
-from llada_v.conversion.compose import COMPOSE_KEY_TABLE, FRESH_KEYS, LLADA_ROWS, compose, fresh_tensors, map_compose_key
 from llada_v.conversion.official import ConversionError
 from llada_v.conversion.tokenizer import write_standin_released_tokenizer
 
+from paths import REPO, SHARED
+
 SCRIPT = REPO / "convert_checkpoints" / "compose_from_llada.py"
 REFERENCE = SHARED / "reference" / "llada-8b-instruct"
-VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=28,
-              patch_size=14)
+VISION = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=14
+)
 N_LAYERS = 2
 
 
@@ -37,12 +46,23 @@ def _fake_llada(folder, mutate=None):
     N_LAYERS layers (real vocab 126464), two shards with an index, like the release."""
     folder.mkdir()
     config = json.loads((REFERENCE / "config.json").read_text())
-    config.update(hidden_size=16, intermediate_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=2,
-                  num_key_value_heads=2)
+    config.update(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=2, num_key_value_heads=2
+    )
     (folder / "config.json").write_text(json.dumps(config))
-    shapes = {"embed_tokens": (126464, 16), "lm_head": (126464, 16), "norm": (16,), "layernorm": (16,),
-              "q_proj": (16, 16), "k_proj": (16, 16), "v_proj": (16, 16), "o_proj": (16, 16),
-              "gate_proj": (32, 16), "up_proj": (32, 16), "down_proj": (16, 32)}
+    shapes = {
+        "embed_tokens": (126464, 16),
+        "lm_head": (126464, 16),
+        "norm": (16,),
+        "layernorm": (16,),
+        "q_proj": (16, 16),
+        "k_proj": (16, 16),
+        "v_proj": (16, 16),
+        "o_proj": (16, 16),
+        "gate_proj": (32, 16),
+        "up_proj": (32, 16),
+        "down_proj": (16, 32),
+    }
     generator = torch.Generator().manual_seed(1)
     tensors = {}
     for key in _reference_index():
@@ -68,8 +88,16 @@ def _fake_siglip(folder, full_model=True):
     `vision_model.*`) or SiglipVisionModel (transformers 5 format, unprefixed keys)."""
     torch.manual_seed(2)
     if full_model:
-        text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=1)
+        text = dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
         model = SiglipModel(SiglipConfig(vision_config=VISION, text_config=text))
     else:
         model = SiglipVisionModel(SiglipVisionConfig(**VISION))
@@ -94,16 +122,26 @@ def composed(sources, tmp_path_factory):
 
 def test_key_table_language_rows_are_the_official_ones_and_reference_keys_all_map():
     assert [row[1] for row in LLADA_ROWS] == [
-        "language_model.embed_tokens.weight", r"language_model.layers.\1.\2", None, "language_model.norm.weight",
-        "lm_head.weight"]
+        "language_model.embed_tokens.weight",
+        r"language_model.layers.\1.\2",
+        None,
+        "language_model.norm.weight",
+        "lm_head.weight",
+    ]
     for key in _reference_index():
         new_key, _ = map_compose_key("llada", key, stored_vision_layers=26)
         assert new_key is not None and new_key.startswith(("language_model.", "lm_head")), key
     for _, _, template, reason in COMPOSE_KEY_TABLE:
         assert template is not None or reason, "a dropped key needs a reason"
     assert map_compose_key("siglip", "vision_model.encoder.layers.26.mlp.fc1.weight", 26)[0] is None
-    assert map_compose_key("siglip", "encoder.layers.25.mlp.fc1.weight", 26)[0] == "vision_tower.encoder.layers.25.mlp.fc1.weight"
-    assert map_compose_key("siglip", "vision_model.head.probe", 26) == (None, "attention-pooling head: LLaDA-V removes it")
+    assert (
+        map_compose_key("siglip", "encoder.layers.25.mlp.fc1.weight", 26)[0]
+        == "vision_tower.encoder.layers.25.mlp.fc1.weight"
+    )
+    assert map_compose_key("siglip", "vision_model.head.probe", 26) == (
+        None,
+        "attention-pooling head: LLaDA-V removes it",
+    )
     with pytest.raises(ConversionError, match="unknown key in the llada checkpoint"):
         map_compose_key("llada", "model.layers.0.self_attn.q_proj.bias", 26)
 
@@ -169,13 +207,30 @@ def test_siglip_vision_model_format_and_cli(sources, tmp_path):
     assert "embeddings.patch_embedding.weight" in tensors  # transformers 5: no `vision_model.` prefix
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--llada-dir", str(llada), "--siglip-dir", str(siglip), "--output-dir", str(out),
-         "--dtype", "float32", "--seed", "3", "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--llada-dir",
+            str(llada),
+            "--siglip-dir",
+            str(siglip),
+            "--output-dir",
+            str(out),
+            "--dtype",
+            "float32",
+            "--seed",
+            "3",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     state = LladaVModel.from_pretrained(out).state_dict()
-    assert torch.equal(state["vision_tower.encoder.layers.1.mlp.fc2.weight"], tensors["encoder.layers.1.mlp.fc2.weight"])
+    assert torch.equal(
+        state["vision_tower.encoder.layers.1.mlp.fc2.weight"], tensors["encoder.layers.1.mlp.fc2.weight"]
+    )
     assert "vision_tower.encoder.layers.2.mlp.fc2.weight" not in state
 
 
@@ -188,8 +243,14 @@ def test_cli_refuses_an_existing_output(sources, composed, capsys):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(16)}), "unknown key in the llada checkpoint"),
-        (lambda t: t.pop("model.norm.weight"), "the input lacks 1 expected tensors: \\['language_model.norm.weight'\\]"),
+        (
+            lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(16)}),
+            "unknown key in the llada checkpoint",
+        ),
+        (
+            lambda t: t.pop("model.norm.weight"),
+            "the input lacks 1 expected tensors: \\['language_model.norm.weight'\\]",
+        ),
         (lambda t: t.update({"model.norm.weight": torch.zeros(8)}), "shape \\(8,\\) does not match"),
     ],
 )

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from paths import REPO, llada_v_command
 from llada_v.conversion.official import KEY_TABLE, ConversionError, convert, map_key
+
+from paths import REPO, llada_v_command
 
 SCRIPT = REPO / "convert_checkpoints" / "convert_llada_v_official.py"
 
@@ -40,9 +41,20 @@ def _official_copy(golden_dir, tmp_path, mutate=None, shards=1):
 
 def _run_cli(input_dir, output_dir):
     return subprocess.run(
-        [sys.executable, str(SCRIPT), "--input-dir", str(input_dir), "--output-dir", str(output_dir),
-         "--vision-config", str(input_dir / "vision_config.json"), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--input-dir",
+            str(input_dir),
+            "--output-dir",
+            str(output_dir),
+            "--vision-config",
+            str(input_dir / "vision_config.json"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -73,8 +85,13 @@ def test_converted_weights_equal_the_official_tensors(golden_dir, golden_checkpo
     # Official [w, h] pinpoints became (h, w) in the same order.
     assert config["image_grid_pinpoints"][1] == [768, 384]
     assert config["bos_token_id"] == 126080  # not the official config's out-of-vocab 128000
-    for name in ("modeling_llada_v.py", "configuration_llada_v.py", "generation_utils.py",
-                 "image_layout_llada_v.py", "generation_config.json"):
+    for name in (
+        "modeling_llada_v.py",
+        "configuration_llada_v.py",
+        "generation_utils.py",
+        "image_layout_llada_v.py",
+        "generation_config.json",
+    ):
         path = golden_checkpoint / name
         assert path.is_file() and not path.is_symlink(), name
 
@@ -82,8 +99,9 @@ def test_converted_weights_equal_the_official_tensors(golden_dir, golden_checkpo
 @pytest.mark.slow
 def test_sharded_input_and_output(golden_dir, tmp_path):
     src = _official_copy(golden_dir, tmp_path, shards=3)
-    out = convert(src, tmp_path / "ck", src / "vision_config.json", dtype=torch.bfloat16,
-                  max_shard_size="4MB", progress=False)
+    out = convert(
+        src, tmp_path / "ck", src / "vision_config.json", dtype=torch.bfloat16, max_shard_size="4MB", progress=False
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all(s.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
@@ -131,15 +149,32 @@ def test_convert_and_push_to_a_local_fake_hub(golden_dir, tmp_path):
 
     out = tmp_path / "ck"
     with FakeHub() as hub:
-        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN="hf_fake", HF_HUB_DISABLE_XET="1",
-                   HF_HUB_DISABLE_TELEMETRY="1")
+        env = dict(
+            os.environ, HF_ENDPOINT=hub.url, HF_TOKEN="hf_fake", HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1"
+        )
         env.pop("HF_HUB_OFFLINE", None)
         src = golden_dir / "official_tiny"
         result = subprocess.run(
-            [sys.executable, "-m", "llada_v.cli", "convert", "--input-dir", str(src), "--output-dir", str(out),
-             "--vision-config", str(src / "vision_config.json"), "--no-progress",
-             "--push-to-hub", "me/llada-v-tiny", "--private"],
-            capture_output=True, text=True, timeout=300, env=env,
+            [
+                sys.executable,
+                "-m",
+                "llada_v.cli",
+                "convert",
+                "--input-dir",
+                str(src),
+                "--output-dir",
+                str(out),
+                "--vision-config",
+                str(src / "vision_config.json"),
+                "--no-progress",
+                "--push-to-hub",
+                "me/llada-v-tiny",
+                "--private",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
         )
         assert result.returncode == 0, result.stderr[-3000:]
         repo = hub.repos["me/llada-v-tiny"]
@@ -151,8 +186,20 @@ def test_convert_and_push_to_a_local_fake_hub(golden_dir, tmp_path):
 
 def test_private_without_push_is_rejected(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "llada_v.cli", "convert", "--input-dir", str(tmp_path), "--output-dir",
-         str(tmp_path / "x"), "--private"], capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "llada_v.cli",
+            "convert",
+            "--input-dir",
+            str(tmp_path),
+            "--output-dir",
+            str(tmp_path / "x"),
+            "--private",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2 and "--private only makes sense with --push-to-hub" in result.stderr
 
@@ -224,8 +271,10 @@ def test_truncated_shard_is_named_and_exits_2(golden_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "config_text,message",
-    [('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}', "is a 'llama' checkpoint"),
-     ("{not json", "is not valid JSON")],
+    [
+        ('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}', "is a 'llama' checkpoint"),
+        ("{not json", "is not valid JSON"),
+    ],
 )
 def test_foreign_or_malformed_config_is_named(golden_dir, tmp_path, config_text, message):
     src = _official_copy(golden_dir, tmp_path)

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from llada_v import LladaVConfig, LladaVModel
+from llada_v.image_layout_llada_v import LAYOUT_ANYRES, LAYOUT_SINGLE, LAYOUT_VIDEO, num_image_tokens
 from llada_v.training.data import (
     IGNORE_INDEX,
     BadSampleError,
@@ -22,8 +23,9 @@ from llada_v.training.data import (
     build_labels,
     find_turns,
 )
-from llada_v.image_layout_llada_v import LAYOUT_ANYRES, LAYOUT_SINGLE, LAYOUT_VIDEO, num_image_tokens
+
 from helpers import tiny_processor, write_image, write_training_folder
+
 
 @pytest.fixture(scope="module")
 def proc():
@@ -31,8 +33,14 @@ def proc():
 
 
 def _golden_tokens(image_token_id=-200):
-    return TemplateTokens(bos_id=126080, start_header_id=126346, end_header_id=126347, eot_id=126348,
-                          assistant_role_ids=(598,), image_token_id=image_token_id)
+    return TemplateTokens(
+        bos_id=126080,
+        start_header_id=126346,
+        end_header_id=126347,
+        eot_id=126348,
+        assistant_role_ids=(598,),
+        image_token_id=image_token_id,
+    )
 
 
 def _supervised_text(processor, item) -> str:
@@ -54,11 +62,33 @@ def test_labels_match_official_preprocess_on_golden_samples(golden_dir):
 
 
 def test_find_turns_roles_and_spans():
-    ids = [126080, 126346, 9125, 126347, 271, 40, 126348, 126346, 882, 126347, 271, -200, 126348,
-           126346, 598, 126347, 271, 7, 126348]
+    ids = [
+        126080,
+        126346,
+        9125,
+        126347,
+        271,
+        40,
+        126348,
+        126346,
+        882,
+        126347,
+        271,
+        -200,
+        126348,
+        126346,
+        598,
+        126347,
+        271,
+        7,
+        126348,
+    ]
     turns = find_turns(ids, _golden_tokens())
     assert [(t.start, t.end, t.is_assistant, t.has_image) for t in turns] == [
-        (1, 7, False, False), (7, 13, False, True), (13, 19, True, False)]
+        (1, 7, False, False),
+        (7, 13, False, True),
+        (13, 19, True, False),
+    ]
     with pytest.raises(ValueError, match="no <\\|end_header_id\\|>"):
         find_turns([126080, 126346, 598, 271, 7], _golden_tokens())
 
@@ -76,15 +106,21 @@ def _golden_features(case, image_token_id, n_image_tokens):
                 labels.append(label)
         feature = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if sample["images"]:
-            feature.update(pixel_values=torch.zeros(2, 3, 384, 384), image_sizes=torch.tensor([[100, 300]]),
-                           image_layouts=torch.tensor([LAYOUT_ANYRES]), image_num_crops=torch.tensor([2]))
+            feature.update(
+                pixel_values=torch.zeros(2, 3, 384, 384),
+                image_sizes=torch.tensor([[100, 300]]),
+                image_layouts=torch.tensor([LAYOUT_ANYRES]),
+                image_num_crops=torch.tensor([2]),
+            )
         features.append(feature)
     return features
 
 
 def test_official_padding_reproduces_golden_merged_batch(golden_dir):
     """The official collator pads unexpanded ids with supervised EOS, the merge pads the rest with -100."""
-    case = next(c for c in json.loads((golden_dir / "cases.json").read_text())["loss"] if c["id"] == "batch2_image_text")
+    case = next(
+        c for c in json.loads((golden_dir / "cases.json").read_text())["loss"] if c["id"] == "batch2_image_text"
+    )
     tensors = load_file(golden_dir / case["tensors_file"])
     image_token_id = 126349
     n_tokens = num_image_tokens(LAYOUT_ANYRES, (100, 300), **LladaVConfig().layout_kwargs())
@@ -120,15 +156,28 @@ def test_collated_single_sample_gives_the_golden_loss(golden_dir, golden_model):
 def test_dataset_item_matches_processor_and_label_rule(tmp_path, proc):
     processor, config = proc
     write_image(tmp_path / "a.png", (40, 30))
-    record = {"id": "x", "image": "a.png", "conversations": [
-        {"from": "human", "value": "What is this? <image>"}, {"from": "gpt", "value": " A red box. "},
-        {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "red"}]}
+    record = {
+        "id": "x",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "What is this? <image>"},
+            {"from": "gpt", "value": " A red box. "},
+            {"from": "human", "value": "Colour?"},
+            {"from": "gpt", "value": "red"},
+        ],
+    }
     ds = LladaVDataset([record], processor, image_folder=tmp_path, system_prompt="Be brief.")
     item = ds[0]
     # The single placeholder moves to the front ("<image>\n{question}", LLaVA's rule); content is trimmed.
-    messages = [{"role": "user", "content": "<image>\nWhat is this?"}, {"role": "assistant", "content": "A red box."},
-                {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "red"}]
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, system_prompt="Be brief.")
+    messages = [
+        {"role": "user", "content": "<image>\nWhat is this?"},
+        {"role": "assistant", "content": "A red box."},
+        {"role": "user", "content": "Colour?"},
+        {"role": "assistant", "content": "red"},
+    ]
+    text = processor.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, system_prompt="Be brief."
+    )
     expected = processor(text=text, images=[Image.open(tmp_path / "a.png")], add_special_tokens=False)
     assert torch.equal(item["input_ids"], expected["input_ids"][0])
     torch.testing.assert_close(item["pixel_values"], expected["pixel_values"])
@@ -151,22 +200,34 @@ def test_multi_image_text_only_and_video_samples(tmp_path, proc):
         write_image(tmp_path / f"f/{i}.png", (30, 20))
     write_image(tmp_path / "b.png", (56, 28))
     records = [
-        {"image": ["b.png", "f/0.png"], "conversations": [
-            {"from": "human", "value": "<image> <image>\nSame?"}, {"from": "gpt", "value": "no"}]},
-        {"conversations": [{"from": "system", "value": "Custom."}, {"from": "human", "value": "Hi"},
-                           {"from": "assistant", "value": "Hello"}]},
-        {"video": "f", "conversations": [{"from": "human", "value": "<image>\nWhat moves?"},
-                                         {"from": "gpt", "value": "a box"}]},
+        {
+            "image": ["b.png", "f/0.png"],
+            "conversations": [{"from": "human", "value": "<image> <image>\nSame?"}, {"from": "gpt", "value": "no"}],
+        },
+        {
+            "conversations": [
+                {"from": "system", "value": "Custom."},
+                {"from": "human", "value": "Hi"},
+                {"from": "assistant", "value": "Hello"},
+            ]
+        },
+        {
+            "video": "f",
+            "conversations": [{"from": "human", "value": "<image>\nWhat moves?"}, {"from": "gpt", "value": "a box"}],
+        },
     ]
     ds = LladaVDataset(records, processor, image_folder=tmp_path)
     multi, text, video = ds[0], ds[1], ds[2]
     assert multi["image_layouts"].tolist() == [LAYOUT_SINGLE, LAYOUT_SINGLE]
-    assert int((multi["input_ids"] == config.image_token_id).sum()) == 2 * processor.image_processor.get_num_image_tokens(LAYOUT_SINGLE)
+    assert int(
+        (multi["input_ids"] == config.image_token_id).sum()
+    ) == 2 * processor.image_processor.get_num_image_tokens(LAYOUT_SINGLE)
     assert set(text) == {"input_ids", "labels"}
     assert "Custom." in processor.tokenizer.decode(text["input_ids"].tolist())
     assert video["image_layouts"].tolist() == [LAYOUT_VIDEO] and video["image_num_crops"].tolist() == [3]
     assert int((video["input_ids"] == config.image_token_id).sum()) == processor.image_processor.get_num_image_tokens(
-        LAYOUT_VIDEO, num_frames=3)
+        LAYOUT_VIDEO, num_frames=3
+    )
     batch = LladaVDataCollator.from_processor(processor)([multi, text, video])
     assert batch["pixel_values"].shape[0] == 2 + 3
     assert batch["image_layouts"].tolist() == [LAYOUT_SINGLE, LAYOUT_SINGLE, LAYOUT_VIDEO]
@@ -176,11 +237,17 @@ def test_jsonl_file_and_bad_samples_are_reported_with_their_index(tmp_path, proc
     processor, _ = proc
     write_image(tmp_path / "ok.png", (30, 30))
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    good = {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}
+    good = {
+        "image": "ok.png",
+        "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+    }
     records = [
         good,
         {"id": "missing", "image": "nope.png", "conversations": good["conversations"]},
-        {"image": "ok.png", "conversations": [{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "A"}]},
+        {
+            "image": "ok.png",
+            "conversations": [{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "A"}],
+        },
         {"conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
         {"conversations": [{"from": "robot", "value": "Q"}, {"from": "gpt", "value": "A"}]},
         {"conversations": [{"from": "human", "value": "Q"}]},
@@ -223,15 +290,20 @@ def test_image_paths_outside_the_image_folder_are_refused(tmp_path, proc):
     turns = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]
     for image in ("../secret.png", str(tmp_path / "secret.png"), "sub/../../secret.png"):
         with pytest.raises(BadSampleError, match=f"image path '{image}' lies outside the image/video folder {folder}"):
-            LladaVDataset([{"image": image, "conversations": turns}], processor, image_folder=folder,
-                          on_bad_sample="raise")
+            LladaVDataset(
+                [{"image": image, "conversations": turns}], processor, image_folder=folder, on_bad_sample="raise"
+            )
     # Inside the folder: relative, absolute, `..` that stays inside, and a link the user placed there.
     for image in ("in.png", str(folder / "in.png"), "linked/../in.png", "linked/shared.png"):
         assert len(LladaVDataset([{"image": image, "conversations": turns}], processor, image_folder=folder)) == 1
     # `..` after a link is taken within the folder (images/secret.png), not through the link out of it.
     with pytest.raises(BadSampleError, match="image file not found"):
-        LladaVDataset([{"image": "linked/../secret.png", "conversations": turns}], processor, image_folder=folder,
-                      on_bad_sample="raise")
+        LladaVDataset(
+            [{"image": "linked/../secret.png", "conversations": turns}],
+            processor,
+            image_folder=folder,
+            on_bad_sample="raise",
+        )
     # Without --image_folder the data file's paths are taken as they are.
     assert len(LladaVDataset([{"image": str(tmp_path / "secret.png"), "conversations": turns}], processor)) == 1
 
@@ -242,8 +314,14 @@ def test_empty_answers_are_refused(proc):
         record = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": answer}]}
         with pytest.raises(BadSampleError, match="bad sample 0: assistant turn 1 has an empty answer"):
             LladaVDataset([record], processor, on_bad_sample="raise")
-    record = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": ""},
-                                {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]}
+    record = {
+        "conversations": [
+            {"from": "human", "value": "Q"},
+            {"from": "gpt", "value": ""},
+            {"from": "human", "value": "Q2"},
+            {"from": "gpt", "value": "A2"},
+        ]
+    }
     with pytest.raises(BadSampleError, match="assistant turn 1 has an empty answer"):
         LladaVDataset([record], processor, on_bad_sample="raise")
 
@@ -251,17 +329,24 @@ def test_empty_answers_are_refused(proc):
 def test_length_policy_drops_trailing_text_turns_never_image_tokens(tmp_path, proc):
     processor, config = proc
     write_image(tmp_path / "a.png", (40, 30))
-    record = {"image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nQ1"}, {"from": "gpt", "value": "A1"},
-        {"from": "human", "value": "Q2 is a longer question"}, {"from": "gpt", "value": "A2 is a longer answer"}]}
+    record = {
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nQ1"},
+            {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "Q2 is a longer question"},
+            {"from": "gpt", "value": "A2 is a longer answer"},
+        ],
+    }
     full = LladaVDataset([record], processor, image_folder=tmp_path)[0]
     first_exchange = record | {"conversations": record["conversations"][:2]}
     short = LladaVDataset([first_exchange], processor, image_folder=tmp_path)[0]
     limit = len(full["input_ids"]) - 1
     cut = LladaVDataset([record], processor, image_folder=tmp_path, max_length=limit)[0]
     assert torch.equal(cut["input_ids"], short["input_ids"]) and torch.equal(cut["labels"], short["labels"])
-    rejected = LladaVDataset([record, first_exchange], processor, image_folder=tmp_path, max_length=limit,
-                             length_policy="reject")
+    rejected = LladaVDataset(
+        [record, first_exchange], processor, image_folder=tmp_path, max_length=limit, length_policy="reject"
+    )
     assert len(rejected[0]["input_ids"]) == len(short["input_ids"]) and 0 in rejected.bad_samples
     # Too long even without the trailing exchange: the image tokens are never cut, the sample is bad.
     n_image = int((short["input_ids"] == config.image_token_id).sum())
@@ -292,9 +377,9 @@ def test_official_padding_supervises_eos_up_to_longest_placeholder_length(tmp_pa
     for row, item in enumerate(items):
         n, pad = len(item["input_ids"]), max(text_lengths) - text_lengths[row]
         assert torch.equal(batch["labels"][row, :n], item["labels"])
-        assert batch["labels"][row, n:n + pad].eq(eos).all() and batch["input_ids"][row, n:n + pad].eq(eos).all()
+        assert batch["labels"][row, n : n + pad].eq(eos).all() and batch["input_ids"][row, n : n + pad].eq(eos).all()
         assert batch["attention_mask"][row].sum() == n + pad
-        assert batch["labels"][row, n + pad:].eq(IGNORE_INDEX).all()
+        assert batch["labels"][row, n + pad :].eq(IGNORE_INDEX).all()
     capped = LladaVDataCollator.from_processor(processor, max_length=len(items[3]["input_ids"]) + 2)(items)
     assert capped["attention_mask"][3].sum() == len(items[3]["input_ids"]) + 2
 
@@ -317,7 +402,7 @@ def test_masked_padding_batch_loss_equals_mean_of_single_losses(tmp_path, proc):
         for row, item in enumerate(items):
             one = collate([item])
             n = one["input_ids"].shape[1]
-            singles.append(model(**one, masking_t=t[row:row + 1], masked_indices=masked[row:row + 1, :n]).loss)
+            singles.append(model(**one, masking_t=t[row : row + 1], masked_indices=masked[row : row + 1, :n]).loss)
     torch.testing.assert_close(loss, torch.stack(singles).mean(), rtol=1e-5, atol=1e-6)
 
 
@@ -330,7 +415,9 @@ def test_dummy_image_keeps_vision_in_the_graph_without_changing_the_loss(tmp_pat
     length = plain["input_ids"].shape[1]
     assert with_dummy["input_ids"].shape[1] == length + n_dummy
     assert with_dummy["input_ids"][0, length:].eq(config.image_token_id).all()
-    assert with_dummy["attention_mask"][0, length:].eq(0).all() and with_dummy["labels"][0, length:].eq(IGNORE_INDEX).all()
+    assert (
+        with_dummy["attention_mask"][0, length:].eq(0).all() and with_dummy["labels"][0, length:].eq(IGNORE_INDEX).all()
+    )
     assert with_dummy["pixel_values"].abs().sum() == 0 and with_dummy["image_layouts"].tolist() == [LAYOUT_SINGLE]
     torch.manual_seed(0)
     model = LladaVModel(config)
@@ -342,7 +429,11 @@ def test_dummy_image_keeps_vision_in_the_graph_without_changing_the_loss(tmp_pat
     loss_dummy = model(**with_dummy, masking_t=t, masked_indices=padded_mask).loss
     torch.testing.assert_close(loss_dummy, loss_plain, rtol=1e-5, atol=1e-6)
     loss_dummy.backward()
-    for name in ("vision_tower.embeddings.patch_embedding.weight", "multi_modal_projector.linear_1.weight", "image_newline"):
+    for name in (
+        "vision_tower.embeddings.patch_embedding.weight",
+        "multi_modal_projector.linear_1.weight",
+        "image_newline",
+    ):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().max() == 0, name
 

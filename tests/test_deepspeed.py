@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from llada_v import LladaVModel
-from helpers import SCALE_ENV as ENV, rank_logs, run_ok, scale_flags, scale_setup
+
+from helpers import SCALE_ENV as ENV
+from helpers import rank_logs, run_ok, scale_flags, scale_setup
 from paths import REPO
 
 pytestmark = [
@@ -33,19 +35,51 @@ def setup(tmp_path_factory):
 
 def test_zero3_matches_one_process_and_exports_a_loadable_model(setup, tmp_path):
     gpus = min(2, torch.cuda.device_count())
-    common = ["--stage", "2", "--vision_lr", "1e-2", "--projector_lr", "3e-2", "--language_lr", "5e-3",
-              "--max_steps", "4", "--save_strategy", "no"]
+    common = [
+        "--stage",
+        "2",
+        "--vision_lr",
+        "1e-2",
+        "--projector_lr",
+        "3e-2",
+        "--language_lr",
+        "5e-3",
+        "--max_steps",
+        "4",
+        "--save_strategy",
+        "no",
+    ]
     single = tmp_path / "single"
     flags = scale_flags(setup, single, *common, "--per_device_train_batch_size", str(gpus))
     flags.remove("--use_cpu")
     env_gpus = {**ENV, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
     run_ok([sys.executable, str(RUNNER), *flags], env=env_gpus)  # one process, no DeepSpeed, on cuda:0
     zero3 = tmp_path / "zero3"
-    flags = scale_flags(setup, zero3, *common, "--per_device_train_batch_size", "1",
-                   "--deepspeed", str(REPO / "configs" / "deepspeed_zero3.json"))
+    flags = scale_flags(
+        setup,
+        zero3,
+        *common,
+        "--per_device_train_batch_size",
+        "1",
+        "--deepspeed",
+        str(REPO / "configs" / "deepspeed_zero3.json"),
+    )
     flags.remove("--use_cpu")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(gpus),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
     if gpus > 1:
         launch.insert(3, "--multi_gpu")
     run_ok([*launch, str(RUNNER), *flags], env=env_gpus)

@@ -19,7 +19,6 @@ from llada_v.demo.task import (
     make_sample,
 )
 
-
 # ---------------------------------------------------------------- task
 
 
@@ -128,10 +127,13 @@ def test_demo_tokenizer_and_config_agree():
     sample = make_sample(1)
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["qa"][0][0]}]}],
-        add_generation_prompt=True, system_prompt="")
+        add_generation_prompt=True,
+        system_prompt="",
+    )
     inputs = processor(images=[[sample["image"]]], text=[text])
-    words = tokenizer.decode([i for i in inputs["input_ids"][0].tolist() if i != config.image_token_id],
-                             skip_special_tokens=True)
+    words = tokenizer.decode(
+        [i for i in inputs["input_ids"][0].tolist() if i != config.image_token_id], skip_special_tokens=True
+    )
     assert words.replace("?", " ?").split() == ["user", *sample["qa"][0][0].replace("?", " ?").split(), "assistant"]
     assert tokenizer.unk_token_id not in inputs["input_ids"][0].tolist()
 
@@ -162,8 +164,8 @@ def test_words_the_demo_tokenizer_does_not_know_are_named_in_a_warning():
 
 
 def test_training_data_mixes_descriptions_and_answer_labels_fill_the_canvas(tmp_path):
-    from llada_v.training.data import IGNORE_INDEX, LladaVDataset, TemplateTokens
     from llada_v.demo.train import DEMO_GENERATION, DESCRIPTION_EVERY, AnswerOnlyLabels, write_training_data
+    from llada_v.training.data import IGNORE_INDEX, LladaVDataset, TemplateTokens
 
     tokenizer = build_demo_tokenizer()
     config = demo_config(tokenizer)
@@ -177,8 +179,12 @@ def test_training_data_mixes_descriptions_and_answer_labels_fill_the_canvas(tmp_
     assert [questions[i] for i in described] == [DESCRIBE_QUESTIONS[o] for o in ("left", "color", "left", "color")]
     assert any(len(r["conversations"]) == 4 for r in records)  # two-turn samples remain
     canvas = DEMO_GENERATION["max_new_tokens"]
-    dataset = AnswerOnlyLabels(LladaVDataset(data, processor, image_folder=tmp_path, system_prompt=None),
-                               TemplateTokens.from_processor(processor), eos_token_id=config.eos_token_id, canvas=canvas)
+    dataset = AnswerOnlyLabels(
+        LladaVDataset(data, processor, image_folder=tmp_path, system_prompt=None),
+        TemplateTokens.from_processor(processor),
+        eos_token_id=config.eos_token_id,
+        canvas=canvas,
+    )
     eos, eot = config.eos_token_id, config.eot_token_id
     for record, item in zip(records, dataset):
         ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
@@ -189,7 +195,7 @@ def test_training_data_mixes_descriptions_and_answer_labels_fill_the_canvas(tmp_
         tail = max(0, canvas - (len(answers[-1].split()) + 1))
         expected += [eos] * tail
         assert [label for label in labels if label != IGNORE_INDEX] == expected
-        assert ids[-len(answers[-1].split()) - 1 - tail:] == expected[-len(answers[-1].split()) - 1 - tail:]
+        assert ids[-len(answers[-1].split()) - 1 - tail :] == expected[-len(answers[-1].split()) - 1 - tail :]
     with pytest.raises(ValueError, match="description_every"):
         write_training_data(tmp_path / "bad", 2, seed=0, description_every=-1)
     with pytest.raises(ValueError, match="description_order"):
@@ -208,8 +214,16 @@ def test_shortened_training_drives_the_loss_well_below_its_start(tmp_path):
     from llada_v.demo.train import train_demo
 
     # Stage 0 has its own test below; here the Trainer stages alone, from a random tower.
-    summary = train_demo(tmp_path / "demo", seed=0, train_samples=512, stage1_steps=5, stage2_steps=160,
-                         batch_size=8, work_dir=tmp_path / "work", vision_pretrain_steps=0)
+    summary = train_demo(
+        tmp_path / "demo",
+        seed=0,
+        train_samples=512,
+        stage1_steps=5,
+        stage2_steps=160,
+        batch_size=8,
+        work_dir=tmp_path / "work",
+        vision_pretrain_steps=0,
+    )
     assert "stage0" not in summary["losses"]
     stage2 = summary["losses"]["stage2"]
     assert len(stage2) >= 10
@@ -237,7 +251,9 @@ def test_object_coverage_follows_the_image_processor_crops():
     assert shape[0, inside].argmax().item() == 1 + SHAPES.index("square")
     assert color[0, inside].argmax().item() == 1 + sorted(COLORS).index("blue")
     assert order[0, inside].argmax().item() == 1  # first from the left
-    assert shape[0, outside].argmax().item() == color[0, outside].argmax().item() == order[0, outside].argmax().item() == 0
+    assert (
+        shape[0, outside].argmax().item() == color[0, outside].argmax().item() == order[0, outside].argmax().item() == 0
+    )
     for target in (shape, color, order):
         torch.testing.assert_close(target.sum(-1), torch.ones(2, 16))
 
@@ -275,8 +291,16 @@ def test_stage0_trains_only_the_vision_tower_and_learns_the_patch_labels(tmp_pat
 def test_train_demo_runs_stage0_first(tmp_path):
     from llada_v.demo.train import train_demo
 
-    summary = train_demo(tmp_path / "demo", seed=0, train_samples=32, stage1_steps=0, stage2_steps=1, batch_size=2,
-                         work_dir=tmp_path / "work", vision_pretrain_steps=20)
+    summary = train_demo(
+        tmp_path / "demo",
+        seed=0,
+        train_samples=32,
+        stage1_steps=0,
+        stage2_steps=1,
+        batch_size=2,
+        work_dir=tmp_path / "work",
+        vision_pretrain_steps=20,
+    )
     assert list(summary["losses"]) == ["stage0", "stage2"] and len(summary["losses"]["stage0"]) == 20
     with pytest.raises(ValueError, match="vision_pretrain_steps"):
         train_demo(tmp_path / "bad", vision_pretrain_steps=-1)
@@ -289,7 +313,11 @@ def test_question_weights_option_parses_pairs_and_names_bad_input():
 
     assert _question_weights("shape=3, color=0.5") == {"shape": 3.0, "color": 0.5}
     assert _question_weights("uniform") == {}
-    for text, message in (("size=2", "got 'size=2'"), ("shape", "got 'shape'"), ("shape=x", "must be a number, got 'x'"),
-                          ("shape=-1", "must be >= 0, got '-1'")):
+    for text, message in (
+        ("size=2", "got 'size=2'"),
+        ("shape", "got 'shape'"),
+        ("shape=x", "must be a number, got 'x'"),
+        ("shape=-1", "must be >= 0, got '-1'"),
+    ):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             _question_weights(text)

@@ -9,7 +9,6 @@ import torch
 from llada_v.demo.model import demo_model_dir
 from llada_v.demo.task import QUESTION_TYPES
 
-
 # ---------------------------------------------------------------- the shipped model
 
 
@@ -46,8 +45,14 @@ def test_shipped_tokenizer_and_ids_are_those_the_current_code_builds():
     assert AutoTokenizer.from_pretrained(path).get_vocab() == current.get_vocab()
     shipped = AutoConfig.from_pretrained(path, trust_remote_code=True)
     expected = demo_config(current)
-    for name in ("image_token_id", "mask_token_id", "bos_token_id", "eos_token_id", "eot_token_id",
-                 "tokenizer_vocab_size"):
+    for name in (
+        "image_token_id",
+        "mask_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "eot_token_id",
+        "tokenizer_vocab_size",
+    ):
         assert getattr(shipped, name) == getattr(expected, name), name
     assert shipped.text_config.vocab_size == expected.text_config.vocab_size
 
@@ -55,8 +60,12 @@ def test_shipped_tokenizer_and_ids_are_those_the_current_code_builds():
 def test_demo_command_prints_the_answers_step_by_step(tmp_path):
     _shipped()
     picture = tmp_path / "denoise.png"
-    result = subprocess.run([sys.executable, "-m", "llada_v.cli", "demo", "--seed", "3", "--save-png", str(picture)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "llada_v.cli", "demo", "--seed", "3", "--save-png", str(picture)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("\nQ: ") == 5 and result.stdout.count("\nA: ") == 5, result.stdout
     assert "step 1:" in result.stdout and picture.is_file()
@@ -65,8 +74,12 @@ def test_demo_command_prints_the_answers_step_by_step(tmp_path):
 @pytest.mark.slow
 def test_eval_demo_command_ends_with_the_accuracy_line():
     _shipped()
-    result = subprocess.run([sys.executable, "-m", "llada_v.cli", "eval-demo", "--seed", "7", "--n", "40"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "llada_v.cli", "eval-demo", "--seed", "7", "--n", "40"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("accuracy: ") and last.endswith("%")

@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from test_generation_golden import _expand, _image_inputs
 
 from llada_v import LladaVGenerationConfig
 from llada_v.dllm_cache_llada_v import (
@@ -16,6 +15,8 @@ from llada_v.dllm_cache_llada_v import (
     dllm_cache_settings,
     transfer_index,
 )
+
+from helpers import expand_golden_ids, golden_image_inputs
 
 
 def _dllm_cases(golden_dir):
@@ -34,15 +35,17 @@ def _settings(case):
 
 
 def _prompt(golden_dir, model, case):
-    ids = _expand(case["input_ids"], case["images"], model.config.image_token_id)
-    images = _image_inputs(golden_dir, case["images"][0]) if case["images"] else {}
+    ids = expand_golden_ids(case["input_ids"], case["images"], model.config.image_token_id)
+    images = golden_image_inputs(golden_dir, case["images"][0]) if case["images"] else {}
     return ids, images
 
 
 CASE_IDS = ["text_s32_g32_b16_dllm", "wide_s8_g16_b8_dllm", "test_jpg_s16_g32_b32_dllm", "text_s32_g32_b16_stop_dllm"]
 
 
-@pytest.mark.parametrize("case_id", CASE_IDS)
+@pytest.mark.parametrize(
+    "case_id", [pytest.param(c, marks=pytest.mark.slow) if c.startswith("test_jpg") else c for c in CASE_IDS]
+)
 def test_golden_dllm_cache_ids_equal_the_official_ones_with_the_cache_on_and_off(golden_dir, golden_model, case_id):
     case = _dllm_cases(golden_dir)[case_id]
     assert case["generated_ids"] != case["generated_ids_without_cache"]  # ignoring the cache cannot pass
@@ -156,13 +159,13 @@ def test_decoder_tokens_count_what_each_pass_recomputes():
     total = 140  # 40 answer positions: int(40 * 0.25) = 10 moved between refreshes
     counts = []
     for done in range(8):
-        (_, view), = cache.groups(torch.tensor([0]), torch.tensor([done]))
+        ((_, view),) = cache.groups(torch.tensor([0]), torch.tensor([done]))
         counts.append(view.decoder_tokens(total))
     # pass 1: all; 2: 10 moved; 3: answer; 4: 10; 5: prompt refresh + answer refresh = all; 6: 10; 7: 40; 8: 10
     assert counts == [140, 10, 40, 10, 140, 10, 40, 10]
     settings = dllm_cache_settings({"prompt_interval_steps": 2, "gen_interval_steps": 3})
     prompt_only = LladaVFeatureCache(settings, 1, 1, 100)
-    (_, view), = prompt_only.groups(torch.tensor([0]), torch.tensor([2]))  # pass 3: prompt refresh, answer not
+    ((_, view),) = prompt_only.groups(torch.tensor([0]), torch.tensor([2]))  # pass 3: prompt refresh, answer not
     assert (view.refresh_prompt, view.refresh_answer) == (True, False)
     assert view.decoder_tokens(total) == 100 + 10
 
@@ -174,7 +177,7 @@ def test_groups_split_rows_by_their_refresh_decision():
         (index.tolist(), view.rows.tolist(), view.refresh_prompt, view.refresh_answer) for index, view in groups
     ]
     assert decisions == [([0], [0], False, True), ([1], [1], False, False), ([2], [3], True, True)]
-    (index, view), = cache.groups(torch.arange(4), torch.zeros(4, dtype=torch.long))
+    ((index, view),) = cache.groups(torch.arange(4), torch.zeros(4, dtype=torch.long))
     assert view.rows is None and index.tolist() == [0, 1, 2, 3]  # the whole batch in order: no row copies
 
 
@@ -233,7 +236,7 @@ def test_dllm_cache_refuses_kv_cache_and_cfg_by_name():
 
 def test_feature_cache_refuses_training_labels(golden_model):
     cache = LladaVFeatureCache(dllm_cache_settings({}), 1, 2, 4)
-    (_, view), = cache.groups(torch.tensor([0]), torch.tensor([0]))
+    ((_, view),) = cache.groups(torch.tensor([0]), torch.tensor([0]))
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with pytest.raises(ValueError, match="labels .* cannot be combined with a feature_cache"):
         golden_model(input_ids=ids, labels=ids, feature_cache=view)

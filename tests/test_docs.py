@@ -74,13 +74,16 @@ def parse_marker(text: str, where: str) -> str | None:
     match = MARKER.match(text)
     if match is None:
         if text.lstrip().startswith("<!--") and "docs-test" in text:
-            raise MarkerError(f"{where}: malformed docs-test marker {text.strip()!r}; write "
-                              "'<!-- docs-test: skip: <reason> -->'")
+            raise MarkerError(
+                f"{where}: malformed docs-test marker {text.strip()!r}; write '<!-- docs-test: skip: <reason> -->'"
+            )
         return None
     skip = SKIP.match(match["body"])
     if skip is None:
-        raise MarkerError(f"{where}: unknown docs-test marker {text.strip()!r}; the only marker is "
-                          "'<!-- docs-test: skip: <reason> -->'")
+        raise MarkerError(
+            f"{where}: unknown docs-test marker {text.strip()!r}; the only marker is "
+            "'<!-- docs-test: skip: <reason> -->'"
+        )
     reason = skip["reason"].strip()
     if not reason:
         raise MarkerError(f"{where}: a docs-test skip marker needs a reason: {text.strip()!r}")
@@ -105,7 +108,7 @@ def parse_blocks(text: str, path: str) -> list[Block]:
         i += 1
         while i < len(lines) and not lines[i].startswith(closing):
             i += 1
-        code = textwrap.dedent("\n".join(lines[start + 1:i])) + "\n"
+        code = textwrap.dedent("\n".join(lines[start + 1 : i])) + "\n"
         blocks.append(Block(path, start + 1, fence["tag"].lower(), code, pending[1] if pending else None))
         pending = None
         i += 1  # past the closing fence
@@ -119,8 +122,11 @@ def collect(root: Path = REPO) -> tuple[list[Block], list[str]]:
     blocks, errors = [], []
     for file in doc_files(root):
         try:
-            blocks += [b for b in parse_blocks(file.read_text(encoding="utf-8"), file.relative_to(root).as_posix())
-                       if b.runnable]
+            blocks += [
+                b
+                for b in parse_blocks(file.read_text(encoding="utf-8"), file.relative_to(root).as_posix())
+                if b.runnable
+            ]
         except MarkerError as err:
             errors.append(str(err))
     return blocks, errors
@@ -160,7 +166,10 @@ def test_parser_reads_tags_indented_blocks_and_skip_reasons():
         """)
     blocks = parse_blocks(text, "x.md")
     assert [(b.line, b.tag, b.skip_reason, b.runnable) for b in blocks] == [
-        (4, "bash", "needs a GPU", True), (10, "python", None, True), (14, "yaml", None, False)]
+        (4, "bash", "needs a GPU", True),
+        (10, "python", None, True),
+        (14, "yaml", None, False),
+    ]
     assert blocks[1].code == 'print("indented")\n' and blocks[1].id == "x.md:10"
 
 
@@ -244,8 +253,9 @@ def test_doc_block_runs(block, workdirs):
         code = console_commands(block.code) if block.tag == "console" else block.code
         command = ["bash", "-euo", "pipefail", "-c", code]
     try:
-        result = subprocess.run(command, cwd=workdir, env=block_env(workdir), capture_output=True, text=True,
-                                timeout=BLOCK_TIMEOUT_S)
+        result = subprocess.run(
+            command, cwd=workdir, env=block_env(workdir), capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"{block.id}: still running after {BLOCK_TIMEOUT_S} s; make it quicker or mark it skipped")
     assert result.returncode == 0, (

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from paths import REPO
 from helpers import doc_files
+from paths import REPO
 
 TOP_FOLDERS = ("src", "tests", "benchmarks", "docs", "examples", "scripts", "configs", "convert_checkpoints")
 # A repository path: one of the top folders, not preceded by a path or word character (so `../shared/docs/x`,
@@ -100,8 +100,11 @@ def missing_paths(line: Line, root: Path = REPO) -> list[str]:
             found = sorted(root.glob(path.rstrip("/"))) if "*" in path else [root / path]
             if not any(f.exists() for f in found):
                 problems.append(f"{line.path}:{line.number}: `{path}` does not exist")
-            elif name and not re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b|^{name}\s*=", found[0].read_text(
-                    encoding="utf-8"), re.MULTILINE):
+            elif name and not re.search(
+                rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b|^{name}\s*=",
+                found[0].read_text(encoding="utf-8"),
+                re.MULTILINE,
+            ):
                 problems.append(f"{line.path}:{line.number}: `{path}::{name}`: {path} defines no `{name}`")
     return problems
 
@@ -143,8 +146,11 @@ def broken_links(page: Path, root: Path = REPO) -> list[str]:
 
 
 def words_not_for_users(line: Line) -> list[str]:
-    return [f"{line.path}:{line.number}: {what} ({m.group(0)!r}): run logs and their conditions go to docs/history/"
-            for what, pattern in NOT_FOR_USERS.items() for m in re.finditer(pattern, line.text, re.IGNORECASE)]
+    return [
+        f"{line.path}:{line.number}: {what} ({m.group(0)!r}): run logs and their conditions go to docs/history/"
+        for what, pattern in NOT_FOR_USERS.items()
+        for m in re.finditer(pattern, line.text, re.IGNORECASE)
+    ]
 
 
 # ------------------------------------------------------------------------------------ the checkers themselves
@@ -153,8 +159,10 @@ def words_not_for_users(line: Line) -> list[str]:
 def test_path_checker_finds_missing_paths_and_names(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.py").write_text("def real():\n    pass\n")
-    text = ("`src/a.py`, `src/gone.py`, $REPO/src/a.py, src/{a,b}.py, src/*.py, src/*.txt, `src/a.py::real`, "
-            "`src/a.py::fake`, ../shared/src/x.py, https://x.org/src/y.py, $DATA/src/z.py, `src/`.")
+    text = (
+        "`src/a.py`, `src/gone.py`, $REPO/src/a.py, src/{a,b}.py, src/*.py, src/*.txt, `src/a.py::real`, "
+        "`src/a.py::fake`, ../shared/src/x.py, https://x.org/src/y.py, $DATA/src/z.py, `src/`."
+    )
     assert missing_paths(Line("p.md", 3, text), tmp_path) == [
         "p.md:3: `src/gone.py` does not exist",
         "p.md:3: `src/b.py` does not exist",
@@ -167,29 +175,50 @@ def test_link_checker_resolves_files_and_anchors(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "b.md").write_text(
-        "# B\n\n## Key/value cache (`kv_cache`)\n\n## Notes\n\n## Notes\n\n```\n# not a heading\n```\n")
+        "# B\n\n## Key/value cache (`kv_cache`)\n\n## Notes\n\n## Notes\n\n```\n# not a heading\n```\n"
+    )
     page = docs / "a.md"
-    page.write_text("[ok](b.md#keyvalue-cache-kv_cache) [dup](b.md#notes-1) [code](b.md#not-a-heading) "
-                    "[gone](c.md) [self](#a) [web](https://example.org/x#y)\n\n# A\n")
+    page.write_text(
+        "[ok](b.md#keyvalue-cache-kv_cache) [dup](b.md#notes-1) [code](b.md#not-a-heading) "
+        "[gone](c.md) [self](#a) [web](https://example.org/x#y)\n\n# A\n"
+    )
     assert broken_links(page, tmp_path) == [
         "docs/a.md:1: link `b.md#not-a-heading`: b.md has no heading with the anchor #not-a-heading",
         "docs/a.md:1: link `c.md`: docs/c.md does not exist",
     ]
 
 
-@pytest.mark.parametrize("text", [
-    "As the issue asked", "see issue #15", "issues 3 and 4", "in round 3", "this round", "load average 12",
-    "shared with other jobs", "the machine was heavily shared", "on an otherwise idle machine",
-    "no GPU was lent", "(no GPU for this work)",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "As the issue asked",
+        "see issue #15",
+        "issues 3 and 4",
+        "in round 3",
+        "this round",
+        "load average 12",
+        "shared with other jobs",
+        "the machine was heavily shared",
+        "on an otherwise idle machine",
+        "no GPU was lent",
+        "(no GPU for this work)",
+    ],
+)
 def test_words_not_for_users_are_found(text):
     assert words_not_for_users(Line("p.md", 1, text))
 
 
-@pytest.mark.parametrize("text", [
-    "the other way round", "round(x * 255)", "rounds the batch length up", "a GitHub issue template",
-    "the batch's extra rows", "two idle replicas are removed",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the other way round",
+        "round(x * 255)",
+        "rounds the batch length up",
+        "a GitHub issue template",
+        "the batch's extra rows",
+        "two idle replicas are removed",
+    ],
+)
 def test_ordinary_words_pass(text):
     assert not words_not_for_users(Line("p.md", 1, text))
 

@@ -5,7 +5,6 @@ Each mode is checked against the invariant that must hold for it: what is exact 
 one step per block, a one-layer decoder, early exit), batches equal single runs, refreshes happen once per
 block, and bad values raise."""
 
-
 import pytest
 import torch
 
@@ -241,8 +240,15 @@ def test_cached_steps_are_the_model_cache_on_the_block_start_canvas(tiny, mode):
     inputs = _image_inputs(tiny)
     p, mask_id = inputs["input_ids"].shape[1], tiny.config.mask_token_id
     seen = []
-    out = _run(tiny, inputs, kv_cache=mode, steps=8, max_new_tokens=16, block_length=8,
-               step_callback=lambda s: seen.append((s.cache_refreshed, s.window, s.positions, s.logits.clone())))
+    out = _run(
+        tiny,
+        inputs,
+        kv_cache=mode,
+        steps=8,
+        max_new_tokens=16,
+        block_length=8,
+        step_callback=lambda s: seen.append((s.cache_refreshed, s.window, s.positions, s.logits.clone())),
+    )
     canvases = [torch.cat((inputs["input_ids"], torch.full((1, 16), mask_id)), dim=1), *out.history[:-1]]
     with torch.no_grad():
         prompt = tiny.embed_multimodal(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"])
@@ -336,8 +342,14 @@ def test_a_mask_left_in_an_earlier_block_stays_out_of_cached_window_passes(confi
     # window: those columns have no logits there and must not be asked for (an IndexError before); each block's
     # full forward still offers them.
     _, singles, _ = _batch(confident, seed=21)
-    settings = dict(steps=24, max_new_tokens=24, block_length=8, kv_cache="dual", kv_cache_prompt_refresh="once",
-                    confidence_threshold=0.4)
+    settings = dict(
+        steps=24,
+        max_new_tokens=24,
+        block_length=8,
+        kv_cache="dual",
+        kv_cache_prompt_refresh="once",
+        confidence_threshold=0.4,
+    )
     stop = _run(confident, singles[1], **settings).sequences[0, 4 + 10].item()
     assert stop == 3  # the draw that reproduces it
     passes = []
@@ -346,8 +358,9 @@ def test_a_mask_left_in_an_earlier_block_stays_out_of_cached_window_passes(confi
     left = [p for p in passes if p.block == 1 and bool((p.positions < prompt + 8).any())]
     assert left, "the draw no longer leaves a mask in the first block"
     assert all(p.window[0] <= int(p.positions.min()) and int(p.positions.max()) < p.window[1] for p in passes)
-    assert any(p.cache_refreshed for p in left) and not any(bool((p.positions < prompt + 8).any())
-                                                          for p in passes if p.block == 1 and not p.cache_refreshed)
+    assert any(p.cache_refreshed for p in left) and not any(
+        bool((p.positions < prompt + 8).any()) for p in passes if p.block == 1 and not p.cache_refreshed
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from llada_v import LladaVModel
-from helpers import SCALE_ENV as ENV, rank_logs, run_ok, scale_flags, scale_setup
+
+from helpers import SCALE_ENV as ENV
+from helpers import rank_logs, run_ok, scale_flags, scale_setup
 from paths import REPO
 
 pytestmark = pytest.mark.slow
@@ -29,8 +31,22 @@ FSDP_CONFIG = REPO / "configs" / "fsdp2.json"
 UNITS = ["LladaVDecoderLayer", "SiglipEncoderLayer", "SiglipVisionEmbeddings"]
 # Different rates per module group, large enough that a group updated with another group's rate changes the losses.
 RATES = {"vision": 1e-2, "projector": 3e-2, "language": 5e-3}
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-          "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--multi_gpu",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +60,24 @@ def runs(setup):
     each, sharded checkpoint every 2 steps, the shipped config: activation checkpointing, sharded state dicts)."""
     rates = ["--stage", "2", *(x for g, lr in RATES.items() for x in (f"--{g}_lr", str(lr))), "--max_steps", "4"]
     single = setup.root / "single"
-    run_ok([sys.executable, str(RUNNER), *scale_flags(setup, single, *rates, "--per_device_train_batch_size", "2",
-                                               "--save_strategy", "no")])
+    run_ok(
+        [
+            sys.executable,
+            str(RUNNER),
+            *scale_flags(setup, single, *rates, "--per_device_train_batch_size", "2", "--save_strategy", "no"),
+        ]
+    )
     fsdp = setup.root / "fsdp"
-    fsdp_flags = [*rates, "--per_device_train_batch_size", "1", "--save_steps", "2", "--fsdp",
-                  "--fsdp_config", str(FSDP_CONFIG)]
+    fsdp_flags = [
+        *rates,
+        "--per_device_train_batch_size",
+        "1",
+        "--save_steps",
+        "2",
+        "--fsdp",
+        "--fsdp_config",
+        str(FSDP_CONFIG),
+    ]
     run_ok([*LAUNCH, str(RUNNER), *scale_flags(setup, fsdp, *fsdp_flags)])
     return SimpleNamespace(single=single, fsdp=fsdp, fsdp_flags=fsdp_flags)
 
@@ -80,7 +109,8 @@ def test_fsdp2_shards_by_layer_and_keeps_the_per_module_learning_rates(runs):
     assert rank["checkpoint_wrapped"] == 5  # FSDP's activation checkpointing on every unit (fsdp2.json)
     # LladaVTrainer's parameter groups survive the switch to DTensor parameters, with their rates.
     assert [(g["name"], g["lr"], g["tensors"]) for g in rank["groups"]] == [
-        (g["name"], g["lr"], g["tensors"]) for g in single["groups"]]
+        (g["name"], g["lr"], g["tensors"]) for g in single["groups"]
+    ]
     assert all(g["dtensors"] == g["tensors"] for g in rank["groups"])
     assert {g["name"].split("/")[0]: g["lr"] for g in rank["groups"]} == RATES
     # Each rank holds half of the parameters and of the Adam state (dim-0 shards of 2).
@@ -135,8 +165,14 @@ def test_fsdp2_export_loads_with_automodel_in_a_fresh_process_and_generates(runs
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     out = tmp_path / "generated.pt"
-    result = subprocess.run([sys.executable, "-c", _FRESH_GENERATE, str(runs.fsdp), str(out)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _FRESH_GENERATE, str(runs.fsdp), str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     got = torch.load(out, weights_only=False)
     prompt_length = got["inputs"]["input_ids"].shape[1]
@@ -149,11 +185,32 @@ def test_fsdp2_export_loads_with_automodel_in_a_fresh_process_and_generates(runs
 
 def test_fsdp2_lora_with_bf16_trains_the_adapters_and_merges(setup):
     out = setup.root / "lora"
-    run_ok([*LAUNCH, str(RUNNER), *scale_flags(setup, out, "--max_steps", "2", "--per_device_train_batch_size", "1",
-                                               "--save_strategy", "no", "--bf16", "--lora_r", "4",
-                                               "--lora_modules_to_save", "multi_modal_projector",
-                                               "--merge_lora_at_end", "true", "--fsdp", "--fsdp_config",
-                                               str(FSDP_CONFIG))])
+    run_ok(
+        [
+            *LAUNCH,
+            str(RUNNER),
+            *scale_flags(
+                setup,
+                out,
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "1",
+                "--save_strategy",
+                "no",
+                "--bf16",
+                "--lora_r",
+                "4",
+                "--lora_modules_to_save",
+                "multi_modal_projector",
+                "--merge_lora_at_end",
+                "true",
+                "--fsdp",
+                "--fsdp_config",
+                str(FSDP_CONFIG),
+            ),
+        ]
+    )
     ranks = rank_logs(out, 2)
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 2
     assert ranks[0]["mixed_precision"] == "bf16" and ranks[0]["fsdp"]

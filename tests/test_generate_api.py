@@ -11,10 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from paths import llada_v_command
-from tiny import image_prompt, tiny_model
 
 from llada_v.generation_utils import LladaVDiffusionStep, _StreamerFeed
+
+from paths import llada_v_command
+from tiny import image_prompt, tiny_model
 
 EXACT = {}
 FAST = {"kv_cache": "dual", "confidence_threshold": 0.5}
@@ -125,12 +126,16 @@ def test_generate_with_a_length_alone_fits_the_schedule_and_says_so(tiny, caplog
     with caplog.at_level(logging.WARNING):
         ids = tiny.generate(**inputs, max_new_tokens=64)
     assert torch.equal(ids, tiny.diffusion_generate(**inputs, max_new_tokens=64, steps=64, block_length=64))
-    assert ("max_new_tokens=64: the configured schedule (steps=128, block_length=128) does not fit, using steps=64, "
-            "block_length=64") in caplog.text
+    assert (
+        "max_new_tokens=64: the configured schedule (steps=128, block_length=128) does not fit, using steps=64, "
+        "block_length=64"
+    ) in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # a given setting is kept, the missing one fitted
-        assert torch.equal(tiny.generate(**inputs, max_new_tokens=64, steps=32),
-                           tiny.diffusion_generate(**inputs, max_new_tokens=64, steps=32, block_length=64))
+        assert torch.equal(
+            tiny.generate(**inputs, max_new_tokens=64, steps=32),
+            tiny.diffusion_generate(**inputs, max_new_tokens=64, steps=32, block_length=64),
+        )
     assert "using steps=32, block_length=64" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # the configured schedule fits: used silently
@@ -308,12 +313,13 @@ def test_pipeline_on_the_demo_model_answers_as_diffusion_generate():
 
 @pytest.mark.slow
 def test_pipeline_on_a_converted_checkpoint_answers_as_diffusion_generate(tmp_path, golden_checkpoint):
-    from _tokenizer_standin import standin_tokenizer
     from PIL import Image
 
     from llada_v import LladaVConfig
     from llada_v.checkpoint_io import write_remote_code
     from llada_v.conversion.tokenizer import build_processor
+
+    from _tokenizer_standin import standin_tokenizer
 
     path = tmp_path / "converted"
     shutil.copytree(golden_checkpoint, path)
@@ -369,3 +375,26 @@ def test_cli_stream_on_a_terminal_draws_drafts_through_the_streamer(demo, monkey
         start = visible.index("\x1b7")
         visible = visible[:start] + visible[visible.index("\x1b8\x1b[J", start) + 5 :]
     assert visible == f"assistant> {answer}\n"
+
+
+# ---------------------------------------------------------------------------------------------- dLLM-Cache
+
+DLLM_SETTINGS = {"prompt_interval_steps": 2, "gen_interval_steps": 2, "transfer_ratio": 0.5}
+DLLM_SCHEDULE = dict(max_new_tokens=8, steps=8, block_length=4)
+
+
+def test_generate_and_the_pipeline_pass_dllm_cache_to_the_sampler():
+    from llada_v.demo.app import load_demo
+    from llada_v.demo.model import demo_model_dir
+
+    model, processor = load_demo()
+    inputs, _ = demo_inputs(processor, seed=1)
+    direct = model.diffusion_generate(**inputs, **DLLM_SCHEDULE, dllm_cache=DLLM_SETTINGS, return_dict_in_generate=True)
+    via_generate = model.generate(**inputs, **DLLM_SCHEDULE, dllm_cache=DLLM_SETTINGS, return_dict_in_generate=True)
+    assert torch.equal(via_generate.sequences, direct.sequences)
+    assert via_generate.num_decoder_tokens == direct.num_decoder_tokens
+    exact = model.generate(**inputs, **DLLM_SCHEDULE, return_dict_in_generate=True)
+    assert direct.num_decoder_tokens < exact.num_decoder_tokens  # the cache was used
+    messages, _ = demo_messages(seed=1)
+    # The pipeline loads the checkpoint's own remote code (dllm_cache_llada_v.py among it).
+    _pipeline_matches_diffusion_generate(demo_model_dir(), messages, **DLLM_SCHEDULE, dllm_cache=DLLM_SETTINGS)

@@ -314,7 +314,12 @@ def test_tiny_generation_config_from_model_config(tiny):
     assert isinstance(gc, LladaVGenerationConfig)
     assert gc.mask_token_id == cfg.mask_token_id and gc.pad_token_id == cfg.pad_token_id
     assert gc.stop_token_ids == [[cfg.eot_token_id]]
-    assert gc.suppress_tokens == [cfg.eos_token_id, cfg.bos_token_id, cfg.start_header_token_id, cfg.end_header_token_id]
+    assert gc.suppress_tokens == [
+        cfg.eos_token_id,
+        cfg.bos_token_id,
+        cfg.start_header_token_id,
+        cfg.end_header_token_id,
+    ]
     assert gc.tokenizer_vocab_size == cfg.tokenizer_vocab_size
 
 
@@ -629,21 +634,30 @@ def test_max_length_that_leaves_a_bad_answer_length_names_max_length_in_the_erro
 
 
 @pytest.mark.parametrize(
-    "setting", [dict(num_beams=2), dict(repetition_penalty=1.2), dict(min_new_tokens=3), dict(use_cache=True),
-                dict(num_return_sequences=2), dict(no_repeat_ngram_size=3)],
+    "setting",
+    [
+        dict(num_beams=2),
+        dict(repetition_penalty=1.2),
+        dict(min_new_tokens=3),
+        dict(use_cache=True),
+        dict(num_return_sequences=2),
+        dict(no_repeat_ngram_size=3),
+    ],
 )
 def test_autoregressive_settings_are_refused_by_name(setting):
-    (name, value), = setting.items()
+    ((name, value),) = setting.items()
     with pytest.raises(ValueError, match=rf"{name}={value!r} has no meaning in masked diffusion"):
         _scripted_run([2, 3], [1.0, 1.0], **setting)
 
 
 @pytest.mark.parametrize(
     "setting,message",
-    [(dict(bad_words_ids=[[3, 4]]), "bad_words_ids must be a list of one-token lists"),
-     (dict(top_k=5), r"need temperature > 0"),
-     (dict(do_sample=True), r"do_sample=True contradicts temperature=0"),
-     (dict(top_p=1.5, temperature=1.0), r"top_p must be a number in \(0, 1\]")],
+    [
+        (dict(bad_words_ids=[[3, 4]]), "bad_words_ids must be a list of one-token lists"),
+        (dict(top_k=5), r"need temperature > 0"),
+        (dict(do_sample=True), r"do_sample=True contradicts temperature=0"),
+        (dict(top_p=1.5, temperature=1.0), r"top_p must be a number in \(0, 1\]"),
+    ],
 )
 def test_sampling_settings_that_cannot_apply_are_refused(setting, message):
     with pytest.raises(ValueError, match=message):

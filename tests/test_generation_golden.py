@@ -6,32 +6,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-PLACEHOLDER = -200
-IMAGE_TOKENS = {"images/wide_300x100.png": 981, "images/test.jpg": 3633}
+from helpers import expand_golden_ids, golden_image_inputs
 
 
 def _cases(golden_dir):
     return {c["id"]: c for c in json.loads((golden_dir / "cases.json").read_text())["generation"]}
-
-
-def _expand(ids, image_files, image_token_id):
-    out, images = [], iter(image_files)
-    for t in ids:
-        out += [image_token_id] * IMAGE_TOKENS[next(images)] if t == PLACEHOLDER else [t]
-    return torch.tensor([out])
-
-
-def _image_inputs(golden_dir, image_file):
-    if image_file == "images/wide_300x100.png":
-        pixels = load_file(golden_dir / "tensors" / "pixels_wide_300x100.safetensors")["pixel_values"][0]
-        return {"pixel_values": pixels, "image_sizes": torch.tensor([[100, 300]])}  # (height, width)
-    processing = pytest.importorskip("llada_v.image_processing_llada_v", reason="image processor not available yet")
-    from PIL import Image
-
-    out = processing.LladaVImageProcessor()(Image.open(golden_dir / image_file))
-    return {k: out[k] for k in ("pixel_values", "image_sizes", "image_layouts", "image_num_crops")}
 
 
 def _settings(case):
@@ -67,12 +47,10 @@ CASE_IDS = [
 def test_golden_generation_ids_and_trace(golden_dir, golden_model, case_id):
     case = _cases(golden_dir)[case_id]
     model = golden_model
-    ids = _expand(case["input_ids"], case["images"], model.config.image_token_id)
+    ids = expand_golden_ids(case["input_ids"], case["images"], model.config.image_token_id)
     assert ids.shape[1] == case["prompt_merged_len"]
-    images = _image_inputs(golden_dir, case["images"][0]) if case["images"] else {}
-    out = model.diffusion_generate(
-        ids, **images, **_settings(case), return_dict_in_generate=True, output_history=True
-    )
+    images = golden_image_inputs(golden_dir, case["images"][0]) if case["images"] else {}
+    out = model.diffusion_generate(ids, **images, **_settings(case), return_dict_in_generate=True, output_history=True)
     prompt_len, answer_len = ids.shape[1], case["settings"]["gen_length"]
     suffix = case["settings"]["suffix_token_ids"] or []
     n = int(out.answer_lengths[0])
@@ -98,15 +76,15 @@ def test_golden_batch_of_four_prompts_equals_single_runs(golden_dir, golden_mode
     cases = _cases(golden_dir)
     wide, text = cases["wide_s8_g16_b8"], cases["text_s32_g32_b16"]
     image_id = model.config.image_token_id
-    wide_ids = _expand(wide["input_ids"], wide["images"], image_id)[0]
+    wide_ids = expand_golden_ids(wide["input_ids"], wide["images"], image_id)[0]
     other_question = wide["input_ids"][:15] + [3923, 374, 420, 30] + wide["input_ids"][-5:]
     prompts = [
         wide_ids,
         torch.tensor(text["input_ids"]),
-        _expand(other_question, wide["images"], image_id)[0],
+        expand_golden_ids(other_question, wide["images"], image_id)[0],
         torch.tensor(text["input_ids"][:5] + text["input_ids"][12:]),  # without the system prompt text
     ]
-    images = _image_inputs(golden_dir, "images/wide_300x100.png")
+    images = golden_image_inputs(golden_dir, "images/wide_300x100.png")
     has_image = [True, False, True, False]
     settings = dict(_settings(wide), return_dict_in_generate=True)
 

@@ -48,9 +48,7 @@ def test_golden_forward_logits(golden_dir, golden_model, case_id):
             # Full pipeline from the official pixels: vision tower, projector, anyres packing, merge.
             pixel_values = _wide_pixels(golden_dir)
             sizes = torch.tensor([case["image_sizes_wh"][0][::-1]])
-            torch.testing.assert_close(
-                model.encode_crops(pixel_values), tensors["projector_output"], atol=1e-5, rtol=0
-            )
+            torch.testing.assert_close(model.encode_crops(pixel_values), tensors["projector_output"], atol=1e-5, rtol=0)
             embeds = model.embed_multimodal(ids, pixel_values, sizes)
             torch.testing.assert_close(embeds[0], tensors["inputs_embeds"], atol=1e-5, rtol=0)
             logits = model(input_ids=ids, pixel_values=pixel_values, image_sizes=sizes).logits[0]
@@ -74,7 +72,9 @@ def test_golden_loss_with_recorded_t_and_mask(golden_dir, golden_model, case_id)
     case = next(c for c in _cases(golden_dir, "loss") if c["id"] == case_id)
     tensors = load_file(golden_dir / case["tensors_file"])
     model = golden_model
-    kwargs = dict(labels=tensors["merged_labels"], masking_t=tensors["t"], masked_indices=tensors["masked_indices"].bool())
+    kwargs = dict(
+        labels=tensors["merged_labels"], masking_t=tensors["t"], masked_indices=tensors["masked_indices"].bool()
+    )
     with torch.no_grad():
         if case_id.startswith("multiturn"):
             ids = _expand(tensors["input_ids"][0].tolist(), [981], model.config.image_token_id)
@@ -82,7 +82,9 @@ def test_golden_loss_with_recorded_t_and_mask(golden_dir, golden_model, case_id)
                 conv = conversation_ids_from_input_ids(ids, model.config)
                 assert torch.equal(conv, tensors["conversation_ids"])
                 kwargs["conversation_ids"] = conv
-            out = model(input_ids=ids, pixel_values=_wide_pixels(golden_dir), image_sizes=torch.tensor([[100, 300]]), **kwargs)
+            out = model(
+                input_ids=ids, pixel_values=_wide_pixels(golden_dir), image_sizes=torch.tensor([[100, 300]]), **kwargs
+            )
         else:
             # The official collator pads the merged batch with zero embeddings: feed its merged embeddings.
             out = model(inputs_embeds=tensors["merged_inputs_embeds"], **kwargs)

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from paths import GOLDEN
 from llada_v.configuration_llada_v import LladaVConfig
 from llada_v.image_layout_llada_v import (
     LAYOUT_ANYRES,
@@ -24,6 +23,7 @@ from llada_v.image_layout_llada_v import (
 )
 from llada_v.image_processing_llada_v import LladaVImageProcessor, load_image, sample_frame_indices
 
+from paths import GOLDEN
 
 needs_golden = pytest.mark.skipif(
     not (GOLDEN / "cases.json").is_file(),
@@ -147,8 +147,16 @@ def test_golden_forward_token_counts(processor384):
 def test_spec_token_count_examples(processor384):
     # SPEC section 4 (W x H -> tokens), counted from the processor's layout settings.
     examples = {
-        (300, 100): 981, (384, 384): 1485, (640, 480): 2929, (500, 700): 2835, (853, 1280): 3633,
-        (1920, 1080): 3649, (3000, 3000): 3699, (1000, 600): 3640, (2000, 300): 3627, (300, 2000): 3743,
+        (300, 100): 981,
+        (384, 384): 1485,
+        (640, 480): 2929,
+        (500, 700): 2835,
+        (853, 1280): 3633,
+        (1920, 1080): 3649,
+        (3000, 3000): 3699,
+        (1000, 600): 3640,
+        (2000, 300): 3627,
+        (300, 2000): 3743,
     }
     for (width, height), tokens in examples.items():
         assert processor384.get_num_image_tokens(LAYOUT_ANYRES, (height, width)) == tokens, (width, height)

@@ -9,8 +9,14 @@ from llada_v.inference import InputError, checkpoint_generation_config, fit_sche
 
 @pytest.mark.parametrize(
     "max_new_tokens, steps, block, expected",
-    [(128, 128, 128, (128, 128)), (64, 128, 128, (64, 64)), (256, 128, 128, (128, 128)), (8, 4, 4, (4, 4)),
-     (6, 4, 4, (4, 6)), (32, 16, 32, (16, 32))],
+    [
+        (128, 128, 128, (128, 128)),
+        (64, 128, 128, (64, 64)),
+        (256, 128, 128, (128, 128)),
+        (8, 4, 4, (4, 4)),
+        (6, 4, 4, (4, 6)),
+        (32, 16, 32, (16, 32)),
+    ],
 )
 def test_fit_schedule_keeps_what_fits_and_falls_back_to_one_token_per_step(max_new_tokens, steps, block, expected):
     assert fit_schedule(max_new_tokens, steps, block) == expected

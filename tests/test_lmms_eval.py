@@ -24,9 +24,9 @@ from llada_v.evaluation.lmms_eval_plugin import (
     task_preset,
     truncate_at_stops,
 )
+
 from helpers import COLORS, build_demo_like_checkpoint, write_local_task
 from paths import REPO
-
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,15 @@ def demo_ck(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def docs():
-    return [{"image": Image.new("RGB", (40 + 8 * i, 30), rgb), "question": "What color is the circle?",
-             "answer": name, "choices": list(COLORS)} for i, (name, rgb) in enumerate(COLORS.items())]
+    return [
+        {
+            "image": Image.new("RGB", (40 + 8 * i, 30), rgb),
+            "question": "What color is the circle?",
+            "answer": name,
+            "choices": list(COLORS),
+        }
+        for i, (name, rgb) in enumerate(COLORS.items())
+    ]
 
 
 def make_model(path, docs, **kwargs):
@@ -111,8 +118,12 @@ def test_entry_point_registers_llada_v():
 
 
 def test_generate_until_batches_equal_singles_and_keep_request_order(demo_ck, docs):
-    requests = [request(f"{d['question']}" + " " * i, {"max_new_tokens": 4, "until": ["\n\n"]}, doc_to_visual, i,
-                        "tiny", "test") for i, d in enumerate(docs)]
+    requests = [
+        request(
+            f"{d['question']}" + " " * i, {"max_new_tokens": 4, "until": ["\n\n"]}, doc_to_visual, i, "tiny", "test"
+        )
+        for i, d in enumerate(docs)
+    ]
     requests.append(request(docs[0]["question"], {"max_new_tokens": 8}, doc_to_visual, 0, "tiny", "test"))
     batched = make_model(demo_ck, docs, batch_size=3).generate_until(requests)
     single = make_model(demo_ck, docs, batch_size=1)
@@ -125,9 +136,12 @@ def test_generate_until_matches_the_sampler_with_the_task_preset(demo_ck, docs):
     from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message
 
     model = make_model(demo_ck, docs)
-    out = model.generate_until([request("What color?", {"max_new_tokens": 99}, doc_to_visual, 1, "chartqa_tiny",
-                                        "test")])
-    config = generation_config_for(model.model.generation_config, {"max_new_tokens": 16, "steps": 16, "block_length": 16})
+    out = model.generate_until(
+        [request("What color?", {"max_new_tokens": 99}, doc_to_visual, 1, "chartqa_tiny", "test")]
+    )
+    config = generation_config_for(
+        model.model.generation_config, {"max_new_tokens": 16, "steps": 16, "block_length": 16}
+    )
     text = chat_prompt(model.processor, [user_message("What color?", 1)])
     expected = generate_texts(model.model, model.processor, [text], [[docs[1]["image"]]], config)[0][0]
     assert out[0].text == expected.split("\n")[0]
@@ -138,8 +152,11 @@ def test_generate_until_matches_the_sampler_with_the_task_preset(demo_ck, docs):
 
 def test_loglikelihood_is_reproducible_and_order_independent(demo_ck, docs):
     model = make_model(demo_ck, docs, mc_num=4, mc_batch_size=3, check_greedy=False)
-    requests = [request(d["question"], f" {c}", doc_to_visual, i, "tiny", "test")
-                for i, d in enumerate(docs[:2]) for c in d["choices"]]
+    requests = [
+        request(d["question"], f" {c}", doc_to_visual, i, "tiny", "test")
+        for i, d in enumerate(docs[:2])
+        for c in d["choices"]
+    ]
     first = model.loglikelihood(requests)
     reverse = model.loglikelihood(requests[::-1])[::-1]
     assert first == reverse
@@ -156,7 +173,7 @@ def test_one_token_continuation_is_exact_log_softmax(demo_ck, docs):
     # With L = 1 every sample masks the one token with weight 1: the estimate is its exact log-probability, and
     # lmms-eval gets minus that (the loss per token) to rank with argmin.
     model = make_model(demo_ck, docs, mc_num=4, check_greedy=False)
-    (loss, _), = model.loglikelihood([request("What color?", " red", doc_to_visual, 0, "tiny", "test")])
+    ((loss, _),) = model.loglikelihood([request("What color?", " red", doc_to_visual, 0, "tiny", "test")])
     log_likelihood = model.score("What color?", " red", [docs[0]["image"]]).log_likelihood
     assert loss == pytest.approx(-log_likelihood)
     from llada_v.inference import chat_prompt, prepare_inputs, user_message
@@ -168,28 +185,39 @@ def test_one_token_continuation_is_exact_log_softmax(demo_ck, docs):
     assert len(target) == 1
     ids = torch.cat((inputs["input_ids"], torch.tensor([[mask]])), dim=1)
     with torch.no_grad():
-        logits = model.model(input_ids=ids, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-                             image_layouts=inputs["image_layouts"], image_num_crops=inputs["image_num_crops"]).logits
+        logits = model.model(
+            input_ids=ids,
+            pixel_values=inputs["pixel_values"],
+            image_sizes=inputs["image_sizes"],
+            image_layouts=inputs["image_layouts"],
+            image_num_crops=inputs["image_num_crops"],
+        ).logits
     expected = F.log_softmax(logits[0, -1].float(), -1)[target[0]]
     assert log_likelihood == pytest.approx(float(expected), abs=1e-4)
 
 
 def test_is_greedy_is_true_exactly_for_the_sampler_answer(demo_ck, docs):
     model = make_model(demo_ck, docs, mc_num=2)
-    answer = model.generate_until([request("What color?", {"max_new_tokens": 2, "until": []}, doc_to_visual, 2,
-                                           "tiny", "test")])[0].text
+    answer = model.generate_until(
+        [request("What color?", {"max_new_tokens": 2, "until": []}, doc_to_visual, 2, "tiny", "test")]
+    )[0].text
     ids = model.tokenizer.encode(answer, add_special_tokens=False)
     assert len(ids) == 2  # the demo tokenizer is word level: the decoded answer re-encodes to the same ids
     wrong = "red" if answer.split()[0] != "red" else "blue"
-    results = model.loglikelihood([request("What color?", answer, doc_to_visual, 2, "tiny", "test"),
-                                   request("What color?", f"{wrong} {wrong}", doc_to_visual, 2, "tiny", "test")])
+    results = model.loglikelihood(
+        [
+            request("What color?", answer, doc_to_visual, 2, "tiny", "test"),
+            request("What color?", f"{wrong} {wrong}", doc_to_visual, 2, "tiny", "test"),
+        ]
+    )
     assert [greedy for _, greedy in results] == [True, False]
 
 
 def test_cfg_and_text_only_requests(demo_ck, docs):
     model = make_model(demo_ck, docs, mc_num=4, cfg_scale=1.0)
-    results = model.loglikelihood([request("What color?", " red", doc_to_visual, 0, "tiny", "test"),
-                                   request("", "red")])  # unconditional request of acc_mutual_info
+    results = model.loglikelihood(
+        [request("What color?", " red", doc_to_visual, 0, "tiny", "test"), request("", "red")]
+    )  # unconditional request of acc_mutual_info
     assert all(torch.isfinite(torch.tensor(r[0])) for r in results)
     out = model.generate_until([request("Say something.", {"max_new_tokens": 4}, lambda doc: [], 0, "tiny", "test")])
     assert isinstance(out[0].text, str)
@@ -206,8 +234,19 @@ def test_unknown_model_args_and_videos_are_refused(demo_ck, docs):
 BOOL_MODEL_ARGS = ("load_in_4bit", "load_in_8bit", "fast", "task_presets", "check_greedy", "progress")
 
 
-@pytest.mark.parametrize("text, expected", [("no", False), ("NO", False), ("false", False), ("0", False),
-                                            ("yes", True), ("Yes", True), ("TRUE", True), ("1", True)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("no", False),
+        ("NO", False),
+        ("false", False),
+        ("0", False),
+        ("yes", True),
+        ("Yes", True),
+        ("TRUE", True),
+        ("1", True),
+    ],
+)
 def test_yes_no_model_args_read_as_lmms_eval_hands_them_over(demo_ck, text, expected):
     # lmms-eval builds the model from the --model_args string (its parser turns true/false/1/0 into values and
     # leaves yes/no as text): `fast=no` must switch the fast preset off, not on as bool("no") would.
@@ -235,11 +274,13 @@ def test_python_m_lmms_eval_refuses_an_unknown_yes_no_value(tmp_path):
          "--tasks", "mme", "--output_path", str(tmp_path / "results")],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )  # fmt: skip
-    assert "llada_v: model_args fast must be one of yes/no, true/false, 1/0, got 'maybe'" in result.stderr, \
+    assert "llada_v: model_args fast must be one of yes/no, true/false, 1/0, got 'maybe'" in result.stderr, (
         result.stderr[-3000:]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+
 
 def test_documented_lmms_eval_commands_write_results_outside_the_working_tree():
     # A relative --output_path writes `results/` into whatever folder the user runs from (the repository, for the
@@ -250,8 +291,9 @@ def test_documented_lmms_eval_commands_write_results_outside_the_working_tree():
     for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         text = path.read_text().replace("\\\n", " ")
         commands += [(path.name, line) for line in text.splitlines() if "-m lmms_eval" in line and "--tasks" in line]
-    targets = [(name, m.group(1).strip("\"'")) for name, line in commands
-               if (m := re.search(r"--output_path\s+(\S+)", line))]  # without one, lmms-eval writes nothing
+    targets = [
+        (name, m.group(1).strip("\"'")) for name, line in commands if (m := re.search(r"--output_path\s+(\S+)", line))
+    ]  # without one, lmms-eval writes nothing
     assert len(targets) >= 2
     for name, target in targets:
         assert target.startswith(("/", "~", "$")), f"{name}: --output_path {target} is inside the working folder"
@@ -262,14 +304,36 @@ def test_python_m_lmms_eval_runs_a_local_task_end_to_end(demo_ck, tmp_path):
     if importlib.util.find_spec("lmms_eval") is None:
         pytest.skip("lmms-eval is not installed (pip install 'llada-v[eval]', see docs/evaluation.md)")
     task_dir = write_local_task(tmp_path / "task")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "lmms_eval", "--model", "llada_v",
-         "--model_args", f"pretrained={demo_ck},device=cpu,mc_num=4",
-         "--tasks", "tiny_colors_gen,tiny_colors_mc", "--include_path", str(task_dir), "--batch_size", "2",
-         "--output_path", str(tmp_path / "results"), "--log_samples"],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            "-m",
+            "lmms_eval",
+            "--model",
+            "llada_v",
+            "--model_args",
+            f"pretrained={demo_ck},device=cpu,mc_num=4",
+            "--tasks",
+            "tiny_colors_gen,tiny_colors_mc",
+            "--include_path",
+            str(task_dir),
+            "--batch_size",
+            "2",
+            "--output_path",
+            str(tmp_path / "results"),
+            "--log_samples",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "Error during evaluation" not in result.stderr, result.stderr[-4000:]
@@ -288,8 +352,13 @@ def test_the_shipped_example_task_scores_the_demo_model_high_and_a_reversed_rank
         pytest.skip("lmms-eval is not installed (pip install 'llada-v[eval]', see docs/evaluation.md)")
     from llada_v.demo.model import demo_model_dir
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "lmms_eval", "--model", "llada_v",
          "--model_args", f"pretrained={demo_model_dir()},device=cpu,system_prompt=",
@@ -304,6 +373,33 @@ def test_the_shipped_example_task_scores_the_demo_model_high_and_a_reversed_rank
     # The same logged values ranked the other way (argmax: what returning a log-likelihood would do) score low.
     samples = [json.loads(line) for line in next((tmp_path / "results").rglob("*_samples_demo_scenes_mc.jsonl")).open()]
     losses = [[float(loss) for loss, _ in s["filtered_resps"]] for s in samples]
-    assert all(min(range(len(l)), key=l.__getitem__) == int(s["target"]) for l, s in zip(losses, samples) if s["acc"])
-    reversed_acc = sum(max(range(len(l)), key=l.__getitem__) == int(s["target"]) for l, s in zip(losses, samples))
+    assert all(
+        min(range(len(row)), key=row.__getitem__) == int(s["target"]) for row, s in zip(losses, samples) if s["acc"]
+    )
+    reversed_acc = sum(max(range(len(row)), key=row.__getitem__) == int(s["target"]) for row, s in zip(losses, samples))
     assert len(samples) == 24 and reversed_acc / len(samples) <= 0.25
+
+
+# ---------------------------------------------------------------------------------------------- dLLM-Cache
+
+DLLM_SETTINGS = {"prompt_interval_steps": 2, "gen_interval_steps": 2, "transfer_ratio": 0.5}
+DLLM_SCHEDULE = dict(max_new_tokens=8, steps=8, block_length=4)
+
+
+def test_lmms_eval_dllm_cache_model_arg(demo_ck, docs):
+    from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message
+
+    assert make_model(demo_ck, docs, dllm_cache=True).dllm_cache == {}
+    assert make_model(demo_ck, docs, dllm_cache="false").dllm_cache is None
+    model = make_model(demo_ck, docs, dllm_cache="2/2/0.5")
+    assert model.dllm_cache == DLLM_SETTINGS
+    out = model.generate_until([request("What color?", {"max_new_tokens": 8, "steps": 8, "block_length": 4},
+                                        doc_to_visual, 0, "tiny", "test")])  # fmt: skip
+    config = generation_config_for(model.model.generation_config, {**DLLM_SCHEDULE, "dllm_cache": DLLM_SETTINGS})
+    assert config.dllm_cache == DLLM_SETTINGS
+    text = chat_prompt(model.processor, [user_message("What color?", 1)])
+    assert out[0].text == generate_texts(model.model, model.processor, [text], [[docs[0]["image"]]], config)[0][0]
+    for value, message in [("2/2", "takes true, false or PROMPT_INTERVAL/GEN_INTERVAL/TRANSFER_RATIO"),
+                           ("0/2/0.5", "prompt_interval_steps must be a positive integer, got 0")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            make_model(demo_ck, docs, dllm_cache=value)

@@ -14,9 +14,10 @@ import subprocess
 import sys
 
 import pytest
-from helpers import build_demo_like_checkpoint, write_local_task
 
 from llada_v.evaluation.lmms_eval_plugin import LladaV
+
+from helpers import build_demo_like_checkpoint, write_local_task
 
 _RECORDING_LMMS_EVAL = r"""
 import json, os, runpy, sys
@@ -52,14 +53,39 @@ def _evaluate(tmp_path, name, launcher, demo_ck, task_dir, **env):
     out.mkdir()
     script = tmp_path / "recording_lmms_eval.py"
     script.write_text(_RECORDING_LMMS_EVAL)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
-           "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "CALLS_DIR": str(out), **env}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "CALLS_DIR": str(out),
+        **env,
+    }
     result = subprocess.run(
-        [*launcher, str(script), "--model", "llada_v", "--model_args", f"pretrained={demo_ck},mc_num=4",
-         "--tasks", "tiny_colors_gen,tiny_colors_mc", "--include_path", str(task_dir), "--batch_size", "2",
-         "--output_path", str(out / "results"), "--log_samples"],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            *launcher,
+            str(script),
+            "--model",
+            "llada_v",
+            "--model_args",
+            f"pretrained={demo_ck},mc_num=4",
+            "--tasks",
+            "tiny_colors_gen,tiny_colors_mc",
+            "--include_path",
+            str(task_dir),
+            "--batch_size",
+            "2",
+            "--output_path",
+            str(out / "results"),
+            "--log_samples",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "Error during evaluation" not in result.stderr, result.stderr[-4000:]
@@ -98,8 +124,22 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     task_dir = write_local_task(tmp_path / "task")
     single = _evaluate(tmp_path, "single", [sys.executable], demo_ck, task_dir)
     # `--cpu` would start one process only (accelerate's simple launcher); ACCELERATE_USE_CPU puts these on the CPU.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
     parallel = _evaluate(tmp_path, "parallel", launcher, demo_ck, task_dir, ACCELERATE_USE_CPU="true")
 
     scores, responses, calls = parallel

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llada_v.training.data import IGNORE_INDEX, MaskCountSampling
+
 from tiny import tiny_model
 
 
@@ -81,8 +82,12 @@ def test_count_form_has_the_expectation_of_the_default_t_form_with_lower_varianc
     for part in range(20):
         piece = slice(part * rows // 20, (part + 1) * rows // 20)
         with torch.no_grad():
-            out = model(input_ids=batch["input_ids"][piece], labels=batch["labels"][piece],
-                        masking_t=batch["masking_t"][piece], masked_indices=batch["masked_indices"][piece])
+            out = model(
+                input_ids=batch["input_ids"][piece],
+                labels=batch["labels"][piece],
+                masking_t=batch["masking_t"][piece],
+                masked_indices=batch["masked_indices"][piece],
+            )
         chunks.append(float(out.loss))
     chunks = torch.tensor(chunks)
     mean, stderr = float(chunks.mean()), float(chunks.std() / math.sqrt(len(chunks)))

@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
-from tiny import IMAGE_TOKEN, image_prompt, tiny_config, tiny_model
 
 from llada_v import LladaVConfig, LladaVModel
 from llada_v.image_layout_llada_v import LAYOUT_SINGLE, LAYOUT_VIDEO, num_image_tokens
 from llada_v.modeling_llada_v import conversation_ids_from_input_ids, rope_inv_freq
 
 from paths import SHARED
-
+from tiny import IMAGE_TOKEN, image_prompt, tiny_config, tiny_model
 
 # ---------------------------------------------------------------- config
 
@@ -33,12 +32,26 @@ def test_default_config_matches_reference_llada_config():
         pytest.skip(f"{reference} not found")
     ref = json.loads(reference.read_text())
     text = LladaVConfig().text_config
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "hidden_act"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "hidden_act",
+    ):
         assert getattr(text, key) == ref[key], key
     config = LladaVConfig()
     assert (config.mask_token_id, config.eot_token_id, config.eos_token_id, config.bos_token_id) == (
-        126336, 126348, 126081, 126080)
+        126336,
+        126348,
+        126081,
+        126080,
+    )
     assert config.vision_config.num_hidden_layers == 26 and config.vision_config.hidden_size == 1152
     assert config.patches_per_side == 27 and len(config.image_grid_pinpoints) == 36
     # (height, width) pairs, width outer as in the official [w, h] order: ties go to the first.
@@ -309,8 +322,11 @@ def test_cache_is_exact_for_a_one_layer_model_after_editing_the_window():
     # recomputed after editing tokens inside it must equal a full forward on the edited sequence.
     from llada_v.generation_utils import LladaVDiffusionCache
 
-    model = tiny_model(text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=4))
+    model = tiny_model(
+        text_config=dict(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+        )
+    )
     model.set_attn_implementation("eager")
     ids = torch.randint(0, 100, (1, 10))
     edited = ids.clone()
@@ -360,8 +376,9 @@ def test_processor_token_count_equals_model_feature_count_fuzzed():
         assert out["pixel_values"].shape[1:] == (3, model.config.crop_size, model.config.crop_size)
         assert out["image_sizes"].tolist() == [[height, width]]
         with torch.no_grad():
-            feats = model.get_image_features(out["pixel_values"], out["image_sizes"], out["image_layouts"],
-                                             out["image_num_crops"])
+            feats = model.get_image_features(
+                out["pixel_values"], out["image_sizes"], out["image_layouts"], out["image_num_crops"]
+            )
         assert [f.shape[0] for f in feats] == out["num_image_tokens"]
 
     check()

@@ -14,20 +14,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from _tokenizer_standin import standin_processor, standin_released_tokenizer_dir, standin_tokenizer
+from llada_v.checkpoint_io import write_remote_code
 from llada_v.configuration_llada_v import LladaVConfig
-from llada_v.image_layout_llada_v import LAYOUT_ANYRES, LAYOUT_SINGLE, LAYOUT_VIDEO
-from llada_v.image_processing_llada_v import LladaVImageProcessor
-from llada_v.processing_llada_v import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, LladaVProcessor
 from llada_v.conversion.tokenizer import (
     IMAGE_TOKEN_ID,
     build_converted_tokenizer,
     build_processor,
     llada_special_tokens,
 )
-from llada_v.checkpoint_io import write_remote_code
-from paths import GOLDEN, SHARED
+from llada_v.image_layout_llada_v import LAYOUT_ANYRES, LAYOUT_SINGLE, LAYOUT_VIDEO
+from llada_v.image_processing_llada_v import LladaVImageProcessor
+from llada_v.processing_llada_v import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, LladaVProcessor
 
+from _tokenizer_standin import standin_processor, standin_released_tokenizer_dir, standin_tokenizer
+from paths import GOLDEN, SHARED
 
 REFERENCE_TOKENIZER_CONFIG = SHARED / "reference/llada-8b-instruct/tokenizer_config.json"
 needs_golden = pytest.mark.skipif(
@@ -76,7 +76,10 @@ def test_standin_special_tokens_sit_at_the_real_ids():
     for token_id, content in expected.items():
         assert tokenizer.convert_tokens_to_ids(content) == token_id
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
-        reference["bos_token"], reference["eos_token"], reference["pad_token"])
+        reference["bos_token"],
+        reference["eos_token"],
+        reference["pad_token"],
+    )
 
 
 def test_converted_tokenizer_adds_image_token_after_the_released_vocabulary():
@@ -131,7 +134,7 @@ def test_golden_prompts_render_exactly(processor, case):
     assert processor.apply_chat_template(messages, add_generation_prompt=True) == case["rendered"]
     # Content items give the same string as the literal `<image>\n` placeholder.
     if case["turns"][0][1].startswith("<image>\n"):
-        first = _user(case["turns"][0][1][len("<image>\n"):], "image")
+        first = _user(case["turns"][0][1][len("<image>\n") :], "image")
         assert processor.apply_chat_template([first, *messages[1:]], add_generation_prompt=True) == case["rendered"]
 
 
@@ -172,7 +175,9 @@ def test_template_tokens_in_message_text_are_plain_text(processor):
     # A plain message renders and tokenises exactly as before (no markers); marker characters a user sends are
     # kept as text and cannot open or close a span.
     plain = processor.apply_chat_template([_user("What is it?")], add_generation_prompt=True)
-    assert LITERAL_OPEN not in plain and processor(text=[plain])["input_ids"][0].tolist() == tokenizer(plain)["input_ids"]
+    assert (
+        LITERAL_OPEN not in plain and processor(text=[plain])["input_ids"][0].tolist() == tokenizer(plain)["input_ids"]
+    )
     sneaky = f"{LITERAL_CLOSE}<|eot_id|>{LITERAL_OPEN}x"
     prompt = processor.apply_chat_template([_user(sneaky)], add_generation_prompt=True, system_prompt="")
     ids = processor(text=[prompt])["input_ids"][0].tolist()
@@ -234,7 +239,7 @@ def test_single_image_expands_to_the_anyres_token_count(processor):
     out = processor(images=[image], text=prompt)
     expected = processor.image_processor.get_num_image_tokens(LAYOUT_ANYRES, (20, 70))
     ids = out["input_ids"][0].tolist()
-    (start, end), = _image_runs(ids)
+    ((start, end),) = _image_runs(ids)
     assert end - start == expected
     assert ids[end] == NEWLINE  # the "\n" after <image> is kept (training format)
     assert ids[:5] == [BOS, START_HEADER, 9125, END_HEADER, DOUBLE_NEWLINE]
@@ -288,8 +293,10 @@ def test_mixed_image_and_video_follow_placeholder_order(processor):
 @needs_golden
 def test_golden_forward_cases_expand_to_the_golden_counts(processor384):
     cases = {case["id"]: case for case in json.loads((GOLDEN / "cases.json").read_text())["forward"]}
-    for case_id, prompt in (("test_jpg", "<image>\nPlease describe the image."),
-                            ("two_images_pad_list", "<image> <image>\nCompare the two images.")):
+    for case_id, prompt in (
+        ("test_jpg", "<image>\nPlease describe the image."),
+        ("two_images_pad_list", "<image> <image>\nCompare the two images."),
+    ):
         case = cases[case_id]
         images = [Image.open(GOLDEN / path) for path in case["images"]]
         out = processor384(images=images, text=prompt)
@@ -479,7 +486,11 @@ def test_auto_processor_loads_in_a_fresh_process(processor, tmp_path):
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     run = subprocess.run(
         [sys.executable, str(script), str(folder), str(out_file)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out_file.read_text())
@@ -524,7 +535,11 @@ def test_golden_merged_embeddings_from_processor_pixels(golden_dir, golden_model
     assert ids.shape[1] == case["merged_len"]
     with torch.no_grad():
         embeds = golden_model.embed_multimodal(
-            ids, features["pixel_values"], features["image_sizes"], features["image_layouts"], features["image_num_crops"]
+            ids,
+            features["pixel_values"],
+            features["image_sizes"],
+            features["image_layouts"],
+            features["image_num_crops"],
         )
     torch.testing.assert_close(embeds[0], golden["inputs_embeds"], atol=1e-5, rtol=0)
 

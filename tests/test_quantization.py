@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from tiny import image_prompt, tiny_model
 
 from llada_v import LladaVModel
+
+from tiny import image_prompt, tiny_model
 
 # bitsandbytes' packed CPU 4-bit kernel needs in_features divisible by its block size (64).
 WIDE_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
@@ -41,8 +42,11 @@ def test_half_precision_load_runs_an_image_prompt(saved_tiny, dtype):
     assert model.lm_head.weight.dtype == dtype
     ids, pixel_values, sizes = image_prompt(model.config)
     with torch.no_grad():
-        reference = LladaVModel.from_pretrained(saved_tiny).eval()(
-            input_ids=ids, pixel_values=pixel_values, image_sizes=sizes).logits
+        reference = (
+            LladaVModel.from_pretrained(saved_tiny)
+            .eval()(input_ids=ids, pixel_values=pixel_values, image_sizes=sizes)
+            .logits
+        )
         logits = model(input_ids=ids, pixel_values=pixel_values, image_sizes=sizes).logits
     assert logits.dtype == torch.float32  # logits are always returned in float32
     torch.testing.assert_close(logits, reference, atol=0.1, rtol=0.05)

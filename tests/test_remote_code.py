@@ -45,11 +45,15 @@ def test_remote_code_imports_only_allowed_modules():
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     top = alias.name.split(".")[0]
-                    assert top in ALLOWED_TOP_LEVEL or top in sys.stdlib_module_names, f"{path.name}: import {alias.name}"
+                    assert top in ALLOWED_TOP_LEVEL or top in sys.stdlib_module_names, (
+                        f"{path.name}: import {alias.name}"
+                    )
             elif isinstance(node, ast.ImportFrom):
                 if node.level == 0:
                     top = node.module.split(".")[0]
-                    assert top in ALLOWED_TOP_LEVEL or top in sys.stdlib_module_names, f"{path.name}: from {node.module}"
+                    assert top in ALLOWED_TOP_LEVEL or top in sys.stdlib_module_names, (
+                        f"{path.name}: from {node.module}"
+                    )
                 else:
                     # transformers only discovers `from .module import X` (no packages, no `from . import x`).
                     assert node.level == 1 and node.module and "." not in node.module, (
@@ -87,9 +91,19 @@ def test_converted_checkpoint_loads_as_remote_code_in_a_fresh_process(golden_che
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(golden_checkpoint),
-         str(golden_dir / "tensors" / "pixels_wide_300x100.safetensors"), str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS,
+            str(golden_checkpoint),
+            str(golden_dir / "tensors" / "pixels_wide_300x100.safetensors"),
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     got = load_file(out)

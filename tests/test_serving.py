@@ -26,9 +26,25 @@ psutil = pytest.importorskip("psutil", reason="the serving tests watch processes
 
 from llada_v.demo.task import make_sample  # noqa: E402
 from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message  # noqa: E402
+
 from helpers import png_data_url  # noqa: E402
 from serving_helpers import (  # noqa: E402
-    API_KEY, AUTH, FETCH_TIMEOUT, MAX_BATCH, MAX_BODY, MAX_PROMPT_CHARS, MAX_QUEUED, MODEL, ImageHost, Server, _cmdline, _live, get_json, messages, post_raw, single_answer,
+    API_KEY,
+    AUTH,
+    FETCH_TIMEOUT,
+    MAX_BATCH,
+    MAX_BODY,
+    MAX_PROMPT_CHARS,
+    MAX_QUEUED,
+    MODEL,
+    ImageHost,
+    Server,
+    _cmdline,
+    _live,
+    get_json,
+    messages,
+    post_raw,
+    single_answer,
 )
 
 pytestmark = pytest.mark.slow
@@ -80,7 +96,9 @@ def test_the_example_config_is_a_valid_serve_config_for_app_builder():
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)
     (application,) = schema.applications
-    assert application.import_path == "llada_v.serving.app:app_builder" and config["http_options"]["host"] == "127.0.0.1"
+    assert (
+        application.import_path == "llada_v.serving.app:app_builder" and config["http_options"]["host"] == "127.0.0.1"
+    )
     options = ServeOptions.from_dict(application.args)
     assert (options.num_gpus_per_replica, options.deployment_options()["autoscaling_config"]["max_replicas"]) == (1, 4)
     assert type(app.app_builder(application.args)).__name__ == "Application"
@@ -103,6 +121,7 @@ def test_the_node_agent_exports_no_metrics_on_every_interface(server):
     listening = [c.laddr for c in psutil.net_connections("tcp") if c.pid in agents and c.status == psutil.CONN_LISTEN]
     assert listening and not [a for a in listening if a.ip == "0.0.0.0"], listening
 
+
 def test_a_redirected_serve_log_has_no_progress_bars(server):
     # The server's output goes to a file (not a terminal): the replica loads the weights without a bar.
     log = server.log_path.read_text(errors="replace")
@@ -112,7 +131,9 @@ def test_a_redirected_serve_log_has_no_progress_bars(server):
 def test_chat_with_an_image(server, client, demo):
     sample = make_sample(3)
     question = sample["qa"][0][0]
-    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages(question, png_data_url(sample["image"])))
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages(question, png_data_url(sample["image"]))
+    )
     completion = raw.parse()
     assert completion.choices[0].message.content == single_answer(demo, question, sample["image"])
     assert completion.choices[0].finish_reason == "stop" and raw.headers["x-llada-batch-size"] == "1"
@@ -200,20 +221,33 @@ def test_bad_requests_get_400_naming_the_problem(server, client, media, image_ho
     image = png_data_url(make_sample(1)["image"])
     long_question = "What color is the triangle ? " * 170  # > the demo's 1024 positions
     cases = [
-        ({"messages": messages("hi", "data:image/png;base64,aGVsbG8=")}, "messages[0].content[0].image_url: cannot load"),
+        (
+            {"messages": messages("hi", "data:image/png;base64,aGVsbG8=")},
+            "messages[0].content[0].image_url: cannot load",
+        ),
         ({"messages": messages("hi", f"{image_host.url}/missing.png")}, f"{image_host.url}/missing.png"),
-        ({"messages": messages("hi", f"file://{media}/media/../private/secret.png")}, "outside the allowed local media"),
+        (
+            {"messages": messages("hi", f"file://{media}/media/../private/secret.png")},
+            "outside the allowed local media",
+        ),
         ({"messages": messages("hi", f"file://{media}/media/link.png")}, "outside the allowed local media"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}] * 9}]},
-         "too many images: 9 in the request, at most 8"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}] * 9}]},
+            "too many images: 9 in the request, at most 8",
+        ),
         ({"messages": messages(long_question, image)}, "exceeds max_position_embeddings (1024)"),
         ({"messages": messages(long_question, image), "stream": True}, "exceeds max_position_embeddings (1024)"),
-        ({"messages": messages("hi", image), "extra_body": {"steps": 5}}, "steps (5) must not exceed max_new_tokens (4)"),
+        (
+            {"messages": messages("hi", image), "extra_body": {"steps": 5}},
+            "steps (5) must not exceed max_new_tokens (4)",
+        ),
         ({"messages": messages("hi", image), "max_tokens": 4096}, "max_tokens (4096) exceeds this server's limit"),
         ({"messages": messages("hi", image), "n": 2}, "n=2 is not supported"),
         ({"messages": messages("hi", image), "n": True}, "n=True is not supported"),
-        ({"messages": messages("hi", image), "response_format": {"type": "json_object"}},
-         "response_format type 'json_object' is not supported"),
+        (
+            {"messages": messages("hi", image), "response_format": {"type": "json_object"}},
+            "response_format type 'json_object' is not supported",
+        ),
     ]
     for kwargs, message in cases:
         error = chat_error(client, **kwargs)

@@ -17,6 +17,7 @@ from llada_v.serving.media import MediaPolicy, load_image_url
 from llada_v.serving.openai_api import ApiError, parse_chat_request
 from llada_v.serving.options import ServeOptions
 from llada_v.serving.service import ChatService
+
 from helpers import png_bytes, png_data_url
 
 MODEL = "llada-v-demo"
@@ -57,7 +58,9 @@ def test_options_reject_bad_values_naming_them():
 def test_options_from_a_config_mapping():
     with pytest.raises(InputError, match=r"unknown serve options \['max_batch'\]"):
         ServeOptions.from_dict({"max_batch": 4})
-    options = ServeOptions.from_dict({"max_batch_size": "4", "fast": "true", "batch_wait_ms": "5"}, convert_strings=True)
+    options = ServeOptions.from_dict(
+        {"max_batch_size": "4", "fast": "true", "batch_wait_ms": "5"}, convert_strings=True
+    )
     assert (options.max_batch_size, options.fast, options.batch_wait_ms) == (4, True, 5.0)
     with pytest.raises(InputError, match="max_batch_size must be a number, got 'four'"):
         ServeOptions.from_dict({"max_batch_size": "four"}, convert_strings=True)
@@ -167,7 +170,10 @@ def test_a_request_becomes_template_messages_images_and_settings():
         "stream_options": {"include_usage": True}, "stream_canvas": True, "n": 1, "user": "me",
     }  # fmt: skip
     request = parse(body)
-    assert request.messages[1] == {"role": "user", "content": [{"type": "text", "text": "What is it?"}, {"type": "image"}]}
+    assert request.messages[1] == {
+        "role": "user",
+        "content": [{"type": "text", "text": "What is it?"}, {"type": "image"}],
+    }
     assert request.image_urls == [
         ("messages[1].content[1].image_url", "data:a"),
         ("messages[3].content[0].image_url", "data:b"),
@@ -184,12 +190,26 @@ def test_a_request_becomes_template_messages_images_and_settings():
         ({"messages": []}, "messages", "messages must be a non-empty list"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "got 'robot'"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "the last message must be a user message"),
-        ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages[0].content[0]",
-         "must be a text or image_url part"),
-        ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
-                       {"role": "user", "content": "hi"}]}, "messages[0].content[0]", "user messages only"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-         "messages[0].content[0].image_url", "non-empty 'url'"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "messages[0].content[0]",
+            "must be a text or image_url part",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                    {"role": "user", "content": "hi"},
+                ]
+            },
+            "messages[0].content[0]",
+            "user messages only",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0].image_url",
+            "non-empty 'url'",
+        ),
         ({"max_tokens": 0}, "max_tokens", "max_tokens must be an integer >= 1, got 0"),
         ({"max_tokens": 65}, "max_tokens", "max_tokens (65) exceeds this server's limit (64)"),
         ({"max_tokens": 8, "max_completion_tokens": 4}, "max_tokens", "differ"),
@@ -198,8 +218,11 @@ def test_a_request_becomes_template_messages_images_and_settings():
         ({"n": 2}, "n", "n=2 is not supported (only 1)"),
         ({"n": True}, "n", "n=True is not supported (only 1)"),  # a bool is not an int, whatever Python says
         ({"logprobs": 0}, "logprobs", "logprobs=0 is not supported (only False)"),
-        ({"response_format": {"type": "json_object"}}, "response_format",
-         "response_format type 'json_object' is not supported (only 'text'"),
+        (
+            {"response_format": {"type": "json_object"}},
+            "response_format",
+            "response_format type 'json_object' is not supported (only 'text'",
+        ),
         ({"response_format": "text"}, "response_format", "response_format type 'text' is not supported"),
         ({"top_p": 0.5}, "top_p", "top_p=0.5 is not supported"),
         ({"tools": []}, "tools", "unsupported fields ['tools']"),
@@ -305,7 +328,11 @@ def test_local_files_only_under_the_allowed_folder(tmp_path):
     policy = MediaPolicy(local_root=allowed.resolve())
     assert load_image_url(f"file://{allowed}/in.png", "p", policy).getpixel((0, 0)) == (0, 0, 255)
     assert load_image_url(f"file://{allowed}/inner_link.png", "p", policy).size == (8, 8)
-    for url in (f"file://{allowed}/../private/secret.png", f"file://{allowed}/link.png", f"file://{outside}/secret.png"):
+    for url in (
+        f"file://{allowed}/../private/secret.png",
+        f"file://{allowed}/link.png",
+        f"file://{outside}/secret.png",
+    ):
         with pytest.raises(ApiError, match="is outside the allowed local media folder") as info:
             load_image_url(url, "p", policy)
         assert info.value.code == "forbidden_path"
@@ -495,7 +522,9 @@ def test_build_job_counts_the_prompt_tokens_the_processor_makes(service):
     job, prompt_tokens = service.build_job(request, service.settings(request), service.load_images(request))
     expected = service.processor(images=[[sample["image"]]], text=[job.text], return_tensors="pt")["input_ids"]
     assert prompt_tokens == expected.shape[1]
-    assert job.text == chat_prompt(service.processor, [user_message("What color is the triangle?", 1)], system_prompt="")
+    assert job.text == chat_prompt(
+        service.processor, [user_message("What color is the triangle?", 1)], system_prompt=""
+    )
 
 
 # ---------------------------------------------------------------------------------------------- budgets
@@ -583,3 +612,33 @@ def test_pixel_budget_options_are_checked():
         ServeOptions(max_request_pixels=20, max_queued_pixels=10)
     with pytest.raises(InputError, match="max_request_pixels must be an integer >= 1, got 0"):
         ServeOptions(max_request_pixels=0)
+
+
+# ---------------------------------------------------------------------------------------------- dLLM-Cache
+
+DLLM_SETTINGS = {"prompt_interval_steps": 2, "gen_interval_steps": 2, "transfer_ratio": 0.5}
+DLLM_SCHEDULE = dict(max_new_tokens=8, steps=8, block_length=4)
+
+
+def test_server_request_dllm_cache_runs_like_a_direct_call(service):
+    request = parse(chat_body("?", dllm_cache={"gen_interval_steps": 3}))
+    assert request.overrides["dllm_cache"] == {"gen_interval_steps": 3}
+    assert service.settings(request).dllm_cache == {"gen_interval_steps": 3}
+    assert service.settings(parse(chat_body("?"))).dllm_cache is None
+    cached, _ = demo_jobs(service, 2, max_tokens=8, steps=8, block_length=4, dllm_cache=DLLM_SETTINGS)
+    plain, _ = demo_jobs(service, 1, max_tokens=8, steps=8, block_length=4)
+    jobs = [cached[0], plain[0], cached[1]]
+    results = run_batch(service.model, service.processor, jobs)
+    assert [r.batch_size for r in results] == [2, 1, 2]  # the settings differ: two groups
+    assert [r.text for r in results] == [single_answer(service, job) for job in jobs]
+
+
+def test_server_bad_dllm_cache_is_400_naming_it(service):
+    for value, message in [
+        ({"gen_interval": 3}, "unknown keys ['gen_interval']"),
+        ({"transfer_ratio": 2}, "transfer_ratio must be a number in [0, 1], got 2"),
+        ("fast", "dllm_cache must be None or a dict"),
+    ]:
+        with pytest.raises(ApiError) as info:
+            service.settings(parse(chat_body("?", dllm_cache=value)))
+        assert info.value.status == 400 and message in info.value.message, info.value.message

@@ -20,8 +20,9 @@ pytest.importorskip("psutil", reason="the serving tests watch processes with psu
 from PIL import Image  # noqa: E402
 
 from llada_v.demo.task import make_sample  # noqa: E402
-from serving_helpers import API_KEY, MODEL, Server, get_json, messages, single_answer  # noqa: E402
+
 from helpers import png_data_url  # noqa: E402
+from serving_helpers import API_KEY, MODEL, Server, get_json, messages, single_answer  # noqa: E402
 
 FETCH_TIMEOUT, REQUEST_PIXELS, QUEUED_PIXELS = 8.0, 1_000_000, 4_000_000
 TRICKLERS = 8  # twice the media threads of the server before downloads got threads of their own

@@ -64,8 +64,14 @@ def run_session(tmp_path, limit: str) -> subprocess.CompletedProcess:
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    slow: long-running\n")
     path = os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, LIMIT_ENV: limit, "PYTHONPATH": path}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_session.py"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_session.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_unmarked_tests_over_the_limit_are_reported_as_a_warning(tmp_path):
@@ -73,7 +79,7 @@ def test_unmarked_tests_over_the_limit_are_reported_as_a_warning(tmp_path):
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "4 passed" in out
-    summary = out[out.index("unmarked slow tests"):]
+    summary = out[out.index("unmarked slow tests") :]
     assert "warning: 2 test(s) not marked @pytest.mark.slow took over 0.4 s" in summary
     assert "test_session.py::test_sleepy (call" in summary
     assert "test_session.py::test_sleepy_setup (setup" in summary  # the fixture it built is charged to it
@@ -99,8 +105,13 @@ def report(nodeid, when, duration, slow=False):
 
 def test_phases_add_up_and_marked_or_quick_tests_are_not_reported():
     plugin, terminal = UnmarkedSlowTests(10.0), Terminal()
-    for r in [report("t::a", "setup", 6.0), report("t::a", "call", 4.5), report("t::a", "teardown", 0.0),
-              report("t::b", "call", 9.9), report("t::c", "call", 30.0, slow=True)]:
+    for r in [
+        report("t::a", "setup", 6.0),
+        report("t::a", "call", 4.5),
+        report("t::a", "teardown", 0.0),
+        report("t::b", "call", 9.9),
+        report("t::c", "call", 30.0, slow=True),
+    ]:
         plugin.pytest_runtest_logreport(r)
     assert [(total, nodeid) for total, nodeid, _ in plugin.over_limit()] == [(10.5, "t::a")]
     plugin.pytest_terminal_summary(terminal)
@@ -126,8 +137,10 @@ def test_limit_from_the_environment(monkeypatch, raw, expected):
     assert limit_seconds() == expected
 
 
-@pytest.mark.parametrize("raw, message", [("ten", "must be a number of seconds, got 'ten'"),
-                                          ("0", "must be positive, got '0'"), ("-1", "must be positive")])
+@pytest.mark.parametrize(
+    "raw, message",
+    [("ten", "must be a number of seconds, got 'ten'"), ("0", "must be positive, got '0'"), ("-1", "must be positive")],
+)
 def test_a_bad_limit_is_refused_naming_the_value(monkeypatch, raw, message):
     monkeypatch.setenv(LIMIT_ENV, raw)
     with pytest.raises(ValueError, match=message):
@@ -138,8 +151,16 @@ def test_no_test_module_imports_another():
     offenders = []
     for module in sorted((REPO / "tests").glob("test_*.py")):
         for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            offenders += [f"{module.name}:{node.lineno} imports {name}" for name in names
-                          if name.split(".")[0].startswith("test_")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            offenders += [
+                f"{module.name}:{node.lineno} imports {name}"
+                for name in names
+                if name.split(".")[0].startswith("test_")
+            ]
     assert not offenders, "move shared helpers to tests/helpers.py:\n" + "\n".join(offenders)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from llada_v import LladaVModel
-from llada_v.training.data import LladaVDataCollator, LladaVDataset, MaskCountSampling
 from llada_v.processing_llada_v import LladaVProcessor
+from llada_v.training.data import LladaVDataCollator, LladaVDataset, MaskCountSampling
 from llada_v.training.trainer import (
     LORA_TARGET_MODULES,
     STAGE_PRESETS,
@@ -31,8 +31,9 @@ from llada_v.training.trainer import (
     set_trainable,
     stage_preset,
 )
-from paths import REPO
+
 from helpers import tiny_processor, write_tiny_checkpoint_and_data
+from paths import REPO
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,16 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
     processor, config, _, data, images = write_tiny_checkpoint_and_data(root)
     dataset = LladaVDataset(data, processor, image_folder=images)
-    return SimpleNamespace(root=root, ck=root / "ck", data=data, images=images, processor=processor, config=config,
-                           dataset=dataset, collator=LladaVDataCollator.from_processor(processor))
+    return SimpleNamespace(
+        root=root,
+        ck=root / "ck",
+        data=data,
+        images=images,
+        processor=processor,
+        config=config,
+        dataset=dataset,
+        collator=LladaVDataCollator.from_processor(processor),
+    )
 
 
 def _model(setup) -> LladaVModel:
@@ -49,9 +58,19 @@ def _model(setup) -> LladaVModel:
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
-    kwargs = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], per_device_train_batch_size=2,
-                  max_steps=3, logging_steps=1, save_strategy="no", remove_unused_columns=False, disable_tqdm=True,
-                  seed=0, lr_scheduler_type="constant")
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=2,
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=0,
+        lr_scheduler_type="constant",
+    )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -117,8 +136,13 @@ def test_stage1_trains_only_the_projector(setup, tmp_path):
     model = _model(setup)
     freeze_for_stage(model, 1)
     before = _snapshot(model)
-    trainer = LladaVTrainer(model=model, args=_args(tmp_path), train_dataset=setup.dataset,
-                            data_collator=setup.collator, learning_rates=stage_preset(1).learning_rates)
+    trainer = LladaVTrainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=setup.dataset,
+        data_collator=setup.collator,
+        learning_rates=stage_preset(1).learning_rates,
+    )
     trainer.train()
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 1e-3]
     assert _changed(before, model) == {n for n in before if n.startswith("multi_modal_projector.")}
@@ -129,8 +153,13 @@ def test_per_module_learning_rates_reach_the_optimizer(setup, tmp_path):
     model = _model(setup)
     freeze_for_stage(model, 2)
     before = _snapshot(model)
-    trainer = LladaVTrainer(model=model, args=_args(tmp_path), train_dataset=setup.dataset, data_collator=setup.collator,
-                            learning_rates={"vision": 0.0, "projector": 1e-2, "language": 0.0})
+    trainer = LladaVTrainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=setup.dataset,
+        data_collator=setup.collator,
+        learning_rates={"vision": 0.0, "projector": 1e-2, "language": 0.0},
+    )
     trainer.train()
     assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}["projector/decay"] == 1e-2
     assert _changed(before, model) == {n for n in before if n.startswith("multi_modal_projector.")}
@@ -139,8 +168,13 @@ def test_per_module_learning_rates_reach_the_optimizer(setup, tmp_path):
     freeze_for_stage(model, 2)
     before = _snapshot(model)
     optimizer = torch.optim.AdamW(build_param_groups(model, {"vision": 1e-2, "projector": 0.0, "language": 0.0}))
-    Trainer(model=model, args=_args(tmp_path), train_dataset=setup.dataset, data_collator=setup.collator,
-            optimizers=(optimizer, None)).train()
+    Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=setup.dataset,
+        data_collator=setup.collator,
+        optimizers=(optimizer, None),
+    ).train()
     changed = _changed(before, model)
     assert changed and all(n.startswith("vision_tower.") for n in changed)
 
@@ -156,8 +190,13 @@ def test_lora_targets_only_the_language_model_trains_and_merges(setup, tmp_path)
     assert not any("vision_tower" in n and "lora" in n for n, _ in peft_model.named_modules())
     assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == set(lora_names)
     before = _snapshot(peft_model)
-    LladaVTrainer(model=peft_model, args=_args(tmp_path, max_steps=4), train_dataset=setup.dataset,
-                  data_collator=setup.collator, learning_rates={"language": 1e-2}).train()
+    LladaVTrainer(
+        model=peft_model,
+        args=_args(tmp_path, max_steps=4),
+        train_dataset=setup.dataset,
+        data_collator=setup.collator,
+        learning_rates={"language": 1e-2},
+    ).train()
     changed = _changed(before, peft_model)
     assert changed and changed <= set(lora_names) and any("lora_B" in n for n in changed)
 
@@ -170,7 +209,8 @@ def test_lora_targets_only_the_language_model_trains_and_merges(setup, tmp_path)
         assert isinstance(merged, LladaVModel)
         torch.testing.assert_close(merged(**batch).logits, adapted, rtol=1e-4, atol=1e-5)
     assert {n for n, p in merged.named_parameters() if not torch.equal(p, base[n])} <= {
-        n for n in base if n.startswith("language_model.layers.")}
+        n for n in base if n.startswith("language_model.layers.")
+    }
     with pytest.raises(ValueError, match="outside language_model.layers"):
         apply_lora(_model(setup), target_modules=r".*\.q_proj")
     with pytest.raises(ValueError, match="matches no module"):
@@ -181,7 +221,9 @@ def test_lora_targets_only_the_language_model_trains_and_merges(setup, tmp_path)
 def test_gradient_checkpointing_gives_the_same_gradients(setup):
     batch = setup.collator([setup.dataset[i] for i in range(4)])
     t = torch.tensor([0.5, 0.6, 0.7, 0.8])
-    masked = (torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(0)) < 0.6) & (batch["labels"] != -100)
+    masked = (torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(0)) < 0.6) & (
+        batch["labels"] != -100
+    )
     grads = []
     for checkpointing in (False, True):
         model = _model(setup).train()
@@ -196,9 +238,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(setup):
 
 def test_bf16_and_gradient_checkpointing_flags_train_on_cpu(setup, tmp_path):
     model = _model(setup)
-    trainer = LladaVTrainer(model=model, args=_args(tmp_path, bf16=True, activation_checkpointing=True, max_steps=2),
-                            train_dataset=setup.dataset, data_collator=setup.collator,
-                            learning_rates=stage_preset(2).learning_rates)
+    trainer = LladaVTrainer(
+        model=model,
+        args=_args(tmp_path, bf16=True, activation_checkpointing=True, max_steps=2),
+        train_dataset=setup.dataset,
+        data_collator=setup.collator,
+        learning_rates=stage_preset(2).learning_rates,
+    )
     result = trainer.train()
     assert trainer.accelerator.mixed_precision == "bf16" and model.is_activation_checkpointing
     assert torch.isfinite(torch.tensor(result.training_loss))
@@ -206,9 +252,28 @@ def test_bf16_and_gradient_checkpointing_flags_train_on_cpu(setup, tmp_path):
 
 
 def _entry_args(setup, out, *extra):
-    return ["--model_name_or_path", str(setup.ck), "--data_path", str(setup.data), "--image_folder", str(setup.images),
-            "--output_dir", str(out), "--per_device_train_batch_size", "2", "--logging_steps", "1",
-            "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--seed", "0", *extra]
+    return [
+        "--model_name_or_path",
+        str(setup.ck),
+        "--data_path",
+        str(setup.data),
+        "--image_folder",
+        str(setup.images),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "2",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+        *extra,
+    ]
 
 
 def test_training_entry_resumes_exactly_and_writes_a_loadable_checkpoint(setup, tmp_path):
@@ -216,8 +281,9 @@ def test_training_entry_resumes_exactly_and_writes_a_loadable_checkpoint(setup, 
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
-    resumed = main(_entry_args(setup, resumed_dir, "--max_steps", "4", "--save_steps", "2",
-                               "--resume_from_checkpoint", "last"))
+    resumed = main(
+        _entry_args(setup, resumed_dir, "--max_steps", "4", "--save_steps", "2", "--resume_from_checkpoint", "last")
+    )
     losses = [h["loss"] for h in full.state.log_history if "loss" in h]
     resumed_losses = [h["loss"] for h in resumed.state.log_history if "loss" in h]
     # The resumed history = the checkpoint's first 2 steps + steps 3-4 recomputed, equal to the straight run.
@@ -241,16 +307,30 @@ def test_training_entry_count_mask_sampling_trains_and_rejects_unknown_modes(set
     assert isinstance(trainer.data_collator.collator, LladaVDataCollator)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(loss > 0 for loss in losses)  # count form: every row masks >= 1 token
-    assert not isinstance(main(_entry_args(setup, tmp_path / "time", "--max_steps", "1")).data_collator,
-                          MaskCountSampling)  # the default stays the SPEC form
+    assert not isinstance(
+        main(_entry_args(setup, tmp_path / "time", "--max_steps", "1")).data_collator, MaskCountSampling
+    )  # the default stays the SPEC form
     with pytest.raises(ValueError, match="mask_sampling must be one of .*'sometimes'"):
         main(_entry_args(setup, tmp_path / "bad", "--max_steps", "1", "--mask_sampling", "sometimes"))
 
 
 def test_training_entry_lora_saves_adapter_and_merged_model(setup, tmp_path):
-    trainer = main(_entry_args(setup, tmp_path / "lora", "--max_steps", "2", "--save_strategy", "no",
-                               "--lora_r", "4", "--lora_modules_to_save", "multi_modal_projector",
-                               "--merge_lora_at_end", "true"))
+    trainer = main(
+        _entry_args(
+            setup,
+            tmp_path / "lora",
+            "--max_steps",
+            "2",
+            "--save_strategy",
+            "no",
+            "--lora_r",
+            "4",
+            "--lora_modules_to_save",
+            "multi_modal_projector",
+            "--merge_lora_at_end",
+            "true",
+        )
+    )
     assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {2e-4, 1e-5}  # LoRA default, projector preset
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
     merged = LladaVModel.from_pretrained(tmp_path / "lora" / "merged")
@@ -274,15 +354,35 @@ def test_an_output_dir_overlapping_the_model_or_the_data_is_refused_before_loadi
     shutil.copytree(setup.images, data_dir / "images")
     data = data_dir / "data.json"
     shutil.copy(setup.data, data)
-    cases = [(ck, "--model_name_or_path", ck), (ck / "run", "--model_name_or_path", ck),
-             (tmp_path, "--model_name_or_path", ck), (data_dir, "--data_path", data),
-             (data_dir / "images", "--image_folder", data_dir / "images"),
-             (data_dir / "images" / "run", "--image_folder", data_dir / "images")]
+    cases = [
+        (ck, "--model_name_or_path", ck),
+        (ck / "run", "--model_name_or_path", ck),
+        (tmp_path, "--model_name_or_path", ck),
+        (data_dir, "--data_path", data),
+        (data_dir / "images", "--image_folder", data_dir / "images"),
+        (data_dir / "images" / "run", "--image_folder", data_dir / "images"),
+    ]
     for out, flag, source in cases:
-        args = ["--model_name_or_path", str(ck), "--data_path", str(data), "--image_folder", str(data_dir / "images"),
-                "--output_dir", str(out), "--max_steps", "1", "--report_to", "none", "--use_cpu"]
-        with pytest.raises(ValueError, match=f"--output_dir and {flag}: the output folder {out} overlaps the input "
-                                             f"{source}: it must not be the input, contain it or lie inside it"):
+        args = [
+            "--model_name_or_path",
+            str(ck),
+            "--data_path",
+            str(data),
+            "--image_folder",
+            str(data_dir / "images"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--use_cpu",
+        ]
+        with pytest.raises(
+            ValueError,
+            match=f"--output_dir and {flag}: the output folder {out} overlaps the input "
+            f"{source}: it must not be the input, contain it or lie inside it",
+        ):
             main(args)
     assert _digest(ck / "model.safetensors") == before
     assert not (ck / "run").exists() and not (data_dir / "images" / "run").exists()
@@ -294,36 +394,84 @@ def test_python_m_llada_v_training_reports_bad_input_in_one_line(setup, tmp_path
     shutil.copytree(setup.ck, ck)
     before = _digest(ck / "model.safetensors")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
-    common = ["--data_path", str(setup.data), "--image_folder", str(setup.images), "--max_steps", "1",
-              "--report_to", "none", "--use_cpu"]
-    result = subprocess.run([sys.executable, "-m", "llada_v.training", "--model_name_or_path", str(ck),
-                             "--output_dir", str(ck), *common], env=env, capture_output=True, text=True, timeout=300)
+    common = [
+        "--data_path",
+        str(setup.data),
+        "--image_folder",
+        str(setup.images),
+        "--max_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--use_cpu",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "llada_v.training", "--model_name_or_path", str(ck), "--output_dir", str(ck), *common],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"python -m llada_v.training: error: --output_dir and --model_name_or_path: the output folder {ck} overlaps "
-        f"the input {ck}: it must not be the input, contain it or lie inside it")
+        f"the input {ck}: it must not be the input, contain it or lie inside it"
+    )
     assert "Traceback" not in result.stderr and _digest(ck / "model.safetensors") == before
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"image": "../../etc/passwd", "conversations": [
-        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}]))
-    result = subprocess.run([sys.executable, "-m", "llada_v.training", "--model_name_or_path", str(ck),
-                             "--output_dir", str(tmp_path / "out"), *common, "--data_path", str(bad),
-                             "--on_bad_sample", "raise"], env=env, capture_output=True, text=True, timeout=300)
+    bad.write_text(
+        json.dumps(
+            [
+                {
+                    "image": "../../etc/passwd",
+                    "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+                }
+            ]
+        )
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llada_v.training",
+            "--model_name_or_path",
+            str(ck),
+            "--output_dir",
+            str(tmp_path / "out"),
+            *common,
+            "--data_path",
+            str(bad),
+            "--on_bad_sample",
+            "raise",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "python -m llada_v.training: error: bad sample 0: image path '../../etc/passwd' lies outside the image/video "
-        f"folder {setup.images}")
+        f"folder {setup.images}"
+    )
 
 
 def test_logged_learning_rates_name_their_module_group(setup, tmp_path):
-    trainer = LladaVTrainer(model=_model(setup), args=_args(tmp_path, max_steps=1), train_dataset=setup.dataset,
-                            data_collator=setup.collator,
-                            learning_rates={"vision": 1e-4, "projector": 1e-3, "language": 2e-3})
+    trainer = LladaVTrainer(
+        model=_model(setup),
+        args=_args(tmp_path, max_steps=1),
+        train_dataset=setup.dataset,
+        data_collator=setup.collator,
+        learning_rates={"vision": 1e-4, "projector": 1e-3, "language": 2e-3},
+    )
     trainer.train()
     logged = next(h for h in trainer.state.log_history if "loss" in h)
     assert "learning_rate" not in logged  # the Trainer's would be the first group's: vision's 1e-4
     assert (logged["learning_rate/vision"], logged["learning_rate/projector"], logged["learning_rate/language"]) == (
-        1e-4, 1e-3, 2e-3)
+        1e-4,
+        1e-3,
+        2e-3,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -342,13 +490,16 @@ def two_checkpoints(setup, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda ck: (ck / "trainer_state.json").unlink(), "no trainer_state.json"),
-    (lambda ck: (ck / "trainer_state.json").write_text('{"global_step": 4,'), "trainer_state.json does not parse"),
-    (lambda ck: _truncate(ck / "model.safetensors"), "model.safetensors has .* bytes, its header describes"),
-    (lambda ck: _truncate(ck / "model.safetensors", 0.0), "model.safetensors is truncated"),
-    (lambda ck: _truncate(ck / "optimizer.pt"), "optimizer.pt is not a complete archive"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda ck: (ck / "trainer_state.json").unlink(), "no trainer_state.json"),
+        (lambda ck: (ck / "trainer_state.json").write_text('{"global_step": 4,'), "trainer_state.json does not parse"),
+        (lambda ck: _truncate(ck / "model.safetensors"), "model.safetensors has .* bytes, its header describes"),
+        (lambda ck: _truncate(ck / "model.safetensors", 0.0), "model.safetensors is truncated"),
+        (lambda ck: _truncate(ck / "optimizer.pt"), "optimizer.pt is not a complete archive"),
+    ],
+)
 def test_resume_last_skips_an_incomplete_checkpoint_and_says_why(two_checkpoints, tmp_path, caplog, damage, reason):
     import logging
     import re
@@ -364,16 +515,18 @@ def test_resume_last_skips_an_incomplete_checkpoint_and_says_why(two_checkpoints
         assert resolve_resume("last", str(run)) == str(run / "checkpoint-2")
     expected = f"not resuming from {run / 'checkpoint-4'}: it is incomplete \\({reason}"
     assert re.search(expected, caplog.text), caplog.text
-    with pytest.raises(ValueError, match=f"--resume_from_checkpoint {run / 'checkpoint-4'}: the checkpoint is "
-                                         f"incomplete \\({reason}"):
+    with pytest.raises(
+        ValueError, match=f"--resume_from_checkpoint {run / 'checkpoint-4'}: the checkpoint is incomplete \\({reason}"
+    ):
         resolve_resume(str(run / "checkpoint-4"), str(run))
     damage(run / "checkpoint-2")
     with pytest.raises(ValueError, match=f"--resume_from_checkpoint last: no complete checkpoint-N folder in {run}"):
         resolve_resume("last", str(run))
 
 
-def test_resume_last_with_a_truncated_newest_checkpoint_continues_from_the_complete_one(setup, two_checkpoints,
-                                                                                         tmp_path):
+def test_resume_last_with_a_truncated_newest_checkpoint_continues_from_the_complete_one(
+    setup, two_checkpoints, tmp_path
+):
     # The real entry and Trainer: the truncated checkpoint-4 is passed over, training resumes at step 2 and ends
     # where the uninterrupted run ended.
     run = tmp_path / "run"
@@ -399,8 +552,12 @@ def test_a_checkpoint_save_that_fails_half_way_leaves_no_checkpoint_folder(setup
             return super()._save_optimizer_and_scheduler(output_dir)
 
     out = tmp_path / "out"
-    trainer = FailingSave(model=_model(setup), args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1),
-                          train_dataset=setup.dataset, data_collator=setup.collator)
+    trainer = FailingSave(
+        model=_model(setup),
+        args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1),
+        train_dataset=setup.dataset,
+        data_collator=setup.collator,
+    )
     with pytest.raises(OSError, match="No space left"):
         trainer.train()
     assert sorted(p.name for p in out.iterdir()) == [".checkpoint-2.partial", "checkpoint-1"]
@@ -408,9 +565,12 @@ def test_a_checkpoint_save_that_fails_half_way_leaves_no_checkpoint_folder(setup
     from llada_v.training.trainer import resolve_resume
 
     assert resolve_resume("last", str(out)) == str(out / "checkpoint-1")
-    trainer = LladaVTrainer(model=_model(setup), args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1,
-                                                            save_total_limit=1),
-                            train_dataset=setup.dataset, data_collator=setup.collator)
+    trainer = LladaVTrainer(
+        model=_model(setup),
+        args=_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, save_total_limit=1),
+        train_dataset=setup.dataset,
+        data_collator=setup.collator,
+    )
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-1"))
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # rotated to the limit, staging removed
 
@@ -459,8 +619,22 @@ def test_accelerate_launch_two_cpu_processes_agree_on_loss_and_weights(setup, tm
     args[args.index("--data_path") + 1] = str(data)
     args[args.index("--per_device_train_batch_size") + 1] = "1"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-                "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--multi_gpu",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
     result = subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -499,10 +673,31 @@ def test_lora_at_the_default_learning_rate_lowers_a_fixed_held_out_loss(tmp_path
     held_out = LladaVDataset(held_out_json, processor, image_folder=tmp_path / "held_out")
     batch = LladaVDataCollator.from_processor(processor)([held_out[i] for i in range(len(held_out))])
     before = fixed_noise_loss(LladaVModel.from_pretrained(demo_model_dir()), batch)
-    trainer = main(["--model_name_or_path", str(demo_model_dir()), "--data_path", str(train_json),
-                    "--image_folder", str(tmp_path / "train"), "--output_dir", str(tmp_path / "lora"),
-                    "--lora_r", "8", "--max_steps", "8", "--per_device_train_batch_size", "4",
-                    "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true"])
+    trainer = main(
+        [
+            "--model_name_or_path",
+            str(demo_model_dir()),
+            "--data_path",
+            str(train_json),
+            "--image_folder",
+            str(tmp_path / "train"),
+            "--output_dir",
+            str(tmp_path / "lora"),
+            "--lora_r",
+            "8",
+            "--max_steps",
+            "8",
+            "--per_device_train_batch_size",
+            "4",
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--use_cpu",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert {g["initial_lr"] for g in trainer.optimizer.param_groups} == {LORA_DEFAULT_LEARNING_RATE}
     after = fixed_noise_loss(trainer.model, batch)
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -532,7 +727,10 @@ def test_training_package_drops_the_bitsandbytes_missing_kernels_warning(caplog)
 
     bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
-        bnb_logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
-                           "already `pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+        bnb_logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+            "already `pip install kernels` and the kernels >= 0.11.1",
+            "No module named 'kernels'",
+        )
         bnb_logger.warning("another bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]

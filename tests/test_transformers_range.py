@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 import transformers
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.transformers_range
 
@@ -35,8 +34,13 @@ IN_RANGE = SUPPORTED[0] <= INSTALLED < SUPPORTED[1]
 needs_supported = pytest.mark.skipif(not IN_RANGE, reason=f"transformers {transformers.__version__} is unsupported")
 
 FORWARD_CASES = ["text_only", "wide_300x100"]
-GENERATION_CASES = ["wide_s8_g16_b8", "test_jpg_s16_g32_b32", "text_s32_g32_b16_stop", "wide_s8_g16_b8_cfg1",
-                    "text_s16_g16_b8_suffix_stop"]
+GENERATION_CASES = [
+    "wide_s8_g16_b8",
+    "test_jpg_s16_g32_b32",
+    "text_s32_g32_b16_stop",
+    "wide_s8_g16_b8_cfg1",
+    "text_s16_g16_b8_suffix_stop",
+]
 PIXEL_IMAGES = {"wide_300x100": "images/wide_300x100.png", "tall_500x700": "images/tall_500x700.png"}
 
 # Runs in the fresh process: argv = checkpoint folder, golden folder, output folder.
@@ -138,7 +142,11 @@ def remote(checkpoint, golden_dir, tmp_path_factory) -> dict:
     cases = json.dumps([FORWARD_CASES, GENERATION_CASES, PIXEL_IMAGES])
     result = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, str(checkpoint), str(golden_dir), str(tmp), cases],
-        cwd=tmp, env=_fresh_env(tmp), capture_output=True, text=True, timeout=600,
+        cwd=tmp,
+        env=_fresh_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return {**json.loads((tmp / "results.json").read_text()), "tensors": load_file(tmp / "tensors.safetensors")}
@@ -195,8 +203,14 @@ def test_unsupported_transformers_stops_at_import_with_one_line(checkpoint, tmp_
         "from transformers import AutoConfig\n"
         f"AutoConfig.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_fresh_env(tmp_path),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=_fresh_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: LLaDA-V's remote code supports transformers >=4.57.1,<6 "), last
@@ -220,8 +234,14 @@ def _import_with_fake_transformers(
     for path in checkpoint.glob("*.py"):
         shutil.copyfile(path, package / path.name)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), str(tmp_path)]))
-    return subprocess.run([sys.executable, "-c", f"import ckpt.{module}"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", f"import ckpt.{module}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from PIL import Image
 
 from llada_v.demo.task import make_sample
 from llada_v.inference import InputError, generation_config_for
+
 from paths import llada_v_command
 
 HAS_GRADIO = importlib.util.find_spec("gradio") is not None

@@ -1,6 +1,6 @@
 """Held-out accuracy per question type x number of objects for a demo checkpoint dir.
 
-    python scripts/demo_probes/analyze.py DIR SEED N
+python scripts/demo_probes/analyze.py DIR SEED N
 """
 
 import sys
@@ -25,7 +25,8 @@ for start in range(0, n, 64):
         correct[key] += normalise_answer(answer.text) == sample["qa"][0][1]
 print(f"{path} seed {seed} n {n}: {100 * sum(correct.values()) / n:.1f}%")
 for kind in QUESTION_TYPES:
-    by_objects = " ".join(f"{k}obj {100 * correct[(kind, k)] / max(1, total[(kind, k)]):.0f}% ({total[(kind, k)]})"
-                          for k in (1, 2, 3))
+    by_objects = " ".join(
+        f"{k}obj {100 * correct[(kind, k)] / max(1, total[(kind, k)]):.0f}% ({total[(kind, k)]})" for k in (1, 2, 3)
+    )
     right, asked = (sum(counts[(kind, k)] for k in (1, 2, 3)) for counts in (correct, total))
     print(kind, by_objects, f"all {100 * right / max(1, asked):.1f}%")

@@ -19,10 +19,10 @@ from PIL import Image
 
 import llada_v.demo.train as td
 from llada_v.demo.app import held_out_sample
-from llada_v.inference import chat_prompt, user_message
 from llada_v.demo.model import DEMO_CROP
 from llada_v.demo.task import QUESTION_TYPES, normalise_answer
 from llada_v.generation_utils import LladaVGenerationConfig
+from llada_v.inference import chat_prompt, user_message
 from llada_v.modeling_llada_v import LladaVModel
 
 parser = argparse.ArgumentParser()
@@ -75,8 +75,14 @@ def getitem(self, index):
 
 
 td.AnswerOnlyLabels.__getitem__ = getitem
-summary = td.train_demo(args.out, stage2_steps=args.stage2_steps, vision_pretrain_steps=0, work_dir=work,
-                        description_every=args.description_every, mask_sampling=args.mask_sampling)
+summary = td.train_demo(
+    args.out,
+    stage2_steps=args.stage2_steps,
+    vision_pretrain_steps=0,
+    work_dir=work,
+    description_every=args.description_every,
+    mask_sampling=args.mask_sampling,
+)
 print("seconds", round(summary["seconds"]), {k: (v[0], v[-1]) for k, v in summary["losses"].items()})
 
 model = LladaVModel.from_pretrained(str(args.out)).eval()
@@ -86,8 +92,11 @@ samples = [held_out_sample(12345, i) for i in range(args.n)]
 correct, total = defaultdict(int), defaultdict(int)
 for start in range(0, args.n, 50):
     batch = samples[start : start + 50]
-    inputs = processor(images=[[s["image"]] for s in batch], text=[chat_prompt(processor, [user_message(s["qa"][0][0], 1)], system_prompt="") for s in batch],
-                       return_tensors="pt")
+    inputs = processor(
+        images=[[s["image"]] for s in batch],
+        text=[chat_prompt(processor, [user_message(s["qa"][0][0], 1)], system_prompt="") for s in batch],
+        return_tensors="pt",
+    )
     objects = [[{"shape": o.shape, "color": o.color, "box": list(o.box)} for o in s["objects"]] for s in batch]
     features = torch.cat([oracle(s["image"].size, objs, processor) for s, objs in zip(batch, objects)])
     inputs["pixel_values"] = embed(inputs["pixel_values"], features)
@@ -100,5 +109,10 @@ for start in range(0, args.n, 50):
         correct[key] += normalise_answer(answer) == sample["qa"][0][1]
 print(f"oracle accuracy {100 * sum(correct.values()) / args.n:.1f}% (seed 12345, n {args.n})")
 for kind in QUESTION_TYPES:
-    print(kind, " ".join(f"{k} obj {100 * correct[(kind, k)] / max(1, total[(kind, k)]):.0f}% ({total[(kind, k)]})"
-                         for k in (1, 2, 3)))
+    print(
+        kind,
+        " ".join(
+            f"{k} obj {100 * correct[(kind, k)] / max(1, total[(kind, k)]):.0f}% ({total[(kind, k)]})"
+            for k in (1, 2, 3)
+        ),
+    )

@@ -17,8 +17,12 @@ from llada_v.demo.train import DESCRIPTION_EVERY, QUESTION_WEIGHTS, TRAIN_SEED_O
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("model_dir")
 parser.add_argument("--n", type=int, default=400)
-parser.add_argument("--question-weights", choices=("default", "uniform"), default="default",
-                    help="the weights the checkpoint was trained with (runs <= 23: uniform)")
+parser.add_argument(
+    "--question-weights",
+    choices=("default", "uniform"),
+    default="default",
+    help="the weights the checkpoint was trained with (runs <= 23: uniform)",
+)
 args = parser.parse_args()
 torch.set_num_threads(2)
 model, processor = load_demo(args.model_dir)

@@ -152,7 +152,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser, stream: bool = Tru
     group.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="answer length (gen_length)")
     group.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps in total")
     group.add_argument("--block-length", type=int, default=None, metavar="N", help="semi-autoregressive block size")
-    group.add_argument("--temperature", type=float, default=None, metavar="T", help="0 = argmax; > 0 = Gumbel-max sampling")
+    group.add_argument(
+        "--temperature", type=float, default=None, metavar="T", help="0 = argmax; > 0 = Gumbel-max sampling"
+    )
     group.add_argument(
         "--remasking", default=None, metavar="NAME", help="which predictions a step keeps: low_confidence or random"
     )
@@ -175,8 +177,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser, stream: bool = Tru
     if not stream:
         return
     parser.add_argument(
-        "--stream", action="store_true",
-        help="write the answer as its tokens become final (on a terminal with the current draft after it)"
+        "--stream",
+        action="store_true",
+        help="write the answer as its tokens become final (on a terminal with the current draft after it)",
     )
 
 
@@ -206,7 +209,9 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """`llada-v convert` / `python -m llada_v.conversion.official`."""
-    parser.add_argument("--input-dir", required=True, type=Path, help="folder with the official config.json + safetensors")
+    parser.add_argument(
+        "--input-dir", required=True, type=Path, help="folder with the official config.json + safetensors"
+    )
     parser.add_argument(
         "--vision-config", type=Path, default=None, help="SigLIP vision config JSON (default: so400m-patch14-384)"
     )
@@ -221,7 +226,10 @@ def add_demo_arguments(demo: argparse.ArgumentParser, evaluation: argparse.Argum
     """`llada-v demo` and `llada-v eval-demo`."""
     demo.add_argument("--image", type=Path, default=None, help="ask about this image instead of a rendered scene")
     demo.add_argument(
-        "--seed", type=int, default=0, help="which rendered scene (default 0: the same scene every run; change it for others)"
+        "--seed",
+        type=int,
+        default=0,
+        help="which rendered scene (default 0: the same scene every run; change it for others)",
     )
     demo.add_argument("--model", type=Path, default=None, help="demo checkpoint folder (default: the shipped one)")
     demo.add_argument("--save-gif", type=Path, default=None, help="write an animation of the denoising")
@@ -229,7 +237,9 @@ def add_demo_arguments(demo: argparse.ArgumentParser, evaluation: argparse.Argum
     demo.set_defaults(func=lazy_command("demo.app", "run_demo"))
     evaluation.add_argument("--seed", type=int, required=True, help="seed of the held-out set")
     evaluation.add_argument("--n", type=positive_int, default=200, help="number of held-out questions (default 200)")
-    evaluation.add_argument("--model", type=Path, default=None, help="demo checkpoint folder (default: the shipped one)")
+    evaluation.add_argument(
+        "--model", type=Path, default=None, help="demo checkpoint folder (default: the shipped one)"
+    )
     evaluation.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None,
         help="a progress bar (default: only when stderr is a terminal)",

@@ -72,7 +72,7 @@ class DecoderWindows:
     their cache rows go with them.
     """
 
-    def __init__(self, config: "LladaVGenerationConfig", num_layers: int, answer_start: int, total_len: int):
+    def __init__(self, config: LladaVGenerationConfig, num_layers: int, answer_start: int, total_len: int):
         self.mode, self.prompt_refresh = config.kv_cache, config.kv_cache_prompt_refresh
         self.guidance = ClassifierFreeGuidance(config.cfg_scale)
         self.num_layers, self.answer_start, self.total_len = num_layers, answer_start, total_len
@@ -99,7 +99,9 @@ class DecoderWindows:
         self.cache, self.cache_rows = self._rows_of(self.cache, self.cache_rows, rows), rows
         return DecoderWindow(block_start, end, self.cache)
 
-    def _rows_of(self, cache: LladaVDiffusionCache, cache_rows: torch.Tensor, rows: torch.Tensor) -> LladaVDiffusionCache:
+    def _rows_of(
+        self, cache: LladaVDiffusionCache, cache_rows: torch.Tensor, rows: torch.Tensor
+    ) -> LladaVDiffusionCache:
         """`cache` restricted to `rows` (a sorted subset of the sorted `cache_rows`).
 
         With CFG the cache holds both copies of each row (`ClassifierFreeGuidance.rows`). The call's cache (kept

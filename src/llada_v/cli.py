@@ -235,8 +235,16 @@ def read_video(path: str) -> list:
     return frames
 
 
-def _answer(model: Any, processor: Any, config: Any, text: str, images: list, args: argparse.Namespace,
-            prefix: str = "", videos: list | None = None) -> str:
+def _answer(
+    model: Any,
+    processor: Any,
+    config: Any,
+    text: str,
+    images: list,
+    args: argparse.Namespace,
+    prefix: str = "",
+    videos: list | None = None,
+) -> str:
     """The answer to one prompt; with `--stream` it is also written (after `prefix`) as it is generated."""
     from .inference import generate_texts
 
@@ -255,8 +263,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from .inference import InputError, chat_prompt, read_image, user_message
 
     if args.video is not None and args.image:
-        raise InputError(f"--image and --video cannot be combined (got --image {' '.join(args.image)} and --video "
-                         f"{args.video}): ask about one video or about images")
+        raise InputError(
+            f"--image and --video cannot be combined (got --image {' '.join(args.image)} and --video "
+            f"{args.video}): ask about one video or about images"
+        )
     images = [read_image(path) for path in args.image]  # before loading the model: fail fast
     frames = read_video(args.video) if args.video is not None else None
     model, processor, config = _load(args)

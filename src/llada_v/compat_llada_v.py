@@ -104,6 +104,7 @@ except ImportError:  # 4.57 calls `_init_weights` only for modules with missing 
 
         normal_ = staticmethod(torch.nn.init.normal_)
 
+
 # 5.20 introduced `SubConfigSpec`; 5.21 accepts plain classes in `sub_configs_defaults` too.
 _SubConfigSpec = getattr(_configuration_utils, "SubConfigSpec", None)
 

@@ -226,9 +226,7 @@ class LladaVConfig(ConfigBase):
         )
         _require(self.max_num_tiles > 0, f"max_num_tiles must be positive, got {self.max_num_tiles}")
         _require(self.video_pool_stride > 0, f"video_pool_stride must be positive, got {self.video_pool_stride}")
-        _require(
-            0.0 <= self.diffusion_eps < 1.0, f"diffusion_eps must be in [0, 1), got {self.diffusion_eps}"
-        )
+        _require(0.0 <= self.diffusion_eps < 1.0, f"diffusion_eps must be in [0, 1), got {self.diffusion_eps}")
         vocab = self.text_config.vocab_size
         _require(
             0 < self.tokenizer_vocab_size <= vocab,

@@ -204,7 +204,7 @@ class LladaVGenerationConfig(GenerationConfig):
         super().__init__(**kwargs)
 
     @classmethod
-    def from_model_config(cls, model_config) -> "LladaVGenerationConfig":
+    def from_model_config(cls, model_config) -> LladaVGenerationConfig:
         """The released sampler defaults with the special ids of `model_config` (a `LladaVConfig` or its dict),
         see `special_id_settings`."""
         config = model_config if isinstance(model_config, dict) else model_config.to_dict()
@@ -368,7 +368,7 @@ class LladaVGenerationConfig(GenerationConfig):
             )
 
     @classmethod
-    def fast(cls, base: GenerationConfig | None = None, **overrides) -> "LladaVGenerationConfig":
+    def fast(cls, base: GenerationConfig | None = None, **overrides) -> LladaVGenerationConfig:
         """The recommended fast decoding settings on top of `base` (default: the released defaults).
 
         `kv_cache="dual"` + `confidence_threshold=0.9` (Fast-dLLM's settings); every other field, including
@@ -381,7 +381,9 @@ class LladaVGenerationConfig(GenerationConfig):
         The result approximates exact decoding (docs/generation.md#fast-decoding-opt-in). With `steps` equal to
         `max_new_tokens` (the demo default) a step commits at least one token; fewer steps raise that minimum.
         """
-        config, unknown = resolve_generation_config(cls() if base is None else base, {**FAST_DECODING_PRESET, **overrides})
+        config, unknown = resolve_generation_config(
+            cls() if base is None else base, {**FAST_DECODING_PRESET, **overrides}
+        )
         if unknown:
             raise TypeError(f"unknown generation settings {sorted(unknown)}; they are the fields of {cls.__name__}")
         return config

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from transformers.utils import ModelOutput, logging
 
 from .cache_llada_v import DecoderWindow, DecoderWindows, LladaVDiffusionCache

@@ -171,7 +171,9 @@ def num_image_tokens(
     raise ValueError(f"unknown image layout {layout}; expected one of {LAYOUT_NAMES}")
 
 
-def num_crops(layout: int, image_size: tuple[int, int] | None, num_frames: int, *, pinpoints: list, crop_size: int) -> int:
+def num_crops(
+    layout: int, image_size: tuple[int, int] | None, num_frames: int, *, pinpoints: list, crop_size: int
+) -> int:
     """Number of crops (SigLIP inputs) one image or video contributes to `pixel_values`."""
     if layout == LAYOUT_ANYRES:
         rows, cols = anyres_grid_shape(image_size, pinpoints, crop_size)

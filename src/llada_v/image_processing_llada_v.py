@@ -54,7 +54,6 @@ from .image_layout_llada_v import (
 )
 from .image_resize_llada_v import resize_bicubic
 
-
 logger = logging.get_logger(__name__)
 
 # Modes the official path resizes as they are (converting to RGB only at the end). Everything else is
@@ -378,9 +377,7 @@ class LladaVImageProcessor(BaseImageProcessor):
                 item_crops = self._anyres_crops(image) if layout == LAYOUT_ANYRES else self._pad_crop(image)
             else:
                 raise ValueError(f"unknown image layout {layout!r} for item {index}; expected one of {LAYOUT_NAMES}")
-            expected = num_crops(
-                layout, size, frames, pinpoints=self.image_grid_pinpoints, crop_size=self.crop_size
-            )
+            expected = num_crops(layout, size, frames, pinpoints=self.image_grid_pinpoints, crop_size=self.crop_size)
             if len(item_crops) != expected:  # a bug, not a user error: the layout module and the crops disagree
                 raise RuntimeError(f"item {index}: produced {len(item_crops)} crops, the layout expects {expected}")
             crops.extend(item_crops)
@@ -708,7 +705,9 @@ class _WatchedHTTPSHandler(_WatchedHandlerMixin, urllib.request.HTTPSHandler):
     pass
 
 
-def _open_image(source: str | os.PathLike | bytes | bytearray, limit: int | None, name: str | None = None) -> Image.Image:
+def _open_image(
+    source: str | os.PathLike | bytes | bytearray, limit: int | None, name: str | None = None
+) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         name, handle = name or "<bytes>", io.BytesIO(bytes(source))
     else:

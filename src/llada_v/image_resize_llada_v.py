@@ -68,9 +68,7 @@ def _tap_matrix(in_size: int, out_size: int) -> torch.Tensor:
     cols = (first[:, None] + np.arange(taps)[None, :])[used]
     indices = torch.from_numpy(np.stack((rows, cols)))  # sorted by row, then column: already coalesced
     values = torch.from_numpy(weights[used].astype(np.float64))
-    return torch.sparse_coo_tensor(
-        indices, values, (out_size, in_size), is_coalesced=True, check_invariants=False
-    )
+    return torch.sparse_coo_tensor(indices, values, (out_size, in_size), is_coalesced=True, check_invariants=False)
 
 
 def _resample_leading(source: torch.Tensor, out_size: int) -> torch.Tensor:

@@ -48,7 +48,12 @@ from .generation_utils import (
 register_auto_classes()  # the package's classes behind AutoConfig/AutoModel/AutoProcessor in every process that loads
 
 MODEL_TYPE = LladaVConfig.model_type
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class InputError(ValueError):
@@ -158,7 +163,9 @@ def inspect_checkpoint(name: str) -> dict:
         try:
             config, _ = PreTrainedConfig.get_config_dict(name)
         except (OSError, ValueError) as err:
-            raise InputError(f"cannot load {name!r}: not a local folder, and the Hub says: {_first_line(err)}") from None
+            raise InputError(
+                f"cannot load {name!r}: not a local folder, and the Hub says: {_first_line(err)}"
+            ) from None
         check_model_type(name, config)
     return config
 
@@ -406,8 +413,10 @@ def check_answer_fits(max_new_tokens: int | None, checkpoint: dict) -> None:
     """`--max-new-tokens` that leaves no room for a prompt in the model's positions, refused before loading."""
     limit = (checkpoint.get("text_config") or {}).get("max_position_embeddings")
     if max_new_tokens is not None and limit is not None and max_new_tokens >= limit:
-        raise InputError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt: the model has "
-                         f"max_position_embeddings {limit} for prompt + answer")
+        raise InputError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for the prompt: the model has "
+            f"max_position_embeddings {limit} for prompt + answer"
+        )
 
 
 def load_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -455,7 +464,10 @@ def read_image(path: str | os.PathLike) -> Any:
 
 def user_message(text: str, num_images: int = 0) -> dict:
     """A user turn with `num_images` images placed before the text (the LLaDA-V order)."""
-    return {"role": "user", "content": [*({"type": "image"} for _ in range(num_images)), {"type": "text", "text": text}]}
+    return {
+        "role": "user",
+        "content": [*({"type": "image"} for _ in range(num_images)), {"type": "text", "text": text}],
+    }
 
 
 def chat_prompt(processor: Any, messages: list[dict], system_prompt: str | None = None) -> str:

@@ -41,9 +41,6 @@ from .configuration_llada_v import LladaVConfig, LladaVTextConfig
 from .dllm_cache_llada_v import FeatureCacheView, FeaturePositions, feature_cached_layer_forward, rope_table
 from .generation_config_llada_v import LladaVGenerationConfig
 from .generation_utils import LladaVGenerationMixin
-# transformers 4.57 copies into its module cache only the files that the loaded module imports itself, not those
-# its imports import: every remote-code module the model runs on is imported here (docs/usage.md#supported-transformers-versions).
-from .sampling_llada_v import ClassifierFreeGuidance  # noqa: F401
 from .image_layout_llada_v import (
     LAYOUT_ANYRES,
     LAYOUT_NAMES,
@@ -53,6 +50,10 @@ from .image_layout_llada_v import (
     num_crops,
     video_pooled_side,
 )
+
+# transformers 4.57 copies into its module cache only the files that the loaded module imports itself, not those
+# its imports import: every remote-code module the model runs on is imported here (docs/usage.md#supported-transformers-versions).
+from .sampling_llada_v import ClassifierFreeGuidance  # noqa: F401
 
 logger = logging.get_logger(__name__)
 
@@ -257,9 +258,7 @@ class LladaVDecoderLayer(GradientCheckpointingLayer):
             attend = functools.partial(feature_cache_attention, self.self_attn)
             return feature_cached_layer_forward(self, hidden_states, feature_cache, feature_positions, attend)
         residual = hidden_states
-        attn_out, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, **kwargs
-        )
+        attn_out, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, **kwargs)
         hidden_states = residual + attn_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -312,9 +311,7 @@ def build_bidirectional_mask(
     allowed = allowed.expand(allowed.shape[0], 1, query_length, allowed.shape[-1])
     if attn_implementation == "sdpa":
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class ChatTurn(NamedTuple):
@@ -836,7 +833,12 @@ class LladaVModel(LladaVGenerationMixin, LladaVPreTrainedModel):
             check_token_ids("input_ids", input_ids, self.get_input_embeddings().num_embeddings)
         self._check_masks(input_ids if input_ids is not None else inputs_embeds, attention_mask, labels, cache)
 
-        if conversation_ids is None and self.config.dialogue_causal_attention and self.training and input_ids is not None:
+        if (
+            conversation_ids is None
+            and self.config.dialogue_causal_attention
+            and self.training
+            and input_ids is not None
+        ):
             # From the clean ids: masking a header token must not move a turn boundary (docs/parity.md Q23).
             conversation_ids = conversation_ids_from_input_ids(input_ids, self.config)
 

@@ -28,6 +28,7 @@ from transformers.utils import logging
 
 from .image_layout_llada_v import LAYOUT_VIDEO, prompt_image_layout
 from .image_processing_llada_v import LladaVImageProcessor, flatten_videos
+
 # transformers 4.57 copies into its module cache only the files the loaded module imports itself (docs/usage.md):
 from .image_resize_llada_v import resize_coefficients  # noqa: F401
 
@@ -300,7 +301,9 @@ class LladaVProcessor(ProcessorMixin):
             if not getattr(self.tokenizer, "is_fast", False):
                 break
             encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            words += [text[a:b] for token, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"]) if token == unk]
+            words += [
+                text[a:b] for token, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"]) if token == unk
+            ]
         named = f": {', '.join(sorted(set(words)))}" if words else ""
         logger.warning_once(
             f"the prompt has words the tokenizer does not know, read as {self.tokenizer.unk_token}{named} "

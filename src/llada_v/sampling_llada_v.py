@@ -37,9 +37,7 @@ def transfer_schedule(mask_counts: torch.Tensor | int, steps: int) -> torch.Tens
     return base + extra.long()
 
 
-def sample_tokens(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """The official token choice on `(N, V)` logits: argmax at temperature 0, else Gumbel-max in float64,
     `argmax(exp(logits) / (-log u) ** temperature)` with `u ~ U(0, 1)`.
 
@@ -163,7 +161,6 @@ def build_shortlist(logits: torch.Tensor, candidate: torch.Tensor, size: int) ->
     repeated = torch.zeros_like(ids, dtype=torch.bool)
     repeated[:, 1:] = ids[:, 1:] == ids[:, :-1]
     return ids.masked_fill(repeated, -1)
-
 
 
 @dataclass(frozen=True)

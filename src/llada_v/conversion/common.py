@@ -161,7 +161,8 @@ def check_written(out_dir: Path, stream: Iterable[MappedTensor], dtype: torch.dt
     checked = set()
     with ExitStack() as stack:
         handles = {
-            name: stack.enter_context(safe_open(str(out_dir / name), framework="pt")) for name in set(weight_map.values())
+            name: stack.enter_context(safe_open(str(out_dir / name), framework="pt"))
+            for name in set(weight_map.values())
         }
         for item in stream:
             if item.new_key is None:

@@ -75,7 +75,11 @@ LLADA_ROWS = [row for row in KEY_TABLE if _is_language_row(row)]
 _V = r"(?:vision_model\.)?"  # SiglipModel and transformers 4.x prefix; transformers 5 SiglipVisionModel has none
 _LAYER_PARAMS = r"(?:layer_norm[12]|self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])\.(?:weight|bias)"
 SIGLIP_ROWS: list[tuple[str, str | None, str]] = [
-    (_V + r"embeddings\.(patch_embedding\.(?:weight|bias)|position_embedding\.weight)", r"vision_tower.embeddings.\1", ""),
+    (
+        _V + r"embeddings\.(patch_embedding\.(?:weight|bias)|position_embedding\.weight)",
+        r"vision_tower.embeddings.\1",
+        "",
+    ),
     (_V + rf"encoder\.layers\.(\d+)\.({_LAYER_PARAMS})", r"vision_tower.encoder.layers.\1.\2", ""),
     # Stored but unused by LLaDA-V (the feature is taken before it); kept, as in the released checkpoint.
     (_V + r"post_layernorm\.(weight|bias)", r"vision_tower.post_layernorm.\1", ""),
@@ -100,7 +104,6 @@ FRESH_KEYS = {
     "multi_modal_projector.linear_2.bias": "PyTorch Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))",
     "image_newline": "randn(hidden) / sqrt(hidden), as the official LLaVA code",
 }
-
 
 
 def map_compose_key(source: str, key: str, stored_vision_layers: int) -> tuple[str | None, str]:
@@ -142,18 +145,35 @@ def siglip_vision_config(siglip: dict) -> dict:
         raise ConversionError(
             f"SigLIP config model_type is {model_type!r}; expected 'siglip' (SiglipModel) or 'siglip_vision_model'"
         )
-    vision = {k: v for k, v in vision.items() if k not in ("model_type", "architectures", "transformers_version",
-                                                            "dtype", "torch_dtype", "_name_or_path")}
+    vision = {
+        k: v
+        for k, v in vision.items()
+        if k not in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path")
+    }
     from transformers import SiglipVisionConfig
 
     full = SiglipVisionConfig(**vision)  # fills the defaults a checkpoint may omit
     if full.num_hidden_layers < 2:
-        raise ConversionError(f"the SigLIP tower has {full.num_hidden_layers} layers; LLaDA-V drops the last, keeping >= 1")
+        raise ConversionError(
+            f"the SigLIP tower has {full.num_hidden_layers} layers; LLaDA-V drops the last, keeping >= 1"
+        )
     if full.image_size % full.patch_size:
         raise ConversionError(f"SigLIP image_size {full.image_size} is not a multiple of patch_size {full.patch_size}")
-    out = {k: getattr(full, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                         "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps",
-                                         "attention_dropout")}
+    out = {
+        k: getattr(full, k)
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_channels",
+            "image_size",
+            "patch_size",
+            "hidden_act",
+            "layer_norm_eps",
+            "attention_dropout",
+        )
+    }
     out["num_hidden_layers"] = full.num_hidden_layers - 1
     out["vision_use_head"] = False
     return out
@@ -254,7 +274,9 @@ def compose(
     fresh = fresh_tensors(config, seed)
     tokenizer_dir = find_tokenizer_dir(llada_dir, None if tokenizer_dir is None else Path(tokenizer_dir))
     if tokenizer_dir is None:
-        logger.warning("no tokenizer in %s and no tokenizer_dir: the composed folder has the image processor only", llada_dir)
+        logger.warning(
+            "no tokenizer in %s and no tokenizer_dir: the composed folder has the image processor only", llada_dir
+        )
 
     with atomic_folder(output_dir, overwrite=overwrite) as tmp:
         write_mapped_weights(
@@ -273,7 +295,9 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         description="Build an untrained LLaDA-V (Stage 1 start) from LLaDA-8B-Instruct and a SigLIP checkpoint."
     )
     parser.add_argument("--llada-dir", required=True, type=Path, help="LLaDA-8B-Instruct folder")
-    parser.add_argument("--siglip-dir", required=True, type=Path, help="SigLIP folder (SiglipModel or SiglipVisionModel)")
+    parser.add_argument(
+        "--siglip-dir", required=True, type=Path, help="SigLIP folder (SiglipModel or SiglipVisionModel)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh projector and image newline")
     add_output_arguments(parser)
     return parser

@@ -46,12 +46,16 @@ def _presets(generation_config: dict) -> str:
     from ..evaluation.lmms_eval_plugin import TASK_PRESETS
 
     g = generation_config
-    rows = [f"| this folder's default (`generation_config.json`) | {g.get('max_new_tokens')} / {g.get('steps')} / "
-            f"{g.get('block_length')} | `<|eot_id|>` |"]
+    rows = [
+        f"| this folder's default (`generation_config.json`) | {g.get('max_new_tokens')} / {g.get('steps')} / "
+        f"{g.get('block_length')} | `<|eot_id|>` |"
+    ]
     for name, p in TASK_PRESETS:
         stops = ", ".join(f"`{json.dumps(s)}`" for s in p.stop_strings)
-        rows.append(f"| `{name}*` (official evaluation setting) | {p.max_new_tokens} / {p.steps} / {p.block_length} "
-                    f"| `<|eot_id|>`{', ' + stops if stops else ''} |")
+        rows.append(
+            f"| `{name}*` (official evaluation setting) | {p.max_new_tokens} / {p.steps} / {p.block_length} "
+            f"| `<|eot_id|>`{', ' + stops if stops else ''} |"
+        )
     return "\n".join(rows)
 
 
@@ -64,8 +68,8 @@ def render_model_card(folder: Path, base_model: str | None, command: str) -> str
     source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a LLaDA-V checkpoint"
     processor_note = (
         "The folder holds the full processor (tokenizer with `<image>`, chat template, image processor)."
-        if has_tokenizer else
-        "The folder holds the image processor only (it was converted without a tokenizer): convert again with "
+        if has_tokenizer
+        else "The folder holds the image processor only (it was converted without a tokenizer): convert again with "
         "`--tokenizer-dir` for `AutoProcessor` to return the full processor."
     )
     return f"""---

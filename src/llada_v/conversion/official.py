@@ -214,7 +214,8 @@ def convert(
     if tokenizer_dir is None:
         logger.warning(
             "no tokenizer in %s and no --tokenizer-dir: writing the image processor only (add the tokenizer with "
-            "--tokenizer-dir for the full processor)", input_dir
+            "--tokenizer-dir for the full processor)",
+            input_dir,
         )
 
     with atomic_folder(output_dir, overwrite=overwrite) as tmp:
@@ -231,8 +232,7 @@ def convert(
 
 def _python_call(input_dir: Path, output_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype) -> str:
     tokenizer = f", tokenizer_dir={str(tokenizer_dir)!r}" if tokenizer_dir else ""
-    return (f"llada_v.conversion.official.convert({str(input_dir)!r}, {str(output_dir)!r}{tokenizer}, "
-            f"dtype={dtype})")
+    return f"llada_v.conversion.official.convert({str(input_dir)!r}, {str(output_dir)!r}{tokenizer}, dtype={dtype})"
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -289,8 +289,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         try:
             url = push_to_hub(out, args.push_to_hub, private=args.private)
         except Exception as err:  # noqa: BLE001 - report any upload failure as one line; the folder stays
-            print(f"error: upload to {args.push_to_hub} failed ({type(err).__name__}: {err}); "
-                  f"the converted folder is kept at {out}", file=sys.stderr)
+            print(
+                f"error: upload to {args.push_to_hub} failed ({type(err).__name__}: {err}); "
+                f"the converted folder is kept at {out}",
+                file=sys.stderr,
+            )
             return 2
         print(f"uploaded to {args.push_to_hub}: {url}")
     return 0

@@ -21,7 +21,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ..image_processing_llada_v import LladaVImageProcessor
 from ..processing_llada_v import CHAT_TEMPLATE, IMAGE_TOKEN, LladaVProcessor
 
-
 RELEASED_TOKENIZER_SIZE = 126349  # entries of the released LLaDA tokenizer (ids 0..126348)
 IMAGE_TOKEN_ID = RELEASED_TOKENIZER_SIZE  # `<image>`: the next free id
 FIRST_SPECIAL_ID = 126080

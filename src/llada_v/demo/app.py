@@ -62,8 +62,9 @@ class Answer:
 
 
 @torch.no_grad()
-def answer_questions(model, processor, images: list[Image.Image], questions: list[str], trace: bool = False,
-                     **generation_kwargs) -> list[Answer]:
+def answer_questions(
+    model, processor, images: list[Image.Image], questions: list[str], trace: bool = False, **generation_kwargs
+) -> list[Answer]:
     """Answer `questions[i]` about `images[i]` in one batch (no system prompt, as the demo was trained);
     optionally record the denoising. `generation_kwargs` override the checkpoint's generation settings."""
     if len(images) != len(questions):
@@ -77,7 +78,10 @@ def answer_questions(model, processor, images: list[Image.Image], questions: lis
         canvas = step.canvas[:, step.prompt_length :]
         for row in range(canvas.shape[0]):
             frames[row].append(
-                ["_" if t == config.mask_token_id else tokenizer.convert_ids_to_tokens(int(t)) for t in canvas[row].tolist()]
+                [
+                    "_" if t == config.mask_token_id else tokenizer.convert_ids_to_tokens(int(t))
+                    for t in canvas[row].tolist()
+                ]
             )
 
     texts_out, _ = generate_texts(model, processor, texts, [[image] for image in images], config,
@@ -89,8 +93,9 @@ def held_out_sample(seed: int, index: int) -> dict:
     return make_sample(f"{HELD_OUT_PREFIX}-{seed}-{index}")
 
 
-def evaluate(model, processor, seed: int, n: int = 200, batch_size: int = 32, progress: bool | None = False,
-             **generation_kwargs) -> dict:
+def evaluate(
+    model, processor, seed: int, n: int = 200, batch_size: int = 32, progress: bool | None = False, **generation_kwargs
+) -> dict:
     """Exact-match accuracy on `n` fresh held-out samples for `seed`, overall and per question type.
 
     `progress`: a bar over the questions on stderr (None: only when stderr is a terminal; default: none)."""
@@ -166,7 +171,11 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"\nQ: {answer.question}")
         for step, tokens in enumerate(answer.frames, 1):
             print(f"   step {step}: {' '.join(tokens)}")
-        verdict = "" if truth is None else ("  (correct)" if normalise_answer(answer.text) == truth else f"  (expected {truth})")
+        verdict = (
+            ""
+            if truth is None
+            else ("  (correct)" if normalise_answer(answer.text) == truth else f"  (expected {truth})")
+        )
         print(f"A: {answer.text}{verdict}")
     if args.save_gif or args.save_png:
         frames = [f for answer in answers for f in denoising_frames(image, answer)]

@@ -14,10 +14,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from ..configuration_llada_v import LladaVConfig
-from .task import vocabulary
 from ..image_layout_llada_v import default_grid_pinpoints
 from ..image_processing_llada_v import LladaVImageProcessor
 from ..processing_llada_v import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VIDEO_TOKEN, LladaVProcessor
+from .task import vocabulary
 
 # LLaDA's special tokens by role (the names of the real tokenizer).
 BOS, EOS, START_HEADER, END_HEADER, EOT, MASK = (

@@ -38,6 +38,9 @@ from torch.utils.data import Dataset
 from transformers import TrainingArguments, set_seed
 
 from ..checkpoint_io import atomic_folder, write_remote_code
+from ..generation_utils import LladaVGenerationConfig
+from ..modeling_llada_v import LladaVModel
+from ..processing_llada_v import LladaVProcessor
 from ..training.data import (
     IGNORE_INDEX,
     MASK_SAMPLING,
@@ -47,6 +50,7 @@ from ..training.data import (
     TemplateTokens,
     find_turns,
 )
+from ..training.trainer import LladaVTrainer, set_trainable
 from .model import build_demo_processor, build_demo_tokenizer, demo_config
 from .task import (
     COLORS,
@@ -59,10 +63,6 @@ from .task import (
     draw_scene,
     make_sample,
 )
-from ..generation_utils import LladaVGenerationConfig
-from ..modeling_llada_v import LladaVModel
-from ..processing_llada_v import LladaVProcessor
-from ..training.trainer import LladaVTrainer, set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +99,14 @@ DESCRIPTION_ORDER = "both"
 QUESTION_WEIGHTS = {"shape": 3.0, "leftmost": 2.0}
 
 
-def write_training_data(folder: Path, num_samples: int, seed: int, description_every: int = DESCRIPTION_EVERY,
-                        description_order: str = DESCRIPTION_ORDER,
-                        question_weights: dict[str, float] | None = None) -> Path:
+def write_training_data(
+    folder: Path,
+    num_samples: int,
+    seed: int,
+    description_every: int = DESCRIPTION_EVERY,
+    description_order: str = DESCRIPTION_ORDER,
+    question_weights: dict[str, float] | None = None,
+) -> Path:
     """Render `num_samples` scenes as PNG files plus a LLaVA-format JSON list; returns the JSON path.
 
     One sample in `description_every` (0: none) is a scene description (`demo_task.describe`); of the others
@@ -159,7 +164,9 @@ def object_coverage(size: tuple[int, int], objects: list[dict], processor: Llada
     mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
     share = (crops * std + mean).clamp(0, 1)  # bicubic resizing over- and undershoots a little
-    share = nn.functional.avg_pool2d(share, image_processor.patch_size)  # (crops, 3, side, side), row-major patches as in SigLIP
+    share = nn.functional.avg_pool2d(
+        share, image_processor.patch_size
+    )  # (crops, 3, side, side), row-major patches as in SigLIP
     return share.flatten(2).transpose(1, 2)[..., : len(objects)]
 
 
@@ -175,13 +182,22 @@ def patch_targets(coverage: torch.Tensor, objects: list[dict]) -> tuple[torch.Te
             target[..., names.index(label_of(k, obj))] += coverage[..., k]
         return target / target.sum(-1, keepdim=True)
 
-    return (classes(SHAPE_CLASSES, lambda k, obj: obj["shape"]),
-            classes(COLOR_CLASSES, lambda k, obj: obj["color"]),
-            classes(ORDER_CLASSES, lambda k, obj: ORDER_CLASSES[1 + by_left.index(k)]))
+    return (
+        classes(SHAPE_CLASSES, lambda k, obj: obj["shape"]),
+        classes(COLOR_CLASSES, lambda k, obj: obj["color"]),
+        classes(ORDER_CLASSES, lambda k, obj: ORDER_CLASSES[1 + by_left.index(k)]),
+    )
 
 
-def pretrain_vision(model: LladaVModel, data_path: Path, processor: LladaVProcessor, steps: int, batch_size: int,
-                    learning_rate: float, seed: int) -> list[float]:
+def pretrain_vision(
+    model: LladaVModel,
+    data_path: Path,
+    processor: LladaVProcessor,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+) -> list[float]:
     """Stage 0: train the vision tower alone on dense scene labels; returns the loss every `steps // 20` steps.
 
     The released LLaDA-V starts from a pretrained SigLIP; no such tower exists at the demo's size, and one
@@ -200,8 +216,14 @@ def pretrain_vision(model: LladaVModel, data_path: Path, processor: LladaVProces
     folder = data_path.parent
     vision = model.vision_tower
     width = model.config.vision_config.hidden_size
-    heads = nn.ModuleDict({"shape": nn.Linear(width, len(SHAPE_CLASSES)), "color": nn.Linear(width, len(COLOR_CLASSES)),
-                           "order": nn.Linear(width, len(ORDER_CLASSES)), "tags": nn.Linear(width, len(VISION_TAGS))})
+    heads = nn.ModuleDict(
+        {
+            "shape": nn.Linear(width, len(SHAPE_CLASSES)),
+            "color": nn.Linear(width, len(COLOR_CLASSES)),
+            "order": nn.Linear(width, len(ORDER_CLASSES)),
+            "tags": nn.Linear(width, len(VISION_TAGS)),
+        }
+    )
     # Parameters the feature does not use (post_layernorm) get no gradient, so AdamW leaves them as they are.
     optimizer = torch.optim.AdamW([*vision.parameters(), *heads.parameters()], lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -231,9 +253,11 @@ def pretrain_vision(model: LladaVModel, data_path: Path, processor: LladaVProces
             color_t.append(targets[1])
             order_t.append(targets[2][0])
         hidden = model.encode_vision(torch.cat(crops).to(device))  # (crops, patches, width)
-        loss = (soft_cross_entropy(heads["shape"](hidden), torch.cat(shape_t).to(device))
-                + soft_cross_entropy(heads["color"](hidden), torch.cat(color_t).to(device))
-                + soft_cross_entropy(heads["order"](hidden[base_rows]), torch.stack(order_t).to(device)))
+        loss = (
+            soft_cross_entropy(heads["shape"](hidden), torch.cat(shape_t).to(device))
+            + soft_cross_entropy(heads["color"](hidden), torch.cat(color_t).to(device))
+            + soft_cross_entropy(heads["order"](hidden[base_rows]), torch.stack(order_t).to(device))
+        )
         pooled = torch.stack([part.mean(dim=(0, 1)) for part in torch.split(hidden, [c.shape[0] for c in crops])])
         loss = loss + nn.functional.binary_cross_entropy_with_logits(heads["tags"](pooled), tags.to(device))
         optimizer.zero_grad()
@@ -291,8 +315,9 @@ class AnswerOnlyLabels(Dataset):
         return item
 
 
-def _args(output_dir: Path, steps: int, batch_size: int, seed: int, warmup: int, device: str,
-          workers: int) -> TrainingArguments:
+def _args(
+    output_dir: Path, steps: int, batch_size: int, seed: int, warmup: int, device: str, workers: int
+) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -360,8 +385,9 @@ def train_demo(
 
     scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="llada_v_demo_"))
     try:
-        data_path = write_training_data(scratch / "data", train_samples, seed, description_every, description_order,
-                                        question_weights)
+        data_path = write_training_data(
+            scratch / "data", train_samples, seed, description_every, description_order, question_weights
+        )
         dataset = AnswerOnlyLabels(
             LladaVDataset(data_path, processor, image_folder=scratch / "data", system_prompt=None),
             TemplateTokens.from_processor(processor),
@@ -379,9 +405,13 @@ def train_demo(
                 model, data_path, processor, vision_pretrain_steps, VISION_PRETRAIN["batch_size"],
                 VISION_PRETRAIN["learning_rate"], seed,
             )  # fmt: skip
-            logger.info("stage 0 (vision, dense scene labels): loss %.3f -> %.3f", history["stage0"][0], history["stage0"][-1])
-        stages = [("1", stage1_steps, ("projector",), STAGE1_LEARNING_RATES),
-                  ("2", stage2_steps, ("vision", "projector", "language"), rates2)]
+            logger.info(
+                "stage 0 (vision, dense scene labels): loss %.3f -> %.3f", history["stage0"][0], history["stage0"][-1]
+            )
+        stages = [
+            ("1", stage1_steps, ("projector",), STAGE1_LEARNING_RATES),
+            ("2", stage2_steps, ("vision", "projector", "language"), rates2),
+        ]
         for stage, steps, groups, rates in stages:
             if steps:
                 args = _args(scratch / f"stage{stage}", steps, batch_size, seed, warmup=max(1, steps // 20),
@@ -431,8 +461,15 @@ def _check_settings(
     return rates2
 
 
-def _train_stage(model: LladaVModel, stage: str, groups: tuple[str, ...], rates: dict[str, float],
-                 args: TrainingArguments, dataset: Dataset, collator) -> list[float]:
+def _train_stage(
+    model: LladaVModel,
+    stage: str,
+    groups: tuple[str, ...],
+    rates: dict[str, float],
+    args: TrainingArguments,
+    dataset: Dataset,
+    collator,
+) -> list[float]:
     """One Trainer stage on the module `groups` with per-group learning `rates`; returns its logged losses."""
     set_trainable(model, groups)
     trainer = LladaVTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
@@ -466,7 +503,8 @@ def _question_weights(text: str) -> dict[str, float]:
         kind = kind.strip()
         if not sep or kind not in QUESTION_TYPES:
             raise argparse.ArgumentTypeError(
-                f"expected 'uniform' or type=weight pairs with types from {QUESTION_TYPES}, got {part!r}")
+                f"expected 'uniform' or type=weight pairs with types from {QUESTION_TYPES}, got {part!r}"
+            )
         try:
             weights[kind] = float(value)
         except ValueError:
@@ -486,33 +524,74 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     for group, rate in STAGE2_LEARNING_RATES.items():
         parser.add_argument(f"--{group}-lr", type=float, default=rate, help=f"Stage 2 learning rate (default {rate})")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cpu (default: the reproducible run) or cuda (faster exploration, not bit-identical)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (default: the reproducible run) or cuda (faster exploration, not bit-identical)",
+    )
     parser.add_argument("--dataloader-workers", type=int, default=0)
-    parser.add_argument("--vision-pretrain-steps", type=int, default=VISION_PRETRAIN["steps"],
-                        help="Stage 0 steps (vision tower learns dense scene labels; 0 skips it)")
-    parser.add_argument("--description-every", type=int, default=DESCRIPTION_EVERY,
-                        help=f"one training sample in N is a scene description (0: none; default {DESCRIPTION_EVERY})")
-    parser.add_argument("--description-order", choices=DESCRIPTION_MODES, default=DESCRIPTION_ORDER,
-                        help="objects of a description from the left, by colour name, or both orders alternating "
-                        f"(default {DESCRIPTION_ORDER})")
-    parser.add_argument("--question-weights", type=_question_weights, default=None,
-                        help="relative weights of the training question types, e.g. 'shape=3,color=1' (1 where not "
-                        f"given; 'uniform': all 1; default {_format_weights(QUESTION_WEIGHTS)})")
-    parser.add_argument("--mask-sampling", choices=MASK_SAMPLING, default="count",
-                        help="count: MaskCountSampling (default); time: t ~ U(0, 1) per sample")
+    parser.add_argument(
+        "--vision-pretrain-steps",
+        type=int,
+        default=VISION_PRETRAIN["steps"],
+        help="Stage 0 steps (vision tower learns dense scene labels; 0 skips it)",
+    )
+    parser.add_argument(
+        "--description-every",
+        type=int,
+        default=DESCRIPTION_EVERY,
+        help=f"one training sample in N is a scene description (0: none; default {DESCRIPTION_EVERY})",
+    )
+    parser.add_argument(
+        "--description-order",
+        choices=DESCRIPTION_MODES,
+        default=DESCRIPTION_ORDER,
+        help="objects of a description from the left, by colour name, or both orders alternating "
+        f"(default {DESCRIPTION_ORDER})",
+    )
+    parser.add_argument(
+        "--question-weights",
+        type=_question_weights,
+        default=None,
+        help="relative weights of the training question types, e.g. 'shape=3,color=1' (1 where not "
+        f"given; 'uniform': all 1; default {_format_weights(QUESTION_WEIGHTS)})",
+    )
+    parser.add_argument(
+        "--mask-sampling",
+        choices=MASK_SAMPLING,
+        default="count",
+        help="count: MaskCountSampling (default); time: t ~ U(0, 1) per sample",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rates = {group: getattr(args, f"{group}_lr") for group in STAGE2_LEARNING_RATES}
-    summary = train_demo(args.output_dir, args.seed, args.train_samples, args.stage1_steps, args.stage2_steps,
-                         args.batch_size, learning_rates=rates, device=args.device,
-                         dataloader_workers=args.dataloader_workers, vision_pretrain_steps=args.vision_pretrain_steps,
-                         description_every=args.description_every, description_order=args.description_order,
-                         mask_sampling=args.mask_sampling, question_weights=args.question_weights)
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses"} | {
-        "first_loss": {k: v[0] for k, v in summary["losses"].items()},
-        "last_loss": {k: v[-1] for k, v in summary["losses"].items()},
-    }, indent=2))
+    summary = train_demo(
+        args.output_dir,
+        args.seed,
+        args.train_samples,
+        args.stage1_steps,
+        args.stage2_steps,
+        args.batch_size,
+        learning_rates=rates,
+        device=args.device,
+        dataloader_workers=args.dataloader_workers,
+        vision_pretrain_steps=args.vision_pretrain_steps,
+        description_every=args.description_every,
+        description_order=args.description_order,
+        mask_sampling=args.mask_sampling,
+        question_weights=args.question_weights,
+    )
+    print(
+        json.dumps(
+            {k: v for k, v in summary.items() if k != "losses"}
+            | {
+                "first_loss": {k: v[0] for k, v in summary["losses"].items()},
+                "last_loss": {k: v[-1] for k, v in summary["losses"].items()},
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -194,7 +194,9 @@ def resolve_generation(
         stops = [*preset.stop_strings, *[s for s in stops if s not in preset.stop_strings]]
     if gen_kwargs.get("gen_length") is not None:
         length = int(gen_kwargs["gen_length"])
-        steps, block = fit_schedule(length, int(gen_kwargs.get("steps", steps)), int(gen_kwargs.get("block_length", block)))
+        steps, block = fit_schedule(
+            length, int(gen_kwargs.get("steps", steps)), int(gen_kwargs.get("block_length", block))
+        )
     overrides: dict[str, Any] = {"max_new_tokens": length, "steps": steps, "block_length": block}
     for key in SAMPLER_KWARGS:
         if gen_kwargs.get(key) is not None:
@@ -322,11 +324,34 @@ class LladaV(lmms):
             raise ValueError("llada_v: load_in_4bit and load_in_8bit exclude each other")
         if str(batch_size).startswith("auto"):
             raise ValueError("llada_v: batch_size=auto is not supported; give a number")
+        self.dllm_cache = dllm_cache_arg(dllm_cache)  # checked before the weights are read
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1 or int(mc_num) < 1 or int(mc_batch_size) < 1:
-            raise ValueError(f"llada_v: batch_size ({batch_size}), mc_num ({mc_num}) and mc_batch_size "
-                             f"({mc_batch_size}) must be positive")
+            raise ValueError(
+                f"llada_v: batch_size ({batch_size}), mc_num ({mc_num}) and mc_batch_size "
+                f"({mc_batch_size}) must be positive"
+            )
 
+        device = self._join_processes(device)
+        quantization = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
+        self.model, self.processor = load_pretrained(
+            pretrained, processor, dtype=dtype, device=device or "auto", quantization=quantization,
+            attn_implementation=attn_implementation, adapter=adapter,
+        )  # fmt: skip
+        self.tokenizer = self.processor.tokenizer
+        # A bar over the requests on the first process, only on a terminal unless progress=true/false says.
+        self.progress_disable = True if self._rank != 0 else tqdm_disable(progress)
+        self.fast = fast
+        self.task_presets = task_presets
+        self.cfg_scale = cfg_scale
+        self.system_prompt = system_prompt
+        self.mc_num, self.mc_batch_size = int(mc_num), int(mc_batch_size)
+        self.check_greedy = check_greedy
+        self.seed = int(seed)
+        self._prompt_cache: tuple[Any, Any] | None = None
+
+    def _join_processes(self, device: str | None) -> str | None:
+        """Under `accelerate launch`: this process's rank, world size and device (data parallel); else `device`."""
         from accelerate import Accelerator
 
         accelerator = Accelerator()
@@ -344,23 +369,7 @@ class LladaV(lmms):
             device = str(accelerator.device)
             self.accelerator = accelerator
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-        quantization = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
-        self.model, self.processor = load_pretrained(
-            pretrained, processor, dtype=dtype, device=device or "auto", quantization=quantization,
-            attn_implementation=attn_implementation, adapter=adapter,
-        )  # fmt: skip
-        self.tokenizer = self.processor.tokenizer
-        # A bar over the requests on the first process, only on a terminal unless progress=true/false says.
-        self.progress_disable = True if self._rank != 0 else tqdm_disable(progress)
-        self.fast = fast
-        self.dllm_cache = dllm_cache_arg(dllm_cache)
-        self.task_presets = task_presets
-        self.cfg_scale = cfg_scale
-        self.system_prompt = system_prompt
-        self.mc_num, self.mc_batch_size = int(mc_num), int(mc_batch_size)
-        self.check_greedy = check_greedy
-        self.seed = int(seed)
-        self._prompt_cache: tuple[Any, Any] | None = None
+        return device
 
     # ------------------------------------------------------------------ lmms-eval plumbing
 
@@ -487,9 +496,7 @@ class LladaV(lmms):
         return results
 
     @torch.no_grad()
-    def score(
-        self, context: str, continuation: str, images: list, cache_key: tuple | None = None
-    ) -> ContinuationScore:
+    def score(self, context: str, continuation: str, images: list, cache_key: tuple | None = None) -> ContinuationScore:
         """The log-likelihood estimate of `continuation` as the answer to `context` about `images`, whether it is
         the sampler's greedy answer, and its token count.
 
@@ -507,8 +514,11 @@ class LladaV(lmms):
         else:
             inputs = prepare_inputs(self.processor, [prompt_text], [images], self.device)
             prompt_embeds = self.model.embed_multimodal(
-                inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_sizes"),
-                inputs.get("image_layouts"), inputs.get("image_num_crops"),
+                inputs["input_ids"],
+                inputs.get("pixel_values"),
+                inputs.get("image_sizes"),
+                inputs.get("image_layouts"),
+                inputs.get("image_num_crops"),
             )  # (1, P, D)
             self._prompt_cache = (cache_key, (inputs, prompt_embeds))
         target_ids = torch.tensor(target, device=self.device)
@@ -552,9 +562,16 @@ class LladaV(lmms):
         length = len(target)
         config = generation_config_for(
             self.model.generation_config,
-            {"max_new_tokens": length, "steps": length, "block_length": length, "temperature": 0.0,
-             "remasking": "low_confidence", "stop_token_ids": [], "stop_strings": None,
-             "cfg_scale": float(self.cfg_scale or 0.0)},
+            {
+                "max_new_tokens": length,
+                "steps": length,
+                "block_length": length,
+                "temperature": 0.0,
+                "remasking": "low_confidence",
+                "stop_token_ids": [],
+                "stop_strings": None,
+                "cfg_scale": float(self.cfg_scale or 0.0),
+            },
         )
         config.return_dict_in_generate = True
         output = self.model.diffusion_generate(**inputs, generation_config=config)
@@ -568,5 +585,14 @@ def manifest() -> Any:
     return ModelManifest(model_id="llada_v", simple_class_path="llada_v.evaluation.lmms_eval_plugin.LladaV")
 
 
-__all__ = ["ContinuationScore", "LladaV", "LoglikelihoodResult", "DiffusionPreset", "TASK_PRESETS", "manifest", "resolve_generation", "task_preset",
-           "truncate_at_stops"]
+__all__ = [
+    "ContinuationScore",
+    "LladaV",
+    "LoglikelihoodResult",
+    "DiffusionPreset",
+    "TASK_PRESETS",
+    "manifest",
+    "resolve_generation",
+    "task_preset",
+    "truncate_at_stops",
+]

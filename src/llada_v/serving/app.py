@@ -102,7 +102,9 @@ class LladaVServer:
     async def generate_batch(self, jobs: list[GenerationJob]) -> list[JobResult]:
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._generator, self.service.run, jobs)
-        logger.info("batch of %d requests: generate calls of %s rows", len(jobs), sorted({r.batch_size for r in results}))
+        logger.info(
+            "batch of %d requests: generate calls of %s rows", len(jobs), sorted({r.batch_size for r in results})
+        )
         return results
 
 
@@ -141,7 +143,9 @@ def run_server(options: ServeOptions) -> int:
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         serve.start(http_options={"host": options.host, "port": options.port})
         serve.run(build_app(options), name=options.app_name, route_prefix="/", blocking=False)
-        print(f"llada-v serve: {options.model_id} on http://{options.host}:{options.port}/v1 (Ctrl-C stops)", flush=True)
+        print(
+            f"llada-v serve: {options.model_id} on http://{options.host}:{options.port}/v1 (Ctrl-C stops)", flush=True
+        )
         while not stop.wait(0.5):
             pass
         print("llada-v serve: stopping", flush=True)

@@ -231,4 +231,3 @@ class StreamingCallback:
             if job.sink is not None and delta:
                 job.streamed = True
                 job.emit(StreamEvent("delta", text=delta))
-

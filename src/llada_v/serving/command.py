@@ -46,7 +46,9 @@ def add_serve_arguments(subparsers: Any) -> argparse.ArgumentParser:
 def _add_serving_model_group(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (serving)")
     group.add_argument("--fast", action="store_true", help="fast-decoding preset by default (requests may override)")
-    group.add_argument("--system-prompt", metavar="TEXT", help="default system prompt (demo: none; else the template's)")
+    group.add_argument(
+        "--system-prompt", metavar="TEXT", help="default system prompt (demo: none; else the template's)"
+    )
     group.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
 
 

@@ -46,7 +46,7 @@ class Admission:
         self.pixel_capacity = pixel_capacity
         self.pixels = 0
 
-    def enter(self, retry_after: int) -> "Slot":
+    def enter(self, retry_after: int) -> Slot:
         if self.active >= self.capacity:
             raise ApiError(
                 503,

@@ -45,7 +45,7 @@ class MediaPolicy:
     max_pixels: int | None = None  # None: the loader's default (Pillow's decompression-bomb limit)
 
     @classmethod
-    def from_options(cls, options: Any, max_pixels: int | None = None) -> "MediaPolicy":
+    def from_options(cls, options: Any, max_pixels: int | None = None) -> MediaPolicy:
         root = options.allowed_local_media_path
         if root is not None:
             root = Path(root).expanduser().resolve()
@@ -166,7 +166,9 @@ def _download(url: str, param: str, policy: MediaPolicy, deadline: float | None)
 def _data_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
-        raise invalid(f"{param}: a data URL must look like data:image/<type>;base64,<data>, got {describe_url(url)}", param)
+        raise invalid(
+            f"{param}: a data URL must look like data:image/<type>;base64,<data>, got {describe_url(url)}", param
+        )
     if len(payload) > (max_bytes + 2) // 3 * 4 + 4:  # base64 length of max_bytes, before decoding it
         raise invalid(f"{param}: image of ~{len(payload) * 3 // 4} bytes exceeds the limit of {max_bytes} bytes", param)
     try:

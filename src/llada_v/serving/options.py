@@ -229,7 +229,7 @@ class ServeOptions:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], convert_strings: bool = False) -> "ServeOptions":
+    def from_dict(cls, data: dict[str, Any], convert_strings: bool = False) -> ServeOptions:
         """Options from a mapping (a Serve config's `args:`); unknown keys are an error naming them.
         `convert_strings`: numbers and booleans may be given as text (`serve run ... key=value`)."""
         if not isinstance(data, dict):

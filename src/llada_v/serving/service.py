@@ -107,7 +107,9 @@ class ChatService:
                                 self.model.config.get_text_config().max_position_embeddings)  # fmt: skip
         except ValueError as err:
             raise invalid(f"the request cannot be generated: {err}", "messages", "prompt_too_long") from None
-        job = GenerationJob(text=text, images=images, config=config, seed=request.seed, stream_canvas=request.stream_canvas)
+        job = GenerationJob(
+            text=text, images=images, config=config, seed=request.seed, stream_canvas=request.stream_canvas
+        )
         return job, int(inputs["input_ids"].shape[1])
 
     # ------------------------------------------------------------------ jobs -> answers

@@ -105,7 +105,9 @@ class TemplateTokens:
                 raise ValueError(f"the tokenizer has no single token for {token!r} (encodes to {encoded})")
             ids[name] = encoded[0]
         if tokenizer.bos_token_id is None:
-            raise ValueError("the tokenizer has no bos_token; the LLaDA chat template starts every conversation with it")
+            raise ValueError(
+                "the tokenizer has no bos_token; the LLaDA chat template starts every conversation with it"
+            )
         assistant = tuple(tokenizer.encode("assistant", add_special_tokens=False))
         if not assistant:
             raise ValueError("the tokenizer encodes 'assistant' to no tokens")
@@ -254,7 +256,9 @@ class LladaVDataset(Dataset):
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
         if length_policy not in LENGTH_POLICIES:
             raise ValueError(f"length_policy must be one of {LENGTH_POLICIES}, got {length_policy!r}")
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
             raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
         self.processor = processor
         self.tokens = TemplateTokens.from_processor(processor)
@@ -373,7 +377,11 @@ class LladaVDataset(Dataset):
         kept_turns = sum(1 for t in turns if t.start < cut)
         logger.warning(
             "sample %d: %s; dropped the last %d of %d turns (%d tokens kept)",
-            index, too_long, len(turns) - kept_turns, len(turns), cut,
+            index,
+            too_long,
+            len(turns) - kept_turns,
+            len(turns),
+            cut,
         )
         return input_ids[:cut], labels[:cut]
 
@@ -394,12 +402,16 @@ class LladaVDataset(Dataset):
                 raise bad(f"turn {turn_no} must be an object with a string 'value'")
             role = ROLE_ALIASES.get(str(turn.get("from", "")).lower())
             if role is None:
-                raise bad(f"turn {turn_no} has unknown role {turn.get('from')!r}; expected one of {sorted(ROLE_ALIASES)}")
+                raise bad(
+                    f"turn {turn_no} has unknown role {turn.get('from')!r}; expected one of {sorted(ROLE_ALIASES)}"
+                )
             if role == "system" and turn_no != 0:
                 raise bad(f"a system turn may only come first, found one at turn {turn_no}")
             messages.append({"role": role, "content": turn["value"]})
         if messages[-1]["role"] != "assistant":
-            raise bad(f"the conversation must end with an assistant ('gpt') turn, it ends with {messages[-1]['role']!r}")
+            raise bad(
+                f"the conversation must end with an assistant ('gpt') turn, it ends with {messages[-1]['role']!r}"
+            )
         empty = [n for n, m in enumerate(messages) if m["role"] == "assistant" and not m["content"].strip()]
         if empty:
             # The template trims the content: an empty answer would teach the model to end every turn at once.

@@ -471,8 +471,12 @@ class ModelArguments:
     """Which checkpoint to fine-tune."""
 
     model_name_or_path: str = field(metadata={"help": "llada-v checkpoint folder or Hub id"})
-    processor_name_or_path: str | None = field(default=None, metadata={"help": "processor folder (default: the model's)"})
-    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 (use --bf16 for autocast) or bfloat16"})
+    processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "processor folder (default: the model's)"}
+    )
+    dtype: str = field(
+        default="float32", metadata={"help": "weights dtype: float32 (use --bf16 for autocast) or bfloat16"}
+    )
     attn_implementation: str | None = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
 
 
@@ -490,8 +494,10 @@ class DataArguments:
     padding: str = field(default="official", metadata={"help": f"padding mode: one of {PADDING_MODES}"})
     mask_sampling: str = field(
         default="time",
-        metadata={"help": f"one of {MASK_SAMPLING}: t ~ U(0,1) per sample (the released recipe) or the number of masked tokens "
-                          "(same objective, lower variance; MaskCountSampling)"},
+        metadata={
+            "help": f"one of {MASK_SAMPLING}: t ~ U(0,1) per sample (the released recipe) or the number of masked tokens "
+            "(same objective, lower variance; MaskCountSampling)"
+        },
     )
     dummy_image: bool = field(
         default=True, metadata={"help": "zero crop (masked, no loss) in batches without images; see docs/training.md"}
@@ -504,7 +510,8 @@ class LladaVTrainingArguments(TrainingArguments):
 
     stage: str = field(default="2", metadata={"help": "1 (projector only), 2 or 3 (everything)"})
     trainable: str | None = field(
-        default=None, metadata={"help": "comma-separated groups to train instead of the stage's: vision,projector,language"}
+        default=None,
+        metadata={"help": "comma-separated groups to train instead of the stage's: vision,projector,language"},
     )
     vision_lr: float | None = field(default=None, metadata={"help": "vision tower LR (default: the stage's)"})
     projector_lr: float | None = field(default=None, metadata={"help": "projector LR (default: the stage's)"})
@@ -626,7 +633,9 @@ def _prepare_training(
     if data_args.mask_sampling == "count":
         collator = MaskCountSampling(collator, seed=args.seed + args.process_index)  # ranks draw different masks
     model = LladaVModel.from_pretrained(
-        model_args.model_name_or_path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation
+        model_args.model_name_or_path,
+        dtype=DTYPES[model_args.dtype],
+        attn_implementation=model_args.attn_implementation,
     )
     set_trainable(model, _trainable_groups(args))
     if args.lora_r > 0:
@@ -657,7 +666,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrai
     if args.lora_r > 0 and args.merge_lora_at_end and trainer.is_world_process_zero():
         # From the saved adapter, not the live model: under FSDP the live weights are shards spread over the ranks.
         base = LladaVModel.from_pretrained(
-            model_args.model_name_or_path, dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation
+            model_args.model_name_or_path,
+            dtype=DTYPES[model_args.dtype],
+            attn_implementation=model_args.attn_implementation,
         )
         # Written whole or not at all; a rerun into the same output_dir replaces it, as the run replaced the adapter.
         with atomic_folder(os.path.join(args.output_dir, "merged"), overwrite=True) as merged_dir:
@@ -669,7 +680,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: LladaVTrai
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LladaVTrainingArguments]:
     """Parse command-line flags, or one `.json`/`.yaml` file holding them all."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, LladaVTrainingArguments), prog="python -m llada_v.training")
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, LladaVTrainingArguments), prog="python -m llada_v.training"
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])

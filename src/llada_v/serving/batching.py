@@ -16,6 +16,7 @@ each job the new text (and, on request, the whole answer canvas).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -231,3 +232,16 @@ class StreamingCallback:
             if job.sink is not None and delta:
                 job.streamed = True
                 job.emit(StreamEvent("delta", text=delta))
+
+
+async def next_event(queue: asyncio.Queue, task: asyncio.Future) -> StreamEvent | None:
+    """The job's next event from `queue`, or None once `task` (its batch call) has finished and every event was
+    read: the one reader of a job's events (the HTTP routes and the web page)."""
+    if not queue.empty():
+        return queue.get_nowait()
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    return None if queue.empty() else queue.get_nowait()

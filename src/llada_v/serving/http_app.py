@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .batching import JobResult, StreamEvent
+from .batching import JobResult, StreamEvent, next_event
 from .openai_api import ApiError, chunk_body, completion_body, completion_id, invalid, models_body, usage
 
 BATCH_SIZE_HEADER = "x-llada-batch-size"
@@ -223,23 +223,11 @@ async def _chat(server: Any, request: Request) -> Response:
             slot.release()
 
 
-async def _next_event(queue: asyncio.Queue, task: asyncio.Future) -> StreamEvent | None:
-    """The job's next event, or None once its batch call has finished and every event was read."""
-    if not queue.empty():
-        return queue.get_nowait()
-    getter = asyncio.ensure_future(queue.get())
-    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-    if getter.done():
-        return getter.result()
-    getter.cancel()
-    return None if queue.empty() else queue.get_nowait()
-
-
 async def _stream(queue: asyncio.Queue, task: asyncio.Future, parsed: Any, request_id: str,
                   prompt_tokens: int) -> Response:  # fmt: skip
     batch_size, first = 0, None
     while first is None:  # wait for the first text or canvas: errors before it are plain responses
-        event = await _next_event(queue, task)
+        event = await next_event(queue, task)
         if event is None:
             break
         if event.kind == "started":
@@ -272,7 +260,7 @@ async def _sse(queue: asyncio.Queue, task: asyncio.Future, first: StreamEvent | 
             yield _data(chunk_body(request_id, model, {"content": event.text}))
         elif event.kind == "canvas":
             yield _data(chunk_body(request_id, model, llada_canvas=event.canvas), event="llada.canvas")
-        event = await _next_event(queue, task)
+        event = await next_event(queue, task)
     result: JobResult = task.result()
     if result.error is not None:
         yield _data(result_error(result).body())

@@ -36,7 +36,7 @@ from PIL import Image
 from ..demo.app import Answer, denoising_frames
 from ..demo.task import make_sample
 from ..inference import InputError, chat_prompt, generation_config_for, load_from_args, read_image, user_message
-from ..serving.batching import GenerationJob, JobResult, StreamEvent, run_batch
+from ..serving.batching import GenerationJob, JobResult, next_event, run_batch
 from .command import parse_web_args
 
 # The ids a test (or a user script) drives the page by.
@@ -249,7 +249,7 @@ class Handlers:
         job.sink = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
         task = asyncio.ensure_future(self.engine.submit(job))
         shown = 0.0
-        while (event := await _next_event(events, task)) is not None:
+        while (event := await next_event(events, task)) is not None:
             if event.kind != "canvas":
                 continue
             frames.append(event.canvas)
@@ -334,18 +334,6 @@ def build_blocks(engine: Any, initial: Any | None = None, preset: str = "exact",
 
 def _empty_conversation() -> dict:
     return {"messages": [], "images": []}
-
-
-async def _next_event(queue: asyncio.Queue, task: asyncio.Future) -> StreamEvent | None:
-    """The job's next event, or None once the job has finished and every event was read."""
-    if not queue.empty():
-        return queue.get_nowait()
-    getter = asyncio.ensure_future(queue.get())
-    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-    if getter.done():
-        return getter.result()
-    getter.cancel()
-    return None if queue.empty() else queue.get_nowait()
 
 
 # ---------------------------------------------------------------------------------------------- entry points

@@ -102,7 +102,7 @@ class ReplicaEngine:
 
     async def submit(self, job: GenerationJob) -> JobResult:
         try:
-            slot = self.server.admission.enter(self.server.service.retry_after_seconds())
+            slot = self.server.admission.enter(self.server.service.retry_after_seconds(self.server.admission.active))
         except Exception as err:  # noqa: BLE001 - the replica is full (ApiError 503): said on the page
             return JobResult(error=RuntimeError(getattr(err, "message", str(err))))
         try:

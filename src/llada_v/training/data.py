@@ -419,9 +419,6 @@ class LladaVDataset(Dataset):
         for message in messages:
             if VIDEO_TOKEN in message["content"] and "video" not in record:
                 raise bad(f"{VIDEO_TOKEN} placeholder without a 'video'")
-            for token in (START_HEADER, END_HEADER, END_OF_TURN, self.processor.tokenizer.bos_token):
-                if token and token in message["content"]:
-                    raise bad(f"a turn contains the template token {token!r} as text")
 
         images = record.get("image")
         video = record.get("video")

@@ -98,6 +98,10 @@ def test_the_api_key_comes_from_the_option_or_the_environment_and_a_public_host_
     (warning,) = ServeOptions(host="0.0.0.0", port=9000).security_warnings()
     assert "--host 0.0.0.0 accepts connections from other machines and no API key is set" in warning
     assert "port 9000" in warning and "--api-key" in warning
+    # The web page is not behind the key: a public host with --web says so, key or not.
+    (page,) = ServeOptions(host="0.0.0.0", port=9000, web=True, api_key="k").security_warnings()
+    assert "--web: the page at / on port 9000 is not behind the API key" in page
+    assert ServeOptions(host="127.0.0.1", web=True).security_warnings() == []
     with pytest.raises(InputError, match="api_key must be a non-empty string, got ' '"):
         ServeOptions(api_key=" ")
     with pytest.raises(InputError, match="max_prompt_chars must be an integer >= 1, got 0"):

@@ -197,13 +197,21 @@ class ServeOptions:
 
     def security_warnings(self) -> list[str]:
         """What an operator should know before these settings face a network (printed by `llada-v serve`)."""
-        if self.loopback_only or self.api_key:
+        if self.loopback_only:
             return []
-        return [
-            f"--host {self.host} accepts connections from other machines and no API key is set: anyone who can "
-            f"reach port {self.port} can generate and make the server fetch image URLs; set --api-key (or "
-            f"{API_KEY_ENV}) or put an authenticating proxy in front"
-        ]
+        warnings = []
+        if not self.api_key:
+            warnings.append(
+                f"--host {self.host} accepts connections from other machines and no API key is set: anyone who can "
+                f"reach port {self.port} can generate and make the server fetch image URLs; set --api-key (or "
+                f"{API_KEY_ENV}) or put an authenticating proxy in front"
+            )
+        if self.web:
+            warnings.append(
+                f"--web: the page at / on port {self.port} is not behind the API key; anyone who can reach it can "
+                "generate through it: put an authenticating proxy in front or serve the page on loopback only"
+            )
+        return warnings
 
     def deployment_options(self) -> dict[str, Any]:
         """`serve.deployment(...).options(...)` keyword arguments for these settings."""

@@ -575,6 +575,55 @@ def test_a_checkpoint_save_that_fails_half_way_leaves_no_checkpoint_folder(setup
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # rotated to the limit, staging removed
 
 
+_KILLED_SCRIPT = """
+import sys, time
+from pathlib import Path
+from test_training import _args
+from test_data import write_tiny_checkpoint_and_data
+from llada_v.training.data import LladaVDataCollator, LladaVDataset
+from llada_v.training.trainer import LladaVTrainer
+from llada_v import LladaVModel
+
+root = Path(sys.argv[1])
+processor, config, ck, data, images = write_tiny_checkpoint_and_data(root)
+
+class SlowSave(LladaVTrainer):
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if self.state.global_step == 2:  # the weights of checkpoint-2 are written: the parent kills us here
+            (root / "saving").write_text(output_dir)
+            time.sleep(120)
+        return super()._save_optimizer_and_scheduler(output_dir)
+
+trainer = SlowSave(model=LladaVModel.from_pretrained(ck), args=_args(root, max_steps=3, save_strategy="steps",
+                   save_steps=1), train_dataset=LladaVDataset(data, processor, image_folder=images),
+                   data_collator=LladaVDataCollator.from_processor(processor))
+trainer.train()
+"""
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_while_saving_leaves_the_last_complete_checkpoint_to_resume(tmp_path):
+    import signal
+    import time
+
+    from llada_v.training.trainer import resolve_resume
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, str(tmp_path)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "saving").exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.time() < deadline, "the run never reached its second save"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    out = tmp_path / "out"
+    assert (out / ".checkpoint-2.partial" / "checkpoint-2" / "model.safetensors").is_file()  # killed mid-save
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["checkpoint-1"]
+    assert resolve_resume("last", str(out)) == str(out / "checkpoint-1")
+
+
 _RANK_SCRIPT = """
 import json, sys
 from llada_v.modeling_llada_v import LladaVModel

@@ -341,14 +341,14 @@ def test_overlong_prompts_are_refused_before_they_are_queued(server, client):
 def test_stop_strings_end_the_answer_before_them(server, client, demo):
     sample = make_sample(0)
     question = "Which colors are there?"
-    full = single_answer(demo, question, sample["image"], max_new_tokens=16)
+    full = single_answer(demo, question, sample["image"])  # "green triangle": <|eot_id|> ends the canvas
     words = full.split()
-    assert len(words) >= 3, full
+    assert len(words) >= 2, full
     expected = full[: full.index(words[1])].rstrip()
     url = png_data_url(sample["image"])
-    answer = client.chat.completions.create(model=MODEL, messages=messages(question, url), max_tokens=16, stop=words[1])
+    answer = client.chat.completions.create(model=MODEL, messages=messages(question, url), stop=words[1])
     assert answer.choices[0].message.content == expected and answer.choices[0].finish_reason == "stop"
-    stream = client.chat.completions.create(model=MODEL, messages=messages(question, url), max_tokens=16,
+    stream = client.chat.completions.create(model=MODEL, messages=messages(question, url),
                                             stop=["no such words", words[1]], stream=True)  # fmt: skip
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected

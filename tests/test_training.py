@@ -609,8 +609,13 @@ def test_a_trainer_killed_while_saving_leaves_the_last_complete_checkpoint_to_re
     from llada_v.training.trainer import resolve_resume
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
-    process = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, str(tmp_path)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SCRIPT, str(tmp_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not (tmp_path / "saving").exists():
         assert process.poll() is None, process.stderr.read()[-3000:]

@@ -579,7 +579,7 @@ _KILLED_SCRIPT = """
 import sys, time
 from pathlib import Path
 from test_training import _args
-from test_data import write_tiny_checkpoint_and_data
+from helpers import write_tiny_checkpoint_and_data
 from llada_v.training.data import LladaVDataCollator, LladaVDataset
 from llada_v.training.trainer import LladaVTrainer
 from llada_v import LladaVModel

@@ -6,10 +6,13 @@ where it is imported. The tiny model and inputs are in tiny.py, where files are 
 """
 
 import base64
+import http.server
 import io
 import json
 import os
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -292,6 +295,15 @@ def write_local_task(folder):
 SCALE_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
+def accelerate_launch(num_processes: int) -> list[str]:
+    """`accelerate launch` with `num_processes` local processes (`--multi_gpu` when more than one: the CPU gets
+    gloo with `ACCELERATE_USE_CPU=true` or `CUDA_VISIBLE_DEVICES=""`), no mixed precision, no dynamo, any free port."""
+    multi = ["--multi_gpu"] if num_processes > 1 else []
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+            "--num_machines", "1", *multi, "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", "0"]  # fmt: skip
+
+
 def scale_setup(root: Path) -> SimpleNamespace:
     """`write_tiny_checkpoint_and_data` under `root`, as the `setup` fixture of the multi-process tests."""
     _, _, ck, data, images = write_tiny_checkpoint_and_data(root)
@@ -369,3 +381,42 @@ def golden_image_inputs(golden_dir, image_file):
         return {"pixel_values": pixels, "image_sizes": torch.tensor([[100, 300]])}  # (height, width)
     out = LladaVImageProcessor()(Image.open(golden_dir / image_file))
     return {k: out[k] for k in ("pixel_values", "image_sizes", "image_layouts", "image_num_crops")}
+
+
+# ---------------------------------------------------------------------------------------------- slow servers
+
+
+class TricklingHost:
+    """A loopback HTTP server that sends an image's headers (1000 bytes promised), then one byte per second."""
+
+    def __init__(self, seconds: int = 60) -> None:
+        self.stop = threading.Event()
+        stop = self.stop
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the http.server name
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                for _ in range(seconds):
+                    try:
+                        self.wfile.write(b"\0")
+                        self.wfile.flush()
+                    except OSError:  # the server under test hung up
+                        return
+                    if stop.wait(1):
+                        return
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/trickle.png"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from llada_v import LladaVModel
 
 from helpers import SCALE_ENV as ENV
-from helpers import rank_logs, run_ok, scale_flags, scale_setup
+from helpers import accelerate_launch, rank_logs, run_ok, scale_flags, scale_setup
 from paths import REPO
 
 pytestmark = [
@@ -65,23 +65,7 @@ def test_zero3_matches_one_process_and_exports_a_loadable_model(setup, tmp_path)
         str(REPO / "configs" / "deepspeed_zero3.json"),
     )
     flags.remove("--use_cpu")
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        str(gpus),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-    ]
-    if gpus > 1:
-        launch.insert(3, "--multi_gpu")
+    launch = accelerate_launch(gpus)
     run_ok([*launch, str(RUNNER), *flags], env=env_gpus)
     (reference,) = rank_logs(single, 1)
     ranks = rank_logs(zero3, gpus)

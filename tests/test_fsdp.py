@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from llada_v import LladaVModel
 
 from helpers import SCALE_ENV as ENV
-from helpers import rank_logs, run_ok, scale_flags, scale_setup
+from helpers import accelerate_launch, rank_logs, run_ok, scale_flags, scale_setup
 from paths import REPO
 
 pytestmark = pytest.mark.slow
@@ -31,22 +31,7 @@ FSDP_CONFIG = REPO / "configs" / "fsdp2.json"
 UNITS = ["LladaVDecoderLayer", "SiglipEncoderLayer", "SiglipVisionEmbeddings"]
 # Different rates per module group, large enough that a group updated with another group's rate changes the losses.
 RATES = {"vision": 1e-2, "projector": 3e-2, "language": 5e-3}
-LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--multi_gpu",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--main_process_port",
-    "0",
-]
+LAUNCH = accelerate_launch(2)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from llada_v.image_layout_llada_v import (
 )
 from llada_v.image_processing_llada_v import LladaVImageProcessor, load_image, sample_frame_indices
 
+from helpers import TricklingHost
 from paths import GOLDEN
 
 needs_golden = pytest.mark.skipif(
@@ -786,46 +787,10 @@ def test_slices_of_a_resize_pass_give_the_same_pixels(monkeypatch):
         assert np.array_equal(sliced, whole), (shape, size)
 
 
-class _TricklingServer:
-    """A real HTTP server on 127.0.0.1 in a thread that sends its headers (a 1000-byte body promised), then one
-    byte per second for `seconds` seconds, then closes."""
-
-    def __init__(self, seconds: int = 20):
-        import http.server
-        import threading
-        import time
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - the http.server hook
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", "1000")
-                self.end_headers()
-                for _ in range(seconds):
-                    try:
-                        self.wfile.write(b"\0")
-                        self.wfile.flush()
-                    except OSError:  # the client gave up
-                        return
-                    time.sleep(1)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/trickle.png"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_a_trickling_url_is_cut_off_at_the_deadline():
     import time
 
-    server = _TricklingServer(seconds=20)
+    server = TricklingHost(seconds=20)
     try:
         start = time.monotonic()
         with pytest.raises(ValueError, match=rf"{server.url} did not finish downloading within 2 s"):

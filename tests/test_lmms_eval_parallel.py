@@ -17,7 +17,7 @@ import pytest
 
 from llada_v.evaluation.lmms_eval_plugin import LladaV
 
-from helpers import build_demo_like_checkpoint, write_local_task
+from helpers import accelerate_launch, build_demo_like_checkpoint, write_local_task
 
 _RECORDING_LMMS_EVAL = r"""
 import json, os, runpy, sys
@@ -124,22 +124,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     task_dir = write_local_task(tmp_path / "task")
     single = _evaluate(tmp_path, "single", [sys.executable], demo_ck, task_dir)
     # `--cpu` would start one process only (accelerate's simple launcher); ACCELERATE_USE_CPU puts these on the CPU.
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-    ]
+    launcher = accelerate_launch(2)
     parallel = _evaluate(tmp_path, "parallel", launcher, demo_ck, task_dir, ACCELERATE_USE_CPU="true")
 
     scores, responses, calls = parallel

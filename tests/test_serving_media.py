@@ -7,8 +7,6 @@ Its own server (tight budgets, a short fetch timeout) beside test_serving.py's.
 """
 
 import concurrent.futures
-import http.server
-import threading
 import time
 
 import pytest
@@ -21,48 +19,12 @@ from PIL import Image  # noqa: E402
 
 from llada_v.demo.task import make_sample  # noqa: E402
 
-from helpers import png_data_url  # noqa: E402
+from helpers import TricklingHost, png_data_url  # noqa: E402
 from serving_helpers import API_KEY, MODEL, Server, get_json, messages, single_answer  # noqa: E402
 
 FETCH_TIMEOUT, REQUEST_PIXELS, QUEUED_PIXELS = 8.0, 1_000_000, 4_000_000
 TRICKLERS = 8  # twice the media threads of the server before downloads got threads of their own
 pytestmark = pytest.mark.slow
-
-
-class TricklingHost:
-    """A loopback HTTP server that sends an image's headers (1000 bytes promised), then one byte per second."""
-
-    def __init__(self, seconds: int = 60) -> None:
-        self.stop = threading.Event()
-        stop = self.stop
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - the http.server name
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", "1000")
-                self.end_headers()
-                for _ in range(seconds):
-                    try:
-                        self.wfile.write(b"\0")
-                        self.wfile.flush()
-                    except OSError:  # the server under test hung up
-                        return
-                    if stop.wait(1):
-                        return
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/trickle.png"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")

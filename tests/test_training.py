@@ -32,7 +32,7 @@ from llada_v.training.trainer import (
     stage_preset,
 )
 
-from helpers import tiny_processor, write_tiny_checkpoint_and_data
+from helpers import accelerate_launch, tiny_processor, write_tiny_checkpoint_and_data
 from paths import REPO
 
 
@@ -673,22 +673,7 @@ def test_accelerate_launch_two_cpu_processes_agree_on_loss_and_weights(setup, tm
     args[args.index("--data_path") + 1] = str(data)
     args[args.index("--per_device_train_batch_size") + 1] = "1"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--multi_gpu",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-    ]
+    launcher = accelerate_launch(2)
     result = subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -249,11 +249,15 @@ def _active(state: _DenoisingState, candidate: torch.Tensor, block_start: int, b
     return _Active(rows, positions, candidate[rows][:, positions])
 
 
-def _inside(active: _Active, window: DecoderWindow) -> _Active:
-    """`active` without the columns outside the pass's decoder window, which have no logits in it. Only a mask
-    that the model filled with the mask id itself (kept masked, as the official loop keeps it) can lie before a
-    cached window: it stays a candidate of every pass that runs it (each block's full forward)."""
-    inside = (active.positions >= window.start) & (active.positions < window.end)  # (K,)
+def _inside(active: _Active, window: DecoderWindow, answer_start: int) -> _Active:
+    """`active` without the columns before the pass's decoder window, which have no logits in it. Candidates end
+    before the block's end, inside every window, so only a cached pass (its window starts after the answer's start)
+    can leave any out, and only a mask that the model filled with the mask id itself (kept masked, as the official
+    loop keeps it) in an earlier block: it stays a candidate of every pass that runs it (each block's full forward).
+    Full forwards return at once (no host sync in exact mode)."""
+    if window.start <= answer_start:
+        return active
+    inside = active.positions >= window.start  # (K,)
     if bool(inside.all()):
         return active
     return _Active(active.rows, active.positions[inside], active.candidate[:, inside])
@@ -660,7 +664,7 @@ class LladaVGenerationMixin:
                 break
             window = windows.plan(active.rows, block_start, block_end)
             if feature_cache is None:
-                active = _inside(active, window)
+                active = _inside(active, window, state.prompt_len)
                 logits = self.diffusion_logits(
                     state.canvas[active.rows],
                     state.prompt_embeds[active.rows],

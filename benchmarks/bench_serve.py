@@ -1,16 +1,32 @@
-"""Throughput and latency of `llada-v serve` on the demo model: batching on vs `--max-batch-size 1`, measured in
-one run (docs/performance.md, "Serving").
+"""Latency and throughput of `llada-v serve` on the demo model, its schedulers side by side in one run
+(docs/performance.md, "Serving"; docs/serving.md).
 
 Two servers start side by side on 127.0.0.1 (separate local Ray instances, one replica each, the same CPU
-threads), then for each concurrency level the same requests (demo scenes as data URLs, the demo's default
-settings) go to both servers in `--rounds` parts, the servers taking turns, so both meet the same machine load.
-Each level sends at most `--requests` requests per server and stops launching new ones after `--max-seconds`. Reported: requests/s, latency p50/p95,
-the mean rows per `diffusion_generate` call (the `x-llada-batch-size` header) and the share of the wall time
-the replica spent inside `generate_texts` (its `/health` counters). Both servers are stopped at the end and the
-script checks that none of their processes is left. Last, the same prompts go through `generate_texts` in this
-process in batches of 1, 8 and 32 (no server): the ceiling that batching in a server can reach on this machine.
+threads): by default `--scheduler call` (whole `diffusion_generate` calls, Ray Serve's `@serve.batch`) and
+`--scheduler step` (requests join and leave the running batch at every denoising step); `--servers` picks others
+(`sequential`: the call scheduler with `--max-batch-size 1`). Every request streams (`stream: true`), so the time
+to the first token is measured with the latency. The servers take turns on every level, so both meet the same
+machine load.
 
-    python benchmarks/bench_serve.py --concurrency 1,8,32 --requests 64 --json bench_serve.json
+1. Closed loop (`--concurrency`, default 32): that many clients each sending one request after another. The
+   highest level is each server's maximum sustained throughput; the call server's answers/s there is the
+   capacity the open-loop rates are fractions of.
+2. Open loop (`--loads`, default 0.3,0.6,0.9 of that capacity, or `--rate` in requests/s): Poisson arrivals
+   (exponential gaps from a `random.Random(--seed)`), each request sent at its scheduled time on its own
+   thread, whatever the earlier ones are doing. A level is `--duration` seconds of arrivals (at most
+   `--requests`).
+
+Reported per server and level: answers/s over the level's wall time, latency p50/p95/p99 (send to last byte),
+time to first token p50/p95 (the first chunk with text), mean rows per model forward (the replica's `/health`
+counters `forward_passes` / `forward_rows`, where the server has them), failures, and how many answers equal the
+same prompt answered alone by `generate_texts` in this process. Last, with the servers stopped, `generate_texts`
+in this process in batches of 1, 8 and 32 (no server): the ceiling batching in a server can reach here. The
+ratio lines compare the step scheduler with the call scheduler (p95 latency at 60% load, maximum throughput) and
+with that ceiling. Both servers are stopped at the end and the script checks that none of their processes is left.
+
+    python benchmarks/bench_serve.py --duration 20 --json bench_serve.json
+    python benchmarks/bench_serve.py --mixed --loads 0.6 --duration 10                # max_tokens 4/8/16, some not streamed
+    python benchmarks/bench_serve.py --servers call,sequential --concurrency 1,8,32 --loads none --requests 64
 """
 
 from __future__ import annotations
@@ -20,13 +36,15 @@ import base64
 import concurrent.futures
 import io
 import json
+import math
 import os
+import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,20 +55,270 @@ import psutil
 from llada_v.demo.task import make_sample
 
 MODEL = "llada-v-demo"
+BATCH_SIZE_HEADER = "x-llada-batch-size"
+MIXED_MAX_TOKENS = (4, 8, 16)
+# what each kind of server is started with, on top of the shared options (ServerProcess)
+SERVER_KINDS = ("call", "step", "sequential")
+TARGETS = {"p95_step_over_call_at_60": 0.6, "max_step_over_call": 1.2, "max_step_over_ceiling": 0.9}
+
+
+# ---------------------------------------------------------------------------------------------- pure pieces
+
+
+def poisson_schedule(rate: float, seed: int, duration: float | None = None, count: int | None = None) -> list[float]:
+    """Send times (seconds from the start of a level) of a Poisson process of `rate` requests/s: exponential
+    gaps drawn from `random.Random(seed)`, the arrivals before `duration` and at most `count` of them (at least
+    one bound must be given)."""
+    if not rate > 0 or not math.isfinite(rate):
+        raise ValueError(f"rate must be a finite number > 0 requests/s, got {rate}")
+    if duration is None and count is None:
+        raise ValueError("give a duration or a count of arrivals")
+    if (duration is not None and duration <= 0) or (count is not None and count < 1):
+        raise ValueError(f"duration must be > 0 and count >= 1, got {duration} and {count}")
+    rng, times, now = random.Random(seed), [], 0.0
+    while count is None or len(times) < count:
+        now += rng.expovariate(rate)
+        if duration is not None and now >= duration:
+            break
+        times.append(now)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) with linear interpolation between the closest ranks (numpy's default);
+    None for no values."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be within 0..100, got {q}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def parse_sse_line(line: bytes | str) -> tuple[str, str] | None:
+    """One line of an OpenAI chat-completion event stream: ("delta", text) for a chunk's content (may be ""),
+    ("error", message) for an error event, ("done", "") for `[DONE]`; None for anything else (blank lines,
+    `event:` names, chunks without choices such as usage or `llada.canvas`)."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8")
+    line = line.strip()
+    if not line.startswith("data:"):
+        return None
+    payload = line[len("data:") :].strip()
+    if payload == "[DONE]":
+        return ("done", "")
+    body = json.loads(payload)
+    if "error" in body:
+        error = body["error"]
+        return ("error", error.get("message", str(error)) if isinstance(error, dict) else str(error))
+    choices = body.get("choices") or []
+    if not choices:
+        return None
+    return ("delta", (choices[0].get("delta") or {}).get("content") or "")
+
+
+@dataclass
+class RequestSpec:
+    """One benchmark prompt: demo scene `index`, its first question, the answer length (None: the server's
+    default) and whether it streams."""
+
+    index: int
+    question: str
+    max_tokens: int | None
+    stream: bool
+
+
+def request_specs(count: int, mixed: bool, seed: int) -> list[RequestSpec]:
+    """`count` prompts on the scenes `make_sample(f"bench-{i}")`. Plain: the demo's default settings, all
+    streamed. `mixed`: max_tokens drawn from 4/8/16 and every other request on average not streamed, from
+    `random.Random(seed)`."""
+    rng = random.Random(seed)
+    specs = []
+    for index in range(count):
+        question = make_sample(f"bench-{index}")["qa"][0][0]
+        if mixed:
+            specs.append(RequestSpec(index, question, rng.choice(MIXED_MAX_TOKENS), rng.random() < 0.5))
+        else:
+            specs.append(RequestSpec(index, question, None, True))
+    return specs
+
+
+@dataclass
+class RequestRecord:
+    """What one request met: times in seconds from its level's start / its own send."""
+
+    spec: int  # index into the specs
+    scheduled: float  # when it was due (open loop), or when it was sent (closed loop)
+    sent: float
+    latency: float | None = None  # send -> last byte
+    ttft: float | None = None  # send -> first chunk with text (streamed requests)
+    text: str | None = None
+    error: str | None = None
+    call_rows: int = 0  # the x-llada-batch-size header
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.text is not None
 
 
 @dataclass
 class LevelResult:
-    mode: str
-    concurrency: int
-    requests: int
+    server: str
+    level: str  # "closed c=32", "open 60%" or "open 4.0/s"
+    concurrency: int | None
+    load: float | None  # fraction of the call server's capacity (open loop)
+    offered_per_s: float | None  # Poisson rate (open loop)
+    sent: int
+    answered: int
     failed: int
     seconds: float
-    requests_per_s: float
-    p50_ms: float
-    p95_ms: float
-    mean_batch: float
-    generate_share: float  # of the wall time, inside generate_texts on the replica
+    answers_per_s: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    ttft_p50_ms: float | None
+    ttft_p95_ms: float | None
+    send_lag_p95_ms: float | None  # open loop: how late this process sent, p95 (should be ~0)
+    rows_per_forward: float | None  # /health forward_rows / forward_passes, over the level
+    mean_call_rows: float | None  # the x-llada-batch-size header
+    busy_share: float | None  # /health generate_seconds over the level's wall time
+    equal_to_singles: int | None = None
+    compared: int | None = None
+    errors: list = field(default_factory=list)  # up to 5 distinct messages
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else 1000 * value
+
+
+def _delta_ratio(before: dict, after: dict, numerator: str, denominator: str) -> float | None:
+    if numerator not in after or denominator not in after:
+        return None
+    den = after[denominator] - before.get(denominator, 0)
+    return (after[numerator] - before.get(numerator, 0)) / den if den else None
+
+
+def summarize(server: str, level: str, records: list[RequestRecord], seconds: float, before: dict, after: dict,
+              concurrency: int | None = None, load: float | None = None,
+              offered_per_s: float | None = None) -> LevelResult:  # fmt: skip
+    """One server's figures at one level from its request records, the level's wall time and the replica's
+    `/health` before and after (counters it lacks are None)."""
+    answered = [r for r in records if r.ok]
+    latencies = [r.latency for r in answered]
+    ttfts = [r.ttft for r in answered if r.ttft is not None]
+    lags = [r.sent - r.scheduled for r in records] if offered_per_s is not None else []
+    rows = [r.call_rows for r in answered if r.call_rows]
+    generate = None
+    if "generate_seconds" in after and seconds > 0:
+        generate = (after["generate_seconds"] - before.get("generate_seconds", 0)) / seconds
+    errors = list(dict.fromkeys(r.error for r in records if r.error is not None))[:5]
+    return LevelResult(
+        server=server, level=level, concurrency=concurrency, load=load, offered_per_s=offered_per_s,
+        sent=len(records), answered=len(answered), failed=len(records) - len(answered), seconds=seconds,
+        answers_per_s=len(answered) / seconds if seconds > 0 else 0.0,
+        p50_ms=_ms(percentile(latencies, 50)), p95_ms=_ms(percentile(latencies, 95)),
+        p99_ms=_ms(percentile(latencies, 99)), ttft_p50_ms=_ms(percentile(ttfts, 50)),
+        ttft_p95_ms=_ms(percentile(ttfts, 95)), send_lag_p95_ms=_ms(percentile(lags, 95)),
+        rows_per_forward=_delta_ratio(before, after, "forward_rows", "forward_passes"),
+        mean_call_rows=sum(rows) / len(rows) if rows else None, busy_share=generate, errors=errors,
+    )  # fmt: skip
+
+
+def count_equal(records: list[RequestRecord], singles: dict[int, str]) -> tuple[int, int]:
+    """(answers equal to their single answer, answers compared)."""
+    answered = [r for r in records if r.ok]
+    return sum(r.text == singles[r.spec] for r in answered), len(answered)
+
+
+def target_ratios(results: list[LevelResult], ceiling: float | None) -> dict:
+    """The ratios the targets are about, from the call and step servers' results: step p95 / call p95 at the open
+    level whose load is nearest 60%, step / call answers/s at the highest closed-loop concurrency (the maximum
+    sustained throughput), and step's maximum / `ceiling` (in-process answers/s in batches of 32). A ratio whose
+    figures are missing is None."""
+    by_key = {(r.server, r.level): r for r in results}
+    ratios: dict = {"p95_step_over_call_at_60": None, "p95_load": None, "max_step_over_call": None,
+                    "max_step_over_ceiling": None, "max_concurrency": None}  # fmt: skip
+    loads = sorted({r.load for r in results if r.load is not None}, key=lambda load: (abs(load - 0.6), load))
+    for load in loads:
+        call, step = (next((r for r in results if r.server == s and r.load == load), None) for s in ("call", "step"))
+        if call and step and call.p95_ms and step.p95_ms is not None:
+            ratios.update(p95_step_over_call_at_60=step.p95_ms / call.p95_ms, p95_load=load)
+            break
+    closed = [r.concurrency for r in results if r.concurrency is not None]
+    if closed:
+        top = max(closed)
+        level = f"closed c={top}"
+        call, step = by_key.get(("call", level)), by_key.get(("step", level))
+        ratios["max_concurrency"] = top
+        if call and step and call.answers_per_s > 0:
+            ratios["max_step_over_call"] = step.answers_per_s / call.answers_per_s
+        if step and ceiling:
+            ratios["max_step_over_ceiling"] = step.answers_per_s / ceiling
+    return ratios
+
+
+def _cell(value: float | int | None, digits: int = 0) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_table(results: list[LevelResult]) -> str:
+    """The results as one Markdown table."""
+    lines = [
+        "| server | level | offered req/s | sent | failed | answers/s | p50 ms | p95 ms | p99 ms | TTFT p50 ms | "
+        "TTFT p95 ms | rows per forward | rows per call | busy | equal to singles |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in results:
+        equal = "n/a" if r.compared is None else f"{r.equal_to_singles}/{r.compared}"
+        busy = "n/a" if r.busy_share is None else f"{100 * r.busy_share:.0f}%"
+        lines.append(
+            f"| {r.server} | {r.level} | {_cell(r.offered_per_s, 2)} | {r.sent} | {r.failed} | "
+            f"{r.answers_per_s:.2f} | {_cell(r.p50_ms)} | {_cell(r.p95_ms)} | {_cell(r.p99_ms)} | "
+            f"{_cell(r.ttft_p50_ms)} | {_cell(r.ttft_p95_ms)} | {_cell(r.rows_per_forward, 2)} | "
+            f"{_cell(r.mean_call_rows, 1)} | {busy} | {equal} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def format_ratios(ratios: dict) -> list[str]:
+    """The ratio lines, each with its target and whether it is met."""
+
+    def line(name: str, text: str, higher: bool) -> str:
+        value, target = ratios.get(name), TARGETS[name]
+        if value is None:
+            return f"{text}: n/a (target {'>=' if higher else '<='} {target})"
+        met = value >= target if higher else value <= target
+        return f"{text}: {value:.2f} (target {'>=' if higher else '<='} {target}: {'met' if met else 'NOT met'})"
+
+    load = ratios.get("p95_load")
+    at = "60%" if load is None else f"{100 * load:.0f}%"
+    top = ratios.get("max_concurrency")
+    return [
+        line("p95_step_over_call_at_60", f"step p95 / call p95 latency at {at} load", higher=False),
+        line("max_step_over_call", f"step / call maximum throughput (closed loop, concurrency {top})", higher=True),
+        line("max_step_over_ceiling", "step maximum throughput / in-process batches of 32", higher=True),
+    ]
+
+
+def parse_list(text: str, kind: type, name: str) -> list:
+    """A comma-separated list ("" or "none": empty), every value > 0; ValueError naming `name`."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        values = [kind(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
+    if any(not value > 0 for value in values):
+        raise ValueError(f"{name} must all be > 0, got {text!r}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------- the servers
 
 
 def free_port() -> int:
@@ -63,16 +331,41 @@ def bench_sample(index: int) -> dict:
     return make_sample(f"bench-{index}")
 
 
+def image_url(index: int) -> str:
+    buffer = io.BytesIO()
+    bench_sample(index)["image"].save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def spec_body(spec: RequestSpec) -> bytes:
+    content = [
+        {"type": "image_url", "image_url": {"url": image_url(spec.index)}},
+        {"type": "text", "text": spec.question},
+    ]
+    body: dict = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    if spec.max_tokens is not None:
+        body["max_tokens"] = spec.max_tokens
+    if spec.stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
 def request_bodies(count: int) -> list[bytes]:
-    bodies = []
-    for index in range(count):
-        sample = bench_sample(index)
-        buffer = io.BytesIO()
-        sample["image"].save(buffer, "PNG")
-        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": sample["qa"][0][0]}]
-        bodies.append(json.dumps({"model": MODEL, "messages": [{"role": "user", "content": content}]}).encode())
-    return bodies
+    """`count` non-streamed requests with the demo's default settings (benchmarks/abuse_serve.py sends them)."""
+    return [spec_body(RequestSpec(i, bench_sample(i)["qa"][0][0], None, False)) for i in range(count)]
+
+
+def kind_arguments(kind: str, args: argparse.Namespace) -> list[str]:
+    """The `llada-v serve` options of a server kind."""
+    if kind == "call":
+        return ["--scheduler", "call", "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
+                str(args.batch_wait_ms)]  # fmt: skip
+    if kind == "sequential":
+        return ["--scheduler", "call", "--max-batch-size", "1"]
+    if kind == "step":
+        return ["--scheduler", "step", *(["--max-batch-tokens", str(args.max_batch_tokens)]
+                                         if args.max_batch_tokens else [])]  # fmt: skip
+    raise ValueError(f"unknown server kind {kind!r}; choose from {', '.join(SERVER_KINDS)}")
 
 
 class ServerProcess:
@@ -120,90 +413,129 @@ def health(url: str) -> dict:
         return json.loads(response.read())
 
 
-def post(url: str, body: bytes, timeout: float) -> tuple[float, int, int]:
-    """(latency s, status, batch size) of one chat completion."""
+def send(url: str, body: bytes, stream: bool, record: RequestRecord, started: float, timeout: float) -> None:
+    """Send one chat completion now and fill `record` (times from `started`, the level's start)."""
     request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})  # fmt: skip
-    started = time.perf_counter()
+    sent = time.perf_counter()
+    record.sent = sent - started
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read()
-            return time.perf_counter() - started, response.status, int(response.headers["x-llada-batch-size"])
+            record.call_rows = int(response.headers.get(BATCH_SIZE_HEADER) or 0)
+            if stream:
+                parts = []
+                for line in response:
+                    event = parse_sse_line(line)
+                    if event is None:
+                        continue
+                    kind, text = event
+                    if kind == "error":
+                        record.error = f"stream error: {text}"
+                    elif kind == "delta" and text:
+                        if record.ttft is None:
+                            record.ttft = time.perf_counter() - sent
+                        parts.append(text)
+                record.text = "".join(parts)
+            else:
+                record.text = json.loads(response.read())["choices"][0]["message"]["content"]
     except urllib.error.HTTPError as err:
-        return time.perf_counter() - started, err.code, 0
+        record.error = f"HTTP {err.code}: {err.read()[:200].decode('utf-8', 'replace')}"
+    except (OSError, ValueError, KeyError) as err:
+        record.error = f"{type(err).__name__}: {err}"
+    record.latency = time.perf_counter() - sent
 
 
 @dataclass
-class Tally:
-    """What one server answered at one level, over the rounds."""
+class Workload:
+    specs: list[RequestSpec]
+    bodies: list[bytes]
+    timeout: float
 
-    latencies: list = field(default_factory=list)
-    batches: list = field(default_factory=list)
-    failed: int = 0
-    seconds: float = 0.0
-    generate_seconds: float = 0.0
+    def send(self, url: str, spec: int, record: RequestRecord, started: float) -> None:
+        send(url, self.bodies[spec], self.specs[spec].stream, record, started, self.timeout)
 
 
-def run_round(server: ServerProcess, concurrency: int, bodies: list[bytes], max_seconds: float, tally: Tally) -> None:
-    """`concurrency` clients each sending one request after another, until `bodies` or `max_seconds` run out."""
+def run_closed(server: ServerProcess, concurrency: int, work: Workload, first: int, count: int | None,
+               seconds: float) -> tuple[list[RequestRecord], float, dict, dict]:  # fmt: skip
+    """`concurrency` clients each sending one request after another (prompts from `first` on, cycling), until
+    `count` requests are sent or `seconds` have passed. Returns the records, the wall time and `/health` before
+    and after."""
     before = health(server.url)
-    results: list[tuple[float, int, int]] = []
-    queue = iter(range(len(bodies)))
+    records: list[RequestRecord] = []
+    lock = threading.Lock()
     started = time.perf_counter()
 
     def client() -> None:
-        for index in queue:  # the iterator is shared: each request is sent once
-            if time.perf_counter() - started > max_seconds:
-                return
-            results.append(post(server.url, bodies[index], timeout=300))
+        while time.perf_counter() - started < seconds:
+            with lock:
+                if count is not None and len(records) >= count:
+                    return
+                record = RequestRecord((first + len(records)) % len(work.specs), 0.0, 0.0)
+                records.append(record)
+            record.scheduled = time.perf_counter() - started
+            work.send(server.url, record.spec, record, started)
 
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(client) for _ in range(concurrency)]:
             future.result()
-    tally.seconds += time.perf_counter() - started
-    tally.generate_seconds += health(server.url)["generate_seconds"] - before["generate_seconds"]
-    for latency, status, batch in results:
-        if status == 200:
-            tally.latencies.append(latency * 1000)
-            tally.batches.append(batch)
-        else:
-            tally.failed += 1
+    wall = time.perf_counter() - started
+    return records, wall, before, health(server.url)
 
 
-def run_level(servers: list[ServerProcess], concurrency: int, bodies: list[bytes], rounds: int,
-              max_seconds: float) -> list[LevelResult]:  # fmt: skip
-    """The level in `rounds` parts, the servers taking turns (order alternating), so that both meet the same
-    machine load; per server the parts are added up."""
-    tallies = {server.name: Tally() for server in servers}
-    size = -(-len(bodies) // rounds)
-    for part in range(rounds):
-        order = servers if part % 2 == 0 else servers[::-1]
-        for server in order:
-            run_round(server, concurrency, bodies[part * size : (part + 1) * size], max_seconds / rounds,
-                      tallies[server.name])  # fmt: skip
-    results = []
-    for name, tally in tallies.items():
-        latencies = sorted(tally.latencies)
-        results.append(LevelResult(
-            mode=name, concurrency=concurrency, requests=len(latencies), failed=tally.failed, seconds=tally.seconds,
-            requests_per_s=len(latencies) / tally.seconds, p50_ms=statistics.median(latencies),
-            p95_ms=latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
-            mean_batch=statistics.mean(tally.batches), generate_share=tally.generate_seconds / tally.seconds,
-        ))  # fmt: skip
-    return results
+def run_open(server: ServerProcess, schedule: list[float], work: Workload,
+             first: int) -> tuple[list[RequestRecord], float, dict, dict]:  # fmt: skip
+    """Request i sent at `schedule[i]` seconds after the start on a thread of its own (the pool has one per
+    request, so a send never waits for an earlier answer). The wall time runs from the start to the last
+    answer."""
+    before = health(server.url)
+    records = [RequestRecord((first + i) % len(work.specs), at, 0.0) for i, at in enumerate(schedule)]
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(schedule))) as pool:
+        started = time.perf_counter()
+        futures = []
+        for record in records:
+            delay = started + record.scheduled - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            futures.append(pool.submit(work.send, server.url, record.spec, record, started))
+        for future in futures:
+            future.result()
+    wall = max(r.sent + (r.latency or 0.0) for r in records) if records else 0.0
+    return records, wall, before, health(server.url)
 
 
-def model_only(batch_sizes: list[int], rows: int, threads: int, rounds: int) -> list[tuple[int, float]]:
-    """Rows/s of `generate_texts` in this process on the benchmark prompts, per batch size (no server); the batch
-    sizes take turns in `rounds` parts, as the servers do."""
+# ---------------------------------------------------------------------------------------------- in this process
+
+
+def load_model(threads: int) -> tuple:
     import torch
 
     from llada_v.demo.app import load_demo
+
+    torch.set_num_threads(threads)  # as a replica's threads
+    return load_demo()
+
+
+def singles(model, processor, specs: list[RequestSpec], used: set[int], fast: bool) -> dict[int, str]:
+    """Each used prompt answered alone by `generate_texts` (batch of 1, the settings the server gives it: the
+    demo's generation config with the request's max_tokens, no system prompt, `fast` as the servers)."""
     from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message
 
-    torch.set_num_threads(threads)
-    model, processor = load_demo()
-    config = generation_config_for(model.generation_config, {})
+    answers = {}
+    for index in sorted(used):
+        spec = specs[index]
+        overrides = {} if spec.max_tokens is None else {"max_new_tokens": spec.max_tokens}
+        config = generation_config_for(model.generation_config, overrides, fast=fast)
+        text = chat_prompt(processor, [user_message(spec.question, 1)], system_prompt="")
+        answers[index] = generate_texts(model, processor, [text], [[bench_sample(spec.index)["image"]]], config)[0][0]
+    return answers
+
+
+def model_only(model, processor, batch_sizes: list[int], rows: int, rounds: int, fast: bool) -> list[tuple[int, float]]:
+    """Rows/s of `generate_texts` in this process on the benchmark prompts (the demo's default settings), per
+    batch size (no server); the batch sizes take turns in `rounds` parts, as the servers do."""
+    from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message
+
+    config = generation_config_for(model.generation_config, {}, fast=fast)
     samples = [bench_sample(index) for index in range(rows)]
     texts = [chat_prompt(processor, [user_message(s["qa"][0][0], 1)], system_prompt="") for s in samples]
     images = [[s["image"]] for s in samples]
@@ -221,71 +553,143 @@ def model_only(batch_sizes: list[int], rows: int, threads: int, rounds: int) -> 
     return [(size, rows / seconds[size]) for size in batch_sizes]
 
 
-def print_table(results: list[LevelResult]) -> None:
-    print("| mode | concurrency | requests | failed | req/s | p50 ms | p95 ms | mean rows per generate call | "
-          "time in generate_texts |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r.mode} | {r.concurrency} | {r.requests} | {r.failed} | {r.requests_per_s:.2f} | {r.p50_ms:.0f} | "
-              f"{r.p95_ms:.0f} | {r.mean_batch:.1f} | {100 * r.generate_share:.0f}% |")  # fmt: skip
-    by_key = {(r.mode, r.concurrency): r for r in results}
-    for concurrency in sorted({r.concurrency for r in results}):
-        batched, single = by_key.get(("batched", concurrency)), by_key.get(("sequential", concurrency))
-        if batched and single:
-            print(f"concurrency {concurrency}: batched / sequential throughput = "
-                  f"{batched.requests_per_s / single.requests_per_s:.2f}x")  # fmt: skip
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--servers", default="call,step", help=f"two or more of {', '.join(SERVER_KINDS)}")
+    parser.add_argument("--concurrency", default="32", help="closed-loop client counts; the highest is the "
+                        "maximum-throughput level and the call server's capacity ('none': skip)")  # fmt: skip
+    parser.add_argument("--loads", default="0.3,0.6,0.9", help="open-loop rates as fractions of the call "
+                        "server's capacity ('none': no open loop)")  # fmt: skip
+    parser.add_argument("--rate", default=None, help="open-loop rates in requests/s (instead of --loads)")
+    parser.add_argument("--duration", "--max-seconds", type=float, default=20.0,
+                        help="seconds per level and server: open loop, of arrivals; closed loop, of sending")  # fmt: skip
+    parser.add_argument("--requests", type=int, default=None, help="at most this many requests per level and server")
+    parser.add_argument("--rounds", type=int, default=2, help="closed-loop levels in parts, the servers taking turns")
+    parser.add_argument("--seed", type=int, default=0, help="of the arrivals and of --mixed")
+    parser.add_argument("--mixed", action="store_true", help="max_tokens 4/8/16 and half the requests not streamed")
+    parser.add_argument("--prompts", type=int, default=128, help="distinct prompts (requests cycle over them)")
+    parser.add_argument("--fast", action="store_true", help="servers and singles with the fast-decoding preset")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="of the call server")
+    parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="of the call server")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="of the step server (default: its own)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each replica")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
+    parser.add_argument("--model-only-rows", type=int, default=96,
+                        help="prompts for the in-process ceiling (0: skip)")  # fmt: skip
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    try:
+        args.server_kinds = args.servers.split(",")
+        for kind in args.server_kinds:
+            kind_arguments(kind, args)
+        if len(set(args.server_kinds)) != len(args.server_kinds):
+            raise ValueError(f"--servers names a kind twice: {args.servers!r}")
+        args.levels = parse_list(args.concurrency, int, "--concurrency")
+        args.load_list = [] if args.rate else parse_list(args.loads, float, "--loads")
+        args.rate_list = parse_list(args.rate, float, "--rate") if args.rate else []
+    except ValueError as err:
+        parser.error(str(err))
+    if args.load_list and not args.levels:
+        parser.error("--loads needs a closed-loop level (--concurrency) to measure the call server's capacity; "
+                     "give --rate instead")  # fmt: skip
+    if args.load_list and "call" not in args.server_kinds:
+        parser.error(f"--loads are fractions of the call server's capacity, but --servers is {args.servers!r}")
+    if (args.requests is not None and args.requests < 1) or args.rounds < 1 or args.prompts < 1 or args.duration <= 0:
+        parser.error(f"--requests, --rounds and --prompts must be >= 1 and --duration > 0, got {args.requests}, "
+                     f"{args.rounds}, {args.prompts}, {args.duration}")  # fmt: skip
+    if args.json and os.path.exists(args.json) and not os.path.isfile(args.json):
+        parser.error(f"--json {args.json!r} exists and is not a file")
+    return args
+
+
+def write_json(path: str, data: dict) -> None:
+    """Written to a temporary file next to `path`, then renamed: never half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".bench_serve.", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out, indent=1)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
-    parser.add_argument("--requests", type=int, default=64, help="requests per level and server (at most)")
-    parser.add_argument("--rounds", type=int, default=3, help="parts of each level, the servers taking turns")
-    parser.add_argument("--max-seconds", type=float, default=90.0, help="per level and server: stop launching after")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="of the batched server")
-    parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="of the batched server")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each replica")
-    parser.add_argument(
-        "--model-only-rows", type=int, default=96, help="prompts for the no-server measurement (0: skip)"
-    )
-    parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
-    if any(c < 1 for c in levels) or args.requests < 1 or args.rounds < 1:
-        parser.error(f"concurrency levels, --requests and --rounds must be >= 1, got {levels}, {args.requests}, "
-                     f"{args.rounds}")  # fmt: skip
-    bodies = request_bodies(args.requests)
+    args = parse_args(argv)
+    specs = request_specs(args.prompts, args.mixed, args.seed)
+    work = Workload(specs, [spec_body(spec) for spec in specs], args.timeout)
     log_dir = tempfile.mkdtemp(prefix="bench_serve_")
-    servers = [
-        ServerProcess(
-            "batched",
-            ["--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms)],
-            args.threads,
-            log_dir,
-        ),  # fmt: skip
-        ServerProcess("sequential", ["--max-batch-size", "1"], args.threads, log_dir),
-    ]
+    fast = ["--fast"] if args.fast else []
+    servers = [ServerProcess(kind, kind_arguments(kind, args) + fast, args.threads, log_dir)
+               for kind in args.server_kinds]  # fmt: skip
     results: list[LevelResult] = []
+    records: dict[tuple[str, str], list[RequestRecord]] = {}
+    next_prompt = 0
     try:
         for server in servers:
             server.wait_ready(300)
-            for body in bodies[:4]:  # warm-up
-                post(server.url, body, timeout=300)
-        for concurrency in levels:
-            for result in run_level(servers, concurrency, bodies, args.rounds, args.max_seconds):
-                results.append(result)
-                print(f"{result.mode} c={concurrency}: {result.requests_per_s:.2f} req/s", file=sys.stderr)
+            for spec in range(min(4, len(specs))):  # warm-up
+                work.send(server.url, spec, RequestRecord(spec, 0.0, 0.0), time.perf_counter())
+        for concurrency in args.levels:  # closed loop, in parts, the servers taking turns (order alternating)
+            level = f"closed c={concurrency}"
+            parts = {server.name: ([], 0.0, None, None) for server in servers}
+            for part in range(args.rounds):
+                count = None if args.requests is None else -(-args.requests // args.rounds)
+                for server in servers if part % 2 == 0 else servers[::-1]:
+                    got, wall, before, after = run_closed(server, concurrency, work, next_prompt, count,
+                                                          args.duration / args.rounds)  # fmt: skip
+                    done, seconds, first, _ = parts[server.name]
+                    parts[server.name] = (done + got, seconds + wall, first or before, after)
+                next_prompt += max(len(parts[s.name][0]) for s in servers)
+            for server in servers:
+                got, seconds, before, after = parts[server.name]
+                records[(server.name, level)] = got
+                results.append(summarize(server.name, level, got, seconds, before, after, concurrency=concurrency))
+                print(f"{server.name} {level}: {results[-1].answers_per_s:.2f} answers/s", file=sys.stderr)
+        rates: list[tuple[str, float | None, float]] = [(f"open {rate:g}/s", None, rate) for rate in args.rate_list]
+        if args.load_list:
+            top = f"closed c={max(args.levels)}"
+            capacity = next(r.answers_per_s for r in results if r.server == "call" and r.level == top)
+            if capacity <= 0:
+                raise RuntimeError(f"the call server answered nothing at {top}; no capacity to take fractions of")
+            rates = [(f"open {100 * load:.0f}%", load, load * capacity) for load in args.load_list]
+        for number, (level, load, rate) in enumerate(rates):  # open loop, the servers taking turns
+            schedule = poisson_schedule(rate, args.seed + number, args.duration, args.requests)
+            for server in servers if number % 2 == 0 else servers[::-1]:
+                got, wall, before, after = run_open(server, schedule, work, next_prompt)
+                records[(server.name, level)] = got
+                results.append(summarize(server.name, level, got, wall, before, after, load=load, offered_per_s=rate))
+                print(f"{server.name} {level} ({rate:.2f}/s offered): p95 {results[-1].p95_ms} ms", file=sys.stderr)
+            next_prompt += len(schedule)
     finally:
         left = {server.name: server.stop() for server in servers}
-    print_table(results)
-    print(f"processes left after stopping: {left}; server logs in {log_dir}")
-    ceiling = model_only([1, 8, 32], args.model_only_rows, args.threads, args.rounds) if args.model_only_rows else []
+    model, processor = load_model(args.threads)
+    used = {r.spec for got in records.values() for r in got if r.ok}
+    alone = singles(model, processor, specs, used, args.fast)
+    by_level = {(r.server, r.level): r for r in results}
+    for key, got in records.items():
+        by_level[key].equal_to_singles, by_level[key].compared = count_equal(got, alone)
+    ceiling = model_only(model, processor, [1, 8, 32], args.model_only_rows, args.rounds, args.fast) \
+        if args.model_only_rows else []  # fmt: skip
+    ceiling_32 = dict(ceiling).get(32)
+    ratios = target_ratios(results, ceiling_32)
+    print(format_table(results))
     for size, rate in ceiling:
         print(f"generate_texts in-process, batches of {size}: {rate:.2f} rows/s ({rate / ceiling[0][1]:.2f}x batch 1)")
+    for line in format_ratios(ratios):
+        print(line)
+    for r in results:
+        for error in r.errors:
+            print(f"{r.server} {r.level}: failed: {error}")
+    print(f"processes left after stopping: {left}; server logs in {log_dir}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "results": [asdict(r) for r in results], "left": left,
-                       "model_only_rows_per_s": dict(ceiling)}, handle, indent=1)  # fmt: skip
+        write_json(args.json, {"args": {k: v for k, v in vars(args).items()}, "results": [asdict(r) for r in results],
+                               "ratios": ratios, "targets": TARGETS, "left": left,
+                               "model_only_rows_per_s": dict(ceiling)})  # fmt: skip
     return 0 if not any(left.values()) else 1
 
 

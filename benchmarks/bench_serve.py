@@ -5,8 +5,7 @@ Two servers start side by side on 127.0.0.1 (separate local Ray instances, one r
 threads): by default `--scheduler call` (whole `diffusion_generate` calls, Ray Serve's `@serve.batch`) and
 `--scheduler step` (requests join and leave the running batch at every denoising step); `--servers` picks others
 (`sequential`: the call scheduler with `--max-batch-size 1`). Every request streams (`stream: true`), so the time
-to the first token is measured with the latency. The servers take turns on every level, so both meet the same
-machine load.
+to the first token is measured with the latency.
 
 1. Closed loop (`--concurrency`, default 32): that many clients each sending one request after another. The
    highest level is each server's maximum sustained throughput; the call server's answers/s there is the
@@ -16,17 +15,19 @@ machine load.
    thread, whatever the earlier ones are doing. A level is `--duration` seconds of arrivals (at most
    `--requests`).
 
-Reported per server and level: answers/s over the level's wall time, latency p50/p95/p99 (send to last byte),
-time to first token p50/p95 (the first chunk with text), mean rows per model forward (the replica's `/health`
-counters `forward_passes` / `forward_rows`, where the server has them), failures, and how many answers equal the
-same prompt answered alone by `generate_texts` in this process. Last, with the servers stopped, `generate_texts`
-in this process in batches of 1, 8 and 32 (no server): the ceiling batching in a server can reach here. The
-ratio lines compare the step scheduler with the call scheduler (p95 latency at 60% load, maximum throughput) and
-with that ceiling. Both servers are stopped at the end and the script checks that none of their processes is left.
+Every level runs in `--rounds` parts (open loop: its time in equal windows), the servers taking turns in
+alternating order, so both meet the same machine load. Reported per server and level: answers/s over the level's
+wall time, latency p50/p95/p99 (send to last byte), time to first token p50/p95 (the first chunk with text), mean
+rows per model forward (the replica's `/health` counters `forward_passes` / `forward_rows`, where the server has
+them), failures, and how many answers equal the same prompt answered alone by `generate_texts` in this process.
+At the top closed-loop level a third turn runs `generate_texts` in this process in batches of 1, 8 and 32 (no
+server, the replica's threads): the ceiling batching in a server can reach on this machine. The ratio lines
+compare the step scheduler with the call scheduler (p95 latency at 60% load, maximum throughput) and with that
+ceiling. Both servers are stopped at the end and the script checks that none of their processes is left.
 
     python benchmarks/bench_serve.py --duration 20 --json bench_serve.json
     python benchmarks/bench_serve.py --mixed --loads 0.6 --duration 10                # max_tokens 4/8/16, some not streamed
-    python benchmarks/bench_serve.py --servers call,sequential --concurrency 1,8,32 --loads none --requests 64
+    python benchmarks/bench_serve.py --servers call,sequential --concurrency 1,8,32 --loads none --no-stream
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from llada_v.demo.task import make_sample
 MODEL = "llada-v-demo"
 BATCH_SIZE_HEADER = "x-llada-batch-size"
 MIXED_MAX_TOKENS = (4, 8, 16)
+CEILING_SIZES = [1, 8, 32]  # batch sizes of the in-process measurement; 32 is the ceiling
 # what each kind of server is started with, on top of the shared options (ServerProcess)
 SERVER_KINDS = ("call", "step", "sequential")
 TARGETS = {"p95_step_over_call_at_60": 0.6, "max_step_over_call": 1.2, "max_step_over_ceiling": 0.9}
@@ -82,6 +84,19 @@ def poisson_schedule(rate: float, seed: int, duration: float | None = None, coun
             break
         times.append(now)
     return times
+
+
+def split_schedule(times: list[float], duration: float, parts: int) -> list[list[float]]:
+    """The arrivals of a level in `parts` equal windows of its `duration`, each shifted to start at 0 (a
+    Poisson process's arrivals in a window are again one); empty windows are left out."""
+    if parts < 1 or duration <= 0:
+        raise ValueError(f"parts must be >= 1 and duration > 0, got {parts} and {duration}")
+    window = duration / parts
+    split: list[list[float]] = [[] for _ in range(parts)]
+    for at in times:
+        index = min(int(at // window), parts - 1)
+        split[index].append(at - index * window)
+    return [part for part in split if part]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -131,18 +146,18 @@ class RequestSpec:
     stream: bool
 
 
-def request_specs(count: int, mixed: bool, seed: int) -> list[RequestSpec]:
+def request_specs(count: int, mixed: bool, seed: int, stream: bool = True) -> list[RequestSpec]:
     """`count` prompts on the scenes `make_sample(f"bench-{i}")`. Plain: the demo's default settings, all
-    streamed. `mixed`: max_tokens drawn from 4/8/16 and every other request on average not streamed, from
-    `random.Random(seed)`."""
+    streamed (none with `stream=False`). `mixed`: max_tokens drawn from 4/8/16 and every other request on average
+    not streamed, from `random.Random(seed)`."""
     rng = random.Random(seed)
     specs = []
     for index in range(count):
         question = make_sample(f"bench-{index}")["qa"][0][0]
         if mixed:
-            specs.append(RequestSpec(index, question, rng.choice(MIXED_MAX_TOKENS), rng.random() < 0.5))
+            specs.append(RequestSpec(index, question, rng.choice(MIXED_MAX_TOKENS), rng.random() < 0.5 and stream))
         else:
-            specs.append(RequestSpec(index, question, None, True))
+            specs.append(RequestSpec(index, question, None, stream))
     return specs
 
 
@@ -506,54 +521,69 @@ def run_open(server: ServerProcess, schedule: list[float], work: Workload,
 # ---------------------------------------------------------------------------------------------- in this process
 
 
-def load_model(threads: int) -> tuple:
-    import torch
+class InProcess:
+    """The demo model in this process (`threads` torch threads, as a replica): the prompts answered alone, and
+    `generate_texts` on the benchmark prompts (the demo's default settings) in batches of each size, no server:
+    the ceiling batching in a server can reach on this machine. The ceiling is measured in parts (`run_part`)
+    that take turns with the servers, so that all meet the same machine load."""
 
-    from llada_v.demo.app import load_demo
+    def __init__(self, threads: int, rows: int, fast: bool) -> None:
+        import torch
 
-    torch.set_num_threads(threads)  # as a replica's threads
-    return load_demo()
+        from llada_v.demo.app import load_demo
+        from llada_v.inference import generation_config_for
 
+        torch.set_num_threads(threads)
+        self.model, self.processor = load_demo()
+        self.fast = fast
+        config = generation_config_for(self.model.generation_config, {}, fast=fast)
+        self.batch = [(self.prompt(bench_sample(i)["qa"][0][0]), [bench_sample(i)["image"]]) for i in range(rows)]
+        self.config, self.seconds, self.rows = config, {}, {}
+        for size in CEILING_SIZES if rows else []:  # warm-up: the first call of a batch shape is slower
+            self.generate(self.batch[:size], config)
 
-def singles(model, processor, specs: list[RequestSpec], used: set[int], fast: bool) -> dict[int, str]:
-    """Each used prompt answered alone by `generate_texts` (batch of 1, the settings the server gives it: the
-    demo's generation config with the request's max_tokens, no system prompt, `fast` as the servers)."""
-    from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message
+    def prompt(self, question: str) -> str:
+        from llada_v.inference import chat_prompt, user_message
 
-    answers = {}
-    for index in sorted(used):
-        spec = specs[index]
-        overrides = {} if spec.max_tokens is None else {"max_new_tokens": spec.max_tokens}
-        config = generation_config_for(model.generation_config, overrides, fast=fast)
-        text = chat_prompt(processor, [user_message(spec.question, 1)], system_prompt="")
-        answers[index] = generate_texts(model, processor, [text], [[bench_sample(spec.index)["image"]]], config)[0][0]
-    return answers
+        return chat_prompt(self.processor, [user_message(question, 1)], system_prompt="")
 
+    def generate(self, items: list, config) -> list[str]:
+        import torch
 
-def model_only(model, processor, batch_sizes: list[int], rows: int, rounds: int, fast: bool) -> list[tuple[int, float]]:
-    """Rows/s of `generate_texts` in this process on the benchmark prompts (the demo's default settings), per
-    batch size (no server); the batch sizes take turns in `rounds` parts, as the servers do."""
-    from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message
+        from llada_v.inference import generate_texts
 
-    config = generation_config_for(model.generation_config, {}, fast=fast)
-    samples = [bench_sample(index) for index in range(rows)]
-    texts = [chat_prompt(processor, [user_message(s["qa"][0][0], 1)], system_prompt="") for s in samples]
-    images = [[s["image"]] for s in samples]
-    generate_texts(model, processor, texts[:4], images[:4], config)  # warm-up
-    seconds = dict.fromkeys(batch_sizes, 0.0)
-    part = -(-rows // rounds)
-    for index in range(rounds):
-        lo, hi = index * part, min(rows, (index + 1) * part)
-        for size in batch_sizes if index % 2 == 0 else batch_sizes[::-1]:
+        with torch.inference_mode():
+            return generate_texts(self.model, self.processor, [t for t, _ in items], [i for _, i in items], config)[0]
+
+    def run_part(self, part: int, parts: int, sizes: list[int]) -> None:
+        """Part `part` of `parts` of the prompts, in batches of each size (order alternating by part)."""
+        size_of_part = -(-len(self.batch) // parts)
+        items = self.batch[part * size_of_part : (part + 1) * size_of_part]
+        for size in sizes if part % 2 == 0 else sizes[::-1]:
             started = time.perf_counter()
-            for start in range(lo, hi, size):
-                end = min(hi, start + size)
-                generate_texts(model, processor, texts[start:end], images[start:end], config)
-            seconds[size] += time.perf_counter() - started
-    return [(size, rows / seconds[size]) for size in batch_sizes]
+            for start in range(0, len(items), size):
+                self.generate(items[start : start + size], self.config)
+            self.seconds[size] = self.seconds.get(size, 0.0) + time.perf_counter() - started
+            self.rows[size] = self.rows.get(size, 0) + len(items)
 
+    def rates(self) -> list[tuple[int, float]]:
+        """(batch size, rows/s) over the parts run."""
+        return [(size, self.rows[size] / self.seconds[size]) for size in self.seconds if self.seconds[size] > 0]
 
-# ---------------------------------------------------------------------------------------------- the run
+    def singles(self, specs: list[RequestSpec], used: set[int]) -> dict[int, str]:
+        """Each used prompt answered alone (batch of 1, the settings the server gives it: the demo's generation
+        config with the request's max_tokens, no system prompt, `fast` as the servers)."""
+        from llada_v.inference import generation_config_for
+
+        answers = {}
+        for index in sorted(used):
+            spec = specs[index]
+            overrides = {} if spec.max_tokens is None else {"max_new_tokens": spec.max_tokens}
+            config = generation_config_for(self.model.generation_config, overrides, fast=self.fast)
+            answers[index] = self.generate([(self.prompt(spec.question), [bench_sample(spec.index)["image"]])], config)[
+                0
+            ]
+        return answers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -570,6 +600,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="closed-loop levels in parts, the servers taking turns")
     parser.add_argument("--seed", type=int, default=0, help="of the arrivals and of --mixed")
     parser.add_argument("--mixed", action="store_true", help="max_tokens 4/8/16 and half the requests not streamed")
+    parser.add_argument("--no-stream", dest="stream", action="store_false", help="no request streams (no TTFT)")
     parser.add_argument("--prompts", type=int, default=128, help="distinct prompts (requests cycle over them)")
     parser.add_argument("--fast", action="store_true", help="servers and singles with the fast-decoding preset")
     parser.add_argument("--max-batch-size", type=int, default=32, help="of the call server")
@@ -577,7 +608,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="of the step server (default: its own)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each replica")
     parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
-    parser.add_argument("--model-only-rows", type=int, default=96,
+    parser.add_argument("--model-only-rows", type=int, default=192,
                         help="prompts for the in-process ceiling (0: skip)")  # fmt: skip
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -600,6 +631,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (args.requests is not None and args.requests < 1) or args.rounds < 1 or args.prompts < 1 or args.duration <= 0:
         parser.error(f"--requests, --rounds and --prompts must be >= 1 and --duration > 0, got {args.requests}, "
                      f"{args.rounds}, {args.prompts}, {args.duration}")  # fmt: skip
+    if args.model_only_rows < 0:
+        parser.error(f"--model-only-rows must be >= 0, got {args.model_only_rows}")
     if args.json and os.path.exists(args.json) and not os.path.isfile(args.json):
         parser.error(f"--json {args.json!r} exists and is not a file")
     return args
@@ -618,10 +651,28 @@ def write_json(path: str, data: dict) -> None:
         raise
 
 
+@dataclass
+class Tally:
+    """One server's parts of one level, added up."""
+
+    records: list = field(default_factory=list)
+    seconds: float = 0.0
+    before: dict | None = None  # /health before its first part
+    after: dict | None = None  # and after its last
+
+    def add(self, got: tuple[list[RequestRecord], float, dict, dict]) -> None:
+        records, seconds, before, after = got
+        self.records += records
+        self.seconds += seconds
+        self.before = self.before if self.before is not None else before
+        self.after = after
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    specs = request_specs(args.prompts, args.mixed, args.seed)
+    specs = request_specs(args.prompts, args.mixed, args.seed, args.stream)
     work = Workload(specs, [spec_body(spec) for spec in specs], args.timeout)
+    local = InProcess(args.threads, args.model_only_rows, args.fast)  # before the servers: no load on them yet
     log_dir = tempfile.mkdtemp(prefix="bench_serve_")
     fast = ["--fast"] if args.fast else []
     servers = [ServerProcess(kind, kind_arguments(kind, args) + fast, args.threads, log_dir)
@@ -629,27 +680,35 @@ def main(argv: list[str] | None = None) -> int:
     results: list[LevelResult] = []
     records: dict[tuple[str, str], list[RequestRecord]] = {}
     next_prompt = 0
+
+    def record_level(level: str, tallies: dict[str, Tally], **where) -> None:
+        for server in servers:
+            tally = tallies[server.name]
+            records[(server.name, level)] = tally.records
+            results.append(summarize(server.name, level, tally.records, tally.seconds, tally.before, tally.after,
+                                     **where))  # fmt: skip
+            r = results[-1]
+            print(f"{server.name} {level}: {r.answers_per_s:.2f} answers/s, p95 {_cell(r.p95_ms)} ms", file=sys.stderr)
+
     try:
         for server in servers:
             server.wait_ready(300)
             for spec in range(min(4, len(specs))):  # warm-up
                 work.send(server.url, spec, RequestRecord(spec, 0.0, 0.0), time.perf_counter())
-        for concurrency in args.levels:  # closed loop, in parts, the servers taking turns (order alternating)
-            level = f"closed c={concurrency}"
-            parts = {server.name: ([], 0.0, None, None) for server in servers}
+        # closed loop, in parts, the servers (and at the top level the in-process ceiling) taking turns
+        for concurrency in args.levels:
+            tallies = {server.name: Tally() for server in servers}
+            count = None if args.requests is None else -(-args.requests // args.rounds)
             for part in range(args.rounds):
-                count = None if args.requests is None else -(-args.requests // args.rounds)
+                sent = {name: len(t.records) for name, t in tallies.items()}
                 for server in servers if part % 2 == 0 else servers[::-1]:
-                    got, wall, before, after = run_closed(server, concurrency, work, next_prompt, count,
-                                                          args.duration / args.rounds)  # fmt: skip
-                    done, seconds, first, _ = parts[server.name]
-                    parts[server.name] = (done + got, seconds + wall, first or before, after)
-                next_prompt += max(len(parts[s.name][0]) for s in servers)
-            for server in servers:
-                got, seconds, before, after = parts[server.name]
-                records[(server.name, level)] = got
-                results.append(summarize(server.name, level, got, seconds, before, after, concurrency=concurrency))
-                print(f"{server.name} {level}: {results[-1].answers_per_s:.2f} answers/s", file=sys.stderr)
+                    tallies[server.name].add(run_closed(server, concurrency, work, next_prompt, count,
+                                                        args.duration / args.rounds))  # fmt: skip
+                next_prompt += max(len(t.records) - sent[name] for name, t in tallies.items())
+                if concurrency == max(args.levels) and args.model_only_rows:
+                    local.run_part(part, args.rounds, CEILING_SIZES)
+            record_level(f"closed c={concurrency}", tallies, concurrency=concurrency)
+        # open loop: Poisson arrivals, the level's time split in parts, the servers taking turns
         rates: list[tuple[str, float | None, float]] = [(f"open {rate:g}/s", None, rate) for rate in args.rate_list]
         if args.load_list:
             top = f"closed c={max(args.levels)}"
@@ -657,26 +716,25 @@ def main(argv: list[str] | None = None) -> int:
             if capacity <= 0:
                 raise RuntimeError(f"the call server answered nothing at {top}; no capacity to take fractions of")
             rates = [(f"open {100 * load:.0f}%", load, load * capacity) for load in args.load_list]
-        for number, (level, load, rate) in enumerate(rates):  # open loop, the servers taking turns
+        for number, (level, load, rate) in enumerate(rates):
             schedule = poisson_schedule(rate, args.seed + number, args.duration, args.requests)
-            for server in servers if number % 2 == 0 else servers[::-1]:
-                got, wall, before, after = run_open(server, schedule, work, next_prompt)
-                records[(server.name, level)] = got
-                results.append(summarize(server.name, level, got, wall, before, after, load=load, offered_per_s=rate))
-                print(f"{server.name} {level} ({rate:.2f}/s offered): p95 {results[-1].p95_ms} ms", file=sys.stderr)
-            next_prompt += len(schedule)
+            tallies = {server.name: Tally() for server in servers}
+            for part, times in enumerate(split_schedule(schedule, args.duration, args.rounds)):
+                for server in servers if (number + part) % 2 == 0 else servers[::-1]:
+                    tallies[server.name].add(run_open(server, times, work, next_prompt))
+                next_prompt += len(times)
+            record_level(level, tallies, load=load, offered_per_s=rate)
     finally:
         left = {server.name: server.stop() for server in servers}
-    model, processor = load_model(args.threads)
-    used = {r.spec for got in records.values() for r in got if r.ok}
-    alone = singles(model, processor, specs, used, args.fast)
+    if args.model_only_rows and not args.levels:  # no closed loop to take turns with
+        for part in range(args.rounds):
+            local.run_part(part, args.rounds, CEILING_SIZES)
+    alone = local.singles(specs, {r.spec for got in records.values() for r in got if r.ok})
     by_level = {(r.server, r.level): r for r in results}
     for key, got in records.items():
         by_level[key].equal_to_singles, by_level[key].compared = count_equal(got, alone)
-    ceiling = model_only(model, processor, [1, 8, 32], args.model_only_rows, args.rounds, args.fast) \
-        if args.model_only_rows else []  # fmt: skip
-    ceiling_32 = dict(ceiling).get(32)
-    ratios = target_ratios(results, ceiling_32)
+    ceiling = local.rates()
+    ratios = target_ratios(results, dict(ceiling).get(32))
     print(format_table(results))
     for size, rate in ceiling:
         print(f"generate_texts in-process, batches of {size}: {rate:.2f} rows/s ({rate / ceiling[0][1]:.2f}x batch 1)")
@@ -687,9 +745,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r.server} {r.level}: failed: {error}")
     print(f"processes left after stopping: {left}; server logs in {log_dir}")
     if args.json:
-        write_json(args.json, {"args": {k: v for k, v in vars(args).items()}, "results": [asdict(r) for r in results],
-                               "ratios": ratios, "targets": TARGETS, "left": left,
-                               "model_only_rows_per_s": dict(ceiling)})  # fmt: skip
+        write_json(args.json, {"args": vars(args), "results": [asdict(r) for r in results], "ratios": ratios,
+                               "targets": TARGETS, "left": left, "model_only_rows_per_s": dict(ceiling)})  # fmt: skip
     return 0 if not any(left.values()) else 1
 
 

@@ -63,6 +63,19 @@ def test_poisson_schedule_stops_at_the_duration_or_the_count(bench):
             bench.poisson_schedule(rate, seed=0, **kwargs)
 
 
+def test_split_schedule_puts_each_arrival_in_its_window_shifted_to_the_window_start(bench):
+    times = [0.1, 0.9, 1.0, 2.5, 2.99, 5.9]
+    split = bench.split_schedule(times, duration=6.0, parts=3)
+    assert [len(part) for part in split] == [3, 2, 1]
+    assert [at for part in split for at in part] == pytest.approx([0.1, 0.9, 1.0, 0.5, 0.99, 1.9])
+    assert bench.split_schedule(times, duration=6.0, parts=1) == [times]
+    assert bench.split_schedule([0.5, 5.5], duration=6.0, parts=3) == [[0.5], [1.5]]  # the empty middle left out
+    many = bench.poisson_schedule(20.0, seed=1, duration=30.0)
+    assert sum(len(part) for part in bench.split_schedule(many, 30.0, 4)) == len(many)
+    with pytest.raises(ValueError, match="parts must be >= 1 and duration > 0, got 0 and 6.0"):
+        bench.split_schedule(times, 6.0, 0)
+
+
 # ---------------------------------------------------------------------------------------------- figures
 
 
@@ -189,6 +202,7 @@ def test_request_specs_plain_and_mixed(bench):
     plain = bench.request_specs(6, mixed=False, seed=0)
     assert [s.index for s in plain] == list(range(6))
     assert all(s.max_tokens is None and s.stream for s in plain)
+    assert not any(s.stream for s in bench.request_specs(6, mixed=True, seed=0, stream=False))
     mixed = bench.request_specs(40, mixed=True, seed=1)
     assert mixed == bench.request_specs(40, mixed=True, seed=1)
     assert {s.max_tokens for s in mixed} == {4, 8, 16} and {s.stream for s in mixed} == {True, False}
@@ -207,6 +221,7 @@ def test_bad_arguments_are_refused_naming_the_values(bench, capsys):
         (["--servers", "step,sequential"], "fractions of the call server's capacity"),
         (["--concurrency", "none"], "--loads needs a closed-loop level"),
         (["--requests", "0"], "got 0, 2, 128, 20.0"),
+        (["--model-only-rows", "-1"], "--model-only-rows must be >= 0, got -1"),
     ]:
         with pytest.raises(SystemExit):
             bench.parse_args(argv)

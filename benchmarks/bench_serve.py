@@ -597,7 +597,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", "--max-seconds", type=float, default=20.0,
                         help="seconds per level and server: open loop, of arrivals; closed loop, of sending")  # fmt: skip
     parser.add_argument("--requests", type=int, default=None, help="at most this many requests per level and server")
-    parser.add_argument("--rounds", type=int, default=2, help="closed-loop levels in parts, the servers taking turns")
+    parser.add_argument("--rounds", type=int, default=2, help="every level in parts, the servers taking turns")
     parser.add_argument("--seed", type=int, default=0, help="of the arrivals and of --mixed")
     parser.add_argument("--mixed", action="store_true", help="max_tokens 4/8/16 and half the requests not streamed")
     parser.add_argument("--no-stream", dest="stream", action="store_false", help="no request streams (no TTFT)")

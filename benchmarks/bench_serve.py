@@ -631,8 +631,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (args.requests is not None and args.requests < 1) or args.rounds < 1 or args.prompts < 1 or args.duration <= 0:
         parser.error(f"--requests, --rounds and --prompts must be >= 1 and --duration > 0, got {args.requests}, "
                      f"{args.rounds}, {args.prompts}, {args.duration}")  # fmt: skip
-    if args.model_only_rows < 0:
-        parser.error(f"--model-only-rows must be >= 0, got {args.model_only_rows}")
+    if args.model_only_rows < 0 or 0 < args.model_only_rows < max(CEILING_SIZES) * args.rounds:
+        parser.error(f"--model-only-rows must be 0 or at least {max(CEILING_SIZES)} per round "
+                     f"({max(CEILING_SIZES) * args.rounds} for {args.rounds} rounds), got {args.model_only_rows}")  # fmt: skip
     if args.json and os.path.exists(args.json) and not os.path.isfile(args.json):
         parser.error(f"--json {args.json!r} exists and is not a file")
     return args

@@ -221,7 +221,8 @@ def test_bad_arguments_are_refused_naming_the_values(bench, capsys):
         (["--servers", "step,sequential"], "fractions of the call server's capacity"),
         (["--concurrency", "none"], "--loads needs a closed-loop level"),
         (["--requests", "0"], "got 0, 2, 128, 20.0"),
-        (["--model-only-rows", "-1"], "--model-only-rows must be >= 0, got -1"),
+        (["--model-only-rows", "-1"], "--model-only-rows must be 0 or at least 32 per round (64 for 2 rounds), got -1"),
+        (["--model-only-rows", "90", "--rounds", "3"], "(96 for 3 rounds), got 90"),
     ]:
         with pytest.raises(SystemExit):
             bench.parse_args(argv)

@@ -438,19 +438,23 @@ def send(url: str, body: bytes, stream: bool, record: RequestRecord, started: fl
         with urllib.request.urlopen(request, timeout=timeout) as response:
             record.call_rows = int(response.headers.get(BATCH_SIZE_HEADER) or 0)
             if stream:
-                parts = []
+                parts, done = [], False
                 for line in response:
                     event = parse_sse_line(line)
                     if event is None:
                         continue
                     kind, text = event
-                    if kind == "error":
+                    if kind == "done":
+                        done = True
+                    elif kind == "error":
                         record.error = f"stream error: {text}"
                     elif kind == "delta" and text:
                         if record.ttft is None:
                             record.ttft = time.perf_counter() - sent
                         parts.append(text)
                 record.text = "".join(parts)
+                if not done and record.error is None:
+                    record.error = "the event stream ended without data: [DONE]"
             else:
                 record.text = json.loads(response.read())["choices"][0]["message"]["content"]
     except urllib.error.HTTPError as err:
@@ -695,7 +699,10 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             server.wait_ready(300)
             for spec in range(min(4, len(specs))):  # warm-up
-                work.send(server.url, spec, RequestRecord(spec, 0.0, 0.0), time.perf_counter())
+                warm = RequestRecord(spec, 0.0, 0.0)
+                work.send(server.url, spec, warm, time.perf_counter())
+                if not warm.ok:
+                    raise RuntimeError(f"{server.name} server: a warm-up request failed: {warm.error}")
         # closed loop, in parts, the servers (and at the top level the in-process ceiling) taking turns
         for concurrency in args.levels:
             tallies = {server.name: Tally() for server in servers}

@@ -245,7 +245,7 @@ class SlowChatServer:
     """A loopback server in the OpenAI shape: every chat answer takes `delay` s before its first text and
     `tail` s more to finish; streamed as SSE when asked. `/health` counts forwards as one per request."""
 
-    def __init__(self, delay: float, tail: float) -> None:
+    def __init__(self, delay: float, tail: float, cut: bool = False) -> None:
         owner = self
         self.lock, self.arrivals, self.requests = threading.Lock(), [], 0
 
@@ -277,7 +277,8 @@ class SlowChatServer:
                     self.wfile.flush()
                     time.sleep(pause)
                 self.wfile.write(b'data: {"choices": [{"index": 0, "delta": {"content": " circle"}}]}\n\n')
-                self.wfile.write(b"data: [DONE]\n\n")
+                if not cut:  # else the connection closes mid-stream
+                    self.wfile.write(b"data: [DONE]\n\n")
 
             def _send(self, status, kind, data):
                 self.send_response(status)
@@ -328,7 +329,14 @@ def test_open_loop_sends_on_schedule_while_earlier_answers_are_slow_and_times_th
     assert 0.6 < wall < 1.6  # two rounds of >= 0.3 s each
 
 
-def test_an_http_error_is_recorded_not_raised(bench):
+def test_a_refused_connection_or_a_cut_stream_is_a_failure_not_an_answer(bench):
     record = bench.RequestRecord(0, 0.0, 0.0)
     bench.send("http://127.0.0.1:9", b"{}", True, record, time.perf_counter(), timeout=2)  # port 9: discard
     assert not record.ok and record.error and record.latency is not None
+    server = SlowChatServer(delay=0.0, tail=0.0, cut=True)
+    try:
+        record = bench.RequestRecord(0, 0.0, 0.0)
+        bench.send(server.url, b'{"stream": true}', True, record, time.perf_counter(), timeout=5)
+    finally:
+        server.close()
+    assert not record.ok and record.error == "the event stream ended without data: [DONE]"

@@ -12,12 +12,9 @@ import torch
 from transformers import GenerationConfig
 
 from llada_v import LladaVConfig, LladaVGenerationConfig, LladaVModel
+from llada_v.denoising_llada_v import _active, _candidates, _DenoisingState, _finish_rows
 from llada_v.generation_utils import (
     LladaVGenerateOutput,
-    _active,
-    _candidates,
-    _DenoisingState,
-    _finish_rows,
     filter_top_k_top_p,
     find_stop,
     normalize_stop_sequences,

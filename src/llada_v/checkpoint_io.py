@@ -43,6 +43,7 @@ REMOTE_CODE_FILES: tuple[str, ...] = (
     "cache_llada_v.py",
     "compat_llada_v.py",
     "configuration_llada_v.py",
+    "denoising_llada_v.py",
     "dllm_cache_llada_v.py",
     "generation_config_llada_v.py",
     "generation_utils.py",

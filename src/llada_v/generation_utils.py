@@ -25,10 +25,12 @@ docs/generation.md#fast-decoding-opt-in. So is `dllm_cache` (dLLM-Cache, the off
 `dllm_cache_llada_v`): its passes run the active rows in groups that share a refresh decision
 (`_feature_cached_logits`).
 
-The loop reads top to bottom as named steps (`LladaVGenerationMixin.diffusion_generate`): settings, canvas,
-then per block and step: finished rows (`_finish_rows`), active rows and columns (`_active`), the decoder
-window (`DecoderWindows.plan`), logits (`diffusion_logits`), predictions and commits (`DiffusionSampler`),
-stops (`_update_stops`); finally the output (`_assemble`). Its parts have their own remote-code files: the settings
+The call reads top to bottom as named steps: `start_denoising` (settings, canvas, prompt embeddings) returns a
+`LladaVDenoisingRun` (`denoising_llada_v`), which `diffusion_generate` steps one forward pass at a time: finished
+rows (`_finish_rows`), active rows and columns (`_active`), the decoder window (`DecoderWindows.plan`), logits
+(`diffusion_logits`), predictions and commits (`DiffusionSampler`), stops (`_update_stops`); finally the output
+(`_assemble`). Runs that join and leave between passes share forwards in a `LladaVDenoisingBatch` (`shared_logits`).
+Its parts have their own remote-code files: the pass-by-pass state (`denoising_llada_v`), the settings
 (`generation_config_llada_v`), the pure maths (`sampling_llada_v`), the key/value cache (`cache_llada_v`) and
 dLLM-Cache (`dllm_cache_llada_v`);
 the names users import from this module (`LladaVGenerationConfig`, `LladaVDiffusionCache`, the sampling
@@ -39,14 +41,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.utils import ModelOutput, logging
 
-from .cache_llada_v import DecoderWindow, DecoderWindows, LladaVDiffusionCache
+from .cache_llada_v import DecoderWindows, LladaVDiffusionCache
 from .compat_llada_v import GenerationConfig
+from .denoising_llada_v import (
+    LladaVDenoisingBatch,
+    LladaVDenoisingRun,
+    LladaVDiffusionStep,
+    _Active,
+    _DenoisingState,
+)
 from .dllm_cache_llada_v import FeatureCacheView, LladaVFeatureCache, dllm_cache_settings
 from .generation_config_llada_v import (
     FAST_DECODING_PRESET,
@@ -133,136 +142,6 @@ class LladaVGenerateOutput(ModelOutput):
         return [self.sequences[row, start : start + int(n)].tolist() for row, n in enumerate(self.answer_lengths)]
 
 
-@dataclass
-class LladaVDiffusionStep:
-    """What `step_callback` receives after every forward pass (for streaming or visualising the denoising).
-
-    Attributes:
-        step: 0-based index of the forward pass in this call.
-        block, block_step: the block being decoded and the step inside it.
-        rows: `(b,)` batch rows that took part in this pass (finished rows are left out).
-        positions: `(K,)` canvas columns whose logits were computed.
-        logits: `(b, K, V)` float32 logits at those columns (after guidance and suppression); `(b, K, S)` over
-            each row's shortlist in the later passes of a block with `lm_head_shortlist`.
-        tokens: `(b, K)` the predicted ids there.
-        committed: `(b, K)` bool, which predictions were written to the canvas.
-        canvas: `(B, length)` the whole canvas after this step (the live tensor: clone it to keep it).
-        stop_indices: per row, the index in the answer region of the stop found so far, or None.
-        window: `(start, end)` canvas columns the decoder ran on: `(0, length)` for a full forward, the current
-            block (and with `kv_cache="prefix"` everything after it) for a cached step.
-        cache_refreshed: whether this pass refreshed the key/value cache (`kv_cache` set, first pass of a block):
-            a full forward, or with `kv_cache_prompt_refresh="once"` after the first block, the answer region and
-            suffix (see `window`).
-        prompt_length: columns of the (padded) prompt: the answer region starts there in `canvas`.
-    """
-
-    step: int
-    block: int
-    block_step: int
-    rows: torch.Tensor
-    positions: torch.Tensor
-    logits: torch.Tensor
-    tokens: torch.Tensor
-    committed: torch.Tensor
-    canvas: torch.Tensor
-    stop_indices: list[int | None]
-    window: tuple[int, int] = (0, 0)
-    cache_refreshed: bool = False
-    prompt_length: int = 0
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The state of one call and the steps that need no model
-
-
-@dataclass
-class _DenoisingState:
-    """Everything one `diffusion_generate` call updates: the canvas of token ids (prompt | answer | suffix;
-    masks are `mask_token_id`), each row's stop and whether it is finished, and the counters of the output."""
-
-    canvas: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor | None  # (B, T): the prompt's padding, ones after it
-    prompt_embeds: torch.Tensor  # (B, P, D), images merged, computed once
-    prompt_len: int
-    answer_len: int
-    mask_token_id: int
-    stop_index: list[int | None]  # per row, the stop's index in the answer region
-    done: torch.Tensor  # (B,) bool
-    passes_per_row: torch.Tensor  # (B,)
-    columns: torch.Tensor  # (T,) 0..T-1
-    num_passes: int = 0
-    decoder_tokens: int = 0
-    history: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def answer_end(self) -> int:
-        return self.prompt_len + self.answer_len
-
-    @property
-    def total_len(self) -> int:
-        return self.canvas.shape[1]
-
-
-@dataclass
-class _Active:
-    """The rows a pass runs and the columns whose logits it needs."""
-
-    rows: torch.Tensor  # (b,) batch rows still decoding the block
-    positions: torch.Tensor  # (K,) canvas columns that are a candidate in some row
-    candidate: torch.Tensor  # (b, K) bool: the column can be committed in that row
-
-
-def _candidates(state: _DenoisingState, block_end: int) -> torch.Tensor:
-    """`(B, T)` bool: the columns each row may commit: masks of the answer before the block end, or before the
-    row's stop once one is found."""
-    is_mask = state.canvas == state.mask_token_id  # (B, T)
-    columns = state.columns
-    limit = torch.tensor(
-        [block_end if s is None else state.prompt_len + s for s in state.stop_index], device=state.canvas.device
-    )  # (B,)
-    return is_mask & (columns >= state.prompt_len) & (columns[None, :] < limit[:, None])  # (B, T)
-
-
-def _finish_rows(state: _DenoisingState, block_start: int, candidate: torch.Tensor | None = None) -> None:
-    """The one place that marks rows finished (`state.done`). A row with a found stop is finished
-    - at the start of a block (`candidate` None) when the block starts at or after its stop: a block after a
-      found stop is never decoded (docs/parity.md Q15);
-    - before a pass (`candidate` `(B, T)` from `_candidates`) when nothing before its stop is left to decode."""
-    for row, stop in enumerate(state.stop_index):
-        if stop is None:
-            continue
-        if candidate is None and state.prompt_len + stop <= block_start:
-            state.done[row] = True
-        elif candidate is not None and not bool(candidate[row].any()):
-            state.done[row] = True
-
-
-def _active(state: _DenoisingState, candidate: torch.Tensor, block_start: int, block_end: int) -> _Active | None:
-    """The rows that are not finished and still have masks in the block, with the columns they may commit
-    (`candidate` `(B, T)` from `_candidates`). None when no row steps."""
-    is_mask = state.canvas[:, block_start:block_end] == state.mask_token_id  # (B, block_length)
-    stepping = ~state.done & is_mask.any(-1)
-    if not bool(stepping.any()):
-        return None
-    rows = stepping.nonzero().squeeze(1)
-    positions = candidate[rows].any(0).nonzero().squeeze(1)
-    return _Active(rows, positions, candidate[rows][:, positions])
-
-
-def _inside(active: _Active, window: DecoderWindow, answer_start: int) -> _Active:
-    """`active` without the columns before the pass's decoder window, which have no logits in it. Candidates end
-    before the block's end, inside every window, so only a cached pass (its window starts after the answer's start)
-    can leave any out, and only a mask that the model filled with the mask id itself (kept masked, as the official
-    loop keeps it) in an earlier block: it stays a candidate of every pass that runs it (each block's full forward).
-    Full forwards return at once (no host sync in exact mode)."""
-    if window.start <= answer_start:
-        return active
-    inside = active.positions >= window.start  # (K,)
-    if bool(inside.all()):
-        return active
-    return _Active(active.rows, active.positions[inside], active.candidate[:, inside])
-
-
 def _answer_length_from_max_length(config: LladaVGenerationConfig, prompt_length: int) -> None:
     """`max_length` counts prompt and answer: the answer gets the rest (this call's config is a copy)."""
     max_length = config.max_length
@@ -275,15 +154,6 @@ def _answer_length_from_max_length(config: LladaVGenerationConfig, prompt_length
         config.validate()
     except ValueError as err:
         raise ValueError(f"max_length ({max_length}) - prompt ({prompt_length}) = {answer} new tokens: {err}") from None
-
-
-def _update_stops(state: _DenoisingState, rows: torch.Tensor, stop_sequences: list[list[int]]) -> None:
-    """Search each stepped row's answer region for the stop sequences (docs/parity.md Q15)."""
-    if not stop_sequences:
-        return
-    for row in rows.tolist():
-        answer = state.canvas[row, state.prompt_len : state.answer_end]
-        state.stop_index[row] = find_stop(answer, stop_sequences, state.stop_index[row])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -562,6 +432,34 @@ class LladaVGenerationMixin:
             `torch.LongTensor` `(batch, prompt_length + max_new_tokens + suffix_length)` (see
             [`LladaVGenerateOutput.sequences`]), or a [`LladaVGenerateOutput`] with `return_dict_in_generate=True`.
         """
+        run = self.start_denoising(
+            input_ids, attention_mask, pixel_values, image_sizes, image_layouts, image_num_crops,
+            generation_config=generation_config, step_callback=step_callback, generator=generator,
+            tokenizer=tokenizer, **kwargs,
+        )  # fmt: skip
+        while run.step():  # blocks left to right, each denoised in passes; stops once every row is finished
+            pass
+        return run.finalize()  # prompt | answer up to its stop | suffix | padding
+
+    @torch.no_grad()
+    def start_denoising(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_layouts: torch.Tensor | None = None,
+        image_num_crops: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        step_callback: Callable[[LladaVDiffusionStep], None] | None = None,
+        generator: torch.Generator | None = None,
+        tokenizer: Any = None,
+        **kwargs,
+    ) -> LladaVDenoisingRun:
+        """`diffusion_generate`'s call as a `LladaVDenoisingRun` that has run no pass yet: the settings checked,
+        the canvas built, the prompt and its images encoded. Same arguments as `diffusion_generate`; drive it with
+        `run.step()` (one forward pass) until it returns False, then `run.finalize()`, or let several runs share
+        forwards in a `LladaVDenoisingBatch`."""
         # 1. Settings: the generation config with this call's overrides; stops and suffix as ids; the prompt.
         config = self._resolve_generation_config(generation_config, kwargs)
         stop_sequences, suffix = self._stops_and_suffix(config, tokenizer)
@@ -573,27 +471,20 @@ class LladaVGenerationMixin:
         state = self._prepare_canvas(
             input_ids, attention_mask, suffix, config, pixel_values, image_sizes, image_layouts, image_num_crops
         )
-        num_layers = self.config.get_text_config().num_hidden_layers if config.kv_cache else 0
+        # 3. What the passes use: the decoder windows (kv_cache), dLLM-Cache, the sampler.
         feature_cache = None  # dLLM-Cache
         if config.dllm_cache is not None:
-            feature_cache = LladaVFeatureCache(
-                dllm_cache_settings(config.dllm_cache),
-                state.canvas.shape[0],
-                self.config.get_text_config().num_hidden_layers,
-                state.prompt_len,
-            )
+            layers = self.config.get_text_config().num_hidden_layers
+            settings = dllm_cache_settings(config.dllm_cache)
+            feature_cache = LladaVFeatureCache(settings, state.canvas.shape[0], layers, state.prompt_len)
+        num_layers = self.config.get_text_config().num_hidden_layers if config.kv_cache else 0
         windows = DecoderWindows(config, num_layers, state.prompt_len, state.total_len)
         banned = {words[0] for words in config.bad_words_ids or []}
         suppress = torch.tensor(sorted(set(config.suppress_tokens) | banned), dtype=torch.long, device=input_ids.device)
         sampler = DiffusionSampler(config, suppress, input_ids.shape[0], generator)
-        # 3. Blocks left to right, each denoised in steps; a block starting after every row's stop is skipped.
-        for block in range(config.num_blocks):
-            if not self._denoise_block(
-                state, block, config, stop_sequences, windows, sampler, step_callback, feature_cache
-            ):
-                break
-        # 4. Prompt | answer up to its stop | suffix | padding.
-        return self._finalize(state, suffix, config)
+        return LladaVDenoisingRun(
+            self, state, config, stop_sequences, suffix, windows, sampler, feature_cache, step_callback
+        )
 
     # ------------------------------------------------------------------ the steps of diffusion_generate
 
@@ -636,80 +527,6 @@ class LladaVGenerationMixin:
             passes_per_row=torch.zeros(batch, dtype=torch.long, device=device),
             columns=torch.arange(total_len, device=device),
         )
-
-    def _denoise_block(
-        self,
-        state: _DenoisingState,
-        block: int,
-        config: LladaVGenerationConfig,
-        stop_sequences: list[list[int]],
-        windows: DecoderWindows,
-        sampler: DiffusionSampler,
-        step_callback: Callable[[LladaVDiffusionStep], None] | None,
-        feature_cache: LladaVFeatureCache | None = None,
-    ) -> bool:
-        """Denoise one block in at most `steps_per_block` passes. Returns False when every row is finished."""
-        block_start = state.prompt_len + block * config.block_length
-        block_end = block_start + config.block_length
-        _finish_rows(state, block_start)
-        if bool(state.done.all()):
-            return False
-        sampler.start_block((state.canvas[:, block_start:block_end] == config.mask_token_id).sum(-1))  # (B,) masks
-        windows.start_block()
-        for block_step in range(config.steps_per_block):
-            candidate = _candidates(state, block_end)  # (B, T)
-            _finish_rows(state, block_start, candidate)
-            active = _active(state, candidate, block_start, block_end)
-            if active is None:
-                break
-            window = windows.plan(active.rows, block_start, block_end)
-            if feature_cache is None:
-                active = _inside(active, window, state.prompt_len)
-                logits = self.diffusion_logits(
-                    state.canvas[active.rows],
-                    state.prompt_embeds[active.rows],
-                    active.positions,
-                    cfg_scale=config.cfg_scale,
-                    mask_token_id=config.mask_token_id,
-                    attention_mask=None if state.attention_mask is None else state.attention_mask[active.rows],
-                    cache=window.cache,
-                    window=(window.start, window.end),
-                    vocab_ids=sampler.vocab_ids(active.rows),
-                )  # (b, K, V) float32, (b, K, S) over a shortlist
-            else:
-                logits, pass_tokens = self._feature_cached_logits(state, active, feature_cache, sampler)
-            tokens, confidence = sampler.predict(logits, active.rows, active.candidate)
-            committed = sampler.commit(
-                state.canvas, active.rows, active.positions, active.candidate, tokens, confidence, block_step
-            )
-            state.num_passes += 1
-            state.passes_per_row[active.rows] += 1
-            if feature_cache is None:
-                copies = ClassifierFreeGuidance(config.cfg_scale).copies
-                pass_tokens = active.rows.shape[0] * copies * (window.end - window.start)
-            state.decoder_tokens += pass_tokens
-            _update_stops(state, active.rows, stop_sequences)
-            if config.output_history:
-                state.history.append(state.canvas.clone())
-            if step_callback is not None:
-                step_callback(
-                    LladaVDiffusionStep(
-                        step=state.num_passes - 1,
-                        block=block,
-                        block_step=block_step,
-                        rows=active.rows,
-                        positions=active.positions,
-                        logits=logits,
-                        tokens=tokens,
-                        committed=committed,
-                        canvas=state.canvas,
-                        stop_indices=list(state.stop_index),
-                        window=(window.start, window.end),
-                        cache_refreshed=window.refreshed,
-                        prompt_length=state.prompt_len,
-                    )
-                )
-        return True
 
     def _feature_cached_logits(
         self,
@@ -783,11 +600,10 @@ class LladaVGenerationMixin:
             positions = positions - start  # logits_to_keep is relative to the window
             embeds = guidance.double(embeds)  # the unconditional copy differs only in the (cached) prompt
         else:
-            answer_embeds = self.get_input_embeddings()(canvas[:, prompt_len:])  # (b, T - P, D)
-            embeds = torch.cat((prompt_embeds, answer_embeds), dim=1)  # (b, T, D)
+            embeds = self._canvas_embeds(canvas, prompt_embeds)  # (b, T, D)
             if guidance.enabled:
                 mask_embed = self.get_input_embeddings().weight[mask_token_id].to(prompt_embeds.dtype)  # (D,)
-                uncond = torch.cat((mask_embed.expand_as(prompt_embeds), answer_embeds), dim=1)
+                uncond = torch.cat((mask_embed.expand_as(prompt_embeds), embeds[:, prompt_len:]), dim=1)
                 embeds = guidance.double(embeds, uncond)  # (2b, T, D)
         if attention_mask is not None:
             attention_mask = guidance.double(attention_mask)
@@ -806,6 +622,42 @@ class LladaVGenerationMixin:
         logits = guidance.combine(logits)
         if vocab_ids is not None:
             logits = logits.masked_fill(vocab_ids[:, None, :] < 0, float("-inf"))  # unused slots, after CFG
+        return logits
+
+    def _canvas_embeds(self, canvas: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """`(b, T, D)`: the prompt's embeddings `(b, P, D)` (images merged), then those of the canvas ids after it."""
+        answer_embeds = self.get_input_embeddings()(canvas[:, prompt_embeds.shape[1] :])  # (b, T - P, D)
+        return torch.cat((prompt_embeds, answer_embeds), dim=1)
+
+    @torch.no_grad()
+    def shared_logits(self, parts: list[tuple[_DenoisingState, _Active]]) -> list[torch.Tensor]:
+        """Plain full-forward passes of several runs (no cache, guidance or shortlist) in one decoder call.
+
+        Each part's rows are left-padded to the longest canvas, the padding hidden from attention and not counted
+        in positions, as in a left-padded `diffusion_generate` batch. Returns each part's float32 logits
+        `(b, K, V)` at its own columns, what its own `diffusion_logits` call gives (up to the rounding of a
+        larger batch)."""
+        length = max(state.total_len for state, _ in parts)
+        embeds, masks, pads = [], [], []
+        for state, active in parts:
+            rows_embeds = self._canvas_embeds(state.canvas[active.rows], state.prompt_embeds[active.rows])  # (b, T', D)
+            if state.attention_mask is None:
+                mask = torch.ones(rows_embeds.shape[:2], dtype=torch.long, device=rows_embeds.device)
+            else:
+                mask = state.attention_mask[active.rows]
+            pad = length - rows_embeds.shape[1]
+            embeds.append(torch.nn.functional.pad(rows_embeds, (0, 0, pad, 0)))
+            masks.append(torch.nn.functional.pad(mask, (pad, 0)))
+            pads.append(pad)
+        attention_mask = torch.cat(masks)  # (N, length)
+        if bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: the unmasked path, as diffusion_logits
+        hidden, _ = self.language_model(torch.cat(embeds), attention_mask=attention_mask)  # (N, length, D)
+        logits, first = [], 0
+        for (_, active), pad in zip(parts, pads):
+            rows = active.rows.shape[0]
+            logits.append(self._kept_logits(hidden[first : first + rows], active.positions + pad))  # (b, K, V)
+            first += rows
         return logits
 
     def _finalize(
@@ -932,6 +784,8 @@ __all__ = [
     "LladaVGenerateOutput",
     "LladaVDiffusionStep",
     "check_canvas_length",
+    "LladaVDenoisingBatch",
+    "LladaVDenoisingRun",
     # Re-exported from their own modules, so `from .generation_utils import X` keeps working.
     "FAST_DECODING_PRESET",
     "LladaVDiffusionCache",

@@ -38,6 +38,7 @@ from transformers.utils import ModelOutput, logging
 
 from .cache_llada_v import LladaVDiffusionCache
 from .configuration_llada_v import LladaVConfig, LladaVTextConfig
+from .denoising_llada_v import LladaVDenoisingRun  # noqa: F401  (imported for transformers 4.57: see below)
 from .dllm_cache_llada_v import FeatureCacheView, FeaturePositions, feature_cached_layer_forward, rope_table
 from .generation_config_llada_v import LladaVGenerationConfig
 from .generation_utils import LladaVGenerationMixin

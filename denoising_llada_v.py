@@ -1,0 +1,1 @@
+src/llada_v/denoising_llada_v.py

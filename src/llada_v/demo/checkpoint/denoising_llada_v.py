@@ -1,0 +1,1 @@
+../../denoising_llada_v.py

@@ -517,11 +517,15 @@ def test_a_stop_string_cuts_the_served_answer_and_finishes_with_stop(service):
 
 
 def test_retry_after_follows_the_queue(service):
-    service.stats.batches, service.stats.generate_seconds = 4, 10.0  # 2.5 s per batch of up to 16 rows
-    assert service.retry_after_seconds(1) == 3 and service.retry_after_seconds(16) == 3
-    assert service.retry_after_seconds(17) == 5 and service.retry_after_seconds(80) == 13
-    service.stats.batches, service.stats.generate_seconds = 0, 0.0
-    assert service.retry_after_seconds(80) == 1
+    call = ChatService(ServeOptions(scheduler="call"), service.model, service.processor)
+    call.stats.batches, call.stats.generate_seconds = 4, 10.0  # 2.5 s per batch of up to 16 rows
+    assert call.retry_after_seconds(1) == 3 and call.retry_after_seconds(16) == 3
+    assert call.retry_after_seconds(17) == 5 and call.retry_after_seconds(80) == 13
+    call.stats.batches, call.stats.generate_seconds = 0, 0.0
+    assert call.retry_after_seconds(80) == 1
+    # The step scheduler: the average time a request took, per max_batch_size requests ahead.
+    service.engine.finished, service.engine.finished_seconds = 4, 10.0
+    assert service.retry_after_seconds(16) == 3 and service.retry_after_seconds(17) == 5
 
 
 def test_build_job_counts_the_prompt_tokens_the_processor_makes(service):

@@ -34,6 +34,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMissingKernels
 # Public name -> the module that defines it.
 _EXPORTS = {
     "LladaVConfig": "configuration_llada_v",
+    "LladaVDenoisingBatch": "denoising_llada_v",
+    "LladaVDenoisingRun": "denoising_llada_v",
     "LladaVTextConfig": "configuration_llada_v",
     "LladaVGenerationConfig": "generation_config_llada_v",
     "LladaVImageProcessor": "image_processing_llada_v",

@@ -1,10 +1,11 @@
 """The Ray Serve application: the `LladaVServer` deployment, `app_builder` for `serve run` / `serve deploy`, and
 `run_server` behind `llada-v serve`.
 
-Each replica loads the model once and answers through `http_app.build_asgi_app`. Chat requests meet in
-`generate_batch` (`@serve.batch`: up to `max_batch_size` requests, waiting at most `batch_wait_ms` for them),
-which runs `ChatService.run` on the replica's one generating thread. Ray does the rest: replicas (a dead one is
-replaced), autoscaling, routing, several machines.
+Each replica loads the model once and answers through `http_app.build_asgi_app`. With the step scheduler (the
+default) chat requests go to the replica's `engine.StepEngine`, whose thread admits and retires requests at every
+denoising step; with `scheduler="call"` they meet in `generate_batch` (`@serve.batch`: up to `max_batch_size`
+requests, waiting at most `batch_wait_ms` for them), which runs `ChatService.run` on the replica's one generating
+thread. Ray does the rest: replicas (a dead one is replaced), autoscaling, routing, several machines.
 
     serve run llada_v.serving.app:app_builder                      # the demo, Ray's own CLI
     serve deploy examples/serve_config.yaml                         # a running cluster
@@ -58,6 +59,8 @@ class LladaVServer:
         self._fetch = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="llada-v-fetch")
         self.generate_batch.set_max_batch_size(self.options.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.options.batch_wait_ms / 1000)
+        if self.service.engine is not None:
+            self.service.engine.start()
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_asgi_app(self)
@@ -92,11 +95,40 @@ class LladaVServer:
         return self._fetch if is_remote(url) else self._media
 
     async def submit(self, job: GenerationJob) -> JobResult:
-        """Queue `job` for the next batch; never raises for a failed generation (the result carries it)."""
+        """Answer `job` (step scheduler: the engine; call scheduler: the next batch); never raises for a failed
+        generation (the result carries it). A request cancelled while it waits (its client went away) marks the
+        job, and the step scheduler drops its row at the next step."""
+        if self.service.engine is None:
+            return await self._submit_call(job)
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future = loop.create_future()
+
+        def done(result: JobResult) -> None:
+            loop.call_soon_threadsafe(lambda: answered.done() or answered.set_result(result))
+
+        self.service.engine.submit(job, done)
         try:
-            return await self.generate_batch(job)
+            return await answered
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+
+    async def _submit_call(self, job: GenerationJob) -> JobResult:
+        metrics, started = self.service.metrics, time.perf_counter()
+        if job.sink is not None:
+            job.sink = first_text_timer(job.sink, metrics, started)
+        try:
+            result = await self.generate_batch(job)
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
         except Exception as err:  # noqa: BLE001 - the batch machinery failed: this request gets a 500, not a hang
             return JobResult(error=err)
+        metrics.add("llada_v_requests_total")
+        metrics.add("llada_v_answer_tokens_total", result.completion_tokens)
+        if result.error is None:
+            metrics.observe("llada_v_request_seconds", time.perf_counter() - started)
+        return result
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def generate_batch(self, jobs: list[GenerationJob]) -> list[JobResult]:
@@ -106,6 +138,20 @@ class LladaVServer:
             "batch of %d requests: generate calls of %s rows", len(jobs), sorted({r.batch_size for r in results})
         )
         return results
+
+
+def first_text_timer(sink: Any, metrics: Any, started: float) -> Any:
+    """`sink` that also records the time to the job's first text in `metrics` (the call scheduler's)."""
+    seen = False
+
+    def timed(event: Any) -> None:
+        nonlocal seen
+        if event.kind == "delta" and not seen:
+            seen = True
+            metrics.observe("llada_v_time_to_first_token_seconds", time.perf_counter() - started)
+        sink(event)
+
+    return timed
 
 
 def build_app(options: ServeOptions) -> Any:

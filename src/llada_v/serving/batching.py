@@ -50,6 +50,8 @@ class GenerationJob:
     sink: Callable[[StreamEvent], None] | None = None
     stream_canvas: bool = False
     streamed: bool = False  # text went out: a failed group is not retried for this job
+    inputs: dict | None = None  # the processor's outputs for this prompt alone (the step scheduler reuses them)
+    cancelled: bool = False  # the client went away (the step scheduler drops the row at its next step)
 
     def emit(self, event: StreamEvent) -> None:
         if self.sink is not None:
@@ -88,17 +90,18 @@ def group_jobs(jobs: list[GenerationJob]) -> list[list[int]]:
     return list(groups.values())
 
 
-def run_batch(model: Any, processor: Any, jobs: list[GenerationJob]) -> list[JobResult]:
-    """Run every job (one `generate_texts` call per settings group); never raises for a job's failure."""
+def run_batch(model: Any, processor: Any, jobs: list[GenerationJob], metrics: Any = None) -> list[JobResult]:
+    """Run every job (one `generate_texts` call per settings group); never raises for a job's failure.
+    `metrics` (`metrics.ServingMetrics`) counts the calls' forward passes and rows."""
     results: list[JobResult | None] = [None] * len(jobs)
     for indices in group_jobs(jobs):
-        _run_split(model, processor, jobs, indices, results)
+        _run_split(model, processor, jobs, indices, results, metrics)
     return [result if result is not None else JobResult(error=RuntimeError("job was not run")) for result in results]
 
 
-def _run_split(model: Any, processor: Any, jobs: list, indices: list[int], results: list) -> None:
+def _run_split(model: Any, processor: Any, jobs: list, indices: list[int], results: list, metrics: Any) -> None:
     try:
-        outcome = run_group(model, processor, [jobs[i] for i in indices])
+        outcome = run_group(model, processor, [jobs[i] for i in indices], metrics)
     except Exception as err:  # noqa: BLE001 - a failing request must not end the replica or its batch mates
         logger.warning("a batch of %d rows failed (%s: %s)", len(indices), type(err).__name__, err)
         retry = []
@@ -110,13 +113,13 @@ def _run_split(model: Any, processor: Any, jobs: list, indices: list[int], resul
         half = (len(retry) + 1) // 2
         for part in (retry[:half], retry[half:]):
             if part:
-                _run_split(model, processor, jobs, part, results)
+                _run_split(model, processor, jobs, part, results, metrics)
         return
     for i, result in zip(indices, outcome):
         results[i] = result
 
 
-def run_group(model: Any, processor: Any, jobs: list[GenerationJob]) -> list[JobResult]:
+def run_group(model: Any, processor: Any, jobs: list[GenerationJob], metrics: Any = None) -> list[JobResult]:
     """One `generate_texts` call for jobs with equal settings (left-padded batch)."""
     config = jobs[0].config
     seed = jobs[0].seed if jobs[0].stochastic else None
@@ -132,13 +135,22 @@ def run_group(model: Any, processor: Any, jobs: list[GenerationJob]) -> list[Job
     )  # fmt: skip
     if callback is not None:
         callback.finish([answer.text for answer in answers])
+    if metrics is not None:
+        metrics.add("llada_v_forward_passes_total", output.num_forward_passes)
+        metrics.add("llada_v_forward_rows_total", int(output.forward_passes_per_row.sum()))
+    return job_results(answers, output, config, batch_size=len(jobs))
+
+
+def job_results(answers: list, output: Any, config: Any, batch_size: int) -> list[JobResult]:
+    """The results of decoded `answers` (`inference.Answer`) of a `LladaVGenerateOutput`: "stop" when a stop
+    string cut the answer or it ended before the canvas did, else "length"."""
     lengths = output.answer_lengths.tolist()
     return [
         JobResult(
             text=answer.text,
             completion_tokens=answer.num_tokens,
             finish_reason="stop" if answer.stop_string is not None or length < config.max_new_tokens else "length",
-            batch_size=len(jobs),
+            batch_size=batch_size,
         )
         for answer, length in zip(answers, lengths)
     ]

@@ -75,8 +75,16 @@ def _add_server_group(parser: argparse.ArgumentParser) -> None:
 
 def _add_limits_group(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("batching and limits")
-    group.add_argument("--max-batch-size", type=int, default=16, metavar="N", help="rows per diffusion_generate call")
-    group.add_argument("--batch-wait-ms", type=float, default=20.0, metavar="MS", help="wait this long to fill a batch")
+    group.add_argument("--scheduler", choices=("step", "call"), default="step",
+                       help="step (default): requests join and leave the running batch at every denoising step; "
+                            "call: batches of requests that arrived together run whole calls")  # fmt: skip
+    group.add_argument("--max-batch-tokens", type=int, default=16384, metavar="N",
+                       help="step scheduler: canvas tokens (prompt with image tokens + max_tokens) of the running "
+                            "batch; a request waits while it would exceed them (default 16384)")  # fmt: skip
+    group.add_argument("--max-batch-size", type=int, default=16, metavar="N",
+                       help="requests in the running batch (step) / rows per diffusion_generate call (call)")  # fmt: skip
+    group.add_argument("--batch-wait-ms", type=float, default=20.0, metavar="MS",
+                       help="call scheduler: wait this long to fill a batch")  # fmt: skip
     group.add_argument("--max-queued-requests", type=int, default=64, metavar="N",
                        help="per replica beyond the running batch; more get 503 + Retry-After")  # fmt: skip
     group.add_argument("--max-request-bytes", type=int, default=20 * 2**20, metavar="N", help="larger bodies get 413")

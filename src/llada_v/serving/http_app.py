@@ -1,4 +1,5 @@
-"""The ASGI application of a replica: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`.
+"""The ASGI application of a replica: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`
+(Prometheus text, `metrics.ServingMetrics`).
 
 `build_asgi_app(server)` takes the replica (`app.LladaVServer`): its `service` (`service.ChatService`), its
 `admission` and `submit(job)` (the `@serve.batch` entry). Every error is OpenAI-style JSON (`ApiError.body`):
@@ -6,7 +7,8 @@
 unknown route or model, 413 for a body over `max_request_bytes`, 415 for a POST that is not
 `Content-Type: application/json` (a cross-site form or `text/plain` post needs no CORS preflight, so a web page
 could otherwise drive the server from a local browser), 503 with `Retry-After` when the replica already holds
-`max_batch_size + max_queued_requests` chat requests, 500 when generation itself failed.
+`max_batch_size + max_queued_requests` chat requests, 500 when generation itself failed. A client that goes away
+(closes the connection) marks its job cancelled: the step scheduler drops its row before the next denoising step.
 
 A streamed answer (`stream: true`) is sent as server-sent events once its first text (or canvas) exists, so a
 request the sampler rejects still gets a plain 400. The header `x-llada-batch-size` says how many rows the
@@ -25,7 +27,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .batching import JobResult, StreamEvent, next_event
@@ -33,6 +35,7 @@ from .openai_api import ApiError, chunk_body, completion_body, completion_id, in
 
 BATCH_SIZE_HEADER = "x-llada-batch-size"
 JSON_MEDIA_TYPE = "application/json"
+PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 logger = logging.getLogger(__name__)
 
 
@@ -165,11 +168,15 @@ def build_asgi_app(server: Any) -> Starlette:
                 "capacity": server.admission.capacity, "queued_pixels": server.admission.pixels}  # fmt: skip
         return JSONResponse(body)
 
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(server.service.metrics.render(), media_type=PROMETHEUS_MEDIA_TYPE)
+
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
@@ -211,8 +218,12 @@ async def _chat(server: Any, request: Request) -> Response:
         task = asyncio.ensure_future(server.submit(job))
         task.add_done_callback(slot.release)  # the place is free once the answer is generated
         if parsed.stream:
-            return await _stream(queue, task, parsed, request_id, prompt_tokens)
-        result: JobResult = await task
+            return await _stream(queue, task, parsed, request_id, prompt_tokens, job)
+        try:
+            result: JobResult = await task
+        except asyncio.CancelledError:  # the client went away: its row leaves at the next step
+            job.cancelled = True
+            raise
         if result.error is not None:
             return error_response(result_error(result))
         body = completion_body(request_id, parsed.model, result.text, result.finish_reason,
@@ -224,10 +235,14 @@ async def _chat(server: Any, request: Request) -> Response:
 
 
 async def _stream(queue: asyncio.Queue, task: asyncio.Future, parsed: Any, request_id: str,
-                  prompt_tokens: int) -> Response:  # fmt: skip
+                  prompt_tokens: int, job: Any) -> Response:  # fmt: skip
     batch_size, first = 0, None
     while first is None:  # wait for the first text or canvas: errors before it are plain responses
-        event = await next_event(queue, task)
+        try:
+            event = await next_event(queue, task)
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
         if event is None:
             break
         if event.kind == "started":
@@ -239,7 +254,7 @@ async def _stream(queue: asyncio.Queue, task: asyncio.Future, parsed: Any, reque
         if result.error is not None:
             return error_response(result_error(result))
         batch_size = result.batch_size
-    events = _sse(queue, task, first, parsed, request_id, prompt_tokens)
+    events = _sse(queue, task, first, parsed, request_id, prompt_tokens, job)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={BATCH_SIZE_HEADER: str(batch_size), "Cache-Control": "no-cache"})  # fmt: skip
 
@@ -250,8 +265,19 @@ def _data(body: dict, event: str | None = None) -> str:
 
 
 async def _sse(queue: asyncio.Queue, task: asyncio.Future, first: StreamEvent | None, parsed: Any,
-               request_id: str, prompt_tokens: int) -> AsyncIterator[str]:  # fmt: skip
-    """The event stream: role, text deltas (and `llada.canvas` events), the finish reason, usage, `[DONE]`."""
+               request_id: str, prompt_tokens: int, job: Any) -> AsyncIterator[str]:  # fmt: skip
+    """The event stream: role, text deltas (and `llada.canvas` events), the finish reason, usage, `[DONE]`.
+    A client that disconnects before the end closes this generator: the job is marked cancelled."""
+    try:
+        async for text in _sse_events(queue, task, first, parsed, request_id, prompt_tokens):
+            yield text
+    finally:
+        if not task.done():
+            job.cancelled = True
+
+
+async def _sse_events(queue: asyncio.Queue, task: asyncio.Future, first: StreamEvent | None, parsed: Any,
+                      request_id: str, prompt_tokens: int) -> AsyncIterator[str]:  # fmt: skip
     model = parsed.model
     yield _data(chunk_body(request_id, model, {"role": "assistant", "content": ""}))
     event = first

@@ -18,10 +18,11 @@ DEMO_MODEL_NAME = "llada-v-demo"
 API_KEY_ENV = "LLADA_V_API_KEY"  # the API key when none is given (keeps it out of the process list)
 DTYPE_CHOICES = ("auto", *DTYPES)
 QUANTIZATION_CHOICES = (None, "4bit", "8bit")
+SCHEDULERS = ("step", "call")
 INT_OPTIONS = {
     "port", "num_replicas", "min_replicas", "max_replicas", "max_batch_size", "max_queued_requests",
     "max_request_bytes", "max_images_per_request", "max_image_bytes", "max_tokens_limit", "max_prompt_chars",
-    "max_request_pixels", "max_queued_pixels",
+    "max_request_pixels", "max_queued_pixels", "max_batch_tokens",
 }  # fmt: skip
 FLOAT_OPTIONS = {"target_ongoing_requests", "num_cpus_per_replica", "num_gpus_per_replica", "batch_wait_ms",
                  "image_fetch_timeout_s"}  # fmt: skip
@@ -44,7 +45,10 @@ class ServeOptions:
     `num_cpus_per_replica` (also the replica's torch threads on CPU), `num_gpus_per_replica`, `web` (the web page,
     docs/web.md, at `/` of every replica; needs the `web` extra).
 
-    Batching and limits: `max_batch_size`, `batch_wait_ms`, `max_queued_requests` (per replica, beyond the rows
+    Batching and limits: `scheduler` ("step": continuous batching, requests join and leave the running batch at
+    every denoising step, `llada_v.serving.engine`; "call": `@serve.batch` groups run whole `diffusion_generate`
+    calls), `max_batch_tokens` (step: the canvas tokens of the running batch), `max_batch_size` (requests in the
+    running batch / rows per call), `batch_wait_ms` (call: how long a batch waits to fill), `max_queued_requests` (per replica, beyond the rows
     being generated; more gets 503), `max_request_bytes` (413 above), `max_images_per_request`,
     `max_image_bytes` (per image: a data URL's decoded size, a download, a local file), `image_fetch_timeout_s`
     (all of a request's http(s) downloads), `remote_images` (http(s) URLs),
@@ -80,6 +84,8 @@ class ServeOptions:
     num_gpus_per_replica: float = 0.0
     web: bool = False
 
+    scheduler: str = "step"
+    max_batch_tokens: int = 16384
     max_batch_size: int = 16
     batch_wait_ms: float = 20.0
     max_queued_requests: int = 64
@@ -105,6 +111,9 @@ class ServeOptions:
     def validate(self) -> None:
         """Raise `InputError` naming the first invalid setting."""
         _positive_int("port", self.port, maximum=65535)
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        _positive_int("max_batch_tokens", self.max_batch_tokens)
         _positive_int("max_batch_size", self.max_batch_size)
         _non_negative("batch_wait_ms", self.batch_wait_ms)
         _non_negative_int("max_queued_requests", self.max_queued_requests)

@@ -1,5 +1,6 @@
-"""What a replica holds and does, without Ray: the model, a request body -> a `GenerationJob`, a list of jobs ->
-answers (`batching.run_batch`), and the counters `/health` shows.
+"""What a replica holds and does, without Ray: the model, a request body -> a `GenerationJob`, jobs -> answers (the
+step scheduler `engine.StepEngine`, or for the call scheduler a list of jobs -> `batching.run_batch`), and the
+counters `/health` and `/metrics` show.
 
 The checkpoint loads through `inference.load_pretrained` (its checks, one-line `InputError`s), sampler settings
 through `inference.generation_config_for`, prompts through `inference.chat_prompt`.
@@ -24,7 +25,9 @@ from ..inference import (
     prepare_inputs,
 )
 from .batching import GenerationJob, JobResult, run_batch
+from .engine import StepEngine
 from .media import MediaPolicy, check_request_pixels, header_pixels, read_image_url
+from .metrics import ServingMetrics
 from .openai_api import ChatRequest, invalid, parse_chat_request
 from .options import ServeOptions
 
@@ -39,7 +42,8 @@ def load_model(options: ServeOptions) -> tuple[Any, Any]:
 
 @dataclass
 class ServiceStats:
-    """Counters of one replica (shown by `/health`)."""
+    """Counters of one replica (shown by `/health`). With the step scheduler `/health` shows the engine's: requests
+    answered, steps (`batches`), the most requests running together, the time spent in steps."""
 
     requests: int = 0
     batches: int = 0  # calls of the @serve.batch method
@@ -62,6 +66,10 @@ class ChatService:
         self.created = int(time.time())
         self.stats = ServiceStats()
         self._lock = threading.Lock()
+        self.metrics = ServingMetrics(options.scheduler)
+        self.engine: StepEngine | None = None  # the step scheduler (started by the replica)
+        if options.scheduler == "step":
+            self.engine = StepEngine(model, processor, options.max_batch_tokens, options.max_batch_size, self.metrics)
 
     # ------------------------------------------------------------------ a request -> a job
 
@@ -108,8 +116,9 @@ class ChatService:
         except ValueError as err:
             raise invalid(f"the request cannot be generated: {err}", "messages", "prompt_too_long") from None
         job = GenerationJob(
-            text=text, images=images, config=config, seed=request.seed, stream_canvas=request.stream_canvas
-        )
+            text=text, images=images, config=config, seed=request.seed, stream_canvas=request.stream_canvas,
+            inputs=inputs if self.engine is not None else None,  # the step scheduler starts from them
+        )  # fmt: skip
         return job, int(inputs["input_ids"].shape[1])
 
     # ------------------------------------------------------------------ jobs -> answers
@@ -117,8 +126,11 @@ class ChatService:
     def run(self, jobs: list[GenerationJob]) -> list[JobResult]:
         """Answer a batch of jobs (one `diffusion_generate` call per settings group) and count it."""
         started = time.perf_counter()
+        self.metrics.set("llada_v_running_requests", len(jobs))
         with torch.inference_mode():
-            results = run_batch(self.model, self.processor, jobs)
+            results = run_batch(self.model, self.processor, jobs, self.metrics)
+        self.metrics.observe("llada_v_step_seconds", time.perf_counter() - started)
+        self.metrics.set("llada_v_running_requests", 0)
         with self._lock:
             self.stats.requests += len(jobs)
             self.stats.batches += 1
@@ -129,10 +141,13 @@ class ChatService:
 
     def retry_after_seconds(self, active: int) -> int:
         """Seconds a refused client should wait: the batches needed for the `active` requests ahead of it
-        (`max_batch_size` rows each) times the average batch duration so far (the last one before any), at
-        least 1."""
-        with self._lock:
-            batches, seconds = self.stats.batches, self.stats.generate_seconds
+        (`max_batch_size` rows each) times the average batch duration so far (the last one before any; with the
+        step scheduler the average time a request took), at least 1."""
+        if self.engine is not None:
+            batches, seconds = self.engine.finished, self.engine.finished_seconds
+        else:
+            with self._lock:
+                batches, seconds = self.stats.batches, self.stats.generate_seconds
         per_batch = seconds / batches if batches else self.stats.last_batch_seconds
         ahead = math.ceil(max(active, 1) / self.options.max_batch_size)
         return max(1, math.ceil(ahead * per_batch))
@@ -140,4 +155,15 @@ class ChatService:
     def health(self) -> dict[str, Any]:
         with self._lock:
             stats = dict(vars(self.stats))
-        return {"model": self.options.model_id, **stats}
+        engine = self.engine
+        if engine is not None:  # the step scheduler: a "batch" is one step of the running batch
+            stats.update(requests=engine.finished, batches=engine.steps, largest_batch=engine.largest_batch,
+                         generate_seconds=engine.step_seconds)  # fmt: skip
+        metrics = self.metrics.snapshot()
+        counters = {
+            "forward_passes": int(metrics["llada_v_forward_passes_total"]),
+            "forward_rows": int(metrics["llada_v_forward_rows_total"]),
+            "running_requests": int(metrics["llada_v_running_requests"]),
+            "waiting_requests": int(metrics["llada_v_waiting_requests"]),
+        }
+        return {"model": self.options.model_id, "scheduler": self.options.scheduler, **stats, **counters}

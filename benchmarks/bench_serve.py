@@ -378,8 +378,8 @@ def kind_arguments(kind: str, args: argparse.Namespace) -> list[str]:
     if kind == "sequential":
         return ["--scheduler", "call", "--max-batch-size", "1"]
     if kind == "step":
-        return ["--scheduler", "step", *(["--max-batch-tokens", str(args.max_batch_tokens)]
-                                         if args.max_batch_tokens else [])]  # fmt: skip
+        return ["--scheduler", "step", "--max-batch-size", str(args.max_batch_size),
+                *(["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens else [])]  # fmt: skip
     raise ValueError(f"unknown server kind {kind!r}; choose from {', '.join(SERVER_KINDS)}")
 
 
@@ -607,7 +607,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-stream", dest="stream", action="store_false", help="no request streams (no TTFT)")
     parser.add_argument("--prompts", type=int, default=128, help="distinct prompts (requests cycle over them)")
     parser.add_argument("--fast", action="store_true", help="servers and singles with the fast-decoding preset")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="of the call server")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="call server: rows per call; step server: requests in the running batch",
+    )
     parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="of the call server")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="of the step server (default: its own)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each replica")

@@ -527,24 +527,31 @@ def run_open(server: ServerProcess, schedule: list[float], work: Workload,
 
 class InProcess:
     """The demo model in this process (`threads` torch threads, as a replica): the prompts answered alone, and
-    `generate_texts` on the benchmark prompts (the demo's default settings) in batches of each size, no server:
-    the ceiling batching in a server can reach on this machine. The ceiling is measured in parts (`run_part`)
-    that take turns with the servers, so that all meet the same machine load."""
+    `generate_texts` on `ceiling_specs` (the servers' first prompts, their settings) in batches of each size, one
+    settings group after another, no server: the ceiling batching in a server can reach on this machine. The
+    ceiling is measured in parts (`run_part`) that take turns with the servers, so that all meet the same machine
+    load."""
 
-    def __init__(self, threads: int, rows: int, fast: bool) -> None:
+    def __init__(self, threads: int, ceiling_specs: list[RequestSpec], fast: bool) -> None:
         import torch
 
         from llada_v.demo.app import load_demo
-        from llada_v.inference import generation_config_for
 
         torch.set_num_threads(threads)
         self.model, self.processor = load_demo()
-        self.fast = fast
-        config = generation_config_for(self.model.generation_config, {}, fast=fast)
-        self.batch = [(self.prompt(bench_sample(i)["qa"][0][0]), [bench_sample(i)["image"]]) for i in range(rows)]
-        self.config, self.seconds, self.rows = config, {}, {}
-        for size in CEILING_SIZES if rows else []:  # warm-up: the first call of a batch shape is slower
-            self.generate(self.batch[:size], config)
+        self.fast, self.seconds, self.rows = fast, {}, {}
+        self.batch = [(self.prompt(s.question), [bench_sample(s.index)["image"]], s.max_tokens) for s in ceiling_specs]
+        for max_tokens in dict.fromkeys(item[2] for item in self.batch):  # warm-up: a new batch shape is slower
+            group = [item for item in self.batch if item[2] == max_tokens]
+            for size in CEILING_SIZES:
+                self.generate(group[:size], self.config(max_tokens))
+
+    def config(self, max_tokens: int | None):
+        """The settings the server gives a request: the demo's generation config with its max_tokens."""
+        from llada_v.inference import generation_config_for
+
+        overrides = {} if max_tokens is None else {"max_new_tokens": max_tokens}
+        return generation_config_for(self.model.generation_config, overrides, fast=self.fast)
 
     def prompt(self, question: str) -> str:
         from llada_v.inference import chat_prompt, user_message
@@ -556,17 +563,24 @@ class InProcess:
 
         from llada_v.inference import generate_texts
 
+        texts, images = [item[0] for item in items], [item[1] for item in items]
         with torch.inference_mode():
-            return generate_texts(self.model, self.processor, [t for t, _ in items], [i for _, i in items], config)[0]
+            return generate_texts(self.model, self.processor, texts, images, config)[0]
 
     def run_part(self, part: int, parts: int, sizes: list[int]) -> None:
-        """Part `part` of `parts` of the prompts, in batches of each size (order alternating by part)."""
+        """Part `part` of `parts` of the prompts, in batches of each size (order alternating by part) within
+        each settings group."""
         size_of_part = -(-len(self.batch) // parts)
         items = self.batch[part * size_of_part : (part + 1) * size_of_part]
+        groups: dict = {}
+        for item in items:
+            groups.setdefault(item[2], []).append(item)
+        configs = {max_tokens: self.config(max_tokens) for max_tokens in groups}
         for size in sizes if part % 2 == 0 else sizes[::-1]:
             started = time.perf_counter()
-            for start in range(0, len(items), size):
-                self.generate(items[start : start + size], self.config)
+            for max_tokens, group in groups.items():
+                for start in range(0, len(group), size):
+                    self.generate(group[start : start + size], configs[max_tokens])
             self.seconds[size] = self.seconds.get(size, 0.0) + time.perf_counter() - started
             self.rows[size] = self.rows.get(size, 0) + len(items)
 
@@ -575,19 +589,17 @@ class InProcess:
         return [(size, self.rows[size] / self.seconds[size]) for size in self.seconds if self.seconds[size] > 0]
 
     def singles(self, specs: list[RequestSpec], used: set[int]) -> dict[int, str]:
-        """Each used prompt answered alone (batch of 1, the settings the server gives it: the demo's generation
-        config with the request's max_tokens, no system prompt, `fast` as the servers)."""
-        from llada_v.inference import generation_config_for
-
+        """Each used prompt answered alone (batch of 1, the settings the server gives it, no system prompt,
+        `fast` as the servers)."""
         answers = {}
         for index in sorted(used):
             spec = specs[index]
-            overrides = {} if spec.max_tokens is None else {"max_new_tokens": spec.max_tokens}
-            config = generation_config_for(self.model.generation_config, overrides, fast=self.fast)
-            answers[index] = self.generate([(self.prompt(spec.question), [bench_sample(spec.index)["image"]])], config)[
-                0
-            ]
+            item = (self.prompt(spec.question), [bench_sample(spec.index)["image"]], spec.max_tokens)
+            answers[index] = self.generate([item], self.config(spec.max_tokens))[0]
         return answers
+
+
+# ---------------------------------------------------------------------------------------------- the run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -682,7 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     specs = request_specs(args.prompts, args.mixed, args.seed, args.stream)
     work = Workload(specs, [spec_body(spec) for spec in specs], args.timeout)
-    local = InProcess(args.threads, args.model_only_rows, args.fast)  # before the servers: no load on them yet
+    # the model in this process, loaded before the servers start (no load on them yet); its ceiling prompts are
+    # the servers' first ones, with their settings
+    local = InProcess(args.threads, request_specs(args.model_only_rows, args.mixed, args.seed, args.stream), args.fast)
     log_dir = tempfile.mkdtemp(prefix="bench_serve_")
     fast = ["--fast"] if args.fast else []
     servers = [ServerProcess(kind, kind_arguments(kind, args) + fast, args.threads, log_dir)

@@ -340,3 +340,24 @@ def test_a_refused_connection_or_a_cut_stream_is_a_failure_not_an_answer(bench):
     finally:
         server.close()
     assert not record.ok and record.error == "the event stream ended without data: [DONE]"
+
+
+def test_in_process_singles_use_the_request_settings_and_the_ceiling_counts_every_row(bench):
+    from llada_v.demo.app import load_demo
+    from llada_v.demo.task import make_sample
+    from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message
+
+    specs = bench.request_specs(6, mixed=True, seed=2)
+    local = bench.InProcess(1, specs, fast=False)
+    alone = local.singles(specs, {0, 3, 5})
+    model, processor = load_demo()
+    for index in (0, 3, 5):
+        sample = make_sample(f"bench-{index}")
+        config = generation_config_for(model.generation_config, {"max_new_tokens": specs[index].max_tokens})
+        text = chat_prompt(processor, [user_message(sample["qa"][0][0], 1)], system_prompt="")
+        assert alone[index] == generate_texts(model, processor, [text], [[sample["image"]]], config)[0][0]
+    assert set(alone) == {0, 3, 5}
+    for part in range(2):
+        local.run_part(part, 2, [1, 4])
+    assert local.rows == {1: 6, 4: 6} and [size for size, _ in local.rates()] == [1, 4]
+    assert all(rate > 0 for _, rate in local.rates())

@@ -20,8 +20,9 @@ alternating order, so both meet the same machine load. Reported per server and l
 wall time, latency p50/p95/p99 (send to last byte), time to first token p50/p95 (the first chunk with text), mean
 rows per model forward (the replica's `/health` counters `forward_passes` / `forward_rows`, where the server has
 them), failures, and how many answers equal the same prompt answered alone by `generate_texts` in this process.
-At the top closed-loop level a third turn runs `generate_texts` in this process in batches of 1, 8 and 32 (no
-server, the replica's threads): the ceiling batching in a server can reach on this machine. The ratio lines
+At the top closed-loop level a third turn, as long as a server's, runs `generate_texts` in this process in batches
+of 1, 8 and 32 (no server, the replica's threads, the same prompts and settings): the ceiling batching in a
+server can reach on this machine. The ratio lines
 compare the step scheduler with the call scheduler (p95 latency at 60% load, maximum throughput) and with that
 ceiling. Both servers are stopped at the end and the script checks that none of their processes is left.
 
@@ -567,9 +568,10 @@ class InProcess:
         with torch.inference_mode():
             return generate_texts(self.model, self.processor, texts, images, config)[0]
 
-    def run_part(self, part: int, parts: int, sizes: list[int]) -> None:
+    def run_part(self, part: int, parts: int, sizes: list[int], seconds: float = 0.0) -> None:
         """Part `part` of `parts` of the prompts, in batches of each size (order alternating by part) within
-        each settings group."""
+        each settings group; each size repeats whole passes over the part until `seconds / len(sizes)` have
+        passed (at least one pass), so that the turn lasts as long as a server's."""
         size_of_part = -(-len(self.batch) // parts)
         items = self.batch[part * size_of_part : (part + 1) * size_of_part]
         groups: dict = {}
@@ -578,11 +580,14 @@ class InProcess:
         configs = {max_tokens: self.config(max_tokens) for max_tokens in groups}
         for size in sizes if part % 2 == 0 else sizes[::-1]:
             started = time.perf_counter()
-            for max_tokens, group in groups.items():
-                for start in range(0, len(group), size):
-                    self.generate(group[start : start + size], configs[max_tokens])
+            while True:
+                for max_tokens, group in groups.items():
+                    for start in range(0, len(group), size):
+                        self.generate(group[start : start + size], configs[max_tokens])
+                self.rows[size] = self.rows.get(size, 0) + len(items)
+                if time.perf_counter() - started >= seconds / len(sizes):
+                    break
             self.seconds[size] = self.seconds.get(size, 0.0) + time.perf_counter() - started
-            self.rows[size] = self.rows.get(size, 0) + len(items)
 
     def rates(self) -> list[tuple[int, float]]:
         """(batch size, rows/s) over the parts run."""
@@ -733,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         args.duration / args.rounds))  # fmt: skip
                 next_prompt += max(len(t.records) - sent[name] for name, t in tallies.items())
                 if concurrency == max(args.levels) and args.model_only_rows:
-                    local.run_part(part, args.rounds, CEILING_SIZES)
+                    local.run_part(part, args.rounds, CEILING_SIZES, args.duration / args.rounds)
             record_level(f"closed c={concurrency}", tallies, concurrency=concurrency)
         # open loop: Poisson arrivals, the level's time split in parts, the servers taking turns
         rates: list[tuple[str, float | None, float]] = [(f"open {rate:g}/s", None, rate) for rate in args.rate_list]
@@ -755,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         left = {server.name: server.stop() for server in servers}
     if args.model_only_rows and not args.levels:  # no closed loop to take turns with
         for part in range(args.rounds):
-            local.run_part(part, args.rounds, CEILING_SIZES)
+            local.run_part(part, args.rounds, CEILING_SIZES, args.duration / args.rounds)
     alone = local.singles(specs, {r.spec for got in records.values() for r in got if r.ok})
     by_level = {(r.server, r.level): r for r in results}
     for key, got in records.items():

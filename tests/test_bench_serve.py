@@ -358,6 +358,9 @@ def test_in_process_singles_use_the_request_settings_and_the_ceiling_counts_ever
         assert alone[index] == generate_texts(model, processor, [text], [[sample["image"]]], config)[0][0]
     assert set(alone) == {0, 3, 5}
     for part in range(2):
-        local.run_part(part, 2, [1, 4])
+        local.run_part(part, 2, [1, 4])  # one pass each
     assert local.rows == {1: 6, 4: 6} and [size for size, _ in local.rates()] == [1, 4]
     assert all(rate > 0 for _, rate in local.rates())
+    started = time.perf_counter()
+    local.run_part(0, 2, [4], seconds=0.5)  # passes over 3 rows until half a second has passed
+    assert time.perf_counter() - started >= 0.5 and local.rows[4] > 6 and (local.rows[4] - 6) % 3 == 0

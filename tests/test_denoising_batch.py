@@ -138,3 +138,40 @@ def test_apply_takes_only_the_planned_pass(confident):
     run.apply(planned, logits, tokens)
     with pytest.raises(RuntimeError, match="once"):
         run.apply(planned, logits, tokens)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        dict(kv_cache="dual", confidence_threshold=0.5),
+        dict(kv_cache="prefix", kv_cache_prompt_refresh="once"),
+        dict(dllm_cache={"prompt_interval_steps": 4, "gen_interval_steps": 2}),
+    ],
+)
+@pytest.mark.parametrize("after", [1, 3])
+def test_a_row_dropped_from_a_run_changes_no_other_row(confident, options, after):
+    """Rows of one left-padded run (`drop_row`, a client gone): the other rows give their single answers, in exact
+    mode and with the caches, dropped at a block's first pass (a refresh) or inside a block."""
+    prompts = [p for p in _prompts(confident) if "pixel_values" not in p]
+    width = max(p["input_ids"].shape[1] for p in prompts)
+    ids = torch.full((len(prompts), width), confident.config.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - p["input_ids"].shape[1] :], mask[r, width - p["input_ids"].shape[1] :] = p["input_ids"][0], 1
+    ids = torch.cat([ids, ids[:1]])  # a third row: the first prompt again, to be dropped
+    mask = torch.cat([mask, mask[:1]])
+    settings = dict(steps=12, max_new_tokens=12, block_length=4, stop_token_ids=None, **options)
+    singles = [_single(confident, p, settings, 0) for p in prompts]
+    run = _start(confident, dict(input_ids=ids, attention_mask=mask), settings, 0)
+    for _ in range(after):
+        run.step()
+    run.next_pass()  # planned already, as the batch plans ahead
+    passes = int(run.state.passes_per_row[2])
+    run.drop_row(2)
+    while run.step():
+        pass
+    assert int(run.state.passes_per_row[2]) == passes  # not even the planned pass
+    assert run.state.num_passes > after
+    for r, single in enumerate(singles):
+        assert run.row_answer_ids(r) == single.answer_ids()[0], r

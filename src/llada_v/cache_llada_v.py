@@ -99,6 +99,17 @@ class DecoderWindows:
         self.cache, self.cache_rows = self._rows_of(self.cache, self.cache_rows, rows), rows
         return DecoderWindow(block_start, end, self.cache)
 
+    def restrict(self, rows: torch.Tensor) -> None:
+        """The planned pass runs only `rows` (a sorted subset of its rows: a row was dropped after planning)."""
+        if self.cache is None:
+            return
+        if self.cache.length == 0:  # a refresh not run yet fills the cache for exactly these rows
+            if self.call_cache is self.cache:
+                self.call_rows = rows
+            self.cache_rows = rows
+            return
+        self.cache, self.cache_rows = self._rows_of(self.cache, self.cache_rows, rows), rows
+
     def _rows_of(
         self, cache: LladaVDiffusionCache, cache_rows: torch.Tensor, rows: torch.Tensor
     ) -> LladaVDiffusionCache:

@@ -161,6 +161,11 @@ def _inside(active: _Active, window: DecoderWindow, answer_start: int) -> _Activ
     return _Active(active.rows, active.positions[inside], active.candidate[:, inside])
 
 
+def answer_length(stop_index: int | None, answer_len: int) -> int:
+    """A row's answer tokens: up to its stop (the stop excluded), else the whole answer region."""
+    return answer_len if stop_index is None else stop_index
+
+
 def _update_stops(state: _DenoisingState, rows: torch.Tensor, stop_sequences: list[list[int]]) -> None:
     """Search each stepped row's answer region for the stop sequences (docs/parity.md Q15)."""
     if not stop_sequences:
@@ -333,6 +338,33 @@ class LladaVDenoisingRun:
         self.apply(planned, *self.logits(planned))
         return True
 
+    def row_finished(self, row: int) -> bool:
+        """Whether row `row` will change no more: the run is finished, or the row is (stop found and decoded)."""
+        return self.finished or bool(self.state.done[row])
+
+    def row_answer_ids(self, row: int) -> list[int]:
+        """Row `row`'s answer ids up to its stop, as `finalize().answer_ids()[row]` (final once `row_finished`)."""
+        state = self.state
+        n = answer_length(state.stop_index[row], state.answer_len)
+        return state.canvas[row, state.prompt_len : state.prompt_len + n].tolist()
+
+    def drop_row(self, row: int) -> None:
+        """Row `row` takes no further pass, the planned one included (its client went away); the other rows are
+        unchanged. Its cache rows (`kv_cache`) are dropped as those of a finished row."""
+        self.state.done[row] = True
+        planned = self._planned
+        if planned is None or not bool((planned.active.rows == row).any()):
+            return
+        keep = planned.active.rows != row
+        if not bool(keep.any()):
+            self._planned = None  # nothing left to run in this pass: planned again, without the row
+            return
+        rows = planned.active.rows[keep]
+        self.windows.restrict(rows)
+        window = DecoderWindow(planned.window.start, planned.window.end, self.windows.cache, planned.window.refreshed)
+        active = _Active(rows, planned.active.positions, planned.active.candidate[keep])
+        self._planned = DenoisingPass(active, window, planned.block, planned.block_step)
+
     def finalize(self) -> Any:
         """What `diffusion_generate` returns: the sequences, or a `LladaVGenerateOutput`."""
         return self.model._finalize(self.state, self.suffix, self.config)
@@ -399,4 +431,11 @@ class LladaVDenoisingBatch:
         return BatchStep(finished, forward_rows, len(planned))
 
 
-__all__ = ["BatchStep", "DenoisingPass", "LladaVDenoisingBatch", "LladaVDenoisingRun", "LladaVDiffusionStep"]
+__all__ = [
+    "BatchStep",
+    "DenoisingPass",
+    "LladaVDenoisingBatch",
+    "LladaVDenoisingRun",
+    "LladaVDiffusionStep",
+    "answer_length",
+]

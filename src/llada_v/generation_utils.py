@@ -55,6 +55,7 @@ from .denoising_llada_v import (
     LladaVDiffusionStep,
     _Active,
     _DenoisingState,
+    answer_length,
 )
 from .dllm_cache_llada_v import FeatureCacheView, LladaVFeatureCache, dllm_cache_settings
 from .generation_config_llada_v import (
@@ -772,7 +773,7 @@ class LladaVGenerationMixin:
         lengths = []
         suffix_t = torch.tensor(suffix, dtype=canvas.dtype, device=canvas.device)
         for row in range(batch):
-            n = answer_len if stop_index[row] is None else stop_index[row]
+            n = answer_length(stop_index[row], answer_len)
             sequences[row, prompt_len : prompt_len + n] = canvas[row, prompt_len : prompt_len + n]
             sequences[row, prompt_len + n : prompt_len + n + len(suffix)] = suffix_t
             lengths.append(n)

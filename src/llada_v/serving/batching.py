@@ -138,22 +138,16 @@ def run_group(model: Any, processor: Any, jobs: list[GenerationJob], metrics: An
     if metrics is not None:
         metrics.add("llada_v_forward_passes_total", output.num_forward_passes)
         metrics.add("llada_v_forward_rows_total", int(output.forward_passes_per_row.sum()))
-    return job_results(answers, output, config, batch_size=len(jobs))
-
-
-def job_results(answers: list, output: Any, config: Any, batch_size: int) -> list[JobResult]:
-    """The results of decoded `answers` (`inference.Answer`) of a `LladaVGenerateOutput`: "stop" when a stop
-    string cut the answer or it ended before the canvas did, else "length"."""
     lengths = output.answer_lengths.tolist()
-    return [
-        JobResult(
-            text=answer.text,
-            completion_tokens=answer.num_tokens,
-            finish_reason="stop" if answer.stop_string is not None or length < config.max_new_tokens else "length",
-            batch_size=batch_size,
-        )
-        for answer, length in zip(answers, lengths)
-    ]
+    return [job_result(answer, length, config, len(jobs)) for answer, length in zip(answers, lengths)]
+
+
+def job_result(answer: Any, answer_length: int, config: Any, batch_size: int) -> JobResult:
+    """The result of a decoded answer (`inference.Answer`) of `answer_length` tokens before its stop: "stop" when a
+    stop string cut it or it ended before the canvas did, else "length"."""
+    stopped = answer.stop_string is not None or answer_length < config.max_new_tokens
+    return JobResult(text=answer.text, completion_tokens=answer.num_tokens,
+                     finish_reason="stop" if stopped else "length", batch_size=batch_size)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -239,11 +233,16 @@ class StreamingCallback:
         }
 
     def finish(self, answers: list[str]) -> None:
-        for row, job in enumerate(self.jobs):
-            delta = self.texts[row].finish(answers[row])
-            if job.sink is not None and delta:
-                job.streamed = True
-                job.emit(StreamEvent("delta", text=delta))
+        for row, answer in enumerate(answers):
+            self.finish_row(row, answer)
+
+    def finish_row(self, row: int, answer: str) -> None:
+        """The rest of row `row`'s final `answer` to its job."""
+        job = self.jobs[row]
+        delta = self.texts[row].finish(answer)
+        if job.sink is not None and delta:
+            job.streamed = True
+            job.emit(StreamEvent("delta", text=delta))
 
 
 async def next_event(queue: asyncio.Queue, task: asyncio.Future) -> StreamEvent | None:

@@ -32,7 +32,7 @@ import torch
 
 from ..inference import decode_answer, prepare_inputs
 from ..sampling_llada_v import ClassifierFreeGuidance
-from .batching import GenerationJob, JobResult, StreamEvent, StreamingCallback, job_results
+from .batching import GenerationJob, JobResult, StreamEvent, StreamingCallback, group_jobs, job_result
 from .metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
@@ -44,20 +44,26 @@ class RequestCancelled(Exception):
 
 @dataclass
 class Ticket:
-    """One submitted request in the engine: waiting, then running (`run`), then answered through `done`."""
+    """One submitted request in the engine: waiting, then a row (`row`) of a running `run`, then answered."""
 
     job: GenerationJob
     done: Callable[[JobResult], None]
     submitted: float
-    run: Any = None  # LladaVDenoisingRun once admitted
-    cost: int = 0  # canvas tokens it holds in the running batch
-    callback: StreamingCallback | None = None
+    canvas: int = 0  # its canvas tokens: prompt (with image tokens) + answer + suffix
+    copies: int = 1  # rows per forward (2 with guidance)
+    run: Any = None  # the LladaVDenoisingRun it is a row of, once admitted
+    row: int = 0
+    callback: StreamingCallback | None = None  # its run's
     first_text: bool = False
     most_running: int = 0  # the most requests running together while it ran (the x-llada-batch-size header)
 
 
 class StepEngine:
-    """Continuous batching on one model: `submit` from any thread, `start` the loop thread (or call `step`)."""
+    """Continuous batching on one model: `submit` from any thread, `start` the loop thread (or call `step`).
+
+    Requests admitted at the same step with equal settings (`batching.settings_key`: a seeded random request is
+    alone) start as one left-padded run, so their images are encoded in one vision forward; each row is answered as
+    soon as it is finished, and a cancelled row is dropped from its run."""
 
     def __init__(self, model: Any, processor: Any, max_batch_tokens: int, max_batch_size: int,
                  metrics: ServingMetrics | None = None) -> None:  # fmt: skip
@@ -130,6 +136,7 @@ class StepEngine:
         finished. Returns False when there was nothing to do."""
         started = time.perf_counter()
         for ticket in [t for t in self.running if t.job.cancelled]:
+            ticket.run.drop_row(ticket.row)
             self._answer(ticket, JobResult(error=RequestCancelled("the client went away")), cancelled=True)
         self._admit()
         if not self.running:
@@ -143,91 +150,118 @@ class StepEngine:
             logger.warning("a pass of %d requests failed (%s: %s)", len(self.running), type(err).__name__, err)
             for ticket in list(self.running):
                 self._answer(ticket, JobResult(error=err))
+            self.batch.runs.clear()
             return True
         self.metrics.forwards(report.forward_rows)
-        by_run = {id(t.run): t for t in self.running}
-        for run in report.finished:
-            self._finish(by_run[id(run)])
+        for ticket in [t for t in self.running if t.run.row_finished(t.row)]:
+            self._finish(ticket)
         seconds = time.perf_counter() - started
         self.metrics.observe("llada_v_step_seconds", seconds)
         self.steps, self.step_seconds = self.steps + 1, self.step_seconds + seconds
         return True
 
     def _admit(self) -> None:
-        """Waiting requests join, first come first served, within the budgets. Only this thread takes requests out
-        of `waiting` (others append), so the heavy work (encoding a prompt) runs without the lock."""
+        """Waiting requests join, first come first served, while the running requests times the longest canvas
+        among them (the tokens of their shared, left-padded forward; twice for guided rows) stays within
+        `max_batch_tokens` and at most `max_batch_size` requests run. Only this thread takes requests out of
+        `waiting` (others append), so the heavy work (the processor, encoding prompts) runs without the lock."""
         with self._wake:
             gone = [t for t in self.waiting if t.job.cancelled]
             for ticket in gone:
                 self.waiting.remove(ticket)
         for ticket in gone:
             self._answer(ticket, JobResult(error=RequestCancelled("the client went away")), cancelled=True)
-        used = sum(t.cost for t in self.running)
-        while len(self.running) < self.max_batch_size:
+        admitted: list[Ticket] = []
+        while len(self.running) + len(admitted) < self.max_batch_size:
             with self._wake:
                 if not self.waiting:
                     break
                 ticket = self.waiting[0]
-            if ticket.run is None and not self._start(ticket):
+            if not ticket.canvas and not self._measure(ticket):
                 with self._wake:
-                    self.waiting.popleft()  # it could not start and was answered with the error
+                    self.waiting.popleft()  # it could not be prepared and was answered with the error
                 continue
-            if self.running and used + ticket.cost > self.max_batch_tokens:
+            joined = [*self.running, *admitted, ticket]
+            tokens = sum(t.copies for t in joined) * max(t.canvas for t in joined)
+            if (self.running or admitted) and tokens > self.max_batch_tokens:
                 break  # first come, first served: later requests wait too, so a large one is never starved
             with self._wake:
                 self.waiting.popleft()
-            self.running.append(ticket)
-            self.batch.add(ticket.run)
-            used += ticket.cost
+            admitted.append(ticket)
+        for group in group_jobs([t.job for t in admitted]):
+            self._start([admitted[i] for i in group])
         self.metrics.set("llada_v_waiting_requests", len(self.waiting))
         self.metrics.set("llada_v_running_requests", len(self.running))
 
-    def _start(self, ticket: Ticket) -> bool:
-        """Encode the request's prompt and images and start its run; False (the request answered with the error)
-        when it cannot start."""
-        job, model = ticket.job, self.model
+    def _measure(self, ticket: Ticket) -> bool:
+        """The request's processor outputs (kept on the job) and canvas tokens; False (answered with the error)
+        when the processor or the settings refuse it."""
+        job = ticket.job
         try:
-            inputs = job.inputs or prepare_inputs(self.processor, [job.text], [job.images], model.device)
-            inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            config = copy.deepcopy(job.config)
-            config.return_dict_in_generate = True
-            stops, _ = model._stops_and_suffix(config, self.processor.tokenizer)
-            if job.sink is not None:
-                ticket.callback = StreamingCallback(self.processor.tokenizer, config, [job], stops)
-            generator = None
-            if job.stochastic and job.seed is not None:
-                generator = torch.Generator(device=model.device).manual_seed(job.seed)
-            ticket.run = model.start_denoising(
-                **inputs, generation_config=config, generator=generator, tokenizer=self.processor.tokenizer,
-                step_callback=None if ticket.callback is None else self._streaming(ticket),
-            )  # fmt: skip
+            if job.inputs is None:
+                job.inputs = prepare_inputs(self.processor, [job.text], [job.images], torch.device("cpu"))
+            _, suffix = self.model._stops_and_suffix(job.config, self.processor.tokenizer)
         except Exception as err:  # noqa: BLE001 - this request's failure only
             self._answer(ticket, JobResult(error=err))
             return False
-        copies = ClassifierFreeGuidance(config.cfg_scale).copies
-        ticket.cost = ticket.run.state.total_len * ticket.run.batch_size * copies
-        job.emit(StreamEvent("started", batch_size=len(self.running) + 1))
+        ticket.canvas = int(job.inputs["input_ids"].shape[1]) + job.config.max_new_tokens + len(suffix)
+        ticket.copies = ClassifierFreeGuidance(job.config.cfg_scale).copies
         return True
 
-    def _streaming(self, ticket: Ticket) -> Callable[[Any], None]:
-        def callback(step: Any) -> None:
-            before = ticket.job.streamed
-            ticket.callback(step)
-            if ticket.job.streamed and not before and not ticket.first_text:
-                ticket.first_text = True
-                self.metrics.observe("llada_v_time_to_first_token_seconds", time.perf_counter() - ticket.submitted)
+    def _start(self, group: list[Ticket]) -> None:
+        """Start `group` (equal settings) as one run, its prompts left-padded and its images encoded together; if
+        that fails, halves are started, so only a request that fails alone gets the error."""
+        model, tokenizer, job = self.model, self.processor.tokenizer, group[0].job
+        try:
+            inputs = collate_inputs([t.job.inputs for t in group], model.config.pad_token_id, model.device)
+            config = copy.deepcopy(job.config)
+            config.return_dict_in_generate = True
+            generator = None
+            if job.stochastic and job.seed is not None:  # (a seeded random request is a group of its own)
+                generator = torch.Generator(device=model.device).manual_seed(job.seed)
+            callback = None
+            if any(t.job.sink is not None for t in group):
+                stops, _ = model._stops_and_suffix(config, tokenizer)
+                callback = StreamingCallback(tokenizer, config, [t.job for t in group], stops)
+            run = model.start_denoising(
+                **inputs, generation_config=config, generator=generator, tokenizer=tokenizer,
+                step_callback=None if callback is None else self._timed(callback, group),
+            )  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - split, so that only the failing request gets the error
+            if len(group) == 1:
+                self._answer(group[0], JobResult(error=err))
+                return
+            half = (len(group) + 1) // 2
+            self._start(group[:half])
+            self._start(group[half:])
+            return
+        for row, ticket in enumerate(group):
+            ticket.run, ticket.row, ticket.callback = run, row, callback
+            ticket.job.emit(StreamEvent("started", batch_size=len(self.running) + len(group)))
+        self.running.extend(group)
+        self.batch.add(run)
 
-        return callback
+    def _timed(self, callback: StreamingCallback, group: list[Ticket]) -> Callable[[Any], None]:
+        """`callback`, recording each request's time to its first streamed text."""
+
+        def timed(step: Any) -> None:
+            callback(step)
+            now = time.perf_counter()
+            for ticket in group:
+                if ticket.job.streamed and not ticket.first_text:
+                    ticket.first_text = True
+                    self.metrics.observe("llada_v_time_to_first_token_seconds", now - ticket.submitted)
+
+        return timed
 
     def _finish(self, ticket: Ticket) -> None:
         run = ticket.run
         try:
-            output = run.finalize()
-            tokenizer = self.processor.tokenizer
-            answers = [decode_answer(tokenizer, ids, run.config.stop_strings) for ids in output.answer_ids()]
+            ids = run.row_answer_ids(ticket.row)
+            answer = decode_answer(self.processor.tokenizer, ids, run.config.stop_strings)
             if ticket.callback is not None:
-                ticket.callback.finish([answers[0].text])
-            result = job_results(answers, output, run.config, batch_size=ticket.most_running)[0]
+                ticket.callback.finish_row(ticket.row, answer.text)
+            result = job_result(answer, len(ids), run.config, ticket.most_running)
         except Exception as err:  # noqa: BLE001 - this request's failure only
             result = JobResult(error=err)
         self.metrics.add("llada_v_answer_tokens_total", result.completion_tokens)
@@ -236,8 +270,6 @@ class StepEngine:
     def _answer(self, ticket: Ticket, result: JobResult, cancelled: bool = False) -> None:
         if ticket in self.running:
             self.running.remove(ticket)
-            if ticket.run is not None:
-                self.batch.remove(ticket.run)
         seconds = time.perf_counter() - ticket.submitted
         self.metrics.add("llada_v_requests_total")
         if cancelled:
@@ -251,3 +283,24 @@ class StepEngine:
             ticket.done(result)
         except Exception:  # noqa: BLE001 - a broken receiver must not stop the engine
             logger.exception("delivering a result failed")
+
+
+def collate_inputs(rows: list[dict], pad_token_id: int, device: torch.device) -> dict:
+    """Single-prompt processor outputs as one batch, as the processor gives it for the prompts together: ids and
+    attention masks left-padded, the image tensors (one entry per image or crop, in row order) concatenated."""
+    if len(rows) == 1:
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in rows[0].items()}
+    width = max(int(r["input_ids"].shape[1]) for r in rows)
+    batch: dict[str, Any] = {}
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = int(r["input_ids"].shape[1])
+        ids[i, width - n :] = r["input_ids"][0]
+        mask[i, width - n :] = r["attention_mask"][0] if "attention_mask" in r else 1
+    batch["input_ids"], batch["attention_mask"] = ids, mask
+    for key in sorted({k for r in rows for k in r} - {"input_ids", "attention_mask"}):
+        parts = [r[key] for r in rows if key in r and r[key] is not None]
+        if parts and all(isinstance(p, torch.Tensor) for p in parts):
+            batch[key] = torch.cat(parts)
+    return {k: v.to(device) for k, v in batch.items()}

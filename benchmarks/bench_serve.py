@@ -761,7 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_only_rows and not args.levels:  # no closed loop to take turns with
         for part in range(args.rounds):
             local.run_part(part, args.rounds, CEILING_SIZES, args.duration / args.rounds)
-    alone = local.singles(specs, {r.spec for got in records.values() for r in got if r.ok})
+    used = {r.spec for got in records.values() for r in got if r.ok}
+    print(f"servers stopped; answering {len(used)} prompts alone in this process", file=sys.stderr)
+    alone = local.singles(specs, used)
     by_level = {(r.server, r.level): r for r in results}
     for key, got in records.items():
         by_level[key].equal_to_singles, by_level[key].compared = count_equal(got, alone)

@@ -201,6 +201,8 @@ class LevelResult:
     rows_per_forward: float | None  # /health forward_rows / forward_passes, over the level
     mean_call_rows: float | None  # the x-llada-batch-size header
     busy_share: float | None  # /health generate_seconds over the level's wall time
+    pass_share: float | None = None  # step scheduler: /health pass_seconds (denoising passes) over the wall time
+    admission_share: float | None = None  # step scheduler: /health admission_seconds (starting requests) over it
     equal_to_singles: int | None = None
     compared: int | None = None
     errors: list = field(default_factory=list)  # up to 5 distinct messages
@@ -240,7 +242,16 @@ def summarize(server: str, level: str, records: list[RequestRecord], seconds: fl
         ttft_p95_ms=_ms(percentile(ttfts, 95)), send_lag_p95_ms=_ms(percentile(lags, 95)),
         rows_per_forward=_delta_ratio(before, after, "forward_rows", "forward_passes"),
         mean_call_rows=sum(rows) / len(rows) if rows else None, busy_share=generate, errors=errors,
+        pass_share=_delta_share(before, after, "pass_seconds", seconds),
+        admission_share=_delta_share(before, after, "admission_seconds", seconds),
     )  # fmt: skip
+
+
+def _delta_share(before: dict, after: dict, name: str, seconds: float) -> float | None:
+    """The increase of the `/health` counter `name` over `seconds` of wall time (None where the server lacks it)."""
+    if name not in after or seconds <= 0:
+        return None
+    return (after[name] - before.get(name, 0)) / seconds
 
 
 def count_equal(records: list[RequestRecord], singles: dict[int, str]) -> tuple[int, int]:
@@ -292,6 +303,8 @@ def format_table(results: list[LevelResult]) -> str:
     for r in results:
         equal = "n/a" if r.compared is None else f"{r.equal_to_singles}/{r.compared}"
         busy = "n/a" if r.busy_share is None else f"{100 * r.busy_share:.0f}%"
+        if r.busy_share is not None and r.pass_share is not None and r.admission_share is not None:
+            busy += f" ({100 * r.pass_share:.0f}% passes, {100 * r.admission_share:.0f}% admission)"
         lines.append(
             f"| {r.server} | {r.level} | {_cell(r.offered_per_s, 2)} | {r.sent} | {r.failed} | "
             f"{r.answers_per_s:.2f} | {_cell(r.p50_ms)} | {_cell(r.p95_ms)} | {_cell(r.p99_ms)} | "

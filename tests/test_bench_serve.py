@@ -194,6 +194,8 @@ def test_table_has_one_row_per_result_and_n_a_for_missing_figures(bench):
     row = dict(zip(header, cells))
     assert row["server"] == "call" and row["answers/s"] == "2.50" and row["p95 ms"] == "123"
     assert row["equal to singles"] == "9/10" and row["busy"] == "50%" and row["rows per forward"] == "3.25"
+    first.pass_share, first.admission_share = 0.375, 0.0625  # the step scheduler's split of its busy time
+    assert "| 50% (38% passes, 6% admission) |" in bench.format_table([first])
     assert row["p50 ms"] == "n/a" and row["TTFT p50 ms"] == "n/a"
     assert "| n/a | n/a |" in rows[3] and rows[3].endswith("| n/a |")
 

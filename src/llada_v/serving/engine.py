@@ -138,12 +138,15 @@ class StepEngine:
         for ticket in [t for t in self.running if t.job.cancelled]:
             ticket.run.drop_row(ticket.row)
             self._answer(ticket, JobResult(error=RequestCancelled("the client went away")), cancelled=True)
+        admitting = time.perf_counter()
         self._admit()
+        self.metrics.add("llada_v_admission_seconds_total", time.perf_counter() - admitting)
         if not self.running:
             return False
         for ticket in self.running:
             ticket.most_running = max(ticket.most_running, len(self.running))
         self.largest_batch = max(self.largest_batch, len(self.running))
+        passing = time.perf_counter()
         try:
             report = self.batch.step()
         except Exception as err:  # noqa: BLE001 - the requests of the failed pass get the error, the loop goes on
@@ -152,6 +155,7 @@ class StepEngine:
                 self._answer(ticket, JobResult(error=err))
             self.batch.runs.clear()
             return True
+        self.metrics.add("llada_v_pass_seconds_total", time.perf_counter() - passing)
         self.metrics.forwards(report.forward_rows)
         for ticket in [t for t in self.running if t.run.row_finished(t.row)]:
             self._finish(ticket)

@@ -47,6 +47,14 @@ METRICS = {
     "llada_v_forward_passes_total": ("counter", "Decoder calls (forward passes) run by the replica."),
     "llada_v_forward_rows_total": ("counter", "Rows summed over the decoder calls."),
     "llada_v_answer_tokens_total": ("counter", "Answer tokens returned (up to each answer's stop)."),
+    "llada_v_admission_seconds_total": (
+        "counter",
+        "Step scheduler: time spent starting joining requests (their prompts and images encoded).",
+    ),
+    "llada_v_pass_seconds_total": (
+        "counter",
+        "Step scheduler: time spent in denoising passes (forwards, predictions, commits, streaming callbacks).",
+    ),
     "llada_v_rows_per_forward": ("histogram", "Rows of each decoder call."),
     "llada_v_step_seconds": ("histogram", "Duration of one scheduler step (step scheduler) or call (call scheduler)."),
     "llada_v_time_to_first_token_seconds": ("histogram", "From admission to the first streamed text."),

@@ -165,5 +165,7 @@ class ChatService:
             "forward_rows": int(metrics["llada_v_forward_rows_total"]),
             "running_requests": int(metrics["llada_v_running_requests"]),
             "waiting_requests": int(metrics["llada_v_waiting_requests"]),
+            "admission_seconds": metrics["llada_v_admission_seconds_total"],
+            "pass_seconds": metrics["llada_v_pass_seconds_total"],
         }
         return {"model": self.options.model_id, "scheduler": self.options.scheduler, **stats, **counters}

@@ -12,7 +12,8 @@ could otherwise drive the server from a local browser), 503 with `Retry-After` w
 
 A streamed answer (`stream: true`) is sent as server-sent events once its first text (or canvas) exists, so a
 request the sampler rejects still gets a plain 400. The header `x-llada-batch-size` says how many rows the
-`diffusion_generate` call that produced the answer had.
+`diffusion_generate` call that produced the answer had (step scheduler: the most requests running together while
+it was denoised).
 """
 
 from __future__ import annotations

@@ -203,6 +203,7 @@ class LevelResult:
     busy_share: float | None  # /health generate_seconds over the level's wall time
     pass_share: float | None = None  # step scheduler: /health pass_seconds (denoising passes) over the wall time
     admission_share: float | None = None  # step scheduler: /health admission_seconds (starting requests) over it
+    cpu_cores: dict | None = None  # CPU seconds per wall second over the level: replica, proxy, other Ray, client
     equal_to_singles: int | None = None
     compared: int | None = None
     errors: list = field(default_factory=list)  # up to 5 distinct messages
@@ -314,6 +315,23 @@ def format_table(results: list[LevelResult]) -> str:
     return "\n".join(lines)
 
 
+def format_cpu_table(results: list[LevelResult]) -> str:
+    """Where the CPU went at each level: cores busy (CPU seconds per wall second) in the model replica, the HTTP
+    proxy, the rest of Ray and the benchmark's clients, and the replica's CPU milliseconds per answer."""
+    lines = ["| server | level | replica cores | proxy cores | other Ray cores | client cores | replica CPU ms per answer |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        if not r.cpu_cores:
+            continue
+        cores = r.cpu_cores
+        per_answer = 1000 * cores["replica"] / r.answers_per_s if r.answers_per_s else None
+        lines.append(
+            f"| {r.server} | {r.level} | {cores['replica']:.2f} | {cores['proxy']:.2f} | {cores['ray']:.2f} | "
+            f"{cores['client']:.2f} | {_cell(per_answer, 1)} |"
+        )
+    return "\n".join(lines)
+
+
 def format_ratios(ratios: dict) -> list[str]:
     """The ratio lines, each with its target and whether it is met."""
 
@@ -421,6 +439,25 @@ class ServerProcess:
                 time.sleep(1)
         raise RuntimeError(f"{self.name} server not ready after {timeout} s (see {self.log.name})")
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by the server's processes, by role: the model replica, the
+        HTTP proxy, the rest of Ray (and the CLI process), and this benchmark process (the clients)."""
+        used = {"replica": 0.0, "proxy": 0.0, "ray": 0.0}
+        try:
+            processes = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            processes = []
+        for process in processes:
+            try:
+                command, times = " ".join(process.cmdline()), process.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            role = "replica" if "ServeReplica" in command else "proxy" if "ProxyActor" in command else "ray"
+            used[role] += times.user + times.system
+        client = psutil.Process().cpu_times()
+        used["client"] = client.user + client.system
+        return used
+
     def stop(self) -> list[int]:
         """SIGINT, wait, and return the pids of its processes still alive (should be none)."""
         if self.process.poll() is None:
@@ -435,6 +472,12 @@ class ServerProcess:
             self.children[pid].kill()
         self.log.close()
         return left
+
+
+def snapshot(server: ServerProcess) -> dict:
+    """The replica's `/health` and, for a server this script started, the CPU its processes used so far."""
+    cpu = getattr(server, "cpu_seconds", None)
+    return {**health(server.url), **({"cpu": cpu()} if cpu is not None else {})}
 
 
 def health(url: str) -> dict:
@@ -493,7 +536,7 @@ def run_closed(server: ServerProcess, concurrency: int, work: Workload, first: i
     """`concurrency` clients each sending one request after another (prompts from `first` on, cycling), until
     `count` requests are sent or `seconds` have passed. Returns the records, the wall time and `/health` before
     and after."""
-    before = health(server.url)
+    before = snapshot(server)
     records: list[RequestRecord] = []
     lock = threading.Lock()
     started = time.perf_counter()
@@ -512,7 +555,7 @@ def run_closed(server: ServerProcess, concurrency: int, work: Workload, first: i
         for future in [pool.submit(client) for _ in range(concurrency)]:
             future.result()
     wall = time.perf_counter() - started
-    return records, wall, before, health(server.url)
+    return records, wall, before, snapshot(server)
 
 
 def run_open(server: ServerProcess, schedule: list[float], work: Workload,
@@ -520,7 +563,7 @@ def run_open(server: ServerProcess, schedule: list[float], work: Workload,
     """Request i sent at `schedule[i]` seconds after the start on a thread of its own (the pool has one per
     request, so a send never waits for an earlier answer). The wall time runs from the start to the last
     answer."""
-    before = health(server.url)
+    before = snapshot(server)
     records = [RequestRecord((first + i) % len(work.specs), at, 0.0) for i, at in enumerate(schedule)]
     with concurrent.futures.ThreadPoolExecutor(max(1, len(schedule))) as pool:
         started = time.perf_counter()
@@ -533,7 +576,7 @@ def run_open(server: ServerProcess, schedule: list[float], work: Workload,
         for future in futures:
             future.result()
     wall = max(r.sent + (r.latency or 0.0) for r in records) if records else 0.0
-    return records, wall, before, health(server.url)
+    return records, wall, before, snapshot(server)
 
 
 # ---------------------------------------------------------------------------------------------- in this process
@@ -699,6 +742,7 @@ class Tally:
     seconds: float = 0.0
     before: dict | None = None  # /health before its first part
     after: dict | None = None  # and after its last
+    cpu: dict = field(default_factory=dict)  # CPU seconds by role, summed over its own parts only
 
     def add(self, got: tuple[list[RequestRecord], float, dict, dict]) -> None:
         records, seconds, before, after = got
@@ -706,6 +750,8 @@ class Tally:
         self.seconds += seconds
         self.before = self.before if self.before is not None else before
         self.after = after
+        for role, used in after.get("cpu", {}).items():
+            self.cpu[role] = self.cpu.get(role, 0.0) + used - before["cpu"][role]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -730,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(summarize(server.name, level, tally.records, tally.seconds, tally.before, tally.after,
                                      **where))  # fmt: skip
             r = results[-1]
+            if tally.cpu and tally.seconds > 0:
+                r.cpu_cores = {role: used / tally.seconds for role, used in tally.cpu.items()}
             print(f"{server.name} {level}: {r.answers_per_s:.2f} answers/s, p95 {_cell(r.p95_ms)} ms", file=sys.stderr)
 
     try:
@@ -783,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = local.rates()
     ratios = target_ratios(results, dict(ceiling).get(32))
     print(format_table(results))
+    print(format_cpu_table(results))
     for size, rate in ceiling:
         print(f"generate_texts in-process, batches of {size}: {rate:.2f} rows/s ({rate / ceiling[0][1]:.2f}x batch 1)")
     for line in format_ratios(ratios):

@@ -366,3 +366,20 @@ def test_in_process_singles_use_the_request_settings_and_the_ceiling_counts_ever
     started = time.perf_counter()
     local.run_part(0, 2, [4], seconds=0.5)  # passes over 3 rows until half a second has passed
     assert time.perf_counter() - started >= 0.5 and local.rows[4] > 6 and (local.rows[4] - 6) % 3 == 0
+
+
+def test_cpu_table_gives_cores_by_role_and_replica_milliseconds_per_answer(bench):
+    step = level(bench, "step", "closed c=32", answers_per_s=40.0, concurrency=32)
+    step.cpu_cores = {"replica": 1.6, "proxy": 0.3, "ray": 0.05, "client": 0.4}
+    call = level(bench, "call", "open 60%", load=0.6)  # no CPU figures: no row
+    lines = bench.format_cpu_table([step, call]).splitlines()
+    assert len(lines) == 3
+    assert lines[2] == "| step | closed c=32 | 1.60 | 0.30 | 0.05 | 0.40 | 40.0 |"  # 1.6 cores / 40 answers/s
+
+
+def test_a_tally_adds_cpu_only_over_its_own_parts(bench):
+    tally = bench.Tally()
+    cpu = lambda replica, client: {"cpu": {"replica": replica, "proxy": 0.0, "ray": 0.0, "client": client}}  # noqa: E731
+    tally.add(([], 1.0, cpu(10.0, 5.0), cpu(11.5, 5.5)))
+    tally.add(([], 1.0, cpu(12.0, 7.0), cpu(13.0, 7.25)))  # the other server ran in between (client 5.5 -> 7.0)
+    assert tally.cpu == {"replica": 2.5, "proxy": 0.0, "ray": 0.0, "client": 0.75}

@@ -234,6 +234,7 @@ def summarize(server: str, level: str, records: list[RequestRecord], seconds: fl
     if "generate_seconds" in after and seconds > 0:
         generate = (after["generate_seconds"] - before.get("generate_seconds", 0)) / seconds
     errors = list(dict.fromkeys(r.error for r in records if r.error is not None))[:5]
+    step = after.get("scheduler") == "step"  # the time split exists for the step scheduler only
     return LevelResult(
         server=server, level=level, concurrency=concurrency, load=load, offered_per_s=offered_per_s,
         sent=len(records), answered=len(answered), failed=len(records) - len(answered), seconds=seconds,
@@ -243,8 +244,8 @@ def summarize(server: str, level: str, records: list[RequestRecord], seconds: fl
         ttft_p95_ms=_ms(percentile(ttfts, 95)), send_lag_p95_ms=_ms(percentile(lags, 95)),
         rows_per_forward=_delta_ratio(before, after, "forward_rows", "forward_passes"),
         mean_call_rows=sum(rows) / len(rows) if rows else None, busy_share=generate, errors=errors,
-        pass_share=_delta_share(before, after, "pass_seconds", seconds),
-        admission_share=_delta_share(before, after, "admission_seconds", seconds),
+        pass_share=_delta_share(before, after, "pass_seconds", seconds) if step else None,
+        admission_share=_delta_share(before, after, "admission_seconds", seconds) if step else None,
     )  # fmt: skip
 
 

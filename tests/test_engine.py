@@ -14,13 +14,15 @@ from llada_v.serving.batching import GenerationJob  # noqa: E402
 from llada_v.serving.engine import RequestCancelled, StepEngine  # noqa: E402
 
 
-def _job(demo, index: int, fast: bool = False, seed: int | None = None, sink=None, **overrides) -> GenerationJob:
+def _job(demo, index: int, fast: bool = False, seed: int | None = None, sink=None, image: bool = True,
+         **overrides) -> GenerationJob:  # fmt: skip
     model, processor, _ = demo
     sample = make_sample(500 + index)
     question = sample["qa"][0][0] if index % 3 else "Which shapes are there?"
-    text = chat_prompt(processor, [user_message(question, 1)], system_prompt="")
+    images = [sample["image"]] if image else []
+    text = chat_prompt(processor, [user_message(question, len(images))], system_prompt="")
     config = generation_config_for(model.generation_config, overrides, fast=fast)
-    return GenerationJob(text=text, images=[sample["image"]], config=config, seed=seed, sink=sink)
+    return GenerationJob(text=text, images=images, config=config, seed=seed, sink=sink)
 
 
 def _single(demo, job: GenerationJob):
@@ -58,6 +60,7 @@ def test_requests_joining_at_every_step_get_their_single_answers(demo):
     jobs = [_job(demo, i, seed=7 if "temperature" in o else None, **o) for i, o in enumerate(MIXED)]
     jobs += [_job(demo, 10 + i, fast=True, max_new_tokens=8) for i in range(3)]  # the fast preset: cached passes
     jobs += [_job(demo, 20 + i) for i in range(6)]
+    jobs += [_job(demo, 30 + i, image=False, max_new_tokens=8) for i in range(2)]  # text only
     expected = [_single(demo, job) for job in jobs]
     engine = StepEngine(model, processor, max_batch_tokens=100_000, max_batch_size=64)
     results: dict = {}

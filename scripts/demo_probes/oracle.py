@@ -3,7 +3,7 @@ vision tower's features, then measure held-out accuracy by question type and num
 
     python scripts/demo_probes/oracle.py OUT [--stage2-steps 2000] [--description-every 3] [--mask-sampling count]
 
-Every crop's patch token gets the 13 numbers of `train_demo.patch_targets` (shape, colour and order-from-left
+Every crop's patch token gets the 18 numbers of `train_demo.patch_targets` (shape, colour, order-from-left and size
 distributions of the patch) times `--scale`, zero-padded to the vision width; they travel through the pipeline
 inside `pixel_values` (the first pixels of each patch) and a replaced `LladaVModel.encode_vision` reads them back.
 Everything else is `train_demo` (Stage 0 skipped). It tells whether the language side can learn the task at all.
@@ -36,7 +36,7 @@ args = parser.parse_args()
 work = args.out.parent / (args.out.name + "_work")
 PATCH = 14
 SIDE = DEMO_CROP // PATCH
-DIM = len(td.SHAPE_CLASSES) + len(td.COLOR_CLASSES) + len(td.ORDER_CLASSES)
+DIM = len(td.SHAPE_CLASSES) + len(td.COLOR_CLASSES) + len(td.ORDER_CLASSES) + len(td.SIZE_CLASSES)
 
 
 def oracle(size, objects, processor):

@@ -25,10 +25,17 @@ disjoint from training by construction (training uses seeds from a different ran
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, field
+from types import ModuleType
 
 from PIL import Image, ImageDraw
 
+NAME = "shapes"
+# The demo's tasks by name: this one (the shipped model's) and `llada_v.demo.scenes` (one to five shapes with
+# sizes, and descriptions of up to 23 words). Both modules have the same interface.
+TASK_NAMES = ("shapes", "scenes")
+MAX_OBJECTS = 3
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 NUMBER_WORDS = ("zero", "one", "two", "three")
@@ -91,6 +98,14 @@ def draw_object(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def can_ask(scene: Scene, kind: str) -> bool:
+    """Whether a question of type `kind` has one right answer (always, in this task: kinds and colours are
+    distinct)."""
+    if kind not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
+    return True
 
 
 def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
@@ -190,3 +205,14 @@ def vocabulary() -> list[str]:
 
 def normalise_answer(text: str) -> str:
     return text.strip().strip(".").lower()
+
+
+def get_task(name: str) -> ModuleType:
+    """The task module called `name`: `"shapes"` (this one) or `"scenes"` (`llada_v.demo.scenes`)."""
+    if name == NAME:
+        return sys.modules[__name__]
+    if name == "scenes":
+        from . import scenes
+
+        return scenes
+    raise ValueError(f"unknown demo task {name!r}; expected one of {TASK_NAMES}")

@@ -67,19 +67,23 @@ def test_demo_command_prints_the_answers_step_by_step(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("\nQ: ") == 5 and result.stdout.count("\nA: ") == 5, result.stdout
-    assert "step 1:" in result.stdout and picture.is_file()
+    # five one-word questions, then the description, decoded block by block
+    assert result.stdout.count("\nQ: ") == 6 and result.stdout.count("\nA: ") == 6, result.stdout
+    assert "step 1:" in result.stdout and "\nQ: Which shapes are there?" in result.stdout, result.stdout
+    assert "   block 1 step 1: *" in result.stdout and picture.is_file()
 
 
 @pytest.mark.slow
-def test_eval_demo_command_ends_with_the_accuracy_line():
+def test_eval_demo_command_ends_with_the_two_accuracy_lines():
     _shipped()
     result = subprocess.run(
-        [sys.executable, "-m", "llada_v.cli", "eval-demo", "--seed", "7", "--n", "40"],
+        [sys.executable, "-m", "llada_v.cli", "eval-demo", "--seed", "7", "--n", "40", "--n-descriptions", "8"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("accuracy: ") and last.endswith("%")
+    one_word, described = result.stdout.strip().splitlines()[-2:]
+    assert one_word.startswith("one-word accuracy: ") and one_word.endswith("%"), result.stdout
+    assert described.startswith("description accuracy: ") and described.endswith("%"), result.stdout
+    assert "(8 scenes)" in result.stdout or "scenes)" in result.stdout

@@ -3,7 +3,7 @@ vision tower's features, then measure held-out accuracy by question type and num
 
     python scripts/demo_probes/oracle.py OUT [--stage2-steps 2000] [--description-every 3] [--mask-sampling count]
 
-Every crop's patch token gets the 18 numbers of `train_demo.patch_targets` (shape, colour, order-from-left and size
+Every crop's patch token gets the 13 numbers of `train_demo.patch_targets` (shape, colour and order-from-left
 distributions of the patch) times `--scale`, zero-padded to the vision width; they travel through the pipeline
 inside `pixel_values` (the first pixels of each patch) and a replaced `LladaVModel.encode_vision` reads them back.
 Everything else is `train_demo` (Stage 0 skipped). It tells whether the language side can learn the task at all.
@@ -36,11 +36,13 @@ args = parser.parse_args()
 work = args.out.parent / (args.out.name + "_work")
 PATCH = 14
 SIDE = DEMO_CROP // PATCH
-DIM = len(td.SHAPE_CLASSES) + len(td.COLOR_CLASSES) + len(td.ORDER_CLASSES) + len(td.SIZE_CLASSES)
+ORDERS = 4  # the shapes task: background and up to three objects from the left
+DIM = len(td.SHAPE_CLASSES) + len(td.COLOR_CLASSES) + ORDERS
 
 
 def oracle(size, objects, processor):
-    return torch.cat(td.patch_targets(td.object_coverage(size, objects, processor), objects), -1)  # (crops, 16, DIM)
+    targets = td.patch_targets(td.object_coverage(size, objects, processor), objects)[:3]  # shape, colour, order
+    return torch.cat(targets, -1)  # (crops, 16, DIM)
 
 
 def embed(pixel_values, features):

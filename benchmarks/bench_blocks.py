@@ -65,7 +65,7 @@ SEED_PREFIX = "held-out-blocks"
 def held_out_scenes(n: int, seed: int = 0, objects: int = 3, task: str = "shapes") -> list[dict]:
     """`n` held-out scenes of `task` with `objects` shapes each (0: any), the description question (orders
     alternating; the scenes task: from the left) and its answer."""
-    from llada_v.demo.task import get_task
+    from llada_v.demo.tasks import get_task
 
     module = get_task(task)
     if n < 1:

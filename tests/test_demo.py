@@ -417,7 +417,7 @@ def test_scenes_descriptions_are_canonical_size_colour_shape_from_left_to_right_
 def test_scenes_tokenizer_config_and_held_out_streams():
     from llada_v.demo.app import held_out_description, held_out_sample
     from llada_v.demo.model import task_of
-    from llada_v.demo.task import get_task
+    from llada_v.demo.tasks import get_task
 
     tokenizer = build_demo_tokenizer("scenes")
     assert len(tokenizer) == 70 and task_of(tokenizer) == "scenes" and task_of(build_demo_tokenizer()) == "shapes"

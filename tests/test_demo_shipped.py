@@ -57,6 +57,7 @@ def test_shipped_tokenizer_and_ids_are_those_the_current_code_builds():
     assert shipped.text_config.vocab_size == expected.text_config.vocab_size
 
 
+@pytest.mark.slow  # five questions and a 32-token description: 15 s on 2 busy cores
 def test_demo_command_prints_the_answers_step_by_step(tmp_path):
     _shipped()
     picture = tmp_path / "denoise.png"

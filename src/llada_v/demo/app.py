@@ -33,8 +33,8 @@ from ..inference import (
     user_message,
 )
 from .model import demo_model_dir, task_of
-from .task import DESCRIBE_QUESTIONS, QUESTION_TYPES, SHAPES, get_task, normalise_answer
-from .task import NAME as DEFAULT_TASK
+from .task import DESCRIBE_QUESTIONS, QUESTION_TYPES, SHAPES, normalise_answer
+from .tasks import DEFAULT_TASK, get_task
 
 HELD_OUT_PREFIX = "held-out"  # held-out scenes use string seeds, training scenes integer seeds >= 1e6
 # One-word answers use the checkpoint's generation settings. Descriptions (up to 23 words and `<|eot_id|>` in

@@ -17,8 +17,7 @@ from ..configuration_llada_v import LladaVConfig
 from ..image_layout_llada_v import default_grid_pinpoints
 from ..image_processing_llada_v import LladaVImageProcessor
 from ..processing_llada_v import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VIDEO_TOKEN, LladaVProcessor
-from .task import NAME as DEFAULT_TASK
-from .task import get_task
+from .tasks import DEFAULT_TASK, get_task
 
 # LLaDA's special tokens by role (the names of the real tokenizer).
 BOS, EOS, START_HEADER, END_HEADER, EOT, MASK = (

@@ -25,16 +25,11 @@ disjoint from training by construction (training uses seeds from a different ran
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass, field
-from types import ModuleType
 
 from PIL import Image, ImageDraw
 
-NAME = "shapes"
-# The demo's tasks by name: this one (the shipped model's) and `llada_v.demo.scenes` (one to five shapes with
-# sizes, and descriptions of up to 23 words). Both modules have the same interface.
-TASK_NAMES = ("shapes", "scenes")
+NAME = "shapes"  # `llada_v.demo.tasks.get_task` finds this module (and `llada_v.demo.scenes`) by name
 MAX_OBJECTS = 3
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
@@ -205,14 +200,3 @@ def vocabulary() -> list[str]:
 
 def normalise_answer(text: str) -> str:
     return text.strip().strip(".").lower()
-
-
-def get_task(name: str) -> ModuleType:
-    """The task module called `name`: `"shapes"` (this one) or `"scenes"` (`llada_v.demo.scenes`)."""
-    if name == NAME:
-        return sys.modules[__name__]
-    if name == "scenes":
-        from . import scenes
-
-        return scenes
-    raise ValueError(f"unknown demo task {name!r}; expected one of {TASK_NAMES}")

@@ -55,8 +55,8 @@ from ..training.data import (
 )
 from ..training.trainer import LladaVTrainer, set_trainable
 from .model import build_demo_processor, build_demo_tokenizer, demo_config
-from .task import COLORS, DESCRIPTION_ORDERS, QUESTION_TYPES, SHAPES, check_question_weights, draw_object, get_task
-from .task import NAME as DEFAULT_TASK
+from .task import COLORS, DESCRIPTION_ORDERS, QUESTION_TYPES, SHAPES, check_question_weights, draw_object
+from .tasks import DEFAULT_TASK, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -427,15 +427,10 @@ def train_demo(
     `description_order` and `question_weights` (`write_training_data`'s) exist to measure what they bring
     (docs/demo.md).
     """
-    if task not in TASK_RECIPES:
-        raise ValueError(f"unknown demo task {task!r}; expected one of {sorted(TASK_RECIPES)}")
-    recipe = TASK_RECIPES[task]
-    train_samples = recipe["train_samples"] if train_samples is None else train_samples
-    stage1_steps = recipe["stage1_steps"] if stage1_steps is None else stage1_steps
-    stage2_steps = recipe["stage2_steps"] if stage2_steps is None else stage2_steps
-    if vision_pretrain_steps is None:
-        vision_pretrain_steps = recipe["vision_pretrain_steps"]
-    description_every = recipe["description_every"] if description_every is None else description_every
+    recipe = _recipe(task, train_samples=train_samples, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+                     vision_pretrain_steps=vision_pretrain_steps, description_every=description_every)  # fmt: skip
+    train_samples, stage1_steps, stage2_steps = recipe["train_samples"], recipe["stage1_steps"], recipe["stage2_steps"]
+    vision_pretrain_steps, description_every = recipe["vision_pretrain_steps"], recipe["description_every"]
     rates2 = _check_settings(
         learning_rates, device, dataloader_workers, vision_pretrain_steps, mask_sampling,
         {"train_samples": train_samples, "stage2_steps": stage2_steps, "batch_size": batch_size},
@@ -446,14 +441,8 @@ def train_demo(
     set_seed(seed)
     started = time.time()
 
-    tokenizer = build_demo_tokenizer(task)
-    config = demo_config(tokenizer, task)
-    config._attn_implementation = "eager"  # on CPU, eager trains ~4x faster than sdpa with a padding mask
-    processor = build_demo_processor(config, tokenizer)
-    model = LladaVModel(config)
-    model.generation_config = LladaVGenerationConfig.from_model_config(config)
-    for key, value in recipe["generation"].items():
-        setattr(model.generation_config, key, value)
+    model, processor = _new_model(task, recipe["generation"])
+    config = model.config
 
     scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="llada_v_demo_"))
     try:
@@ -497,6 +486,26 @@ def train_demo(
         if work_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
     return {"seconds": time.time() - started, "losses": history, "output_dir": str(output_dir)}
+
+
+def _new_model(task: str, generation: dict) -> tuple[LladaVModel, LladaVProcessor]:
+    """A freshly initialised demo model for `task` (generation defaults `generation`) and its processor."""
+    tokenizer = build_demo_tokenizer(task)
+    config = demo_config(tokenizer, task)
+    config._attn_implementation = "eager"  # on CPU, eager trains ~4x faster than sdpa with a padding mask
+    processor = build_demo_processor(config, tokenizer)
+    model = LladaVModel(config)
+    model.generation_config = LladaVGenerationConfig.from_model_config(config)
+    for key, value in generation.items():
+        setattr(model.generation_config, key, value)
+    return model, processor
+
+
+def _recipe(task: str, **settings: int | None) -> dict:
+    """`task`'s recipe (`TASK_RECIPES`) with the `settings` that are not None."""
+    if task not in TASK_RECIPES:
+        raise ValueError(f"unknown demo task {task!r}; expected one of {sorted(TASK_RECIPES)}")
+    return {**TASK_RECIPES[task], **{key: value for key, value in settings.items() if value is not None}}
 
 
 def _check_settings(
@@ -587,7 +596,7 @@ def _question_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument(
@@ -642,7 +651,11 @@ def main(argv: list[str] | None = None) -> int:
         default="count",
         help="count: MaskCountSampling (default); time: t ~ U(0, 1) per sample",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rates = {group: getattr(args, f"{group}_lr") for group in STAGE2_LEARNING_RATES}
     summary = train_demo(

@@ -8,9 +8,14 @@ block. Its scene descriptions are longer: "Which shapes are there?" -> "red circ
 acceleration acts: a cached pass in every block, a refresh at every block start, the threshold can commit a
 whole block in one pass.
 
+On a model of the scenes task (`python -m llada_v.demo.train --task scenes`, found from its tokenizer) the
+descriptions name each object's size, colour and shape from the left, joined by "left of" (5n - 2 words for n
+of 1-5 objects, up to 24 tokens with `<|eot_id|>`), and the defaults become `max_new_tokens=32, steps=32,
+block_length=8` (4 blocks of 8, as `llada-v eval-demo` scores them) on scenes of any size (`--objects 0`).
+
 Held-out scenes only: string seeds `held-out-blocks-{seed}-{i}` (training draws integer seeds >= 1e6,
-`llada_v.demo.train.TRAIN_SEED_OFFSET`), kept when they hold `--objects` shapes, questions alternating
-between the two orders. Reported per method (exact mode, each acceleration alone, the fast preset, and the
+`llada_v.demo.train.TRAIN_SEED_OFFSET`), kept when they hold `--objects` shapes (0: any), questions
+alternating between the two orders (the scenes task: from the left only). Reported per method (exact mode, each acceleration alone, the fast preset, and the
 fast preset with `--extra` options, dLLM-Cache at the official 25/7/0.25): exact match of the whole description against the truth, token agreement
 with exact mode (answer positions, `<|eot_id|>` included, that hold the same id, over the longer of the two
 answers), answers identical to exact mode's, forward passes and wall time. `--reference` also runs the
@@ -43,6 +48,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the parity oracle: tests/official_sam
 from official_sampler import reference_generate  # noqa: E402
 
 SETTINGS = {"max_new_tokens": 8, "steps": 8, "block_length": 2}
+SCENES_SETTINGS = {"max_new_tokens": 32, "steps": 32, "block_length": 8}  # the scenes task's (eval-demo's)
 FAST = "fast"  # LladaVGenerationConfig.fast(model.generation_config)
 METHODS: dict[str, dict] = {
     "exact": {},
@@ -56,22 +62,25 @@ METHODS: dict[str, dict] = {
 SEED_PREFIX = "held-out-blocks"
 
 
-def held_out_scenes(n: int, seed: int = 0, objects: int = 3) -> list[dict]:
-    """`n` held-out scenes with `objects` shapes each, the description question (orders alternating) and its
-    answer."""
-    from llada_v.demo.task import DESCRIPTION_ORDERS, describe, draw_scene
+def held_out_scenes(n: int, seed: int = 0, objects: int = 3, task: str = "shapes") -> list[dict]:
+    """`n` held-out scenes of `task` with `objects` shapes each (0: any), the description question (orders
+    alternating; the scenes task: from the left) and its answer."""
+    from llada_v.demo.tasks import get_task
 
+    module = get_task(task)
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
-    if objects not in (1, 2, 3):
-        raise ValueError(f"objects must be 1, 2 or 3 (the demo's scenes), got {objects}")
+    if not 0 <= objects <= module.MAX_OBJECTS or (objects == 0 and task == "shapes"):
+        raise ValueError(f"objects must be 1, 2 or 3 (the demo's scenes), got {objects}" if task == "shapes" else
+                         f"objects must be 0 (any) to {module.MAX_OBJECTS} (the scenes task), got {objects}")  # fmt: skip
+    orders = module.DESCRIPTION_ORDERS if task == "shapes" else ("left",)
     scenes, index = [], 0
     while len(scenes) < n:
-        scene = draw_scene(random.Random(f"{SEED_PREFIX}-{seed}-{index}"))
+        scene = module.draw_scene(random.Random(f"{SEED_PREFIX}-{seed}-{index}"))
         index += 1
-        if len(scene.objects) != objects:
+        if objects and len(scene.objects) != objects:
             continue
-        question, truth = describe(scene, DESCRIPTION_ORDERS[len(scenes) % len(DESCRIPTION_ORDERS)])
+        question, truth = module.describe(scene, orders[len(scenes) % len(orders)])
         scenes.append({"image": scene.image, "question": question, "truth": truth})
     return scenes
 
@@ -142,10 +151,12 @@ def benchmark(model, processor, n: int, seed: int = 0, objects: int = 3, methods
               reference: bool = False) -> dict:  # fmt: skip
     """Every method on the same `n` held-out scenes. `extra`: name -> options for further methods (a name
     starting with "fast" builds on the preset). Exact mode always runs: it is what the others are compared to."""
+    from llada_v.demo.model import task_of
     from llada_v.demo.task import normalise_answer
 
-    settings = {**SETTINGS, **(settings or {})}
-    scenes = held_out_scenes(n, seed, objects)
+    task = task_of(processor.tokenizer)
+    settings = {**(SETTINGS if task == "shapes" else SCENES_SETTINGS), **(settings or {})}
+    scenes = held_out_scenes(n, seed, objects, task)
     truths = [s["truth"] for s in scenes]
     runs = {}
     order = ["exact", *[m for m in methods if m != "exact"], *(extra or {})]
@@ -162,7 +173,7 @@ def benchmark(model, processor, n: int, seed: int = 0, objects: int = 3, methods
             "forward_passes": run["passes"],
             "seconds": run["seconds"],
         }
-    result = {"n": n, "seed": seed, "objects": objects, "settings": settings, "methods": rows,
+    result = {"n": n, "seed": seed, "objects": objects, "task": task, "settings": settings, "methods": rows,
               "answer_tokens": [len(ids) for ids in exact], "ids": {m: r["ids"] for m, r in runs.items()}}  # fmt: skip
     if reference:
         ref = [reference_ids(model, processor, scene, settings) for scene in scenes]
@@ -262,12 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=500, help="held-out scenes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--objects", type=int, default=3, help="shapes per scene (3: 6-word descriptions)")
+    parser.add_argument("--objects", type=int, default=None,
+                        help="shapes per scene (default 3: 6-word descriptions; a scenes model: 0, any)")  # fmt: skip
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--extra", action="append", default=[], help="more methods: name:key=value,... (repeatable)")
-    parser.add_argument("--gen-length", type=int, default=SETTINGS["max_new_tokens"])
-    parser.add_argument("--steps", type=int, default=SETTINGS["steps"])
-    parser.add_argument("--block-length", type=int, default=SETTINGS["block_length"])
+    parser.add_argument("--gen-length", type=int, default=None, help="default 8 (a scenes model: 32)")
+    parser.add_argument("--steps", type=int, default=None, help="default 8 (a scenes model: 32)")
+    parser.add_argument("--block-length", type=int, default=None, help="default 2 (a scenes model: 8)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--reference", action="store_true", help="also run the official loop per scene")
@@ -286,20 +298,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     settings = {"max_new_tokens": args.gen_length, "steps": args.steps, "block_length": args.block_length}
+    settings = {key: value for key, value in settings.items() if value is not None}
     if args.cost:
+        settings = {**SETTINGS, **settings}
         cost = cost_ratios(args.hidden, prompt=args.prompt_length, shortlist=args.shortlist, settings=settings)
         print(f"hidden {cost['hidden']}, {cost['layers']} layers, vocabulary 126464, prompt {cost['prompt']} tokens, "
               f"{cost['settings']}, {cost['threads']} threads, fastest of 2")  # fmt: skip
         print(cost_table(cost))
         return 0
     from llada_v.demo.app import load_demo
+    from llada_v.demo.model import task_of
 
     model, processor = load_demo(args.model)
+    objects = args.objects if args.objects is not None else (3 if task_of(processor.tokenizer) == "shapes" else 0)
     extra = dict(_options(text) for text in args.extra)
-    result = benchmark(model, processor, args.n, args.seed, args.objects, methods, settings, extra,
+    result = benchmark(model, processor, args.n, args.seed, objects, methods, settings, extra,
                        args.batch_size, args.reference)  # fmt: skip
-    print(f"{args.n} held-out scenes with {args.objects} shapes (seed {args.seed}), {settings}, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{args.n} held-out scenes ({result['task']} task) with {objects or '1-5'} shapes (seed {args.seed}), "
+          f"{result['settings']}, {torch.get_num_threads()} threads")  # fmt: skip
     lengths = result["answer_tokens"]
     print(f"exact-mode answer length (tokens, <|eot_id|> included): min {min(lengths)}, max {max(lengths)}, "
           f"mean {sum(lengths) / len(lengths):.2f}")  # fmt: skip

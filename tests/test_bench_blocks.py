@@ -43,6 +43,16 @@ def test_held_out_scenes_have_the_asked_shape_count_and_alternate_orders(bench):
         bench.held_out_scenes(0)
 
 
+def test_held_out_scenes_of_the_scenes_task_are_described_from_the_left(bench):
+    scenes = bench.held_out_scenes(30, seed=0, objects=0, task="scenes")
+    assert {s["question"] for s in scenes} == {"Which shapes are there?"}
+    assert len({len(s["truth"].split()) for s in scenes}) >= 3  # any size: 5n - 2 words for n objects
+    five = bench.held_out_scenes(2, seed=0, objects=5, task="scenes")
+    assert [len(s["truth"].split()) for s in five] == [23, 23] and " left of " in five[0]["truth"]
+    with pytest.raises(ValueError, match="objects must be 0 \\(any\\) to 5 \\(the scenes task\\), got 6"):
+        bench.held_out_scenes(1, objects=6, task="scenes")
+
+
 def test_method_config_refuses_unknown_settings(bench, demo):
     model, _ = demo
     with pytest.raises(ValueError, match=r"unknown generation settings \['shortlist'\] for method 'x'"):

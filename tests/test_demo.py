@@ -246,7 +246,7 @@ def test_object_coverage_follows_the_image_processor_crops():
     expected[1:3, 1:3] = 1.0
     for crop in coverage:
         torch.testing.assert_close(crop[:, 0].view(4, 4), expected, atol=0.02, rtol=0)
-    shape, color, order = patch_targets(coverage, [square])
+    shape, color, order, _ = patch_targets(coverage, [square])
     inside, outside = 5, 0  # patch (1, 1) and patch (0, 0)
     assert shape[0, inside].argmax().item() == 1 + SHAPES.index("square")
     assert color[0, inside].argmax().item() == 1 + sorted(COLORS).index("blue")
@@ -261,7 +261,7 @@ def test_object_coverage_follows_the_image_processor_crops():
     left = {"shape": "circle", "color": "red", "box": [0, 0, 50, 50]}
     right = {"shape": "triangle", "color": "green", "box": [60, 0, 110, 50]}
     coverage = object_coverage((112, 56), [right, left], processor)
-    _, _, order = patch_targets(coverage, [right, left])
+    _, _, order, _ = patch_targets(coverage, [right, left])
     base = order[0].view(4, 4, -1).argmax(-1)
     assert base[2, 0].item() == 1 and base[2, 3].item() == 2, base  # the base crop squashes 112x56 to 56x56
     pixels = processor.image_processor(Image.new("RGB", (112, 56)), return_tensors="pt")["pixel_values"]
@@ -321,3 +321,201 @@ def test_question_weights_option_parses_pairs_and_names_bad_input():
     ):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             _question_weights(text)
+
+
+# ---------------------------------------------------------------- the scenes task (`--task scenes`)
+
+
+def test_scenes_samples_are_deterministic_and_answers_match_the_scene():
+    from llada_v.demo import scenes
+
+    for seed in range(80):
+        a, b = scenes.make_sample(seed, turns=2), scenes.make_sample(seed, turns=2)
+        assert a["qa"] == b["qa"] and a["image"].tobytes() == b["image"].tobytes()
+        objects = a["objects"]
+        assert 1 <= len(objects) <= scenes.MAX_OBJECTS == 5
+        for (question, answer), kind in zip(a["qa"], a["types"]):
+            if kind == "count":
+                assert answer == scenes.NUMBER_WORDS[len(objects)]
+            elif kind == "color":  # asked only about a shape the scene holds once
+                shape = question.split()[-1].rstrip("?")
+                [match] = [o for o in objects if o.shape == shape]
+                assert answer == match.color
+            elif kind == "shape":  # asked only about a colour the scene holds once
+                color = question.split()[-1].rstrip("?")
+                [match] = [o for o in objects if o.color == color]
+                assert answer == match.shape
+            elif kind == "leftmost":
+                assert answer == min(objects, key=lambda o: o.box[0]).shape
+
+
+def test_scenes_shapes_sit_side_by_side_and_big_ones_are_bigger_than_small_ones_in_any_scene():
+    from llada_v.demo import scenes
+
+    rng = random.Random(1)
+    big, small = [], []
+    for _ in range(300):
+        scene = scenes.draw_scene(rng)
+        boxes = sorted(o.box for o in scene.objects)
+        assert all(a[2] <= b[0] for a, b in zip(boxes, boxes[1:]))  # no overlap: "left of" is well defined
+        assert all(0 <= o.box[0] and o.box[2] <= scene.image.width and o.box[3] <= scene.image.height
+                   for o in scene.objects)  # fmt: skip
+        for o in scene.objects:
+            (big if o.size == "big" else small).append(o.box[2] - o.box[0])
+        for obj in scene.objects:
+            cx, cy = (obj.box[0] + obj.box[2]) // 2, (obj.box[1] + obj.box[3]) // 2 + (obj.box[3] - obj.box[1]) // 4
+            assert scene.image.getpixel((cx, cy)) == scenes.COLORS[obj.color]
+    assert min(big) > max(small)
+    assert {len(scenes.draw_scene(random.Random(i)).objects) for i in range(100)} == set(range(1, 6))
+
+
+def test_scenes_every_question_type_and_answer_occurs_and_ambiguous_questions_are_not_asked():
+    from llada_v.demo import scenes
+
+    rng = random.Random(0)
+    seen = {kind: set() for kind in QUESTION_TYPES}
+    for _ in range(300):
+        scene = scenes.draw_scene(rng)
+        for kind in QUESTION_TYPES:
+            if scenes.can_ask(scene, kind):
+                seen[kind].add(scenes.ask(scene, kind, rng)[1])
+    assert seen["color"] == set(COLORS) and seen["shape"] == set(SHAPES) == seen["leftmost"]
+    assert seen["count"] == {"one", "two", "three", "four", "five"} and seen["exists"] == {"yes", "no"}
+    with pytest.raises(ValueError, match="unknown question type 'size'"):
+        scenes.ask(scene, "size", rng)
+    two_circles = scenes.Scene(scene.image, [scenes.SceneObject("circle", "red", (0, 0, 9, 9)),
+                                             scenes.SceneObject("circle", "red", (10, 0, 19, 9))])  # fmt: skip
+    assert not scenes.can_ask(two_circles, "color") and not scenes.can_ask(two_circles, "shape")
+    with pytest.raises(ValueError, match="a 'color' question has no single answer in this scene"):
+        scenes.ask(two_circles, "color", rng)
+
+
+def test_scenes_descriptions_are_canonical_size_colour_shape_from_left_to_right_or_by_colour():
+    from llada_v.demo import scenes
+
+    rng = random.Random(5)
+    for _ in range(40):
+        scene = scenes.draw_scene(rng)
+        question, answer = scenes.describe(scene)
+        assert question == "Which shapes are there?"
+        by_left = sorted(scene.objects, key=lambda o: o.box[0])
+        assert answer == " left of ".join(f"{o.size} {o.color} {o.shape}" for o in by_left)
+        assert len(answer.split()) == 5 * len(scene.objects) - 2
+        question, by_color = scenes.describe(scene, order="color")
+        assert question == "Which colors are there?"
+        triples = [t.split() for t in by_color.split(" and ")]
+        assert sorted(map(tuple, triples)) == sorted((o.size, o.color, o.shape) for o in scene.objects)
+        assert [t[1] for t in triples] == sorted(t[1] for t in triples)
+    pair = [scenes.SceneObject("square", "blue", (30, 0, 40, 10), "small"),
+            scenes.SceneObject("circle", "red", (0, 0, 25, 25), "big")]  # fmt: skip
+    assert scenes.describe(scenes.Scene(scene.image, pair)) == (
+        "Which shapes are there?", "big red circle left of small blue square")  # fmt: skip
+    with pytest.raises(ValueError, match="order must be one of"):
+        scenes.describe(scene, order="size")
+
+
+def test_scenes_tokenizer_config_and_held_out_streams():
+    from llada_v.demo.app import held_out_description, held_out_sample
+    from llada_v.demo.model import task_of
+    from llada_v.demo.tasks import get_task
+
+    tokenizer = build_demo_tokenizer("scenes")
+    assert len(tokenizer) == 70 and task_of(tokenizer) == "scenes" and task_of(build_demo_tokenizer()) == "shapes"
+    for word in ("small", "big", "four", "five", "left", "of", "and"):
+        assert tokenizer.convert_tokens_to_ids(word) != tokenizer.unk_token_id, word
+    config = demo_config(tokenizer, "scenes")
+    assert config.text_config.hidden_size == 192 and config.max_num_tiles == 6
+    assert [280, 56] not in demo_config(build_demo_tokenizer()).image_grid_pinpoints
+    assert [56, 280] in config.image_grid_pinpoints  # (height, width): a five-shape strip is tiled 1x5
+    assert config.tokenizer_vocab_size == len(tokenizer) - 2
+    with pytest.raises(ValueError, match="unknown demo task 'x'"):
+        get_task("x")
+    with pytest.raises(ValueError, match="unknown demo task 'x'"):
+        demo_config(tokenizer, "x")
+    sample = held_out_sample(3, 0, "scenes")
+    assert sample["qa"] == held_out_sample(3, 0, "scenes")["qa"] and sample["qa"] != held_out_sample(3, 0)["qa"]
+    described = held_out_description(3, 0, "scenes")
+    assert described["truth"] == get_task("scenes").describe(
+        get_task("scenes").Scene(described["image"], described["objects"]))[1]  # fmt: skip
+    assert described["image"].tobytes() != held_out_description(4, 0, "scenes")["image"].tobytes()
+
+
+def test_scenes_training_data_and_canvases_drawn_per_sample(tmp_path):
+    from llada_v.demo.train import SCENES_CANVAS, TASK_RECIPES, AnswerOnlyLabels, write_training_data
+    from llada_v.training.data import IGNORE_INDEX, LladaVDataset, TemplateTokens
+
+    tokenizer = build_demo_tokenizer("scenes")
+    config = demo_config(tokenizer, "scenes")
+    processor = build_demo_processor(config, tokenizer)
+    every = TASK_RECIPES["scenes"]["description_every"]
+    data = write_training_data(tmp_path, 8, seed=0, description_every=every, task="scenes")
+    records = __import__("json").loads(data.read_text())
+    questions = [r["conversations"][0]["value"].split("\n")[1] for r in records]
+    assert [q in DESCRIBE_QUESTIONS.values() for q in questions] == [i % 2 == 1 for i in range(8)]
+    # One question sample in four is a two-turn conversation (sample 6: the 4th question).
+    assert [i for i, r in enumerate(records) if len(r["conversations"]) == 4] == [6]
+    assert all("size" in o for r in records for o in r["objects"])
+    dataset = AnswerOnlyLabels(
+        LladaVDataset(data, processor, image_folder=tmp_path, system_prompt=None),
+        TemplateTokens.from_processor(processor),
+        eos_token_id=config.eos_token_id,
+        canvas=SCENES_CANVAS,
+        seed=0,
+    )
+    # Every sample draws its canvas from 8..64 tokens, the same one each time it is read.
+    canvases = [dataset.canvas_of(i) for i in range(2000)]
+    assert min(canvases) == 8 and max(canvases) == 64 and canvases == [dataset.canvas_of(i) for i in range(2000)]
+    assert 0.3 < sum(c <= 22 for c in canvases) / 2000 < 0.7  # log-uniform: the median is near 8 * 8 ** 0.5
+    other = AnswerOnlyLabels(dataset.dataset, dataset.tokens, config.eos_token_id, SCENES_CANVAS, seed=1)
+    assert canvases[:20] != [other.canvas_of(i) for i in range(20)]
+    eos, eot = config.eos_token_id, config.eot_token_id
+    for index, (record, item) in enumerate(zip(records, dataset)):
+        labels = [label for label in item["labels"].tolist() if label != IGNORE_INDEX]
+        answers = [turn["value"] for turn in record["conversations"][1::2]]
+        expected = []
+        for answer in answers:
+            expected += [*tokenizer.convert_tokens_to_ids(answer.split()), eot]
+        expected += [eos] * max(0, dataset.canvas_of(index) - (len(answers[-1].split()) + 1))
+        assert labels == expected
+        assert item["input_ids"].tolist()[-len(expected) :][-5:] == expected[-5:]
+    with pytest.raises(ValueError, match=r"canvas.*got \(9, 8\)"):
+        AnswerOnlyLabels(dataset.dataset, dataset.tokens, eos_token_id=eos, canvas=(9, 8))
+    fixed = AnswerOnlyLabels(dataset.dataset, dataset.tokens, eos_token_id=eos, canvas=4)
+    assert {fixed.canvas_of(i) for i in range(50)} == {4}
+
+
+def test_scenes_object_coverage_paints_five_objects_three_at_a_time():
+    from llada_v.demo.train import object_coverage, patch_targets
+
+    tokenizer = build_demo_tokenizer("scenes")
+    processor = build_demo_processor(demo_config(tokenizer, "scenes"), tokenizer)
+    # Five squares, each filling its own 56-px tile of a 280x56 image (PIL's rectangle includes its far edges).
+    row = [{"shape": "square", "color": "red", "size": "small" if k % 2 else "big", "box": [56 * k, 0, 56 * k + 55, 55]}
+           for k in range(5)]  # fmt: skip
+    coverage = object_coverage((280, 56), row, processor)
+    assert coverage.shape == (6, 16, 5)  # the base crop and five tiles
+    for k in range(5):
+        torch.testing.assert_close(coverage[1 + k].mean(0), torch.eye(5)[k], atol=0.02, rtol=0)
+    shape, color, order, size = patch_targets(coverage, row, max_objects=5)
+    assert order.shape[-1] == 6 and size.shape[-1] == 3
+    assert order[0].view(4, 4, -1).argmax(-1)[1].tolist() == [1, 2, 4, 5]  # the base crop squashes 280 px into 4
+    assert [size[1 + k].argmax(-1).tolist() for k in range(5)] == [[2 - k % 2] * 16 for k in range(5)]
+    for target in (shape, color, order, size):
+        torch.testing.assert_close(target.sum(-1), torch.ones(6, 16))
+
+
+@pytest.mark.slow
+def test_scenes_training_runs_every_stage_and_saves_the_scenes_model(tmp_path):
+    from transformers import AutoTokenizer
+
+    from llada_v.demo.model import task_of
+    from llada_v.demo.train import SCENES_GENERATION, train_demo
+
+    summary = train_demo(tmp_path / "demo", seed=0, train_samples=32, stage1_steps=1, stage2_steps=2,
+                         batch_size=2, vision_pretrain_steps=20, task="scenes")  # fmt: skip
+    assert list(summary["losses"]) == ["stage0", "stage1", "stage2"] and len(summary["losses"]["stage0"]) == 20
+    assert task_of(AutoTokenizer.from_pretrained(tmp_path / "demo")) == "scenes"
+    saved = __import__("json").loads((tmp_path / "demo" / "generation_config.json").read_text())
+    assert {k: saved[k] for k in SCENES_GENERATION} == SCENES_GENERATION
+    with pytest.raises(ValueError, match="unknown demo task 'x'"):
+        train_demo(tmp_path / "bad", task="x")

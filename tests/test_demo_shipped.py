@@ -57,6 +57,7 @@ def test_shipped_tokenizer_and_ids_are_those_the_current_code_builds():
     assert shipped.text_config.vocab_size == expected.text_config.vocab_size
 
 
+@pytest.mark.slow  # five questions and a 32-token description: 15 s on 2 busy cores
 def test_demo_command_prints_the_answers_step_by_step(tmp_path):
     _shipped()
     picture = tmp_path / "denoise.png"
@@ -67,19 +68,23 @@ def test_demo_command_prints_the_answers_step_by_step(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("\nQ: ") == 5 and result.stdout.count("\nA: ") == 5, result.stdout
-    assert "step 1:" in result.stdout and picture.is_file()
+    # five one-word questions, then the description, decoded block by block
+    assert result.stdout.count("\nQ: ") == 6 and result.stdout.count("\nA: ") == 6, result.stdout
+    assert "step 1:" in result.stdout and "\nQ: Which shapes are there?" in result.stdout, result.stdout
+    assert "   block 1 step 1: *" in result.stdout and picture.is_file()
 
 
 @pytest.mark.slow
-def test_eval_demo_command_ends_with_the_accuracy_line():
+def test_eval_demo_command_ends_with_the_two_accuracy_lines():
     _shipped()
     result = subprocess.run(
-        [sys.executable, "-m", "llada_v.cli", "eval-demo", "--seed", "7", "--n", "40"],
+        [sys.executable, "-m", "llada_v.cli", "eval-demo", "--seed", "7", "--n", "40", "--n-descriptions", "8"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("accuracy: ") and last.endswith("%")
+    one_word, described = result.stdout.strip().splitlines()[-2:]
+    assert one_word.startswith("one-word accuracy: ") and one_word.endswith("%"), result.stdout
+    assert described.startswith("description accuracy: ") and described.endswith("%"), result.stdout
+    assert "(8 scenes)" in result.stdout or "scenes)" in result.stdout

@@ -36,11 +36,13 @@ args = parser.parse_args()
 work = args.out.parent / (args.out.name + "_work")
 PATCH = 14
 SIDE = DEMO_CROP // PATCH
-DIM = len(td.SHAPE_CLASSES) + len(td.COLOR_CLASSES) + len(td.ORDER_CLASSES)
+ORDERS = 4  # the shapes task: background and up to three objects from the left
+DIM = len(td.SHAPE_CLASSES) + len(td.COLOR_CLASSES) + ORDERS
 
 
 def oracle(size, objects, processor):
-    return torch.cat(td.patch_targets(td.object_coverage(size, objects, processor), objects), -1)  # (crops, 16, DIM)
+    targets = td.patch_targets(td.object_coverage(size, objects, processor), objects)[:3]  # shape, colour, order
+    return torch.cat(targets, -1)  # (crops, 16, DIM)
 
 
 def embed(pixel_values, features):

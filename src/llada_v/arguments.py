@@ -236,7 +236,13 @@ def add_demo_arguments(demo: argparse.ArgumentParser, evaluation: argparse.Argum
     demo.add_argument("--save-png", type=Path, default=None, help="write the denoising steps as one picture")
     demo.set_defaults(func=lazy_command("demo.app", "run_demo"))
     evaluation.add_argument("--seed", type=int, required=True, help="seed of the held-out set")
-    evaluation.add_argument("--n", type=positive_int, default=200, help="number of held-out questions (default 200)")
+    evaluation.add_argument(
+        "--n", type=positive_int, default=200, help="number of held-out one-word questions (default 200)"
+    )
+    evaluation.add_argument(
+        "--n-descriptions", type=positive_int, default=200,
+        help="number of held-out scenes to describe (default 200)",
+    )  # fmt: skip
     evaluation.add_argument(
         "--model", type=Path, default=None, help="demo checkpoint folder (default: the shipped one)"
     )

@@ -17,7 +17,7 @@ from ..configuration_llada_v import LladaVConfig
 from ..image_layout_llada_v import default_grid_pinpoints
 from ..image_processing_llada_v import LladaVImageProcessor
 from ..processing_llada_v import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VIDEO_TOKEN, LladaVProcessor
-from .task import vocabulary
+from .tasks import DEFAULT_TASK, get_task
 
 # LLaDA's special tokens by role (the names of the real tokenizer).
 BOS, EOS, START_HEADER, END_HEADER, EOT, MASK = (
@@ -33,27 +33,43 @@ ROLE_WORDS = ("system", "user", "assistant")
 
 DEMO_CROP = 56  # 4x4 patches of 14 px per crop
 DEMO_GRID = 3  # pinpoints (1x1)..(3x3) of 56 px
+# Per task: the pinpoint grid, the tile cap and the language model's size. The scenes task's five-shape scenes
+# are tiled 1x5 or 2x5 (pinpoints up to 5x5, features capped at 6 tiles' worth), and its descriptions need a
+# wider language model.
+TASK_MODELS = {
+    "shapes": dict(
+        grid=DEMO_GRID,
+        max_tiles=4,
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
+    ),
+    "scenes": dict(
+        grid=5,
+        max_tiles=6,
+        text=dict(hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=4),
+    ),
+}
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
 
 
-def demo_words() -> list[str]:
+def demo_words(task: str = DEFAULT_TASK) -> list[str]:
     """Task words, chat-template words and the system prompt's words, as the pre-tokenizer splits them."""
-    text = " ".join([*vocabulary(), *ROLE_WORDS, DEFAULT_SYSTEM_PROMPT, "/think /no_think"])
+    text = " ".join([*get_task(task).vocabulary(), *ROLE_WORDS, DEFAULT_SYSTEM_PROMPT, "/think /no_think"])
     return sorted({piece for piece, _ in _pre_tokenizer().pre_tokenize_str(text)})
 
 
-def build_demo_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer: `[UNK]`, the words, LLaDA's special tokens, and `<image>` last.
+def build_demo_tokenizer(task: str = DEFAULT_TASK) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer for `task` (`"shapes"` or `"scenes"`): `[UNK]`, the words, LLaDA's special tokens,
+    and `<image>` last.
 
     `<image>` (and `<video>`) take the last ids so that `tokenizer_vocab_size` (ids the sampler may emit)
     excludes them, as in the released model.
     """
     specials = [BOS, EOS, START_HEADER, END_HEADER, EOT, MASK]
     vocab = {UNK: 0}
-    for token in [*demo_words(), *specials, VIDEO_TOKEN, IMAGE_TOKEN]:
+    for token in [*demo_words(task), *specials, VIDEO_TOKEN, IMAGE_TOKEN]:
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = _pre_tokenizer()
@@ -72,17 +88,13 @@ def build_demo_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def demo_config(tokenizer: PreTrainedTokenizerFast, **text_overrides) -> LladaVConfig:
-    """The demo model's config: every special id read from the tokenizer."""
+def demo_config(tokenizer: PreTrainedTokenizerFast, task: str = DEFAULT_TASK, **text_overrides) -> LladaVConfig:
+    """The demo model's config for `task`: every special id read from the tokenizer."""
+    if task not in TASK_MODELS:
+        raise ValueError(f"unknown demo task {task!r}; expected one of {sorted(TASK_MODELS)}")
+    shape = TASK_MODELS[task]
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=1024,
-    )
+    text = dict(vocab_size=len(tokenizer), **shape["text"], max_position_embeddings=1024)
     text.update(text_overrides)
     return LladaVConfig(
         text_config=text,
@@ -94,8 +106,8 @@ def demo_config(tokenizer: PreTrainedTokenizerFast, **text_overrides) -> LladaVC
             image_size=DEMO_CROP,
             patch_size=14,
         ),
-        image_grid_pinpoints=default_grid_pinpoints(DEMO_CROP, DEMO_GRID),
-        max_num_tiles=4,
+        image_grid_pinpoints=default_grid_pinpoints(DEMO_CROP, shape["grid"]),
+        max_num_tiles=shape["max_tiles"],
         image_token_id=ids(IMAGE_TOKEN),
         mask_token_id=ids(MASK),
         bos_token_id=ids(BOS),
@@ -113,6 +125,11 @@ def demo_config(tokenizer: PreTrainedTokenizerFast, **text_overrides) -> LladaVC
 def build_demo_processor(config: LladaVConfig, tokenizer: PreTrainedTokenizerFast | None = None) -> LladaVProcessor:
     tokenizer = tokenizer if tokenizer is not None else build_demo_tokenizer()
     return LladaVProcessor(image_processor=LladaVImageProcessor.from_model_config(config), tokenizer=tokenizer)
+
+
+def task_of(tokenizer) -> str:
+    """The task a demo tokenizer was built for: the one whose words it holds ("five" is a scenes word)."""
+    return "scenes" if "five" in tokenizer.get_vocab() else DEFAULT_TASK
 
 
 def demo_model_dir() -> Path:

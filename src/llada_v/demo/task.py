@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
+NAME = "shapes"  # `llada_v.demo.tasks.get_task` finds this module (and `llada_v.demo.scenes`) by name
+MAX_OBJECTS = 3
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 NUMBER_WORDS = ("zero", "one", "two", "three")
@@ -91,6 +93,14 @@ def draw_object(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def can_ask(scene: Scene, kind: str) -> bool:
+    """Whether a question of type `kind` has one right answer (always, in this task: kinds and colours are
+    distinct)."""
+    if kind not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
+    return True
 
 
 def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:

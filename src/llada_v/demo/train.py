@@ -1,7 +1,8 @@
 """Train the embedded demo model: a tiny LLaDA-V learns the synthetic shapes task from scratch.
 
-    python -m llada_v.demo.train --output-dir OUT [--seed 0] [--train-samples 32000] [--stage1-steps 300]
-        [--stage2-steps 4000] [--batch-size 16] [--vision-pretrain-steps 2400] [--description-every 3]
+    python -m llada_v.demo.train --output-dir OUT [--task shapes|scenes] [--seed 0] [--train-samples 32000]
+        [--stage1-steps 300] [--stage2-steps 4000] [--batch-size 16] [--vision-pretrain-steps 2400]
+        [--description-every 3]
         [--description-order both] [--question-weights shape=3,leftmost=2]
         [--mask-sampling count]
         [--vision-lr 2e-5] [--projector-lr 2e-4] [--language-lr 1e-3] [--device cpu] [--dataloader-workers 0]
@@ -13,8 +14,10 @@ processor, generation defaults and remote code. Before them, Stage 0 (`pretrain_
 pretrained SigLIP that the released model starts from: the vision tower alone learns dense labels of the
 training scenes (which shape and colour cover each patch). Three choices make the small language model learn
 in time (docs/demo.md): count-form masking (`MaskCountSampling`), scene descriptions in the training data, and
-supervised EOS after the last answer up to the sampler's canvas. Deterministic given the seed (CPU, fixed
-thread count). The learning rates are higher than the
+supervised EOS after the last answer up to the sampler's canvas. `--task scenes` trains the scenes task
+(`llada_v.demo.scenes`: one to five shapes with sizes, descriptions of up to 23 words) with its own recipe
+(`TASK_RECIPES`: a larger model, canvases of 8 to 64 tokens drawn per sample). Deterministic given the seed
+(CPU, fixed thread count). The learning rates are higher than the
 paper's (1e-3 instead of 1e-5): the paper fine-tunes pretrained towers, this model starts from random weights.
 """
 
@@ -52,28 +55,26 @@ from ..training.data import (
 )
 from ..training.trainer import LladaVTrainer, set_trainable
 from .model import build_demo_processor, build_demo_tokenizer, demo_config
-from .task import (
-    COLORS,
-    DESCRIPTION_ORDERS,
-    QUESTION_TYPES,
-    SHAPES,
-    check_question_weights,
-    describe,
-    draw_object,
-    draw_scene,
-    make_sample,
-)
+from .task import COLORS, DESCRIPTION_ORDERS, QUESTION_TYPES, SHAPES, check_question_weights, draw_object
+from .tasks import DEFAULT_TASK, get_task
 
 logger = logging.getLogger(__name__)
 
 TRAIN_SEED_OFFSET = 1_000_000  # training scenes use seeds >= this; held-out sets use seeds below it
 # The demo's sampler defaults: one-word answers, so a 4-token canvas decoded in 4 steps.
 DEMO_GENERATION = dict(max_new_tokens=4, steps=4, block_length=4)
+# The scenes task's: a 32-token canvas (the longest description is 24 tokens with its `<|eot_id|>`) in blocks of
+# 8, one token per step (a one-word answer stops after its first block). Training teaches every canvas from 8 to
+# 64 tokens (`SCENES_CANVAS`).
+SCENES_GENERATION = dict(max_new_tokens=32, steps=32, block_length=8)
+SCENES_CANVAS = (8, 64)
 # The vision tower moves 50x slower than the rest (the paper's ratio is 5x at 2e-6 vs 1e-5): while the
 # language model still ignores the image, its gradients are tiny and noisy, and Adam at full rate lets the
 # random tower drift until every patch maps to the same vector.
 STAGE2_LEARNING_RATES = {"vision": 2e-5, "projector": 2e-4, "language": 1e-3}
 STAGE1_LEARNING_RATES = {"projector": 1e-3}
+TRAIN_SAMPLES = 32_000
+STAGE1_STEPS = 300
 STAGE2_STEPS = 4000  # batches of 16: 2 epochs of the 32,000 samples
 # Stage 0, the demo's stand-in for a pretrained SigLIP: every patch token of every crop learns which shape and
 # which colour cover its patch (dense labels rendered from the scene's objects), and on the whole-image base crop
@@ -81,7 +82,9 @@ STAGE2_STEPS = 4000  # batches of 16: 2 epochs of the 32,000 samples
 # scene holds (tags). Throw-away linear heads read the tokens that feed the projector.
 SHAPE_CLASSES = ("background", *SHAPES)
 COLOR_CLASSES = ("background", *sorted(COLORS))
-ORDER_CLASSES = ("background", "first", "second", "third")  # objects counted from the left
+# Objects counted from the left: a task with at most N objects uses the first N + 1 classes.
+ORDER_CLASSES = ("background", "first", "second", "third", "fourth", "fifth")
+SIZE_CLASSES = ("background", "small", "big")  # the scenes task's sizes
 VISION_TAGS = (*SHAPES, *sorted(COLORS))
 VISION_PRETRAIN = {"steps": 2400, "batch_size": 16, "learning_rate": 1e-3}
 # One training sample in this many is a scene description ("red circle blue square"), naming every object with
@@ -97,6 +100,21 @@ DESCRIPTION_ORDER = "both"
 # type equally often. "Which shape is <colour>?" is the type the model learns last, "Which shape is on the left?"
 # the one that suffers most when shape questions dominate (docs/demo.md).
 QUESTION_WEIGHTS = {"shape": 3.0, "leftmost": 2.0}
+# Each task's defaults (every one a flag of the command). The scenes task: a description every second sample
+# (they are its hard answers), EOS padding up to a canvas drawn per sample from 8 to 64 tokens, a wider language
+# model (`llada_v.demo.model.TASK_MODELS`), and fewer, slower steps (its five-shape images have up to 11 crops
+# and its sequences are longer), sized to train in about an hour on 2 CPU cores.
+TASK_RECIPES = {
+    "shapes": dict(
+        train_samples=TRAIN_SAMPLES, stage1_steps=STAGE1_STEPS, stage2_steps=STAGE2_STEPS,
+        vision_pretrain_steps=VISION_PRETRAIN["steps"], description_every=DESCRIPTION_EVERY,
+        canvas=DEMO_GENERATION["max_new_tokens"], generation=DEMO_GENERATION,
+    ),
+    "scenes": dict(
+        train_samples=24_000, stage1_steps=200, stage2_steps=3000, vision_pretrain_steps=800, description_every=2,
+        canvas=SCENES_CANVAS, generation=SCENES_GENERATION,
+    ),
+}  # fmt: skip
 
 
 def write_training_data(
@@ -106,11 +124,14 @@ def write_training_data(
     description_every: int = DESCRIPTION_EVERY,
     description_order: str = DESCRIPTION_ORDER,
     question_weights: dict[str, float] | None = None,
+    task: str = DEFAULT_TASK,
 ) -> Path:
-    """Render `num_samples` scenes as PNG files plus a LLaVA-format JSON list; returns the JSON path.
+    """Render `num_samples` scenes of `task` as PNG files plus a LLaVA-format JSON list; returns the JSON path.
 
     One sample in `description_every` (0: none) is a scene description (`demo_task.describe`); of the others
-    about one in four is a two-turn conversation about the same image. `description_order` is `describe`'s
+    about one in four is a two-turn conversation about the same image (the scenes task counts only the question
+    samples, one in four of them: with a description every second sample, one sample in four would never be a
+    question). `description_order` is `describe`'s
     order, or `"both"`: the descriptions alternate between the orders. `question_weights` (type -> relative
     weight; `None`: `QUESTION_WEIGHTS`, `{}`: uniform) weights the question types.
     """
@@ -120,58 +141,73 @@ def write_training_data(
         raise ValueError(f"description_every must be >= 0 (0: no descriptions), got {description_every}")
     weights = QUESTION_WEIGHTS if question_weights is None else question_weights
     check_question_weights(weights, turns=2)  # before anything is written
+    module = get_task(task)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
-    descriptions = 0
+    descriptions = questions = 0
     for i in range(num_samples):
         sample_seed = TRAIN_SEED_OFFSET + seed * num_samples + i
         if description_every and i % description_every == description_every - 1:
-            scene = draw_scene(random.Random(sample_seed))
+            scene = module.draw_scene(random.Random(sample_seed))
             order = DESCRIPTION_ORDERS[descriptions % 2] if description_order == "both" else description_order
             descriptions += 1
-            sample = {"image": scene.image, "qa": [describe(scene, order)], "objects": scene.objects}
+            sample = {"image": scene.image, "qa": [module.describe(scene, order)], "objects": scene.objects}
         else:
-            sample = make_sample(sample_seed, turns=2 if i % 4 == 3 else 1, weights=weights)
+            two_turn = (questions if task == "scenes" else i) % 4 == 3
+            sample = module.make_sample(sample_seed, turns=2 if two_turn else 1, weights=weights)
+            questions += 1
         name = f"{i:06d}.png"
         sample["image"].save(folder / name)
         conversations = []
         for turn, (question, answer) in enumerate(sample["qa"]):
             conversations.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + question})
             conversations.append({"from": "gpt", "value": answer})
-        objects = [{"shape": o.shape, "color": o.color, "box": list(o.box)} for o in sample["objects"]]
+        objects = [_object_record(o) for o in sample["objects"]]
         records.append({"id": i, "image": name, "conversations": conversations, "objects": objects})
     path = folder / "data.json"
     path.write_text(json.dumps(records))
     return path
 
 
+def _object_record(obj) -> dict:
+    record = {"shape": obj.shape, "color": obj.color, "box": list(obj.box)}
+    if hasattr(obj, "size"):  # the scenes task
+        record = {"shape": obj.shape, "color": obj.color, "size": obj.size, "box": list(obj.box)}
+    return record
+
+
 def object_coverage(size: tuple[int, int], objects: list[dict], processor: LladaVProcessor) -> torch.Tensor:
     """How much of every patch of every crop each object covers: `(crops, patches, len(objects))` in [0, 1].
 
-    The objects are painted as pure red / green / blue on black and the picture goes through the image
-    processor itself, so the crops, tiling, padding and resizing are exactly those of the real image; the
-    normalisation is undone and each channel averaged over each patch.
+    The objects are painted as pure red / green / blue on black, three at a time, and each picture goes through
+    the image processor itself, so the crops, tiling, padding and resizing are exactly those of the real image;
+    the normalisation is undone and each channel averaged over each patch.
     """
-    if len(objects) > 3:
-        raise ValueError(f"at most 3 objects can be told apart by colour channel, got {len(objects)}")
-    picture = Image.new("RGB", size, (0, 0, 0))
-    draw = ImageDraw.Draw(picture)
-    for channel, obj in enumerate(objects):
-        fill = tuple(255 if c == channel else 0 for c in range(3))
-        draw_object(draw, obj["shape"], tuple(obj["box"]), fill)
+    if not objects:
+        raise ValueError("object_coverage needs at least one object")
     image_processor = processor.image_processor
-    crops = image_processor(picture, return_tensors="pt")["pixel_values"]
     mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
-    share = (crops * std + mean).clamp(0, 1)  # bicubic resizing over- and undershoots a little
-    share = nn.functional.avg_pool2d(
-        share, image_processor.patch_size
-    )  # (crops, 3, side, side), row-major patches as in SigLIP
-    return share.flatten(2).transpose(1, 2)[..., : len(objects)]
+    parts = []
+    for first in range(0, len(objects), 3):
+        group = objects[first : first + 3]
+        picture = Image.new("RGB", size, (0, 0, 0))
+        draw = ImageDraw.Draw(picture)
+        for channel, obj in enumerate(group):
+            fill = tuple(255 if c == channel else 0 for c in range(3))
+            draw_object(draw, obj["shape"], tuple(obj["box"]), fill)
+        crops = image_processor(picture, return_tensors="pt")["pixel_values"]
+        share = (crops * std + mean).clamp(0, 1)  # bicubic resizing over- and undershoots a little
+        share = nn.functional.avg_pool2d(share, image_processor.patch_size)  # row-major patches as in SigLIP
+        parts.append(share.flatten(2).transpose(1, 2)[..., : len(group)])
+    return torch.cat(parts, dim=-1)
 
 
-def patch_targets(coverage: torch.Tensor, objects: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Soft per-patch class distributions (shape, colour, order from the left) from `object_coverage`."""
+def patch_targets(
+    coverage: torch.Tensor, objects: list[dict], max_objects: int = 3
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft per-patch class distributions (shape, colour, order from the left among `max_objects + 1` classes,
+    size: "big" for objects without one) from `object_coverage`."""
     background = (1 - coverage.sum(-1, keepdim=True)).clamp(min=0)
     by_left = sorted(range(len(objects)), key=lambda k: objects[k]["box"][0] + objects[k]["box"][2])
 
@@ -185,7 +221,8 @@ def patch_targets(coverage: torch.Tensor, objects: list[dict]) -> tuple[torch.Te
     return (
         classes(SHAPE_CLASSES, lambda k, obj: obj["shape"]),
         classes(COLOR_CLASSES, lambda k, obj: obj["color"]),
-        classes(ORDER_CLASSES, lambda k, obj: ORDER_CLASSES[1 + by_left.index(k)]),
+        classes(ORDER_CLASSES[: max_objects + 1], lambda k, obj: ORDER_CLASSES[1 + by_left.index(k)]),
+        classes(SIZE_CLASSES, lambda k, obj: obj.get("size", "big")),
     )
 
 
@@ -197,6 +234,7 @@ def pretrain_vision(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    task: str = DEFAULT_TASK,
 ) -> list[float]:
     """Stage 0: train the vision tower alone on dense scene labels; returns the loss every `steps // 20` steps.
 
@@ -210,17 +248,20 @@ def pretrain_vision(
     base crop which object from the left it is (soft cross-entropy against the covered fractions, so the tokens
     carry shape and colour where the object is: what the language model has to match question words against).
     A fourth head predicts from the mean-pooled tokens which shapes and colours the scene holds (binary
-    cross-entropy). The language model and projector are untouched.
+    cross-entropy). For the scenes task a fifth head predicts from each patch token the size of the object covering
+    it. The language model and projector are untouched.
     """
     records = json.loads(data_path.read_text())
     folder = data_path.parent
     vision = model.vision_tower
     width = model.config.vision_config.hidden_size
+    max_objects, sized = get_task(task).MAX_OBJECTS, task == "scenes"
     heads = nn.ModuleDict(
         {
             "shape": nn.Linear(width, len(SHAPE_CLASSES)),
             "color": nn.Linear(width, len(COLOR_CLASSES)),
-            "order": nn.Linear(width, len(ORDER_CLASSES)),
+            "order": nn.Linear(width, max_objects + 1),
+            **({"size": nn.Linear(width, len(SIZE_CLASSES))} if sized else {}),
             "tags": nn.Linear(width, len(VISION_TAGS)),
         }
     )
@@ -237,7 +278,7 @@ def pretrain_vision(
     vision.train()
     for step in range(steps):
         picks = torch.randint(len(records), (batch_size,), generator=generator).tolist()
-        crops, shape_t, color_t, order_t, base_rows = [], [], [], [], []
+        crops, shape_t, color_t, order_t, size_t, base_rows = [], [], [], [], [], []
         tags = torch.zeros(batch_size, len(VISION_TAGS))
         for row, index in enumerate(picks):
             record = records[index]
@@ -246,18 +287,22 @@ def pretrain_vision(
             with Image.open(folder / record["image"]) as image:
                 image = image.convert("RGB")
             pixel_values = processor.image_processor(image, return_tensors="pt")["pixel_values"]
-            targets = patch_targets(object_coverage(image.size, record["objects"], processor), record["objects"])
+            coverage = object_coverage(image.size, record["objects"], processor)
+            targets = patch_targets(coverage, record["objects"], max_objects)
             base_rows.append(sum(c.shape[0] for c in crops))  # the base crop comes first in each image
             crops.append(pixel_values)
             shape_t.append(targets[0])
             color_t.append(targets[1])
             order_t.append(targets[2][0])
+            size_t.append(targets[3])
         hidden = model.encode_vision(torch.cat(crops).to(device))  # (crops, patches, width)
         loss = (
             soft_cross_entropy(heads["shape"](hidden), torch.cat(shape_t).to(device))
             + soft_cross_entropy(heads["color"](hidden), torch.cat(color_t).to(device))
             + soft_cross_entropy(heads["order"](hidden[base_rows]), torch.stack(order_t).to(device))
         )
+        if sized:
+            loss = loss + soft_cross_entropy(heads["size"](hidden), torch.cat(size_t).to(device))
         pooled = torch.stack([part.mean(dim=(0, 1)) for part in torch.split(hidden, [c.shape[0] for c in crops])])
         loss = loss + nn.functional.binary_cross_entropy_with_logits(heads["tags"](pooled), tags.to(device))
         optimizer.zero_grad()
@@ -267,33 +312,49 @@ def pretrain_vision(
         if (step + 1) % max(1, steps // 20) == 0:
             losses.append(sum(window) / len(window))
             window = []
+            logger.info("stage 0: step %d/%d, loss %.3f", step + 1, steps, losses[-1])
     return losses
 
 
 class AnswerOnlyLabels(Dataset):
     """The demo's labels: only the assistant answers (words + `<|eot_id|>`) are supervised, and the last answer
-    is followed by supervised EOS up to `canvas` tokens.
+    is followed by supervised EOS up to a canvas of `canvas` tokens.
 
-    The official rule (docs/parity.md Q20) also supervises every template token, so a one-word answer is about a tenth of each
-    sample's loss and the model learns the (easy) template and the answer priors long before it learns to
-    look at the image. The demo keeps the answer's share whole; the released model's rule is unchanged in
-    `LladaVDataset`.
+    The official rule (docs/parity.md Q20) also supervises every template token, so a one-word answer is about a
+    tenth of each sample's loss and the model learns the (easy) template and the answer priors long before it
+    learns to look at the image. The demo keeps the answer's share whole; the released model's rule is unchanged
+    in `LladaVDataset`.
 
-    The EOS padding is what LLaDA's supervised EOS padding teaches (docs/parity.md Q21): the sampler starts from
+    The EOS padding is LLaDA's supervised EOS padding (docs/parity.md Q21): the sampler starts from
     `max_new_tokens` masks at the end of the sequence, so the model has to know that masks after a short answer
-    and its `<|eot_id|>` are filler. Without it a model trained on answers of different lengths (descriptions
-    and one-word answers) reads the length of the answer from the number of masks and fills a 4-token canvas
-    with a 3-word "answer" (measured).
+    and its `<|eot_id|>` are filler. Without it a model trained on answers of different lengths reads the length
+    of the answer from the number of masks and fills the canvas with a longer "answer" (measured).
+
+    `canvas`: a fixed number of tokens, or a `(low, high)` range: each sample then draws its canvas from
+    `low..high` (log-uniformly, so short and long canvases are both common), a pure function of `seed` and the
+    sample's index, so that the model answers on any canvas in the range.
     """
 
-    def __init__(self, dataset: LladaVDataset, tokens: TemplateTokens, eos_token_id: int, canvas: int):
-        if canvas < 1:
-            raise ValueError(f"canvas must be at least 1 token, got {canvas}")
+    def __init__(
+        self, dataset: LladaVDataset, tokens: TemplateTokens, eos_token_id: int, canvas: int | tuple[int, int],
+        seed: int = 0,
+    ):  # fmt: skip
+        low, high = (canvas, canvas) if isinstance(canvas, int) else canvas
+        if not 1 <= low <= high:
+            raise ValueError(f"canvas must be at least 1 token (and low <= high for a range), got {canvas}")
         self.dataset, self.tokens = dataset, tokens
-        self.eos_token_id, self.canvas = eos_token_id, canvas
+        self.eos_token_id, self.canvas, self.seed = eos_token_id, (low, high), seed
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def canvas_of(self, index: int) -> int:
+        """The canvas of sample `index`: log-uniform over `low..high`, seeded by (`seed`, `index`)."""
+        low, high = self.canvas
+        if low == high:
+            return low
+        u = random.Random(f"canvas-{self.seed}-{index}").random()
+        return min(high, int(low * ((high + 1) / low) ** u))
 
     def __getitem__(self, index: int) -> dict:
         item = dict(self.dataset[index])
@@ -306,7 +367,7 @@ class AnswerOnlyLabels(Dataset):
                 header_end = ids.index(self.tokens.end_header_id, turn.start) + 1
                 labels[header_end : turn.end] = item["input_ids"][header_end : turn.end]
         # The last answer runs to the end of the sequence; pad it with EOS up to the canvas.
-        missing = self.canvas - (len(ids) - header_end)
+        missing = self.canvas_of(index) - (len(ids) - header_end)
         if missing > 0:
             padding = torch.full((missing,), self.eos_token_id, dtype=item["input_ids"].dtype)
             item["input_ids"] = torch.cat((item["input_ids"], padding))
@@ -341,21 +402,23 @@ def _args(
 def train_demo(
     output_dir: Path,
     seed: int = 0,
-    train_samples: int = 32_000,
-    stage1_steps: int = 300,
-    stage2_steps: int = STAGE2_STEPS,
+    train_samples: int | None = None,
+    stage1_steps: int | None = None,
+    stage2_steps: int | None = None,
     batch_size: int = 16,
     work_dir: Path | None = None,
     learning_rates: dict[str, float] | None = None,
     device: str = "cpu",
     dataloader_workers: int = 0,
-    vision_pretrain_steps: int = VISION_PRETRAIN["steps"],
-    description_every: int = DESCRIPTION_EVERY,
+    vision_pretrain_steps: int | None = None,
+    description_every: int | None = None,
     description_order: str = DESCRIPTION_ORDER,
     mask_sampling: str = "count",
     question_weights: dict[str, float] | None = None,
+    task: str = DEFAULT_TASK,
 ) -> dict:
-    """Train and save the demo model into `output_dir` (atomically). Returns a summary with the losses.
+    """Train and save the demo model for `task` (`"shapes"`, the default, or `"scenes"`) into `output_dir`
+    (atomically). Returns a summary with the losses. Settings left at None take the task's `TASK_RECIPES` value.
 
     `learning_rates` overrides entries of the Stage 2 rates (`vision`, `projector`, `language`). The shipped
     model is trained on CPU with the defaults; `device="cuda"` (and data-loader workers) are for exploring
@@ -364,6 +427,10 @@ def train_demo(
     `description_order` and `question_weights` (`write_training_data`'s) exist to measure what they bring
     (docs/demo.md).
     """
+    recipe = _recipe(task, train_samples=train_samples, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+                     vision_pretrain_steps=vision_pretrain_steps, description_every=description_every)  # fmt: skip
+    train_samples, stage1_steps, stage2_steps = recipe["train_samples"], recipe["stage1_steps"], recipe["stage2_steps"]
+    vision_pretrain_steps, description_every = recipe["vision_pretrain_steps"], recipe["description_every"]
     rates2 = _check_settings(
         learning_rates, device, dataloader_workers, vision_pretrain_steps, mask_sampling,
         {"train_samples": train_samples, "stage2_steps": stage2_steps, "batch_size": batch_size},
@@ -374,25 +441,20 @@ def train_demo(
     set_seed(seed)
     started = time.time()
 
-    tokenizer = build_demo_tokenizer()
-    config = demo_config(tokenizer)
-    config._attn_implementation = "eager"  # on CPU, eager trains ~4x faster than sdpa with a padding mask
-    processor = build_demo_processor(config, tokenizer)
-    model = LladaVModel(config)
-    model.generation_config = LladaVGenerationConfig.from_model_config(config)
-    for key, value in DEMO_GENERATION.items():
-        setattr(model.generation_config, key, value)
+    model, processor = _new_model(task, recipe["generation"])
+    config = model.config
 
     scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="llada_v_demo_"))
     try:
         data_path = write_training_data(
-            scratch / "data", train_samples, seed, description_every, description_order, question_weights
+            scratch / "data", train_samples, seed, description_every, description_order, question_weights, task
         )
         dataset = AnswerOnlyLabels(
             LladaVDataset(data_path, processor, image_folder=scratch / "data", system_prompt=None),
             TemplateTokens.from_processor(processor),
             eos_token_id=config.eos_token_id,
-            canvas=DEMO_GENERATION["max_new_tokens"],
+            canvas=recipe["canvas"],
+            seed=seed,
         )
         collator = LladaVDataCollator.from_processor(processor, padding="masked")
         if mask_sampling == "count":
@@ -403,7 +465,7 @@ def train_demo(
             model.to(device)
             history["stage0"] = pretrain_vision(
                 model, data_path, processor, vision_pretrain_steps, VISION_PRETRAIN["batch_size"],
-                VISION_PRETRAIN["learning_rate"], seed,
+                VISION_PRETRAIN["learning_rate"], seed, task,
             )  # fmt: skip
             logger.info(
                 "stage 0 (vision, dense scene labels): loss %.3f -> %.3f", history["stage0"][0], history["stage0"][-1]
@@ -424,6 +486,26 @@ def train_demo(
         if work_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
     return {"seconds": time.time() - started, "losses": history, "output_dir": str(output_dir)}
+
+
+def _new_model(task: str, generation: dict) -> tuple[LladaVModel, LladaVProcessor]:
+    """A freshly initialised demo model for `task` (generation defaults `generation`) and its processor."""
+    tokenizer = build_demo_tokenizer(task)
+    config = demo_config(tokenizer, task)
+    config._attn_implementation = "eager"  # on CPU, eager trains ~4x faster than sdpa with a padding mask
+    processor = build_demo_processor(config, tokenizer)
+    model = LladaVModel(config)
+    model.generation_config = LladaVGenerationConfig.from_model_config(config)
+    for key, value in generation.items():
+        setattr(model.generation_config, key, value)
+    return model, processor
+
+
+def _recipe(task: str, **settings: int | None) -> dict:
+    """`task`'s recipe (`TASK_RECIPES`) with the `settings` that are not None."""
+    if task not in TASK_RECIPES:
+        raise ValueError(f"unknown demo task {task!r}; expected one of {sorted(TASK_RECIPES)}")
+    return {**TASK_RECIPES[task], **{key: value for key, value in settings.items() if value is not None}}
 
 
 def _check_settings(
@@ -514,13 +596,18 @@ def _question_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument(
+        "--task", choices=tuple(TASK_RECIPES), default=DEFAULT_TASK,
+        help="shapes (default: the shipped model's task) or scenes (1-5 shapes with sizes, long descriptions); "
+        "the settings below default to the task's recipe (shown for shapes)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-samples", type=int, default=32_000)
-    parser.add_argument("--stage1-steps", type=int, default=300)
-    parser.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS)
+    parser.add_argument("--train-samples", type=int, default=None, help=f"default {TRAIN_SAMPLES} (scenes: 24000)")
+    parser.add_argument("--stage1-steps", type=int, default=None, help=f"default {STAGE1_STEPS} (scenes: 200)")
+    parser.add_argument("--stage2-steps", type=int, default=None, help=f"default {STAGE2_STEPS} (scenes: 3000)")
     parser.add_argument("--batch-size", type=int, default=16)
     for group, rate in STAGE2_LEARNING_RATES.items():
         parser.add_argument(f"--{group}-lr", type=float, default=rate, help=f"Stage 2 learning rate (default {rate})")
@@ -534,14 +621,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vision-pretrain-steps",
         type=int,
-        default=VISION_PRETRAIN["steps"],
-        help="Stage 0 steps (vision tower learns dense scene labels; 0 skips it)",
+        default=None,
+        help=f"Stage 0 steps (vision tower learns dense scene labels; 0 skips it; default {VISION_PRETRAIN['steps']}, "
+        "scenes: 800)",
     )
     parser.add_argument(
         "--description-every",
         type=int,
-        default=DESCRIPTION_EVERY,
-        help=f"one training sample in N is a scene description (0: none; default {DESCRIPTION_EVERY})",
+        default=None,
+        help=f"one training sample in N is a scene description (0: none; default {DESCRIPTION_EVERY}, scenes: 2)",
     )
     parser.add_argument(
         "--description-order",
@@ -563,7 +651,11 @@ def main(argv: list[str] | None = None) -> int:
         default="count",
         help="count: MaskCountSampling (default); time: t ~ U(0, 1) per sample",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rates = {group: getattr(args, f"{group}_lr") for group in STAGE2_LEARNING_RATES}
     summary = train_demo(
@@ -581,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         description_order=args.description_order,
         mask_sampling=args.mask_sampling,
         question_weights=args.question_weights,
+        task=args.task,
     )
     print(
         json.dumps(

@@ -127,6 +127,7 @@ class StepEngine:
                 logger.exception("engine step failed")
                 for ticket in list(self.running):
                     self._answer(ticket, JobResult(error=err))
+                self.batch.runs.clear()
 
     # ------------------------------------------------------------------ the engine thread
 

@@ -272,7 +272,7 @@ def _short(token: str) -> str:
 
 
 def _size(obj) -> list[str]:
-    return [obj.size] if hasattr(obj, "size") else []  # the scenes task's objects have sizes
+    return [obj.size] if obj.size is not None else []  # the scenes task's objects have sizes
 
 
 def _pad(frame: Image.Image, height: int) -> Image.Image:

@@ -28,11 +28,18 @@ construction (training uses seeds from a different range).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from .task import QUESTION_TYPES, _weighted_kinds, check_question_weights, draw_object, normalise_answer
+from .task import (
+    QUESTION_TYPES,
+    Scene,
+    SceneObject,
+    _weighted_kinds,
+    check_question_weights,
+    draw_object,
+    normalise_answer,
+)
 
 NAME = "scenes"
 
@@ -51,24 +58,6 @@ MIN_SIDE = 56
 SLOT_RANGE = (48, 64)
 HEIGHT_RANGE = (56, 84)
 SIZE_FRACTIONS = {"small": (0.4, 0.5), "big": (0.75, 0.9)}
-
-
-@dataclass
-class SceneObject:
-    shape: str
-    color: str
-    box: tuple[int, int, int, int]  # left, top, right, bottom
-    size: str = "big"
-
-    @property
-    def center_x(self) -> float:
-        return (self.box[0] + self.box[2]) / 2
-
-
-@dataclass
-class Scene:
-    image: Image.Image
-    objects: list[SceneObject] = field(default_factory=list)
 
 
 def draw_scene(rng: random.Random) -> Scene:

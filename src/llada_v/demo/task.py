@@ -48,6 +48,7 @@ class SceneObject:
     shape: str
     color: str
     box: tuple[int, int, int, int]  # left, top, right, bottom
+    size: str | None = None  # "small" / "big" in the scenes task (`demo.scenes`); None here
 
     @property
     def center_x(self) -> float:

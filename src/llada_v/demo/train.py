@@ -171,7 +171,7 @@ def write_training_data(
 
 def _object_record(obj) -> dict:
     record = {"shape": obj.shape, "color": obj.color, "box": list(obj.box)}
-    if hasattr(obj, "size"):  # the scenes task
+    if obj.size is not None:  # the scenes task
         record = {"shape": obj.shape, "color": obj.color, "size": obj.size, "box": list(obj.box)}
     return record
 

@@ -338,12 +338,15 @@ class LladaVDenoisingRun:
         self.apply(planned, *self.logits(planned))
         return True
 
-    def row_finished(self, row: int) -> bool:
-        """Whether row `row` will change no more: the run is finished, or the row is (stop found and decoded)."""
-        return self.finished or bool(self.state.done[row])
+    def finished_rows(self) -> set[int]:
+        """The rows that will change no more (one host read): all once the run is finished, else those finished
+        (stop found and decoded) or dropped."""
+        if self.finished:
+            return set(range(self.batch_size))
+        return set(self.state.done.nonzero().flatten().tolist())
 
     def row_answer_ids(self, row: int) -> list[int]:
-        """Row `row`'s answer ids up to its stop, as `finalize().answer_ids()[row]` (final once `row_finished`)."""
+        """Row `row`'s answer ids up to its stop, as `finalize().answer_ids()[row]` (final once in `finished_rows`)."""
         state = self.state
         n = answer_length(state.stop_index[row], state.answer_len)
         return state.canvas[row, state.prompt_len : state.prompt_len + n].tolist()

@@ -158,7 +158,9 @@ class StepEngine:
             return True
         self.metrics.add("llada_v_pass_seconds_total", time.perf_counter() - passing)
         self.metrics.forwards(report.forward_rows)
-        for ticket in [t for t in self.running if t.run.row_finished(t.row)]:
+        runs = {id(t.run): t.run for t in self.running}
+        finished = {key: run.finished_rows() for key, run in runs.items()}  # one host read per run, not per row
+        for ticket in [t for t in self.running if t.row in finished[id(t.run)]]:
             self._finish(ticket)
         seconds = time.perf_counter() - started
         self.metrics.observe("llada_v_step_seconds", seconds)

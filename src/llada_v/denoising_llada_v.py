@@ -414,10 +414,14 @@ class LladaVDenoisingBatch:
     @torch.no_grad()
     def step(self) -> BatchStep:
         """One pass of every run that has one; finished runs leave the batch and are returned."""
-        finished = [run for run in self.runs if run.next_pass() is None]
-        planned = [(run, run.next_pass()) for run in self.runs if run not in finished]
-        shared = [(run, p) for run, p in planned if run.shares_forward(p)]
-        own = [(run, p) for run, p in planned if not run.shares_forward(p)]
+        finished, planned, shared, own = [], [], [], []
+        for run in self.runs:
+            p = run.next_pass()
+            if p is None:
+                finished.append(run)
+            else:
+                planned.append((run, p))
+                (shared if run.shares_forward(p) else own).append((run, p))
         forward_rows = []
         if shared:
             parts = [(run.state, p.active) for run, p in shared]
@@ -430,7 +434,8 @@ class LladaVDenoisingBatch:
             forward_rows.append(p.active.rows.shape[0])
         # Plan the next passes now: a run with none left is finished and leaves at once.
         finished += [run for run, _ in planned if run.next_pass() is None]
-        self.runs = [run for run in self.runs if run not in finished]
+        gone = {id(run) for run in finished}
+        self.runs = [run for run in self.runs if id(run) not in gone]
         return BatchStep(finished, forward_rows, len(planned))
 
 

@@ -369,6 +369,23 @@ def test_scenes_shapes_sit_side_by_side_and_big_ones_are_bigger_than_small_ones_
     assert {len(scenes.draw_scene(random.Random(i)).objects) for i in range(100)} == set(range(1, 6))
 
 
+def test_scenes_are_five_tile_strips_with_the_kth_object_inside_the_kth_tile():
+    from llada_v.demo import scenes
+
+    tokenizer = build_demo_tokenizer("scenes")
+    processor = build_demo_processor(demo_config(tokenizer, "scenes"), tokenizer)
+    rng = random.Random(2)
+    for _ in range(200):
+        scene = scenes.draw_scene(rng)
+        assert scene.image.size == (280, 56)
+        for k, obj in enumerate(scene.objects):  # filled from the left, one slot each
+            assert 56 * k <= obj.box[0] and obj.box[2] < 56 * (k + 1) and 0 <= obj.box[1] and obj.box[3] < 56
+        for x in range(56 * len(scene.objects), 280, 7):  # the slots after the last object are background
+            assert len({scene.image.getpixel((x, y)) for y in range(0, 56, 7)}) == 1
+    crops = processor.image_processor(scene.image, return_tensors="pt")
+    assert crops["pixel_values"].shape[0] == 6 and crops["num_image_tokens"] == [100]  # the base crop + 1x5 tiles
+
+
 def test_scenes_every_question_type_and_answer_occurs_and_ambiguous_questions_are_not_asked():
     from llada_v.demo import scenes
 
@@ -502,6 +519,31 @@ def test_scenes_object_coverage_paints_five_objects_three_at_a_time():
     assert [size[1 + k].argmax(-1).tolist() for k in range(5)] == [[2 - k % 2] * 16 for k in range(5)]
     for target in (shape, color, order, size):
         torch.testing.assert_close(target.sum(-1), torch.ones(6, 16))
+
+
+def test_scenes_stage0_tile_labels_name_the_object_of_each_tile_and_background_for_empty_tiles():
+    from llada_v.demo import scenes
+    from llada_v.demo.train import COLOR_CLASSES, SHAPE_CLASSES, SIZE_CLASSES, object_coverage, tile_targets
+
+    tokenizer = build_demo_tokenizer("scenes")
+    processor = build_demo_processor(demo_config(tokenizer, "scenes"), tokenizer)
+    objects = [{"shape": "circle", "color": "blue", "size": "big", "box": [4, 6, 50, 52]},
+               {"shape": "triangle", "color": "red", "size": "small", "box": [80, 20, 104, 44]},
+               {"shape": "square", "color": "yellow", "size": "small", "box": [140, 0, 166, 26]}]  # fmt: skip
+    coverage = object_coverage((280, 56), objects, processor)
+    shape, color, size = tile_targets(coverage[1:], objects)
+    assert [SHAPE_CLASSES[i] for i in shape] == ["circle", "triangle", "square", "background", "background"]
+    assert [COLOR_CLASSES[i] for i in color] == ["blue", "red", "yellow", "background", "background"]
+    assert [SIZE_CLASSES[i] for i in size] == ["big", "small", "small", "background", "background"]
+    # On rendered scenes every object is the label of its own tile.
+    rng = random.Random(3)
+    for _ in range(3):
+        scene = scenes.draw_scene(rng)
+        records = [{"shape": o.shape, "color": o.color, "size": o.size, "box": list(o.box)} for o in scene.objects]
+        shape, _, size = tile_targets(object_coverage(scene.image.size, records, processor)[1:], records)
+        n = len(records)
+        assert [SHAPE_CLASSES[i] for i in shape] == [o.shape for o in scene.objects] + ["background"] * (5 - n)
+        assert [SIZE_CLASSES[i] for i in size] == [o.size for o in scene.objects] + ["background"] * (5 - n)
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """The scenes task: the richer synthetic task of the demo model, with one-word questions and long answers.
 
 Scenes are drawn with PIL: one to five solid shapes side by side (circle, square, triangle; red, green, blue,
-yellow; small or big; kinds and colours may repeat) on a mid-tone background, as wide as their shapes need, so
-that anyres tiling matters. The one-word questions are those of `llada_v.demo.task`, asked only where they have
+yellow; small or big; kinds and colours may repeat) on a mid-tone background, in a strip of five slots filled from
+the left, one anyres tile per slot. The one-word questions are those of `llada_v.demo.task`, asked only where they have
 one right answer (`can_ask`: "What color is the circle?" needs exactly one circle):
 
 | type | example | answer |
@@ -51,31 +51,29 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 BACKGROUNDS = ((128, 128, 128), (110, 115, 120), (145, 140, 135))
 
 MAX_OBJECTS = 5
-# Every shape gets a slot of SLOT_RANGE px; the image is as wide as its slots (at least MIN_SIDE) and HEIGHT_RANGE
-# high. A shape's side is a fraction of min(slot, height): big 0.75-0.9, small 0.4-0.5, so a big shape is always
-# larger in pixels than a small one in any scene (>= 36 px against <= 32 px): size is absolute, not relative.
-MIN_SIDE = 56
-SLOT_RANGE = (48, 64)
-HEIGHT_RANGE = (56, 84)
+# Every scene is a strip of MAX_OBJECTS slots of SLOT x SLOT px, the demo model's crop
+# (`llada_v.demo.model.DEMO_CROP`), so anyres tiling cuts it 1x5 into one tile per slot. The objects fill the
+# slots from the left (empty slots are background): the k-th object from the left is always in the k-th tile, at
+# the same place in the model's input whatever the number of objects. A shape's side is a fraction of the slot:
+# big 0.75-0.9, small 0.4-0.5, so a big shape is always larger in pixels than a small one (>= 42 px against
+# <= 28 px): size is absolute, not relative.
+SLOT = 56
 SIZE_FRACTIONS = {"small": (0.4, 0.5), "big": (0.75, 0.9)}
 
 
 def draw_scene(rng: random.Random) -> Scene:
-    """A new scene: 1-5 shapes side by side (so "left" is well defined), each with a random kind, colour and size
-    (kinds and colours may repeat: five shapes cannot all differ with three kinds)."""
+    """A new scene: 1-5 shapes side by side in the strip's slots from the left (so "left" is well defined), each
+    with a random kind, colour and size (kinds and colours may repeat: five shapes cannot all differ with three
+    kinds) and a random place in its slot."""
     count = rng.randint(1, MAX_OBJECTS)
-    slot_w = rng.randint(*SLOT_RANGE)
-    width = max(MIN_SIDE, slot_w * count)
-    height = rng.randint(*HEIGHT_RANGE)
-    image = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
+    image = Image.new("RGB", (SLOT * MAX_OBJECTS, SLOT), rng.choice(BACKGROUNDS))
     draw = ImageDraw.Draw(image)
-    slot_w = width / count
     objects = []
     for slot in range(count):
         shape, color, size = rng.choice(SHAPES), rng.choice(sorted(COLORS)), rng.choice(SIZES)
-        side = int(min(slot_w, height) * rng.uniform(*SIZE_FRACTIONS[size]))
-        left = int(slot * slot_w + rng.uniform(0, slot_w - side))
-        top = rng.randint(0, height - side)
+        side = int(SLOT * rng.uniform(*SIZE_FRACTIONS[size]))
+        left = slot * SLOT + rng.randint(0, SLOT - 1 - side)
+        top = rng.randint(0, SLOT - 1 - side)
         box = (left, top, left + side, top + side)
         draw_object(draw, shape, box, COLORS[color])
         objects.append(SceneObject(shape, color, box, size))

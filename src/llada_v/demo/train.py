@@ -86,6 +86,9 @@ COLOR_CLASSES = ("background", *sorted(COLORS))
 ORDER_CLASSES = ("background", "first", "second", "third", "fourth", "fifth")
 SIZE_CLASSES = ("background", "small", "big")  # the scenes task's sizes
 VISION_TAGS = (*SHAPES, *sorted(COLORS))
+# The scenes task's tiles hold one object each: every patch token of a tile also learns that object (or
+# "background"), so that any one token of the tile says what the slot holds.
+TILE_CLASSES = {"shape": SHAPE_CLASSES, "color": COLOR_CLASSES, "size": SIZE_CLASSES}
 VISION_PRETRAIN = {"steps": 2400, "batch_size": 16, "learning_rate": 1e-3}
 # One training sample in this many is a scene description ("red circle blue square"), naming every object with
 # its colour. Without descriptions the model leaves colour questions at chance even with perfect vision
@@ -108,11 +111,13 @@ TASK_RECIPES = {
     "shapes": dict(
         train_samples=TRAIN_SAMPLES, stage1_steps=STAGE1_STEPS, stage2_steps=STAGE2_STEPS,
         vision_pretrain_steps=VISION_PRETRAIN["steps"], description_every=DESCRIPTION_EVERY,
-        canvas=DEMO_GENERATION["max_new_tokens"], generation=DEMO_GENERATION,
+        canvas=DEMO_GENERATION["max_new_tokens"], generation=DEMO_GENERATION, description_order=DESCRIPTION_ORDER,
+        question_weights=QUESTION_WEIGHTS,
     ),
     "scenes": dict(
-        train_samples=24_000, stage1_steps=200, stage2_steps=3000, vision_pretrain_steps=800, description_every=2,
-        canvas=SCENES_CANVAS, generation=SCENES_GENERATION,
+        train_samples=32_000, stage1_steps=200, stage2_steps=4500, vision_pretrain_steps=3000, description_every=2,
+        canvas=SCENES_CANVAS, generation=SCENES_GENERATION, description_order="both",
+        question_weights={"color": 3.0, "shape": 3.0, "exists": 3.0},
     ),
 }  # fmt: skip
 
@@ -226,6 +231,19 @@ def patch_targets(
     )
 
 
+def tile_targets(coverage: torch.Tensor, objects: list[dict]) -> tuple[torch.Tensor, ...]:
+    """The class indices (shape, colour, size; `TILE_CLASSES`) of the object that covers most of each crop of
+    `coverage` (`(crops, patches, objects)`, `object_coverage`'s), "background" where none covers a patch's worth."""
+    totals = coverage.sum(1)  # (crops, objects): patches' worth of each object in each crop
+    best, main = totals.max(-1)
+    present = best >= 1.0
+    labels = []
+    for name, classes in TILE_CLASSES.items():
+        index = torch.tensor([classes.index(obj.get(name, "big")) for obj in objects])
+        labels.append(torch.where(present, index[main], 0))
+    return tuple(labels)
+
+
 def pretrain_vision(
     model: LladaVModel,
     data_path: Path,
@@ -262,6 +280,11 @@ def pretrain_vision(
             "color": nn.Linear(width, len(COLOR_CLASSES)),
             "order": nn.Linear(width, max_objects + 1),
             **({"size": nn.Linear(width, len(SIZE_CLASSES))} if sized else {}),
+            **(
+                {f"tile_{name}": nn.Linear(width, len(classes)) for name, classes in TILE_CLASSES.items()}
+                if sized
+                else {}
+            ),
             "tags": nn.Linear(width, len(VISION_TAGS)),
         }
     )
@@ -278,7 +301,7 @@ def pretrain_vision(
     vision.train()
     for step in range(steps):
         picks = torch.randint(len(records), (batch_size,), generator=generator).tolist()
-        crops, shape_t, color_t, order_t, size_t, base_rows = [], [], [], [], [], []
+        crops, shape_t, color_t, order_t, size_t, base_rows, tile_t = [], [], [], [], [], [], []
         tags = torch.zeros(batch_size, len(VISION_TAGS))
         for row, index in enumerate(picks):
             record = records[index]
@@ -295,6 +318,8 @@ def pretrain_vision(
             color_t.append(targets[1])
             order_t.append(targets[2][0])
             size_t.append(targets[3])
+            if sized:
+                tile_t.append(tile_targets(coverage[1:], record["objects"]))
         hidden = model.encode_vision(torch.cat(crops).to(device))  # (crops, patches, width)
         loss = (
             soft_cross_entropy(heads["shape"](hidden), torch.cat(shape_t).to(device))
@@ -303,6 +328,12 @@ def pretrain_vision(
         )
         if sized:
             loss = loss + soft_cross_entropy(heads["size"](hidden), torch.cat(size_t).to(device))
+            tiles = torch.cat([hidden[base + 1 : base + c.shape[0]] for base, c in zip(base_rows, crops)])
+            for name, target in zip(TILE_CLASSES, (torch.cat(t) for t in zip(*tile_t))):
+                logits = heads[f"tile_{name}"](tiles)  # (tiles, patches, classes): every patch learns its tile's label
+                loss = loss + nn.functional.cross_entropy(
+                    logits.flatten(0, 1), target.to(device).repeat_interleave(logits.shape[1])
+                )
         pooled = torch.stack([part.mean(dim=(0, 1)) for part in torch.split(hidden, [c.shape[0] for c in crops])])
         loss = loss + nn.functional.binary_cross_entropy_with_logits(heads["tags"](pooled), tags.to(device))
         optimizer.zero_grad()
@@ -412,7 +443,7 @@ def train_demo(
     dataloader_workers: int = 0,
     vision_pretrain_steps: int | None = None,
     description_every: int | None = None,
-    description_order: str = DESCRIPTION_ORDER,
+    description_order: str | None = None,
     mask_sampling: str = "count",
     question_weights: dict[str, float] | None = None,
     task: str = DEFAULT_TASK,
@@ -428,9 +459,11 @@ def train_demo(
     (docs/demo.md).
     """
     recipe = _recipe(task, train_samples=train_samples, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
-                     vision_pretrain_steps=vision_pretrain_steps, description_every=description_every)  # fmt: skip
+                     vision_pretrain_steps=vision_pretrain_steps, description_every=description_every,
+                     description_order=description_order, question_weights=question_weights)  # fmt: skip
     train_samples, stage1_steps, stage2_steps = recipe["train_samples"], recipe["stage1_steps"], recipe["stage2_steps"]
     vision_pretrain_steps, description_every = recipe["vision_pretrain_steps"], recipe["description_every"]
+    description_order, question_weights = recipe["description_order"], recipe["question_weights"]
     rates2 = _check_settings(
         learning_rates, device, dataloader_workers, vision_pretrain_steps, mask_sampling,
         {"train_samples": train_samples, "stage2_steps": stage2_steps, "batch_size": batch_size},
@@ -501,7 +534,7 @@ def _new_model(task: str, generation: dict) -> tuple[LladaVModel, LladaVProcesso
     return model, processor
 
 
-def _recipe(task: str, **settings: int | None) -> dict:
+def _recipe(task: str, **settings: int | str | None) -> dict:
     """`task`'s recipe (`TASK_RECIPES`) with the `settings` that are not None."""
     if task not in TASK_RECIPES:
         raise ValueError(f"unknown demo task {task!r}; expected one of {sorted(TASK_RECIPES)}")
@@ -634,9 +667,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--description-order",
         choices=DESCRIPTION_MODES,
-        default=DESCRIPTION_ORDER,
+        default=None,
         help="objects of a description from the left, by colour name, or both orders alternating "
-        f"(default {DESCRIPTION_ORDER})",
+        f"(default {DESCRIPTION_ORDER}, scenes: left)",
     )
     parser.add_argument(
         "--question-weights",

@@ -244,6 +244,19 @@ def tile_targets(coverage: torch.Tensor, objects: list[dict]) -> tuple[torch.Ten
     return tuple(labels)
 
 
+def _add_tile_loss(loss: torch.Tensor, heads: nn.ModuleDict, hidden: torch.Tensor, base_rows: list[int],
+                   counts: list[int], targets: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:  # fmt: skip
+    """`loss` plus Stage 0's tile labels, term by term: every patch token of every tile (not the base crops, rows
+    `base_rows`) learns its tile's object (`tile_targets` per image in `targets`; `counts`: crops per image)."""
+    tiles = torch.cat([hidden[base + 1 : base + count] for base, count in zip(base_rows, counts)])
+    for name, target in zip(TILE_CLASSES, (torch.cat(t) for t in zip(*targets))):
+        logits = heads[f"tile_{name}"](tiles)  # (tiles, patches, classes): every patch learns its tile's label
+        loss = loss + nn.functional.cross_entropy(
+            logits.flatten(0, 1), target.to(hidden.device).repeat_interleave(logits.shape[1])
+        )
+    return loss
+
+
 def pretrain_vision(
     model: LladaVModel,
     data_path: Path,
@@ -267,24 +280,21 @@ def pretrain_vision(
     carry shape and colour where the object is: what the language model has to match question words against).
     A fourth head predicts from the mean-pooled tokens which shapes and colours the scene holds (binary
     cross-entropy). For the scenes task a fifth head predicts from each patch token the size of the object covering
-    it. The language model and projector are untouched.
+    it, and three more the object of the patch's tile (`_add_tile_loss`). The language model and projector are
+    untouched.
     """
     records = json.loads(data_path.read_text())
     folder = data_path.parent
     vision = model.vision_tower
     width = model.config.vision_config.hidden_size
     max_objects, sized = get_task(task).MAX_OBJECTS, task == "scenes"
+    scenes_heads = {"size": SIZE_CLASSES, **{f"tile_{n}": c for n, c in TILE_CLASSES.items()}} if sized else {}
     heads = nn.ModuleDict(
         {
             "shape": nn.Linear(width, len(SHAPE_CLASSES)),
             "color": nn.Linear(width, len(COLOR_CLASSES)),
             "order": nn.Linear(width, max_objects + 1),
-            **({"size": nn.Linear(width, len(SIZE_CLASSES))} if sized else {}),
-            **(
-                {f"tile_{name}": nn.Linear(width, len(classes)) for name, classes in TILE_CLASSES.items()}
-                if sized
-                else {}
-            ),
+            **{name: nn.Linear(width, len(classes)) for name, classes in scenes_heads.items()},
             "tags": nn.Linear(width, len(VISION_TAGS)),
         }
     )
@@ -328,12 +338,7 @@ def pretrain_vision(
         )
         if sized:
             loss = loss + soft_cross_entropy(heads["size"](hidden), torch.cat(size_t).to(device))
-            tiles = torch.cat([hidden[base + 1 : base + c.shape[0]] for base, c in zip(base_rows, crops)])
-            for name, target in zip(TILE_CLASSES, (torch.cat(t) for t in zip(*tile_t))):
-                logits = heads[f"tile_{name}"](tiles)  # (tiles, patches, classes): every patch learns its tile's label
-                loss = loss + nn.functional.cross_entropy(
-                    logits.flatten(0, 1), target.to(device).repeat_interleave(logits.shape[1])
-                )
+            loss = _add_tile_loss(loss, heads, hidden, base_rows, [c.shape[0] for c in crops], tile_t)
         pooled = torch.stack([part.mean(dim=(0, 1)) for part in torch.split(hidden, [c.shape[0] for c in crops])])
         loss = loss + nn.functional.binary_cross_entropy_with_logits(heads["tags"](pooled), tags.to(device))
         optimizer.zero_grad()

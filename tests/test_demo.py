@@ -523,7 +523,14 @@ def test_scenes_object_coverage_paints_five_objects_three_at_a_time():
 
 def test_scenes_stage0_tile_labels_name_the_object_of_each_tile_and_background_for_empty_tiles():
     from llada_v.demo import scenes
-    from llada_v.demo.train import COLOR_CLASSES, SHAPE_CLASSES, SIZE_CLASSES, object_coverage, tile_targets
+    from llada_v.demo.train import (
+        COLOR_CLASSES,
+        SHAPE_CLASSES,
+        SIZE_CLASSES,
+        _object_record,
+        object_coverage,
+        tile_targets,
+    )
 
     tokenizer = build_demo_tokenizer("scenes")
     processor = build_demo_processor(demo_config(tokenizer, "scenes"), tokenizer)
@@ -539,7 +546,7 @@ def test_scenes_stage0_tile_labels_name_the_object_of_each_tile_and_background_f
     rng = random.Random(3)
     for _ in range(3):
         scene = scenes.draw_scene(rng)
-        records = [{"shape": o.shape, "color": o.color, "size": o.size, "box": list(o.box)} for o in scene.objects]
+        records = [_object_record(o) for o in scene.objects]
         shape, _, size = tile_targets(object_coverage(scene.image.size, records, processor)[1:], records)
         n = len(records)
         assert [SHAPE_CLASSES[i] for i in shape] == [o.shape for o in scene.objects] + ["background"] * (5 - n)

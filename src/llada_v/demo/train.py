@@ -175,10 +175,8 @@ def write_training_data(
 
 
 def _object_record(obj) -> dict:
-    record = {"shape": obj.shape, "color": obj.color, "box": list(obj.box)}
-    if obj.size is not None:  # the scenes task
-        record = {"shape": obj.shape, "color": obj.color, "size": obj.size, "box": list(obj.box)}
-    return record
+    sized = {"size": obj.size} if obj.size is not None else {}  # the scenes task's objects have sizes
+    return {"shape": obj.shape, "color": obj.color, **sized, "box": list(obj.box)}
 
 
 def object_coverage(size: tuple[int, int], objects: list[dict], processor: LladaVProcessor) -> torch.Tensor:
@@ -635,6 +633,7 @@ def _question_weights(text: str) -> dict[str, float]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    SCENES = TASK_RECIPES["scenes"]  # noqa: N806  (the scenes defaults in the help texts)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument(
@@ -643,9 +642,15 @@ def _parser() -> argparse.ArgumentParser:
         "the settings below default to the task's recipe (shown for shapes)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-samples", type=int, default=None, help=f"default {TRAIN_SAMPLES} (scenes: 24000)")
-    parser.add_argument("--stage1-steps", type=int, default=None, help=f"default {STAGE1_STEPS} (scenes: 200)")
-    parser.add_argument("--stage2-steps", type=int, default=None, help=f"default {STAGE2_STEPS} (scenes: 3000)")
+    parser.add_argument(
+        "--train-samples", type=int, default=None, help=f"default {TRAIN_SAMPLES} (scenes: {SCENES['train_samples']})"
+    )
+    parser.add_argument(
+        "--stage1-steps", type=int, default=None, help=f"default {STAGE1_STEPS} (scenes: {SCENES['stage1_steps']})"
+    )
+    parser.add_argument(
+        "--stage2-steps", type=int, default=None, help=f"default {STAGE2_STEPS} (scenes: {SCENES['stage2_steps']})"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     for group, rate in STAGE2_LEARNING_RATES.items():
         parser.add_argument(f"--{group}-lr", type=float, default=rate, help=f"Stage 2 learning rate (default {rate})")
@@ -661,27 +666,29 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"Stage 0 steps (vision tower learns dense scene labels; 0 skips it; default {VISION_PRETRAIN['steps']}, "
-        "scenes: 800)",
+        f"scenes: {SCENES['vision_pretrain_steps']})",
     )
     parser.add_argument(
         "--description-every",
         type=int,
         default=None,
-        help=f"one training sample in N is a scene description (0: none; default {DESCRIPTION_EVERY}, scenes: 2)",
+        help=f"one training sample in N is a scene description (0: none; default {DESCRIPTION_EVERY}, scenes: "
+        f"{SCENES['description_every']})",
     )
     parser.add_argument(
         "--description-order",
         choices=DESCRIPTION_MODES,
         default=None,
         help="objects of a description from the left, by colour name, or both orders alternating "
-        f"(default {DESCRIPTION_ORDER}, scenes: left)",
+        f"(default {DESCRIPTION_ORDER}, scenes: {SCENES['description_order']})",
     )
     parser.add_argument(
         "--question-weights",
         type=_question_weights,
         default=None,
         help="relative weights of the training question types, e.g. 'shape=3,color=1' (1 where not "
-        f"given; 'uniform': all 1; default {_format_weights(QUESTION_WEIGHTS)})",
+        f"given; 'uniform': all 1; default {_format_weights(QUESTION_WEIGHTS)}, scenes: "
+        f"{_format_weights(SCENES['question_weights'])})",
     )
     parser.add_argument(
         "--mask-sampling",

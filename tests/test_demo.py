@@ -1,6 +1,8 @@
 """The embedded demo: the synthetic task, its tokenizer/config, a shortened training run, the shipped model."""
 
+import json
 import random
+import re
 
 import pytest
 import torch
@@ -560,11 +562,65 @@ def test_scenes_training_runs_every_stage_and_saves_the_scenes_model(tmp_path):
     from llada_v.demo.model import task_of
     from llada_v.demo.train import SCENES_GENERATION, train_demo
 
+    curriculum = (dict(questions=("color", "count"), steps=2), dict(mix=2, steps=2, rate=0.2))
     summary = train_demo(tmp_path / "demo", seed=0, train_samples=32, stage1_steps=1, stage2_steps=2,
-                         batch_size=2, vision_pretrain_steps=20, task="scenes")  # fmt: skip
-    assert list(summary["losses"]) == ["stage0", "stage1", "stage2"] and len(summary["losses"]["stage0"]) == 20
+                         batch_size=2, vision_pretrain_steps=20, task="scenes", curriculum=curriculum)  # fmt: skip
+    assert list(summary["losses"]) == ["stage0", "stage1", "stage2", "stage3.1", "stage3.2"]
+    assert len(summary["losses"]["stage0"]) == 20 and len(summary["losses"]["stage3.1"]) == 2
     assert task_of(AutoTokenizer.from_pretrained(tmp_path / "demo")) == "scenes"
     saved = __import__("json").loads((tmp_path / "demo" / "generation_config.json").read_text())
     assert {k: saved[k] for k in SCENES_GENERATION} == SCENES_GENERATION
     with pytest.raises(ValueError, match="unknown demo task 'x'"):
         train_demo(tmp_path / "bad", task="x")
+
+
+def test_question_data_cycles_the_types_and_asks_content_questions_about_two_or_more_shapes(tmp_path):
+    from llada_v.demo.train import CONTENT_TYPES, write_question_data
+
+    kinds = ("color", "shape", "exists", "count", "leftmost")
+    records = json.loads(write_question_data(tmp_path / "q", 20, seed=0, kinds=kinds).read_text())
+    assert len(records) == 20
+    for i, record in enumerate(records):
+        kind = kinds[i % len(kinds)]
+        objects = record["objects"]
+        (human, gpt) = record["conversations"]
+        question, answer = human["value"].removeprefix("<image>\n"), gpt["value"]
+        assert (tmp_path / "q" / record["image"]).is_file()
+        if kind in CONTENT_TYPES:
+            assert len(objects) >= 2, record
+        if kind == "color":  # the one shape of its kind named in the question has the answer's colour
+            named = [o for o in objects if question == f"What color is the {o['shape']}?"]
+            assert len(named) == 1 and named[0]["color"] == answer, record
+        if kind == "shape":
+            named = [o for o in objects if question == f"Which shape is {o['color']}?"]
+            assert len(named) == 1 and named[0]["shape"] == answer, record
+        if kind == "exists":
+            shape = question.removeprefix("Is there a ").removesuffix("?")
+            assert answer == ("yes" if any(o["shape"] == shape for o in objects) else "no"), record
+    with pytest.raises(ValueError, match="kinds must be question types"):
+        write_question_data(tmp_path / "bad", 2, seed=0, kinds=("colour",))
+    with pytest.raises(ValueError, match="needs the scenes task, got 'shapes'"):
+        write_question_data(tmp_path / "bad", 2, seed=0, kinds=("color",), task="shapes")
+
+
+def test_curriculum_entries_are_checked_before_training(tmp_path):
+    from llada_v.demo.train import SCENES_CURRICULUM, TASK_RECIPES, _check_curriculum, train_demo
+
+    _check_curriculum(SCENES_CURRICULUM)
+    assert TASK_RECIPES["scenes"]["curriculum"] == SCENES_CURRICULUM and TASK_RECIPES["shapes"]["curriculum"] == ()
+    bad = [
+        (dict(steps=3), "exactly one of 'questions' and 'mix'"),
+        (dict(questions=("color",), mix=2, steps=3), "exactly one of 'questions' and 'mix'"),
+        (dict(questions=("colour",), steps=3), "questions from"),
+        (dict(questions=(), steps=3), "questions from"),
+        (dict(mix=0, steps=3), "mix >= 1"),
+        (dict(mix=2, steps=0), "steps >= 1"),
+        (dict(mix=2, steps=2, rate=0), "rate > 0"),
+        (dict(mix=2, steps=2, lr=1), "no keys beyond"),
+    ]
+    for entry, message in bad:
+        with pytest.raises(ValueError, match=f"curriculum entry 2 .*{re.escape(message)}"):
+            _check_curriculum((dict(mix=2, steps=1), entry))
+    with pytest.raises(ValueError, match="curriculum entry 1"):  # before any data is written
+        train_demo(tmp_path / "out", task="scenes", curriculum=(dict(steps=1),), work_dir=tmp_path / "work")
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()

@@ -117,11 +117,14 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
     return "Which shape is on the left?", min(objects, key=lambda o: o.center_x).shape
 
 
-def draw_scene_for(rng: random.Random, kind: str) -> Scene:
-    """A scene where a `kind` question has one right answer (scenes are drawn until one fits)."""
+def draw_scene_for(rng: random.Random, kind: str, min_objects: int = 1) -> Scene:
+    """A scene of at least `min_objects` shapes where a `kind` question has one right answer (scenes are drawn
+    until one fits)."""
+    if not 1 <= min_objects <= MAX_OBJECTS:
+        raise ValueError(f"min_objects must be 1..{MAX_OBJECTS}, got {min_objects}")
     while True:
         scene = draw_scene(rng)
-        if can_ask(scene, kind):
+        if len(scene.objects) >= min_objects and can_ask(scene, kind):
             return scene
 
 

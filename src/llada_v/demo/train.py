@@ -4,7 +4,7 @@
         [--stage1-steps 300] [--stage2-steps 4000] [--batch-size 16] [--vision-pretrain-steps 2400]
         [--description-every 3]
         [--description-order both] [--question-weights shape=3,leftmost=2]
-        [--mask-sampling count]
+        [--mask-sampling count] [--no-curriculum]
         [--vision-lr 2e-5] [--projector-lr 2e-4] [--language-lr 1e-3] [--device cpu] [--dataloader-workers 0]
 
 The run goes through this project's own pipeline end to end: `demo_task` renders scenes, `LladaVDataset`
@@ -16,7 +16,8 @@ training scenes (which shape and colour cover each patch). Three choices make th
 in time (docs/demo.md): count-form masking (`MaskCountSampling`), scene descriptions in the training data, and
 supervised EOS after the last answer up to the sampler's canvas. `--task scenes` trains the scenes task
 (`llada_v.demo.scenes`: one to five shapes with sizes, descriptions of up to 23 words) with its own recipe
-(`TASK_RECIPES`: a larger model, canvases of 8 to 64 tokens drawn per sample). Deterministic given the seed
+(`TASK_RECIPES`: a larger model, canvases of 8 to 64 tokens drawn per sample, and after Stage 2 a curriculum,
+`SCENES_CURRICULUM`, that asks one question type at a time before mixing them again). Deterministic given the seed
 (CPU, fixed thread count). The learning rates are higher than the
 paper's (1e-3 instead of 1e-5): the paper fine-tunes pretrained towers, this model starts from random weights.
 """
@@ -103,6 +104,26 @@ DESCRIPTION_ORDER = "both"
 # type equally often. "Which shape is <colour>?" is the type the model learns last, "Which shape is on the left?"
 # the one that suffers most when shape questions dominate (docs/demo.md).
 QUESTION_WEIGHTS = {"shape": 3.0, "leftmost": 2.0}
+# The questions that name an object ("What color is the circle?", "Which shape is blue?", "Is there a triangle?"):
+# the model has to find that object in the picture.
+CONTENT_TYPES = ("color", "shape", "exists")
+# The scenes task's last stages, after Stage 2 (docs/history/demo-runs.md, runs 37-43). Mixed with descriptions and
+# the other types, the content questions' signal is too small for the model ever to look at the object the question
+# names: it answers from the type's prior. A stage of one type alone finds that lookup in 200-300 steps, and once
+# found, mixed training keeps it. Each entry is either `questions` (one question per sample, the types in turn;
+# content types about scenes of two or more shapes; canvas 2: the answer and its `<|eot_id|>`, no padding) or `mix`
+# (Stage 2's data with a description every `mix` samples and Stage 2's canvases), with `steps` and `rate` (times
+# the Stage 2 learning rates; 1 where not given). The low-rate mixes bring the descriptions and the EOS padding back.
+SCENES_CURRICULUM = (
+    dict(questions=("color",), steps=300),
+    dict(questions=("shape",), steps=300),
+    dict(questions=("exists",), steps=300),
+    dict(mix=2, steps=600),
+    dict(questions=("color", "shape", "exists", "color", "shape", "exists", "count", "leftmost"), steps=600),
+    dict(mix=3, steps=600, rate=0.2),
+    dict(questions=("color", "shape", "shape", "exists", "shape", "count", "shape", "leftmost"), steps=600),
+    dict(mix=3, steps=600, rate=0.2),
+)
 # Each task's defaults (every one a flag of the command). The scenes task: a description every second sample
 # (they teach the model to read the picture), in both orders, EOS padding up to a canvas drawn per sample from 8
 # to 64 tokens, a wider language model (`llada_v.demo.model.TASK_MODELS`), a longer Stage 0 (its tile labels),
@@ -112,12 +133,12 @@ TASK_RECIPES = {
         train_samples=TRAIN_SAMPLES, stage1_steps=STAGE1_STEPS, stage2_steps=STAGE2_STEPS,
         vision_pretrain_steps=VISION_PRETRAIN["steps"], description_every=DESCRIPTION_EVERY,
         canvas=DEMO_GENERATION["max_new_tokens"], generation=DEMO_GENERATION, description_order=DESCRIPTION_ORDER,
-        question_weights=QUESTION_WEIGHTS,
+        question_weights=QUESTION_WEIGHTS, curriculum=(),
     ),
     "scenes": dict(
         train_samples=32_000, stage1_steps=200, stage2_steps=4500, vision_pretrain_steps=3000, description_every=2,
         canvas=SCENES_CANVAS, generation=SCENES_GENERATION, description_order="both",
-        question_weights={"color": 3.0, "shape": 3.0, "exists": 3.0},
+        question_weights={"color": 3.0, "shape": 3.0, "exists": 3.0}, curriculum=SCENES_CURRICULUM,
     ),
 }  # fmt: skip
 
@@ -168,6 +189,37 @@ def write_training_data(
             conversations.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + question})
             conversations.append({"from": "gpt", "value": answer})
         objects = [_object_record(o) for o in sample["objects"]]
+        records.append({"id": i, "image": name, "conversations": conversations, "objects": objects})
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def write_question_data(folder: Path, num_samples: int, seed: int, kinds: tuple[str, ...], task: str = "scenes",
+                        stream: int = 2) -> Path:  # fmt: skip
+    """Render `num_samples` one-question samples of `task` (types from `kinds` in turn) like `write_training_data`;
+    returns the JSON path. Colour, shape and existence questions (`CONTENT_TYPES`) are about scenes of two or more
+    shapes: with one shape the answer can be read without finding the object the question names. Scene seeds are
+    integers from `stream * TRAIN_SEED_OFFSET` on (`stream` >= 2: apart from `write_training_data`'s)."""
+    unknown = [kind for kind in kinds if kind not in QUESTION_TYPES]
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be question types from {QUESTION_TYPES}, got {kinds!r}")
+    if stream < 2:
+        raise ValueError(f"stream must be >= 2 (1 is write_training_data's), got {stream}")
+    module = get_task(task)
+    if not hasattr(module, "draw_scene_for"):
+        raise ValueError(f"write_question_data needs the scenes task, got {task!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(num_samples):
+        kind = kinds[i % len(kinds)]
+        rng = random.Random(stream * TRAIN_SEED_OFFSET + seed * num_samples + i)
+        scene = module.draw_scene_for(rng, kind, min_objects=2 if kind in CONTENT_TYPES else 1)
+        question, answer = module.ask(scene, kind, rng)
+        name = f"{i:06d}.png"
+        scene.image.save(folder / name)
+        conversations = [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
+        objects = [_object_record(o) for o in scene.objects]
         records.append({"id": i, "image": name, "conversations": conversations, "objects": objects})
     path = folder / "data.json"
     path.write_text(json.dumps(records))
@@ -450,6 +502,7 @@ def train_demo(
     mask_sampling: str = "count",
     question_weights: dict[str, float] | None = None,
     task: str = DEFAULT_TASK,
+    curriculum: tuple[dict, ...] | None = None,
 ) -> dict:
     """Train and save the demo model for `task` (`"shapes"`, the default, or `"scenes"`) into `output_dir`
     (atomically). Returns a summary with the losses. Settings left at None take the task's `TASK_RECIPES` value.
@@ -459,11 +512,12 @@ def train_demo(
     settings faster: a GPU run is not bit-identical to the CPU run. `description_every` (0: none) and
     `mask_sampling` (`"count"`: `MaskCountSampling`; `"time"`: the model's own `t ~ U(0, 1)`),
     `description_order` and `question_weights` (`write_training_data`'s) exist to measure what they bring
-    (docs/demo.md).
+    (docs/demo.md). `curriculum`: the stages after Stage 2 (`SCENES_CURRICULUM`'s form; `()`: none).
     """
     recipe = _recipe(task, train_samples=train_samples, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
                      vision_pretrain_steps=vision_pretrain_steps, description_every=description_every,
-                     description_order=description_order, question_weights=question_weights)  # fmt: skip
+                     description_order=description_order, question_weights=question_weights,
+                     curriculum=curriculum)  # fmt: skip
     train_samples, stage1_steps, stage2_steps = recipe["train_samples"], recipe["stage1_steps"], recipe["stage2_steps"]
     vision_pretrain_steps, description_every = recipe["vision_pretrain_steps"], recipe["description_every"]
     description_order, question_weights = recipe["description_order"], recipe["question_weights"]
@@ -472,6 +526,7 @@ def train_demo(
         {"train_samples": train_samples, "stage2_steps": stage2_steps, "batch_size": batch_size},
         stage1_steps,
     )  # fmt: skip
+    _check_curriculum(recipe["curriculum"])
     output_dir = Path(output_dir)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     set_seed(seed)
@@ -485,17 +540,7 @@ def train_demo(
         data_path = write_training_data(
             scratch / "data", train_samples, seed, description_every, description_order, question_weights, task
         )
-        dataset = AnswerOnlyLabels(
-            LladaVDataset(data_path, processor, image_folder=scratch / "data", system_prompt=None),
-            TemplateTokens.from_processor(processor),
-            eos_token_id=config.eos_token_id,
-            canvas=recipe["canvas"],
-            seed=seed,
-        )
-        collator = LladaVDataCollator.from_processor(processor, padding="masked")
-        if mask_sampling == "count":
-            # The same objective with bounded weights: one-word answers make the default estimator very noisy.
-            collator = MaskCountSampling(collator, seed)
+        dataset, collator = _dataset(data_path, processor, config.eos_token_id, recipe["canvas"], seed, mask_sampling)
         history = {}
         if vision_pretrain_steps:
             model.to(device)
@@ -515,6 +560,8 @@ def train_demo(
                 args = _args(scratch / f"stage{stage}", steps, batch_size, seed, warmup=max(1, steps // 20),
                              device=device, workers=dataloader_workers)  # fmt: skip
                 history[f"stage{stage}"] = _train_stage(model, stage, groups, rates, args, dataset, collator)
+        history |= _run_curriculum(model, processor, recipe, rates2, scratch, seed, batch_size, task,
+                                   dict(device=device, workers=dataloader_workers), mask_sampling)  # fmt: skip
         set_trainable(model, ("vision", "projector", "language"))
         model.to("cpu")
         save_demo(model, processor, output_dir)
@@ -522,6 +569,66 @@ def train_demo(
         if work_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
     return {"seconds": time.time() - started, "losses": history, "output_dir": str(output_dir)}
+
+
+def _run_curriculum(
+    model: LladaVModel, processor: LladaVProcessor, recipe: dict, rates2: dict[str, float], scratch: Path, seed: int,
+    batch_size: int, task: str, run: dict, mask_sampling: str,
+) -> dict[str, list[float]]:  # fmt: skip
+    """The stages of `recipe["curriculum"]` after Stage 2 (`SCENES_CURRICULUM`), each on data of its own in
+    `scratch`; returns their losses as `stage3.1`, `stage3.2`, ... (`run`: `_args`' device and workers)."""
+    history = {}
+    for number, entry in enumerate(recipe["curriculum"], start=1):
+        folder, steps = scratch / f"stage3.{number}", entry["steps"]
+        if "questions" in entry:
+            data = write_question_data(folder / "data", steps * batch_size, seed, entry["questions"], task,
+                                       stream=1 + number)  # fmt: skip
+        else:
+            data = write_training_data(folder / "data", steps * batch_size, seed + 100 * number, entry["mix"],
+                                       recipe["description_order"], recipe["question_weights"], task)  # fmt: skip
+        canvas = 2 if "questions" in entry else recipe["canvas"]  # the answer and its <|eot_id|>
+        stage_data = _dataset(data, processor, model.config.eos_token_id, canvas, seed, mask_sampling)
+        rates = {group: rate * entry.get("rate", 1.0) for group, rate in rates2.items()}
+        args = _args(folder, steps, batch_size, seed, warmup=max(1, steps // 20), **run)
+        history[f"stage3.{number}"] = _train_stage(model, f"3.{number}", ("vision", "projector", "language"),
+                                                   rates, args, *stage_data)  # fmt: skip
+    return history
+
+
+def _dataset(data_path: Path, processor: LladaVProcessor, eos_token_id: int, canvas, seed: int, mask_sampling: str):
+    """The training dataset of `data_path` (answers supervised, EOS padding up to `canvas`) and its collator."""
+    dataset = AnswerOnlyLabels(
+        LladaVDataset(data_path, processor, image_folder=data_path.parent, system_prompt=None),
+        TemplateTokens.from_processor(processor),
+        eos_token_id=eos_token_id,
+        canvas=canvas,
+        seed=seed,
+    )
+    collator = LladaVDataCollator.from_processor(processor, padding="masked")
+    if mask_sampling == "count":
+        # The same objective with bounded weights: one-word answers make the default estimator very noisy.
+        collator = MaskCountSampling(collator, seed)
+    return dataset, collator
+
+
+def _check_curriculum(curriculum: tuple[dict, ...]) -> None:
+    """Each entry of a curriculum (`SCENES_CURRICULUM`'s form) names `questions` or `mix`, positive `steps` and
+    optionally a positive `rate`."""
+    for number, entry in enumerate(curriculum, start=1):
+        keys = set(entry)
+        questions = entry.get("questions", ())
+        problems = [
+            ("exactly one of 'questions' and 'mix'", ("questions" in keys) == ("mix" in keys)),
+            ("no keys beyond questions, mix, steps, rate", bool(keys - {"questions", "mix", "steps", "rate"})),
+            ("steps >= 1", not (isinstance(entry.get("steps"), int) and entry["steps"] >= 1)),
+            ("rate > 0", not entry.get("rate", 1.0) > 0),
+            ("mix >= 1", "mix" in keys and not (isinstance(entry["mix"], int) and entry["mix"] >= 1)),
+            (f"questions from {QUESTION_TYPES}", "questions" in keys
+             and (not questions or any(kind not in QUESTION_TYPES for kind in questions))),
+        ]  # fmt: skip
+        broken = [rule for rule, bad in problems if bad]
+        if broken:
+            raise ValueError(f"curriculum entry {number} {entry!r} needs {'; '.join(broken)}")
 
 
 def _new_model(task: str, generation: dict) -> tuple[LladaVModel, LladaVProcessor]:
@@ -696,6 +803,11 @@ def _parser() -> argparse.ArgumentParser:
         default="count",
         help="count: MaskCountSampling (default); time: t ~ U(0, 1) per sample",
     )
+    parser.add_argument(
+        "--no-curriculum",
+        action="store_true",
+        help="stop after Stage 2 (the scenes task otherwise runs SCENES_CURRICULUM's stages after it)",
+    )
     return parser
 
 
@@ -719,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         mask_sampling=args.mask_sampling,
         question_weights=args.question_weights,
         task=args.task,
+        curriculum=() if args.no_curriculum else None,
     )
     print(
         json.dumps(

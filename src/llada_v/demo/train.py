@@ -107,10 +107,10 @@ QUESTION_WEIGHTS = {"shape": 3.0, "leftmost": 2.0}
 # The questions that name an object ("What color is the circle?", "Which shape is blue?", "Is there a triangle?"):
 # the model has to find that object in the picture.
 CONTENT_TYPES = ("color", "shape", "exists")
-# The scenes task's last stages, after Stage 2 (docs/history/demo-runs.md, runs 37-43). Mixed with descriptions and
+# The scenes task's last stages, after Stage 2 (docs/history/demo-runs.md, runs 37-44). Mixed with descriptions and
 # the other types, the content questions' signal is too small for the model ever to look at the object the question
-# names: it answers from the type's prior. A stage of one type alone finds that lookup in 200-300 steps, and once
-# found, mixed training keeps it. Each entry is either `questions` (one question per sample, the types in turn;
+# names: it answers from the type's prior. A stage of one type alone found that lookup within 300 steps in two runs
+# of three (not in run 44), and once found, mixed training keeps it. Each entry is either `questions` (one question per sample, the types in turn;
 # content types about scenes of two or more shapes; canvas 2: the answer and its `<|eot_id|>`, no padding) or `mix`
 # (Stage 2's data with a description every `mix` samples and Stage 2's canvases), with `steps` and `rate` (times
 # the Stage 2 learning rates; 1 where not given). The low-rate mixes bring the descriptions and the EOS padding back.

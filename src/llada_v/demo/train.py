@@ -182,17 +182,8 @@ def write_training_data(
             two_turn = (questions if task == "scenes" else i) % 4 == 3
             sample = module.make_sample(sample_seed, turns=2 if two_turn else 1, weights=weights)
             questions += 1
-        name = f"{i:06d}.png"
-        sample["image"].save(folder / name)
-        conversations = []
-        for turn, (question, answer) in enumerate(sample["qa"]):
-            conversations.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + question})
-            conversations.append({"from": "gpt", "value": answer})
-        objects = [_object_record(o) for o in sample["objects"]]
-        records.append({"id": i, "image": name, "conversations": conversations, "objects": objects})
-    path = folder / "data.json"
-    path.write_text(json.dumps(records))
-    return path
+        records.append(_save_sample(folder, i, sample["image"], sample["qa"], sample["objects"]))
+    return _write_records(folder, records)
 
 
 def write_question_data(folder: Path, num_samples: int, seed: int, kinds: tuple[str, ...], task: str = "scenes",
@@ -216,11 +207,24 @@ def write_question_data(folder: Path, num_samples: int, seed: int, kinds: tuple[
         rng = random.Random(stream * TRAIN_SEED_OFFSET + seed * num_samples + i)
         scene = module.draw_scene_for(rng, kind, min_objects=2 if kind in CONTENT_TYPES else 1)
         question, answer = module.ask(scene, kind, rng)
-        name = f"{i:06d}.png"
-        scene.image.save(folder / name)
-        conversations = [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
-        objects = [_object_record(o) for o in scene.objects]
-        records.append({"id": i, "image": name, "conversations": conversations, "objects": objects})
+        records.append(_save_sample(folder, i, scene.image, [(question, answer)], scene.objects))
+    return _write_records(folder, records)
+
+
+def _save_sample(folder: Path, index: int, image, qa: list[tuple[str, str]], objects) -> dict:
+    """Save sample `index`'s image into `folder`; returns its LLaVA-format record (the image token in the first
+    turn) with the objects drawn."""
+    name = f"{index:06d}.png"
+    image.save(folder / name)
+    conversations = []
+    for turn, (question, answer) in enumerate(qa):
+        conversations.append({"from": "human", "value": ("<image>\n" if turn == 0 else "") + question})
+        conversations.append({"from": "gpt", "value": answer})
+    return {"id": index, "image": name, "conversations": conversations,
+            "objects": [_object_record(o) for o in objects]}  # fmt: skip
+
+
+def _write_records(folder: Path, records: list[dict]) -> Path:
     path = folder / "data.json"
     path.write_text(json.dumps(records))
     return path

@@ -107,17 +107,18 @@ QUESTION_WEIGHTS = {"shape": 3.0, "leftmost": 2.0}
 # The questions that name an object ("What color is the circle?", "Which shape is blue?", "Is there a triangle?"):
 # the model has to find that object in the picture.
 CONTENT_TYPES = ("color", "shape", "exists")
-# The scenes task's last stages, after Stage 2 (docs/history/demo-runs.md, runs 37-44). Mixed with descriptions and
+# The scenes task's last stages, after Stage 2 (docs/history/demo-runs.md, runs 37-45). Mixed with descriptions and
 # the other types, the content questions' signal is too small for the model ever to look at the object the question
-# names: it answers from the type's prior. A stage of one type alone found that lookup within 300 steps in two runs
-# of three (not in run 44), and once found, mixed training keeps it. Each entry is either `questions` (one question per sample, the types in turn;
+# names: it answers from the type's prior. A stage of one type alone finds that lookup after 200-250 steps at full
+# rate (a 300-step stage decays its rate too soon: run 44), and once found, mixed training keeps it. Each entry is
+# either `questions` (one question per sample, the types in turn;
 # content types about scenes of two or more shapes; canvas 2: the answer and its `<|eot_id|>`, no padding) or `mix`
 # (Stage 2's data with a description every `mix` samples and Stage 2's canvases), with `steps` and `rate` (times
 # the Stage 2 learning rates; 1 where not given). The low-rate mixes bring the descriptions and the EOS padding back.
 SCENES_CURRICULUM = (
-    dict(questions=("color",), steps=300),
-    dict(questions=("shape",), steps=300),
-    dict(questions=("exists",), steps=300),
+    dict(questions=("color",), steps=1000),
+    dict(questions=("shape",), steps=1000),
+    dict(questions=("exists",), steps=1000),
     dict(mix=2, steps=600),
     dict(questions=("color", "shape", "exists", "color", "shape", "exists", "count", "leftmost"), steps=600),
     dict(mix=3, steps=600, rate=0.2),

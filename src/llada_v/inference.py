@@ -583,17 +583,42 @@ def generate_answers(
         generator = torch.Generator(device=device).manual_seed(seed)
     config = copy.deepcopy(generation_config)
     config.return_dict_in_generate = True
+    stops = generation_config.stop_strings
+    last_step = []
+    callback = step_callback
+    if stops:  # keep the last step: its canvas still holds the ids of a stop string the sampler stopped at
+
+        def callback(step):
+            last_step[:] = [step]
+            if step_callback is not None:
+                step_callback(step)
+
     generate = model.diffusion_generate if streamer is None else partial(model.generate, streamer=streamer)
     output = generate(
         **inputs,
         generation_config=config,
-        step_callback=step_callback,
+        step_callback=callback,
         generator=generator,
         tokenizer=processor.tokenizer,
     )
-    stops = generation_config.stop_strings
-    answers = [decode_answer(processor.tokenizer, ids, stops) for ids in output.answer_ids()]
+    rows = output.answer_ids()
+    if stops and last_step:
+        rows = _through_stop_strings(rows, last_step[0], processor.tokenizer, stops)
+    answers = [decode_answer(processor.tokenizer, ids, stops) for ids in rows]
     return answers, output
+
+
+def _through_stop_strings(rows: list[list[int]], step: Any, tokenizer: Any, stops: Sequence[str]) -> list[list[int]]:
+    """Each answer's ids, with the ids of the stop string the sampler stopped at appended (the returned answer
+    ends before them): `decode_answer` then counts the answer's tokens through the stop string, as when only the
+    text holds it (docs/serving.md, usage)."""
+    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in stops]
+    extended = []
+    for row, ids in enumerate(rows):
+        after = step.canvas[row, step.prompt_length + len(ids) :].tolist()
+        matched = next((seq for seq in encoded if seq and after[: len(seq)] == seq), [])
+        extended.append([*ids, *matched])
+    return extended
 
 
 def generate_texts(

@@ -214,8 +214,10 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"image: {args.image} ({image.width}x{image.height})")
     else:
         scene = task.draw_scene(rng)
+        while not all(task.can_ask(scene, kind) for kind in QUESTION_TYPES):  # one question of every type
+            scene = task.draw_scene(rng)
         image = scene.image
-        pairs = [task.ask(scene, kind, rng) for kind in QUESTION_TYPES if task.can_ask(scene, kind)]
+        pairs = [task.ask(scene, kind, rng) for kind in QUESTION_TYPES]
         questions, truths = [q for q, _ in pairs], [a for _, a in pairs]
         description, description_truth = task.describe(scene, "left")
         described = ", ".join(" ".join(["a", *_size(o), o.color, o.shape]) for o in scene.objects)

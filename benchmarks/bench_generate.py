@@ -399,7 +399,7 @@ def batch_worker(args: argparse.Namespace) -> dict:
     answers agree."""
     from llada_v import LladaVGenerationConfig, LladaVModel
     from llada_v.demo.model import build_demo_processor, build_demo_tokenizer, demo_config
-    from llada_v.demo.task import make_sample
+    from llada_v.demo.scenes import make_sample
 
     torch.set_num_threads(args.threads)
     tokenizer = build_demo_tokenizer()

@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
-from llada_v.demo.task import make_sample
+from llada_v.demo.scenes import make_sample
 
 MODEL = "llada-v-demo"
 BATCH_SIZE_HEADER = "x-llada-batch-size"

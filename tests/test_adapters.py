@@ -53,7 +53,7 @@ def adapter(tmp_path_factory):
     with torch.no_grad():
         for name, parameter in wrapped.named_parameters():  # A and B both from the seeded generator: reproducible
             if "lora_A" in name or "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     wrapped.save_pretrained(folder)
     return folder, processor, image, base_answers
 
@@ -197,7 +197,8 @@ def test_cli_reports_a_bad_adapter_in_one_line(tmp_path):
 
 
 def test_lmms_eval_model_args_take_an_adapter(adapter, reference):
-    """`--model_args pretrained=BASE,adapter=DIR`: the plugin answers as the adapter does."""
+    """`--model_args pretrained=BASE,adapter=DIR`: the plugin answers as the adapter does (with the settings
+    of the checkpoint's generation config, which the reference uses)."""
     from types import SimpleNamespace
 
     from llada_v.evaluation.lmms_eval_plugin import LladaV
@@ -205,10 +206,9 @@ def test_lmms_eval_model_args_take_an_adapter(adapter, reference):
     folder, _, image, _ = adapter
     model = LladaV(pretrained=str(demo_model_dir()), adapter=str(folder), device="cpu", system_prompt="")
     model.task_dict = {"scenes": {"test": [{"image": image}]}}
+    settings = {"max_new_tokens": 32, "steps": 32, "block_length": 8, "until": []}  # the checkpoint's defaults
     requests = [
-        SimpleNamespace(
-            args=(question, {"max_new_tokens": 4, "until": []}, lambda doc: [doc["image"]], 0, "scenes", "test")
-        )
+        SimpleNamespace(args=(question, settings, lambda doc: [doc["image"]], 0, "scenes", "test"))
         for question in QUESTIONS
     ]
     assert [result.text for result in model.generate_until(requests)] == reference

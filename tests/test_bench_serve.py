@@ -346,7 +346,7 @@ def test_a_refused_connection_or_a_cut_stream_is_a_failure_not_an_answer(bench):
 
 def test_in_process_singles_use_the_request_settings_and_the_ceiling_counts_every_row(bench):
     from llada_v.demo.app import load_demo
-    from llada_v.demo.task import make_sample
+    from llada_v.demo.scenes import make_sample
     from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message
 
     specs = bench.request_specs(6, mixed=True, seed=2)

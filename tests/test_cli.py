@@ -417,18 +417,19 @@ def test_generate_without_model_uses_the_embedded_demo(capsys):
 
 
 def test_generate_stop_ends_the_answer_before_the_stop_string(capsys):
-    # The embedded demo describes scene00 as "blue blue red square yellow" with 16 new tokens; `--stop square`
-    # must print what comes before the first "square" (the stop string excluded), streamed or not.
+    # The embedded demo describes scene00 in several words over 4 blocks; `--stop WORD` must print what comes
+    # before the first WORD (the stop string excluded), streamed or not.
     scene = Path(__file__).resolve().parents[1] / "examples" / "lmms_eval_task" / "images" / "scene00.png"
-    argv = ("generate", "--prompt", "Which colors are there?", "--image", scene, "--max-new-tokens", "16")
+    argv = ("generate", "--prompt", "Which shapes are there?", "--image", scene, "--max-new-tokens", "32")
     code, full, err = run(capsys, *argv)
-    assert code == 0 and " square" in full, (full, err)
-    expected = full[: full.index("square")].rstrip() + "\n"
+    words = full.split()
+    assert code == 0 and len(words) >= 3, (full, err)
+    expected = full[: full.index(words[2])].rstrip() + "\n"
     for extra in ((), ("--stream",)):
-        code, out, err = run(capsys, *argv, "--stop", "square", *extra)
-        assert code == 0 and out == expected, (extra, out, err)
-    code, out, err = run(capsys, *argv, "--stop", "no such words", "--stop", "red")  # the earliest of several
-    assert code == 0 and out == full[: full.index("red")].rstrip() + "\n", (out, err)
+        code, out, err = run(capsys, *argv, "--stop", words[2], *extra)
+        assert code == 0 and out == expected and out.strip(), (extra, out, err)
+    code, out, err = run(capsys, *argv, "--stop", "no such words", "--stop", words[1])  # the earliest of several
+    assert code == 0 and out == full[: full.index(words[1])].rstrip() + "\n", (out, err)
     code, _, err = run(capsys, *argv, "--stop", "")
     assert code == 2 and "stop_strings must be a list of non-empty strings" in err
 
@@ -651,7 +652,7 @@ def video(tmp_path_factory):
     """Three demo scenes as a frame folder and as an animated GIF (few colours: the GIF palette keeps them exact)."""
     import random
 
-    from llada_v.demo.task import draw_scene
+    from llada_v.demo.scenes import draw_scene
 
     folder = tmp_path_factory.mktemp("video")
     frames = [draw_scene(random.Random(seed)).image.resize((64, 48)) for seed in range(3)]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from llada_v.demo.model import demo_model_dir
-from llada_v.demo.task import QUESTION_TYPES
+from llada_v.demo.scenes import QUESTION_TYPES
+from llada_v.demo.tasks import SHIPPED_TASK
 
 # ---------------------------------------------------------------- the shipped model
 
@@ -21,30 +22,35 @@ def _shipped():
 
 @pytest.mark.slow
 def test_shipped_model_held_out_accuracy():
-    from llada_v.demo.app import evaluate, load_demo
+    from llada_v.demo.app import evaluate, evaluate_descriptions, load_demo
 
     model, processor = load_demo(_shipped())
     torch.manual_seed(0)
     result = evaluate(model, processor, seed=12345, n=200)
-    # docs/demo.md: 98.0% on this set (the target is 95% on any seed; 98.0-100% on the ten seeds measured); the
-    # priors alone give ~36%. This guards the pipeline (preprocessing, sampler, remote code) that the shipped
-    # weights were trained through.
+    # docs/demo.md: 98.0% on this set; the priors alone give about a third. This guards the pipeline
+    # (preprocessing, sampler, remote code) that the shipped weights were trained through.
     assert result["accuracy"] >= 0.95, result
-    for kind in QUESTION_TYPES:  # 97.4-100% each on this set; the lowest per type on seed 777 is 91.7% (exists)
-        assert result["per_type"][kind] >= 0.9, (kind, result)
+    for kind in QUESTION_TYPES:  # the weakest type on this set: shape, 90.9% (93.2% on seed 777, 97.5% on 2024)
+        assert result["per_type"][kind] >= 0.85, (kind, result)
+    # whole descriptions of up to 24 tokens over 4 blocks of 8 (docs/demo.md: 93.5% on this set)
+    described = evaluate_descriptions(model, processor, seed=12345, n=200)
+    assert described["accuracy"] >= 0.85, described
 
 
 def test_shipped_tokenizer_and_ids_are_those_the_current_code_builds():
-    """The shipped weights were trained with `build_demo_tokenizer()`: a vocabulary change needs a retrain."""
+    """The shipped weights were trained with `build_demo_tokenizer(SHIPPED_TASK)`: a vocabulary change needs a
+    retrain."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from llada_v.demo.model import build_demo_tokenizer, demo_config
+    from llada_v.demo.model import build_demo_tokenizer, demo_config, task_of
 
     path = _shipped()
-    current = build_demo_tokenizer()
-    assert AutoTokenizer.from_pretrained(path).get_vocab() == current.get_vocab()
+    current = build_demo_tokenizer(SHIPPED_TASK)
+    shipped_tokenizer = AutoTokenizer.from_pretrained(path)
+    assert task_of(shipped_tokenizer) == SHIPPED_TASK
+    assert shipped_tokenizer.get_vocab() == current.get_vocab()
     shipped = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    expected = demo_config(current)
+    expected = demo_config(current, SHIPPED_TASK)
     for name in (
         "image_token_id",
         "mask_token_id",

@@ -98,13 +98,14 @@ def test_dllm_cache_batch_with_rows_on_different_clocks_equals_single_runs():
     refresh different parts: the pass runs them in groups, and each row still gives what it gives alone (the
     trained demo model, scene descriptions over two blocks)."""
     from llada_v.demo.app import load_demo
-    from llada_v.demo.task import DESCRIPTION_ORDERS, describe, draw_scene
+    from llada_v.demo.scenes import DESCRIPTION_ORDERS, describe, draw_scene
     from llada_v.inference import chat_prompt, prepare_inputs, user_message
 
     model, processor = load_demo()
     scenes = [draw_scene(random.Random(f"dllm-{i}")) for i in range(4)]
-    texts = [chat_prompt(processor, [user_message(describe(scene, DESCRIPTION_ORDERS[i % 2])[0], 1)], system_prompt="")
-             for i, scene in enumerate(scenes)]  # fmt: skip
+    # every other row with the default system prompt: prompts of different lengths (the scenes are all 280x56)
+    texts = [chat_prompt(processor, [user_message(describe(scene, DESCRIPTION_ORDERS[i % 2])[0], 1)],
+                         system_prompt=None if i % 2 else "") for i, scene in enumerate(scenes)]  # fmt: skip
     images = [[scene.image] for scene in scenes]
     settings = dict(
         max_new_tokens=8, steps=8, block_length=4, confidence_threshold=0.9,
@@ -245,7 +246,7 @@ def test_feature_cache_refuses_training_labels(golden_model):
 def test_dllm_cache_composes_with_a_whole_vocabulary_lm_head_shortlist():
     """A shortlist of the whole vocabulary gives the full LM head's ids, with the feature cache too."""
     from llada_v.demo.app import load_demo
-    from llada_v.demo.task import make_sample
+    from llada_v.demo.scenes import make_sample
     from llada_v.inference import chat_prompt, prepare_inputs, user_message
 
     model, processor = load_demo()

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("starlette")  # the serving room's module imports need the serve extra
 
-from llada_v.demo.task import make_sample  # noqa: E402
+from llada_v.demo.scenes import make_sample  # noqa: E402
 from llada_v.inference import chat_prompt, generate_answers, generation_config_for, user_message  # noqa: E402
 from llada_v.serving.batching import GenerationJob  # noqa: E402
 from llada_v.serving.engine import RequestCancelled, StepEngine  # noqa: E402

@@ -61,7 +61,7 @@ def demo():
 
 
 def demo_messages(seed=0, turn=0):
-    from llada_v.demo.task import make_sample
+    from llada_v.demo.scenes import make_sample
 
     sample = make_sample(seed)
     question, answer = sample["qa"][turn]
@@ -336,7 +336,7 @@ def test_pipeline_on_a_converted_checkpoint_answers_as_diffusion_generate(tmp_pa
 @pytest.mark.slow
 def test_cli_stream_in_a_pipe_prints_the_same_line_as_without(tmp_path):
     from llada_v.demo.model import demo_model_dir
-    from llada_v.demo.task import make_sample
+    from llada_v.demo.scenes import make_sample
 
     sample = make_sample(5)
     sample["image"].save(tmp_path / "scene.png")

@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai", reason="the serving tests use the openai 
 psutil = pytest.importorskip("psutil", reason="the serving tests watch processes with psutil")
 
 
-from llada_v.demo.task import make_sample  # noqa: E402
+from llada_v.demo.scenes import make_sample  # noqa: E402
 from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message  # noqa: E402
 
 from helpers import png_data_url  # noqa: E402
@@ -238,8 +238,8 @@ def test_bad_requests_get_400_naming_the_problem(server, client, media, image_ho
         ({"messages": messages(long_question, image)}, "exceeds max_position_embeddings (1024)"),
         ({"messages": messages(long_question, image), "stream": True}, "exceeds max_position_embeddings (1024)"),
         (
-            {"messages": messages("hi", image), "extra_body": {"steps": 5}},
-            "steps (5) must not exceed max_new_tokens (4)",
+            {"messages": messages("hi", image), "max_tokens": 8, "extra_body": {"steps": 9, "block_length": 8}},
+            "steps (9) must not exceed max_new_tokens (8)",
         ),
         ({"messages": messages("hi", image), "max_tokens": 4096}, "max_tokens (4096) exceeds this server's limit"),
         ({"messages": messages("hi", image), "n": 2}, "n=2 is not supported"),

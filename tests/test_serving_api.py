@@ -10,7 +10,7 @@ import os
 import pytest
 from PIL import Image
 
-from llada_v.demo.task import make_sample
+from llada_v.demo.scenes import make_sample
 from llada_v.inference import InputError, chat_prompt, generate_texts, user_message
 from llada_v.serving.batching import CommittedText, GenerationJob, group_jobs, run_batch, run_group
 from llada_v.serving.media import MediaPolicy, load_image_url
@@ -270,7 +270,7 @@ def test_too_many_images_names_the_count_and_the_limit():
 
 def test_sampler_settings_are_validated_by_the_generation_config(service):
     for overrides, message in [
-        ({"steps": 5}, "steps (5) must not exceed max_new_tokens (4)"),
+        ({"max_tokens": 8, "block_length": 8, "steps": 9}, "steps (9) must not exceed max_new_tokens (8)"),
         ({"max_tokens": 8, "block_length": 4, "steps": 3}, "steps (3) must be divisible by the number of blocks"),
         ({"remasking": "best"}, "remasking must be one of"),
         ({"temperature": -1}, "temperature must be a finite number >= 0, got -1"),
@@ -402,7 +402,8 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_it_is_queued(servic
     with pytest.raises(ApiError) as info:
         service.build_job(request, service.settings(request), [])
     assert info.value.status == 400 and info.value.code == "prompt_too_long"
-    assert "+ max_new_tokens (4) + suffix (0) =" in info.value.message
+    default = service.model.generation_config.max_new_tokens
+    assert f"+ max_new_tokens ({default}) + suffix (0) =" in info.value.message
     assert "tokens exceeds max_position_embeddings (1024)" in info.value.message
 
 

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="the serving tests need Ray Serve: pip install -e '.[serve]'")
 openai = pytest.importorskip("openai", reason="the serving tests use the openai client: pip install -e '.[serve]'")
 
-from llada_v.demo.task import make_sample  # noqa: E402
+from llada_v.demo.scenes import make_sample  # noqa: E402
 from llada_v.inference import chat_prompt, generate_texts, generation_config_for, user_message  # noqa: E402
 
 from helpers import png_data_url  # noqa: E402

@@ -17,7 +17,7 @@ pytest.importorskip("psutil", reason="the serving tests watch processes with psu
 
 from PIL import Image  # noqa: E402
 
-from llada_v.demo.task import make_sample  # noqa: E402
+from llada_v.demo.scenes import make_sample  # noqa: E402
 
 from helpers import TricklingHost, png_data_url  # noqa: E402
 from serving_helpers import API_KEY, MODEL, Server, get_json, messages, single_answer  # noqa: E402

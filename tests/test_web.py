@@ -27,7 +27,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests 
 psutil = pytest.importorskip("psutil", reason="the browser tests stop the servers' processes with psutil")
 
 from llada_v.demo.app import load_demo  # noqa: E402
-from llada_v.demo.task import make_sample  # noqa: E402
+from llada_v.demo.scenes import make_sample  # noqa: E402
 from llada_v.inference import InputError, chat_prompt, generation_config_for, read_image, user_message  # noqa: E402
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).is_file()), None)

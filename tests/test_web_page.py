@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llada_v.demo.task import make_sample
+from llada_v.demo.scenes import make_sample
 from llada_v.inference import InputError, generation_config_for
 
 from paths import llada_v_command

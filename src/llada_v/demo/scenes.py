@@ -1,4 +1,4 @@
-"""The scenes task: the richer synthetic task of the demo model, with one-word questions and long answers.
+"""The scenes task: the synthetic task of the shipped demo model, with one-word questions and long answers.
 
 Scenes are drawn with PIL: one to five solid shapes side by side (circle, square, triangle; red, green, blue,
 yellow; small or big; kinds and colours may repeat) on a mid-tone background, in a strip of five slots filled from
@@ -19,7 +19,7 @@ only, "Which colors are there?" -> "small blue square and big red circle" (by co
 answers (3-23 words) and the demo's counterpart of the caption data LLaVA-style models are aligned with.
 Training may also draw question types with weights (`make_sample`); held-out sets draw them uniformly.
 
-The module has the interface of `llada_v.demo.task` (the one-to-three-shape task of the shipped model), so that
+The module has the interface of `llada_v.demo.task` (the one-to-three-shape task of the earlier model), so that
 training, evaluation and the demo take either (`llada_v.demo.train --task scenes`). Everything is a pure
 function of a seed (`random.Random`), so a held-out set is reproducible and disjoint from training by
 construction (training uses seeds from a different range).

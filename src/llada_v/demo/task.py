@@ -1,4 +1,5 @@
-"""The synthetic visual question answering task behind the embedded demo model.
+"""The synthetic visual question answering task of the earlier demo model (`--task shapes`; the shipped model's
+is `llada_v.demo.scenes`).
 
 Scenes are drawn with PIL: one to three solid shapes (circle, square, triangle; each kind at most once,
 each colour at most once) on a light background, in images of varied sizes and aspect ratios so that

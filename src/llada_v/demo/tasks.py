@@ -1,6 +1,6 @@
-"""The demo's tasks by name: `"shapes"` (`llada_v.demo.task`, the shipped model's: one to three distinct shapes)
-and `"scenes"` (`llada_v.demo.scenes`: one to five shapes with sizes, descriptions of up to 23 words). Both
-modules have the same interface, so training, evaluation and the demo take either."""
+"""The demo's tasks by name: `"shapes"` (`llada_v.demo.task`, the earlier model's: one to three distinct shapes)
+and `"scenes"` (`llada_v.demo.scenes`, the shipped model's: one to five shapes with sizes, descriptions of up to
+23 words). Both modules have the same interface, so training, evaluation and the demo take either."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from types import ModuleType
 from . import scenes, task
 
 TASKS = {task.NAME: task, scenes.NAME: scenes}
-DEFAULT_TASK = task.NAME
+DEFAULT_TASK = task.NAME  # the training command's and `build_demo_tokenizer`'s default
+# The task of the model in `demo/checkpoint/` (tests/test_demo_shipped.py checks its tokenizer against it).
+SHIPPED_TASK = scenes.NAME
 
 
 def get_task(name: str) -> ModuleType:
@@ -19,4 +21,4 @@ def get_task(name: str) -> ModuleType:
     return TASKS[name]
 
 
-__all__ = ["DEFAULT_TASK", "TASKS", "get_task"]
+__all__ = ["DEFAULT_TASK", "SHIPPED_TASK", "TASKS", "get_task"]

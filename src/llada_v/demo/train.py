@@ -1,4 +1,4 @@
-"""Train the embedded demo model: a tiny LLaDA-V learns the synthetic shapes task from scratch.
+"""Train the embedded demo model: a tiny LLaDA-V learns a synthetic task of shapes from scratch.
 
     python -m llada_v.demo.train --output-dir OUT [--task shapes|scenes] [--seed 0] [--train-samples 32000]
         [--stage1-steps 300] [--stage2-steps 4000] [--batch-size 16] [--vision-pretrain-steps 2400]
@@ -17,7 +17,8 @@ in time (docs/demo.md): count-form masking (`MaskCountSampling`), scene descript
 supervised EOS after the last answer up to the sampler's canvas. `--task scenes` trains the scenes task
 (`llada_v.demo.scenes`: one to five shapes with sizes, descriptions of up to 23 words) with its own recipe
 (`TASK_RECIPES`: a larger model, canvases of 8 to 64 tokens drawn per sample, and after Stage 2 a curriculum,
-`SCENES_CURRICULUM`, that asks one question type at a time before mixing them again). Deterministic given the seed
+`SCENES_CURRICULUM`, that asks one question type at a time before mixing them again; the shipped model's
+recipe). Deterministic given the seed
 (CPU, fixed thread count). The learning rates are higher than the
 paper's (1e-3 instead of 1e-5): the paper fine-tunes pretrained towers, this model starts from random weights.
 """
@@ -128,7 +129,8 @@ SCENES_CURRICULUM = (
 # Each task's defaults (every one a flag of the command). The scenes task: a description every second sample
 # (they teach the model to read the picture), in both orders, EOS padding up to a canvas drawn per sample from 8
 # to 64 tokens, a wider language model (`llada_v.demo.model.TASK_MODELS`), a longer Stage 0 (its tile labels),
-# and the questions that find an object by what it is asked three times as often (35 minutes on 2 CPU cores).
+# and the questions that find an object by what it is asked three times as often (35 minutes on 2 CPU cores; with
+# `SCENES_CURRICULUM` after it, the shipped model's recipe, 73).
 TASK_RECIPES = {
     "shapes": dict(
         train_samples=TRAIN_SAMPLES, stage1_steps=STAGE1_STEPS, stage2_steps=STAGE2_STEPS,

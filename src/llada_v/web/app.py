@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from ..demo.app import Answer, denoising_frames
-from ..demo.task import make_sample
+from ..demo.tasks import SHIPPED_TASK, get_task
 from ..inference import InputError, chat_prompt, generation_config_for, load_from_args, read_image, user_message
 from ..serving.batching import GenerationJob, JobResult, next_event, run_batch
 from .command import parse_web_args
@@ -44,7 +44,7 @@ ELEMENT_IDS = ("image", "question", "send", "chat", "canvas", "settings", "max_n
                "preset")  # fmt: skip
 PRESETS = ("exact", "fast")
 REMASKING = ("low_confidence", "random")
-EXAMPLE_SEEDS = (0, 1, 2, 3)  # demo scenes offered as examples (`demo.task.make_sample`)
+EXAMPLE_SEEDS = (0, 1, 2, 3)  # demo scenes offered as examples (the shipped task's `make_sample`)
 # The live canvas is redrawn at most this often: a small model takes milliseconds per step, faster than a
 # browser draws; the generation itself never waits for the page.
 LIVE_FRAME_SECONDS = 0.05
@@ -170,7 +170,7 @@ def example_files(folder: Path) -> list[list[Any]]:
     """Demo scenes rendered to PNG files, each with its first question: `[[files], question]` rows."""
     rows = []
     for seed in EXAMPLE_SEEDS:
-        sample = make_sample(seed)
+        sample = get_task(SHIPPED_TASK).make_sample(seed)
         path = folder / f"scene-{seed}.png"
         if not path.is_file():
             sample["image"].save(path)

@@ -94,3 +94,17 @@ def test_eval_demo_command_ends_with_the_two_accuracy_lines():
     assert one_word.startswith("one-word accuracy: ") and one_word.endswith("%"), result.stdout
     assert described.startswith("description accuracy: ") and described.endswith("%"), result.stdout
     assert "(8 scenes)" in result.stdout or "scenes)" in result.stdout
+
+
+def test_evaluate_takes_a_generation_config_such_as_the_fast_preset():
+    """`benchmarks/bench_generate.py --demo-accuracy` scores the fast preset through `evaluate(generation_config=)`."""
+    from llada_v import LladaVGenerationConfig
+    from llada_v.demo.app import evaluate, load_demo
+
+    model, processor = load_demo(_shipped())
+    fast = LladaVGenerationConfig.fast(model.generation_config)
+    exact = evaluate(model, processor, seed=5, n=8)
+    preset = evaluate(model, processor, seed=5, n=8, generation_config=fast)
+    assert exact["n"] == preset["n"] == 8 and abs(exact["accuracy"] - preset["accuracy"]) <= 0.25
+    with pytest.raises(Exception, match="unknown generation settings"):
+        evaluate(model, processor, seed=5, n=1, no_such_setting=1)

@@ -71,12 +71,14 @@ def answer_questions(
     model, processor, images: list[Image.Image], questions: list[str], trace: bool = False, **generation_kwargs
 ) -> list[Answer]:
     """Answer `questions[i]` about `images[i]` in one batch (no system prompt, as the demo was trained);
-    optionally record the denoising. `generation_kwargs` override the checkpoint's generation settings."""
+    optionally record the denoising. `generation_kwargs` override the checkpoint's generation settings, or
+    `generation_config=` (a `LladaVGenerationConfig`, e.g. the fast preset) replaces them."""
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images for {len(questions)} questions")
     texts = [chat_prompt(processor, [user_message(q, 1)], system_prompt="") for q in questions]
     tokenizer = processor.tokenizer
-    config = generation_config_for(model.generation_config, generation_kwargs)
+    base = generation_kwargs.pop("generation_config", None) or model.generation_config
+    config = generation_config_for(base, generation_kwargs)
     frames: list[list[list[str]]] = [[] for _ in questions]
 
     def record(step):

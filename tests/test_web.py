@@ -33,7 +33,8 @@ from llada_v.inference import InputError, chat_prompt, generation_config_for, re
 CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).is_file()), None)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-SETTINGS = {"max_new_tokens": 4, "steps": 4, "block_length": 4}  # the demo checkpoint's own schedule
+# one short block (the checkpoint's own schedule is 32 tokens in 4 blocks of 8)
+SETTINGS = {"max_new_tokens": 4, "steps": 4, "block_length": 4}
 BAD_SETTINGS = {"max_new_tokens": 4, "steps": 4, "block_length": 3}
 SCENE_SEED = 3
 REPO = Path(__file__).resolve().parents[1]

@@ -408,8 +408,10 @@ def test_a_full_replica_answers_503_with_retry_after(server, client, image_host)
         image_host.release.set()
         answers = [future.result().choices[0].message.content for future in held]
     assert status == 503 and error["error"]["code"] == "queue_full", (status, error)
-    # The wait the queue needs: its batches (MAX_BATCH rows each) times the replica's average batch so far.
-    per_batch = health["generate_seconds"] / health["batches"]
+    # The wait the queue needs: its batches (MAX_BATCH rows each) times, with the step scheduler, the average time
+    # an answered request took so far.
+    assert health["scheduler"] == "step"
+    per_batch = health["answered_seconds"] / health["requests"]
     assert int(headers["Retry-After"]) == max(1, math.ceil(math.ceil(capacity / MAX_BATCH) * per_batch)), health
     assert f"(limit {capacity})" in error["error"]["message"]
     assert len(answers) == capacity and all(answers)

@@ -158,7 +158,7 @@ class ChatService:
         engine = self.engine
         if engine is not None:  # the step scheduler: a "batch" is one step of the running batch
             stats.update(requests=engine.finished, batches=engine.steps, largest_batch=engine.largest_batch,
-                         generate_seconds=engine.step_seconds)  # fmt: skip
+                         generate_seconds=engine.step_seconds, answered_seconds=engine.finished_seconds)  # fmt: skip
         metrics = self.metrics.snapshot()
         counters = {
             "forward_passes": int(metrics["llada_v_forward_passes_total"]),

@@ -167,3 +167,21 @@ def test_the_call_scheduler_still_answers_and_reports_its_forwards(servers, demo
     values = metrics(call)
     assert metric(values, "llada_v_requests_total") >= 1
     assert 'scheduler="call"' in next(k for k in values if k.startswith("llada_v_requests_total"))
+
+
+def test_a_stop_string_counts_the_same_tokens_on_both_schedulers(servers):
+    """`usage.completion_tokens` runs through the stop string (docs/serving.md) whether the step scheduler or a
+    whole call stopped the answer: the sampler's id search finds "square" in the description's first block."""
+    url = png_data_url(make_sample(0)["image"])
+    results = []
+    for server in servers:
+        client = _client(server)
+        full = client.chat.completions.create(model=MODEL, messages=messages("Which shapes are there?", url))
+        words = full.choices[0].message.content.split()
+        assert len(words) >= 3, words
+        stopped = client.chat.completions.create(model=MODEL, messages=messages("Which shapes are there?", url),
+                                                 stop=[words[2]])  # fmt: skip
+        assert stopped.choices[0].finish_reason == "stop"
+        assert stopped.choices[0].message.content == " ".join(words[:2])
+        results.append(stopped.usage.completion_tokens)
+    assert results == [3, 3]  # two words, then the stop string's one token (the tokenizer is word-level)

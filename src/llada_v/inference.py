@@ -601,24 +601,29 @@ def generate_answers(
         generator=generator,
         tokenizer=processor.tokenizer,
     )
-    rows = output.answer_ids()
-    if stops and last_step:
-        rows = _through_stop_strings(rows, last_step[0], processor.tokenizer, stops)
-    answers = [decode_answer(processor.tokenizer, ids, stops) for ids in rows]
+    answers = []
+    for row, ids in enumerate(output.answer_ids()):
+        if last_step:
+            step = last_step[0]
+            following = step.canvas[row, step.prompt_length + len(ids) :].tolist()
+            answers.append(decode_answer_at_stop(processor.tokenizer, ids, following, stops))
+        else:
+            answers.append(decode_answer(processor.tokenizer, ids, stops))
     return answers, output
 
 
-def _through_stop_strings(rows: list[list[int]], step: Any, tokenizer: Any, stops: Sequence[str]) -> list[list[int]]:
-    """Each answer's ids, with the ids of the stop string the sampler stopped at appended (the returned answer
-    ends before them): `decode_answer` then counts the answer's tokens through the stop string, as when only the
-    text holds it (docs/serving.md, usage)."""
-    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in stops]
-    extended = []
-    for row, ids in enumerate(rows):
-        after = step.canvas[row, step.prompt_length + len(ids) :].tolist()
-        matched = next((seq for seq in encoded if seq and after[: len(seq)] == seq), [])
-        extended.append([*ids, *matched])
-    return extended
+def decode_answer_at_stop(
+    tokenizer: Any, ids: Sequence[int], following: Sequence[int], stop_strings: Sequence[str] | None
+) -> Answer:
+    """`decode_answer` of answer ids that end where the sampler stopped; `following`: the canvas ids after them.
+    When those begin with a stop string's ids, they count too: the answer's tokens run through the stop string,
+    as when only the text holds it (docs/serving.md, usage)."""
+    following = [int(i) for i in following]
+    for text in stop_strings or []:
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if encoded and following[: len(encoded)] == encoded:
+            return decode_answer(tokenizer, [*ids, *encoded], stop_strings)
+    return decode_answer(tokenizer, ids, stop_strings)
 
 
 def generate_texts(
@@ -651,6 +656,7 @@ __all__ = [
     "checkpoint_generation_config",
     "cut_at_stop_strings",
     "decode_answer",
+    "decode_answer_at_stop",
     "inspect_checkpoint",
     "fit_schedule",
     "generate_answers",

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..inference import decode_answer, prepare_inputs
+from ..inference import decode_answer_at_stop, prepare_inputs
 from ..sampling_llada_v import ClassifierFreeGuidance
 from .batching import GenerationJob, JobResult, StreamEvent, StreamingCallback, group_jobs, job_result
 from .metrics import ServingMetrics
@@ -265,7 +265,9 @@ class StepEngine:
         run = ticket.run
         try:
             ids = run.row_answer_ids(ticket.row)
-            answer = decode_answer(self.processor.tokenizer, ids, run.config.stop_strings)
+            start = run.state.prompt_len + len(ids)
+            following = run.state.canvas[ticket.row, start:].tolist()  # a stop string's ids, where it stopped there
+            answer = decode_answer_at_stop(self.processor.tokenizer, ids, following, run.config.stop_strings)
             if ticket.callback is not None:
                 ticket.callback.finish_row(ticket.row, answer.text)
             result = job_result(answer, len(ids), run.config, ticket.most_running)
